@@ -1,0 +1,30 @@
+"""auglocal-fx: compile any fx-traceable model into AugLocal's gradient-isolated local blocks.
+
+Example:
+    >>> import timm
+    >>> from auglocal_fx import build_plan
+    >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
+    >>> print(len(plan.blocks), len(plan.aux))
+    16 15
+"""
+
+from .errors import AugLocalError
+from .pipeline import analyze_model, build_plan
+from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
+from .recipe import pyramid_depths, select_layers
+from .split import split_graph
+
+__all__ = [
+    "AugLocalError",
+    "AuxRecipe",
+    "BlockInfo",
+    "LayerInfo",
+    "Plan",
+    "PlanConfig",
+    "analyze_model",
+    "build_plan",
+    "pyramid_depths",
+    "select_layers",
+    "split_graph",
+]
+__version__ = "0.1.0"

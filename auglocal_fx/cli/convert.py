@@ -1,0 +1,68 @@
+"""``auglocal-convert``: plan the AugLocal split of a timm model and print or save it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from ..io import atomic_write_text
+from ..models import create_model
+from ..partition import BALANCERS
+from ..pipeline import TAILS, build_plan
+from .common import run_cli
+
+PROG = "auglocal-convert"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Trace a timm model, split it into K gradient-isolated blocks and plan each "
+                    "block's auxiliary network (AugLocal, ICLR 2024).")
+    p.add_argument("--model", required=True, help="timm model name, e.g. resnet50")
+    p.add_argument("--blocks", "-k", type=int, required=True, help="number of local blocks K")
+    p.add_argument("--aux-depth", type=int, default=2, help="aux net depth d: layers copied (default 2)")
+    p.add_argument("--pyramid", type=float, default=0.5, help="pyramidal depth coefficient tau in [0, 1]; 0 = off")
+    p.add_argument("--balance", choices=sorted(BALANCERS), default="layers",
+                   help="how layers are shared out: equal layer counts (paper), flops or activation memory")
+    p.add_argument("--tail", choices=TAILS, default="exact",
+                   help="exact: K blocks; reference: the paper's code, last d+1 blocks merged (M = K - d)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size (default: the model's pretrained_cfg input_size)")
+    p.add_argument("--num-classes", type=int, help="classifier classes (default: the model's)")
+    p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs the network)")
+    p.add_argument("--format", choices=("table", "json", "yaml"), default="table", help="stdout format")
+    p.add_argument("--out", help="also write the plan here (.json: JSON, else YAML)")
+    return p
+
+
+def _main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    err = Console(stderr=True)
+    with err.status(f"creating {args.model}..."):
+        model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
+    with err.status(f"tracing and profiling {args.model}..."):
+        plan = build_plan(model, args.blocks, aux_depth=args.aux_depth, pyramid=args.pyramid,
+                          balance=args.balance, tail=args.tail, input_size=args.input_size,
+                          model_name=args.model, num_classes=args.num_classes)
+    if args.format == "json":
+        print(plan.to_json())
+    elif args.format == "yaml":
+        print(plan.to_yaml(), end="")
+    else:
+        Console(width=max(Console().width, 120)).print(plan.table())
+    if args.out:
+        text = plan.to_json() + "\n" if args.out.endswith(".json") else plan.to_yaml()
+        atomic_write_text(args.out, text)
+        err.print(f"wrote plan to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(PROG, lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The plan: one plain dataclass that travels between passes, prints as a table, round-trips YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import AugLocalError
+
+__all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan"]
+
+
+@dataclass
+class LayerInfo:
+    """A layer as the paper counts it (stem, residual block, transformer block), or the head."""
+
+    name: str
+    boundary: str  # fx node whose value leaves the layer ("output" for the head)
+    in_shape: list[int]
+    out_shape: list[int]
+    params: int
+    flops: int  # forward FLOPs for one sample
+    act_bytes: int  # bytes autograd saves for backward, one sample
+
+
+@dataclass
+class BlockInfo:
+    """A gradient-isolated local block: consecutive layer indices."""
+
+    index: int
+    layers: list[int]
+
+
+@dataclass
+class AuxRecipe:
+    """Aux net of one block: copies of ``selected_layers`` (pyramid ``depth``) then the head."""
+
+    block: int
+    selected_layers: list[int]
+    depth: int
+
+
+@dataclass
+class PlanConfig:
+    model: str
+    blocks: int
+    aux_depth: int = 2
+    pyramid: float = 0.5
+    balance: str = "layers"
+    tail: str = "exact"
+    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
+    num_classes: int | None = None
+
+
+@dataclass
+class Plan:
+    """Layers, blocks and aux recipes of one model. ``Plan.from_dict(p.to_dict()) == p``."""
+
+    config: PlanConfig
+    layers: list[LayerInfo]
+    head: LayerInfo
+    blocks: list[BlockInfo]
+    aux: list[AuxRecipe]
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        try:
+            return cls(
+                config=PlanConfig(**d["config"]),
+                layers=[LayerInfo(**x) for x in d["layers"]],
+                head=LayerInfo(**d["head"]),
+                blocks=[BlockInfo(**x) for x in d["blocks"]],
+                aux=[AuxRecipe(**x) for x in d["aux"]],
+            )
+        except (KeyError, TypeError) as exc:
+            raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Plan":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise AugLocalError(f"plan is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise AugLocalError("plan YAML must be a mapping with config, layers, head, blocks, aux")
+        return cls.from_dict(data)
+
+    # -- derived figures ----------------------------------------------------------------------
+    def block_sum(self, block: BlockInfo, attr: str) -> int:
+        return sum(getattr(self.layers[i], attr) for i in block.layers)
+
+    def aux_for(self, block_index: int) -> AuxRecipe | None:
+        return next((a for a in self.aux if a.block == block_index), None)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # -- display --------------------------------------------------------------------------------
+    def table(self):
+        """A ``rich`` renderable: one row per block, with its aux recipe."""
+        from rich.table import Table  # noqa: PLC0415  (rich only matters when printing)
+
+        c = self.config
+        title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
+                 f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "
+                 f"aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail})")
+        t = Table(title=title, title_justify="left")
+        for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"),
+                          ("params", "right"), ("MFLOPs", "right"), ("act MiB", "right"),
+                          ("aux depth", "right"), ("aux copies layers", "left")]:
+            t.add_column(col, justify=just)
+        for b in self.blocks:
+            first, last = self.layers[b.layers[0]], self.layers[b.layers[-1]]
+            span = f"{b.layers[0]}" if len(b.layers) == 1 else f"{b.layers[0]}-{b.layers[-1]}"
+            names = first.name if first is last else f"{first.name} .. {last.name}"
+            aux = self.aux_for(b.index)
+            t.add_row(
+                str(b.index), f"{span}  {names}", "x".join(map(str, last.out_shape)),
+                _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
+                f"{self.block_sum(b, 'act_bytes') / 2**20:,.2f}",
+                str(aux.depth) if aux else "-",
+                (", ".join(map(str, aux.selected_layers)) or "head only") if aux else "final head",
+            )
+        h = self.head
+        t.add_section()
+        t.add_row("head", h.name if h.name != "head" else "(pooling, classifier)",
+                  "x".join(map(str, h.out_shape)), _si(h.params), f"{h.flops / 1e6:,.1f}",
+                  f"{h.act_bytes / 2**20:,.2f}", "", "")
+        return t
+
+
+def _si(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
