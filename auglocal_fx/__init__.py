@@ -8,7 +8,10 @@ Example:
     16 15
 """
 
+from .checkpoint import load_auglocal
+from .convert import to_auglocal
 from .errors import AugLocalError
+from .net import AugLocalNet, StepOutput
 from .pipeline import analyze_model, build_plan
 from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
 from .recipe import pyramid_depths, select_layers
@@ -16,6 +19,10 @@ from .split import split_graph
 
 __all__ = [
     "AugLocalError",
+    "AugLocalNet",
+    "StepOutput",
+    "load_auglocal",
+    "to_auglocal",
     "AuxRecipe",
     "BlockInfo",
     "LayerInfo",

@@ -51,6 +51,12 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     return tuple(cfg.get("input_size", (3, 224, 224)))
 
 
+def _model_name(model: nn.Module) -> str:
+    """timm's registered name (``pretrained_cfg['architecture']``) when known, else the class name."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
 def analyze_model(model: nn.Module, input_size=None) -> Analysis:
     """Trace ``model`` (in eval mode), profile one sample, find cut points and layers."""
     size = tuple(input_size) if input_size is not None else default_input_size(model)
@@ -146,7 +152,7 @@ def build_plan(
         raise AugLocalError(f"unknown tail {tail!r}; choose one of {', '.join(TAILS)}")
     a = analysis or analyze_model(model, input_size)
     layers, head = layer_infos(a)
-    name = model_name or type(model).__name__
+    name = model_name or _model_name(model)
     n = len(layers)
     if not isinstance(blocks, int) or not 1 <= blocks <= n:
         raise AugLocalError(f"--blocks must be between 1 and {n} for {name} (it has {n} layers), got {blocks}")

@@ -41,6 +41,9 @@ class AuxRecipe:
     block: int
     selected_layers: list[int]
     depth: int
+    adapters: list[str] = field(default_factory=list)  # filled when the aux net is built
+    params: int = 0
+    flops: int = 0  # forward FLOPs for one sample
 
 
 @dataclass
@@ -51,6 +54,7 @@ class PlanConfig:
     pyramid: float = 0.5
     balance: str = "layers"
     tail: str = "exact"
+    rule: str = "auglocal"
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
     num_classes: int | None = None
 

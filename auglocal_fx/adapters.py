@@ -1,0 +1,65 @@
+"""The smallest module that turns one activation shape into another, for aux nets that skip layers.
+
+Rule (per sample shapes, batch dimension excluded):
+- equal shapes: nothing;
+- (C, H, W) -> (C', H', W') with H/H' = W/W' = s a positive integer: 1x1 conv, stride s (+ BatchNorm);
+- other (C, H, W) pairs (channels first, as timm's CNNs): 1x1 conv (+ BatchNorm) then adaptive average pooling to (H', W');
+- tokens (T, D) -> (T, D'): a linear map on D; (T, D) -> (T', D'): linear on D, then adaptive
+  average pooling over tokens;
+- vectors (D,) -> (D',): linear.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import AugLocalError
+
+__all__ = ["Adapter", "make_adapter", "TokenPool"]
+
+
+class Adapter(nn.Sequential):
+    """A shape adapter; ``summary`` is a short label for plan tables, e.g. ``256x56x56->512x28x28 conv1x1/2``."""
+
+    def __init__(self, summary: str, *mods: nn.Module):
+        super().__init__(*mods)
+        self.summary = summary
+
+
+class TokenPool(nn.Module):
+    """Adaptive average pooling over the token axis of an (N, T, D) tensor."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool1d(tokens)
+        self.tokens = tokens
+
+    def forward(self, x):
+        return self.pool(x.transpose(1, 2)).transpose(1, 2)
+
+
+def make_adapter(src: list[int], dst: list[int]) -> Adapter | None:
+    """An adapter from activations of per-sample shape ``src`` to ``dst``, or None if equal."""
+    src, dst = list(src), list(dst)
+    if src == dst:
+        return None
+    label = f"{'x'.join(map(str, src))}->{'x'.join(map(str, dst))}"
+    if len(src) == 3 and len(dst) == 3:
+        (c, h, w), (c2, h2, w2) = src, dst
+        if h % h2 == 0 and w % w2 == 0 and h // h2 == w // w2:
+            s = h // h2
+            return Adapter(f"{label} conv1x1/{s}", nn.Conv2d(c, c2, 1, stride=s, bias=False), nn.BatchNorm2d(c2))
+        return Adapter(f"{label} conv1x1+pool", nn.Conv2d(c, c2, 1, bias=False), nn.BatchNorm2d(c2),
+                       nn.AdaptiveAvgPool2d((h2, w2)))
+    if len(src) == 2 and len(dst) == 2:
+        (t, d), (t2, d2) = src, dst
+        mods = [nn.Linear(d, d2)] if d != d2 else []
+        if t != t2:
+            mods.append(TokenPool(t2))
+        return Adapter(f"{label} {'linear' if d != d2 else ''}{'+pool' if t != t2 else ''}", *mods)
+    if len(src) == 1 and len(dst) == 1:
+        return Adapter(f"{label} linear", nn.Linear(src[0], dst[0]))
+    raise AugLocalError(
+        f"no shape adapter from {src} to {dst}: the aux net skips layers that change the tensor "
+        "layout; use --aux-depth large enough to copy every later layer, or --rule dgl")
+

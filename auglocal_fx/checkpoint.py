@@ -1,0 +1,78 @@
+"""Save and load a converted net: weights and plan in one file, loaded without pickled code."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .errors import AugLocalError
+from .io import atomic_write
+from .plan import Plan
+
+__all__ = ["FORMAT", "save_net", "load_auglocal", "read_checkpoint"]
+
+FORMAT = "auglocal-fx/1"
+
+
+def save_net(net, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``net``'s plan, options, backbone and aux weights to ``path`` (atomic)."""
+    payload = {
+        "format": FORMAT,
+        "plan": net.plan.to_dict(),
+        "options": dict(net.options),
+        "model_state": net.model.state_dict(),
+        "aux_state": net.aux.state_dict(),
+        **(extra or {}),
+    }
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint dict (tensors and plain data only), with one-line errors for bad files."""
+    if not os.path.isfile(path):
+        raise AugLocalError(f"checkpoint {path} does not exist; write one with auglocal-convert --save")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, unpickling refused
+        raise AugLocalError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}); "
+                            "re-create it") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise AugLocalError(f"{path} is not an auglocal-fx checkpoint (format {FORMAT})")
+    return payload
+
+
+def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None):
+    """Rebuild the net saved at ``path``. For a timm model the architecture is re-created by name;
+    otherwise pass a freshly constructed ``model`` of the same architecture.
+
+    Example:
+        >>> net.save("converted.pt")
+        >>> net2 = load_auglocal("converted.pt")
+    """
+    from .convert import to_auglocal  # noqa: PLC0415  (import cycle)
+    from .models import create_model  # noqa: PLC0415
+
+    payload = read_checkpoint(path)
+    plan = Plan.from_dict(payload["plan"])
+    if model is None:
+        c = plan.config
+        kwargs = dict(payload.get("model_kwargs") or {})
+        kwargs.setdefault("num_classes", plan.head.out_shape[-1])
+        kwargs.setdefault("in_chans", c.input_size[0])
+        try:
+            model = create_model(c.model, **kwargs)
+        except AugLocalError:
+            raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
+                                f"to load {path}") from None
+    options = payload.get("options", {})
+    net = to_auglocal(model, plan=plan, aux_init="copy", rule=options.get("rule", plan.config.rule))
+    net.options.update(options)
+    try:
+        net.model.load_state_dict(payload["model_state"])
+        net.aux.load_state_dict(payload["aux_state"])
+    except RuntimeError as exc:
+        raise AugLocalError(f"{path} holds weights for another model "
+                            f"({str(exc).splitlines()[0][:160]}); load it with the model it was saved from") from None
+    return net

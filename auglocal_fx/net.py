@@ -1,0 +1,121 @@
+"""The rewritten, trainable module: gradient-isolated blocks, their aux nets and the model's head."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .plan import Plan
+
+__all__ = ["AugLocalNet", "StepOutput"]
+
+
+@dataclass
+class StepOutput:
+    """What one ``training_step`` returns. Losses are floats; logits are detached."""
+
+    logits: torch.Tensor
+    loss: float
+    local_losses: list[float] = field(default_factory=list)
+    aux_acc: list[float] = field(default_factory=list)
+
+
+class AugLocalNet(nn.Module):
+    """``model`` cut into ``plan``'s blocks, each with its aux net; parameters shared with ``model``.
+
+    In eval mode ``net(x)`` computes exactly what ``model(x)`` does. In train mode the blocks'
+    outputs are detached, and ``training_step`` trains block by block: block i's backward finishes
+    (and frees its activations) before block i+1's forward starts.
+
+    Example:
+        >>> net = to_auglocal(timm.create_model("resnet50"), blocks=16)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> out = net.training_step(x, y); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, blocks, head, aux, options: dict):
+        super().__init__()
+        self.model = model  # the backbone, trained in place
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.aux = nn.ModuleList(aux)
+        self.plan = plan
+        self.options = dict(options)
+
+    # -- inference -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if self.training and i < last:
+                x = x.detach()
+        return self.head(x)
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
+                      autocast_dtype: torch.dtype | None = None) -> StepOutput:
+        """Forward and backward, block by block; the caller steps its optimizer afterwards.
+
+        ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too.
+        ``autocast_dtype=torch.bfloat16`` runs forward passes under autocast.
+        """
+        loss_fn = loss_fn or F.cross_entropy
+        amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+               if autocast_dtype is not None else nullcontext())
+        local_losses, accs = [], []
+        h = x
+        for i, (block, aux) in enumerate(zip(self.blocks[:-1], self.aux)):
+            with amp:
+                out = block(h)
+                aux_logits = aux(out)
+                loss = loss_fn(aux_logits.float(), target)
+            loss.backward()
+            local_losses.append(loss.item())
+            accs.append(_accuracy(aux_logits, target))
+            h = out.detach()  # this block's graph is gone once backward returned
+            del out, aux_logits, loss
+        with amp:
+            logits = self.head(self.blocks[-1](h))
+            loss = loss_fn(logits.float(), target)
+        loss.backward()
+        return StepOutput(logits.detach(), loss.item(), local_losses, accs)
+
+    # -- parameter groups ----------------------------------------------------------------------
+    def backbone(self) -> nn.Module:
+        """The original model object, whose parameters the blocks train in place."""
+        return self.model
+
+    def aux_parameters(self):
+        """Parameters of all aux nets (none for the ``bp`` rule)."""
+        return self.aux.parameters()
+
+    def block_parameters(self, i: int) -> list[nn.Parameter]:
+        """Parameters trained by block ``i``'s loss: the block's own (the last block: plus the head)."""
+        mods = [self.blocks[i]] + ([self.head] if i == len(self.blocks) - 1 else [])
+        seen, out = set(), []
+        for m in mods:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def save(self, path) -> None:
+        """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
+        from .checkpoint import save_net  # noqa: PLC0415  (avoids an import cycle)
+
+        save_net(self, path)
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    if target.dim() != 1 or logits.dim() != 2:
+        return float("nan")
+    return (logits.argmax(dim=1) == target).float().mean().item()
