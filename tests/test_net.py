@@ -1,0 +1,249 @@
+"""The rewritten trainable module: eval parity, gradient isolation, every parameter trained,
+bp == plain backprop, lower activation memory, save/load round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
+from auglocal_fx.memory import SavedTensorMeter
+
+
+class _Res(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return F.relu(self.short(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class HandResNet(nn.Module):
+    """A small hand-written residual network (no timm, no torchvision)."""
+
+    def __init__(self, num_classes=10, widths=(8, 8, 16, 16, 32, 32)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, cin = [], widths[0]
+        for w in widths:
+            blocks.append(_Res(cin, w, 2 if w != cin else 1))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+def _timm(name, **kw):
+    return lambda: timm.create_model(name, **kw)
+
+
+PARITY_MODELS = {
+    "resnet50": (_timm("resnet50"), 16, (3, 64, 64)),
+    "vit_tiny_patch16_224": (_timm("vit_tiny_patch16_224"), 12, None),
+    "convnext_atto": (_timm("convnext_atto"), 6, (3, 64, 64)),
+    "efficientnet_b0": (_timm("efficientnet_b0"), 8, (3, 64, 64)),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 6, (3, 64, 64)),
+    "hand_resnet": (HandResNet, 5, (3, 32, 32)),
+}
+
+
+def _net(name, **kw):
+    factory, k, size = PARITY_MODELS[name]
+    torch.manual_seed(0)
+    model = factory()
+    return model, to_auglocal(model, blocks=kw.pop("blocks", k), input_size=size, **kw)
+
+
+def _batch(net, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *net.plan.config.input_size, generator=g)
+    classes = net.plan.head.out_shape[-1]
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", list(PARITY_MODELS))
+def test_eval_parity_and_one_step(name):
+    model, net = _net(name)
+    k = PARITY_MODELS[name][1]
+    assert len(net.blocks) == k and len(net.aux) == k - 1
+    x, y = _batch(net)
+    model.eval(), net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+    net.train()
+    out = net.training_step(x, y)
+    assert len(out.local_losses) == k - 1 and len(out.aux_acc) == k - 1
+    assert all(torch.isfinite(torch.tensor(out.local_losses))) and out.loss == out.loss
+    missing = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing[:5]}"
+
+
+def test_resnet50_k16_has_16_blocks_and_15_local_losses():
+    model, net = _net("resnet50")
+    assert net.backbone() is model
+    x, y = _batch(net)
+    out = net.train().training_step(x, y)
+    assert len(out.local_losses) == 15 and isinstance(out.loss, float)
+    assert out.logits.shape == (2, 1000) and not out.logits.requires_grad
+
+
+def _grads(params):
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("name", ["hand_resnet", "tv_resnet18"])
+def test_gradient_isolation(name):
+    _, net = _net(name)
+    net.train()
+    x, y = _batch(net, n=4)
+    state = copy.deepcopy(net.state_dict())
+    net.zero_grad(set_to_none=True)
+    net.training_step(x, y)
+    k = len(net.blocks)
+    groups = [net.block_parameters(i) + (list(net.aux[i].parameters()) if i < k - 1 else []) for i in range(k)]
+    ids = [{id(p) for p in g} for g in groups]
+    for i in range(k):  # no parameter is trained by two losses
+        for j in range(i + 1, k):
+            assert not ids[i] & ids[j], f"blocks {i} and {j} share parameters"
+    together = [_grads(g) for g in groups]
+    for i in range(k):  # each block's gradient equals its own local loss's gradient alone
+        net.load_state_dict(state)  # same batch-norm statistics as in the joint step
+        net.zero_grad(set_to_none=True)
+        h = x
+        with torch.no_grad():
+            for j in range(i):
+                h = net.blocks[j](h)
+        out = net.blocks[i](h)
+        logits = net.aux[i](out) if i < k - 1 else net.head(out)
+        F.cross_entropy(logits, y).backward()
+        for p, g in zip(groups[i], together[i]):
+            assert p.grad is not None
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+        others = [p for j in range(k) if j != i for p in groups[j]]
+        assert all(p.grad is None for p in others), f"loss {i} leaked gradient into another block"
+
+
+def test_train_forward_is_detached_between_blocks():
+    _, net = _net("hand_resnet")
+    x, _ = _batch(net)
+    net.train()(x).sum().backward()
+    assert all(p.grad is None for p in net.block_parameters(0))
+    assert all(p.grad is not None for p in net.block_parameters(len(net.blocks) - 1))
+
+
+def test_bp_rule_equals_plain_backprop():
+    model, _ = _net("hand_resnet")
+    twin = copy.deepcopy(model)
+    net = to_auglocal(model, rule="bp", input_size=(3, 32, 32))
+    assert len(net.blocks) == 1 and len(net.aux) == 0
+    x, y = _batch(net, n=4)
+    net.train(), twin.train()
+    out = net.training_step(x, y)
+    loss = F.cross_entropy(twin(x), y)
+    loss.backward()
+    assert out.loss == pytest.approx(loss.item(), rel=1e-6)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_dgl_rule_trains_every_parameter():
+    _, net = _net("hand_resnet", rule="dgl")
+    assert all(r.selected_layers == [] for r in net.plan.aux)
+    x, y = _batch(net)
+    out = net.train().training_step(x, y)
+    assert len(out.local_losses) == len(net.blocks) - 1
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_auglocal_saves_less_activation_memory_than_bp():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50")
+    x = torch.randn(2, 3, 128, 128)
+    y = torch.tensor([1, 2])
+    peaks = {}
+    for rule in ("bp", "auglocal"):
+        net = to_auglocal(model, blocks=16, rule=rule, input_size=(3, 128, 128)).train()
+        with SavedTensorMeter() as meter:
+            net.training_step(x, y)
+        peaks[rule] = meter.peak
+        assert meter.current == 0  # every block's graph was freed
+    assert peaks["auglocal"] < 0.6 * peaks["bp"], peaks
+
+
+def test_aux_init_fresh_reinitialises_copies_and_copy_keeps_them():
+    model, fresh = _net("hand_resnet")
+    copied = to_auglocal(model, blocks=5, input_size=(3, 32, 32), aux_init="copy")
+    j = fresh.plan.aux[0].selected_layers[0]
+    src = dict(model.named_parameters())
+    name = next(n for n in src if n.startswith(f"blocks.{j - 1}.conv1"))
+    find = lambda net: next(p for n, p in net.aux[0].named_parameters() if n.endswith(name))  # noqa: E731
+    assert torch.equal(find(copied), src[name])
+    assert not torch.equal(find(fresh), src[name])
+
+
+def test_drop_path_model_keeps_eval_parity_with_separate_train_graph():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", drop_path_rate=0.1, img_size=64)
+    net = to_auglocal(model, blocks=4, input_size=(3, 64, 64))
+    assert any(b.eval_graph is not None for b in net.blocks)  # drop path only in train mode
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))
+
+
+def test_bf16_autocast_step():
+    _, net = _net("hand_resnet")
+    x, y = _batch(net)
+    out = net.train().training_step(x, y, autocast_dtype=torch.bfloat16)
+    assert all(v == v for v in out.local_losses) and out.loss == out.loss
+
+
+@pytest.mark.parametrize("name", ["hand_resnet", "vit_tiny_patch16_224"])
+def test_save_load_round_trip(tmp_path, name):
+    model, net = _net(name)
+    x, y = _batch(net)
+    net.train().training_step(x, y)
+    path = tmp_path / "net.pt"
+    net.save(path)
+    net2 = load_auglocal(path, model=PARITY_MODELS[name][0]() if name == "hand_resnet" else None)
+    assert net2.plan == net.plan
+    net.eval(), net2.eval()
+    with torch.no_grad():
+        assert torch.equal(net2(x), net(x))
+        h = net.blocks[0](x)
+        assert torch.equal(net2.aux[0](h), net.aux[0](h))
+
+
+def test_load_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(AugLocalError, match="corrupt"):
+        load_auglocal(bad)
+    with pytest.raises(AugLocalError, match="does not exist"):
+        load_auglocal(tmp_path / "missing.pt")
+
+
+def test_bad_arguments():
+    model = HandResNet()
+    with pytest.raises(AugLocalError, match="rule"):
+        to_auglocal(model, blocks=2, rule="nope", input_size=(3, 32, 32))
+    with pytest.raises(AugLocalError, match="aux_init"):
+        to_auglocal(model, blocks=2, aux_init="nope", input_size=(3, 32, 32))
+    with pytest.raises(AugLocalError, match="blocks"):
+        to_auglocal(model, input_size=(3, 32, 32))
