@@ -19,7 +19,7 @@ __all__ = ["Adapter", "make_adapter", "TokenPool"]
 
 
 class Adapter(nn.Sequential):
-    """A shape adapter; ``summary`` is a short label for plan tables, e.g. ``256x56x56->512x28x28 conv1x1/2``."""
+    """A shape adapter; ``summary`` is a short label for plan tables, e.g. ``conv1x1/2->512x28x28``."""
 
     def __init__(self, summary: str, *mods: nn.Module):
         super().__init__(*mods)
@@ -43,22 +43,22 @@ def make_adapter(src: list[int], dst: list[int]) -> Adapter | None:
     src, dst = list(src), list(dst)
     if src == dst:
         return None
-    label = f"{'x'.join(map(str, src))}->{'x'.join(map(str, dst))}"
+    label = f"->{'x'.join(map(str, dst))}"
     if len(src) == 3 and len(dst) == 3:
         (c, h, w), (c2, h2, w2) = src, dst
         if h % h2 == 0 and w % w2 == 0 and h // h2 == w // w2:
             s = h // h2
-            return Adapter(f"{label} conv1x1/{s}", nn.Conv2d(c, c2, 1, stride=s, bias=False), nn.BatchNorm2d(c2))
-        return Adapter(f"{label} conv1x1+pool", nn.Conv2d(c, c2, 1, bias=False), nn.BatchNorm2d(c2),
+            return Adapter(f"conv1x1/{s}{label}", nn.Conv2d(c, c2, 1, stride=s, bias=False), nn.BatchNorm2d(c2))
+        return Adapter(f"conv1x1+pool{label}", nn.Conv2d(c, c2, 1, bias=False), nn.BatchNorm2d(c2),
                        nn.AdaptiveAvgPool2d((h2, w2)))
     if len(src) == 2 and len(dst) == 2:
         (t, d), (t2, d2) = src, dst
         mods = [nn.Linear(d, d2)] if d != d2 else []
         if t != t2:
             mods.append(TokenPool(t2))
-        return Adapter(f"{label} {'linear' if d != d2 else ''}{'+pool' if t != t2 else ''}", *mods)
+        return Adapter(f"{'linear' if d != d2 else ''}{'+pool' if t != t2 else ''}{label}", *mods)
     if len(src) == 1 and len(dst) == 1:
-        return Adapter(f"{label} linear", nn.Linear(src[0], dst[0]))
+        return Adapter(f"linear{label}", nn.Linear(src[0], dst[0]))
     raise AugLocalError(
         f"no shape adapter from {src} to {dst}: the aux net skips layers that change the tensor "
         "layout; use --aux-depth large enough to copy every later layer, or --rule dgl")

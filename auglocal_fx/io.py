@@ -24,6 +24,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     except OSError as exc:
         raise AugLocalError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -121,11 +121,13 @@ class Plan:
         c = self.config
         title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
                  f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "
-                 f"aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail})")
+                 f"rule={c.rule}, aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail}; "
+                 "FLOPs and activation memory per sample)")
         t = Table(title=title, title_justify="left")
         for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"),
                           ("params", "right"), ("MFLOPs", "right"), ("act MiB", "right"),
-                          ("aux depth", "right"), ("aux copies layers", "left")]:
+                          ("aux depth", "right"), ("aux copies", "left"), ("adapters", "left"),
+                          ("aux params", "right"), ("aux MFLOPs", "right")]:
             t.add_column(col, justify=just)
         for b in self.blocks:
             first, last = self.layers[b.layers[0]], self.layers[b.layers[-1]]
@@ -133,17 +135,19 @@ class Plan:
             names = first.name if first is last else f"{first.name} .. {last.name}"
             aux = self.aux_for(b.index)
             t.add_row(
-                str(b.index), f"{span}  {names}", "x".join(map(str, last.out_shape)),
+                str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)),
                 _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
                 f"{self.block_sum(b, 'act_bytes') / 2**20:,.2f}",
                 str(aux.depth) if aux else "-",
                 (", ".join(map(str, aux.selected_layers)) or "head only") if aux else "final head",
+                ", ".join(aux.adapters) if aux and aux.adapters else "",
+                _si(aux.params) if aux else "", f"{aux.flops / 1e6:,.1f}" if aux else "",
             )
         h = self.head
         t.add_section()
         t.add_row("head", h.name if h.name != "head" else "(pooling, classifier)",
                   "x".join(map(str, h.out_shape)), _si(h.params), f"{h.flops / 1e6:,.1f}",
-                  f"{h.act_bytes / 2**20:,.2f}", "", "")
+                  f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "")
         return t
 
 

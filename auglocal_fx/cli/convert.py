@@ -7,10 +7,12 @@ import sys
 
 from rich.console import Console
 
+from ..convert import AUX_INITS, to_auglocal
 from ..io import atomic_write_text
 from ..models import create_model
 from ..partition import BALANCERS
-from ..pipeline import TAILS, build_plan
+from ..pipeline import TAILS
+from ..rules import RULES
 from .common import run_cli
 
 PROG = "auglocal-convert"
@@ -32,9 +34,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's pretrained_cfg input_size)")
     p.add_argument("--num-classes", type=int, help="classifier classes (default: the model's)")
+    p.add_argument("--rule", choices=list(RULES), default="auglocal",
+                   help="auglocal (aux nets copy later layers), dgl (small aux heads) or bp (one block)")
+    p.add_argument("--aux-init", choices=AUX_INITS, default="fresh",
+                   help="fresh: re-initialise copied layers (paper); copy: keep the backbone's weights")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs the network)")
     p.add_argument("--format", choices=("table", "json", "yaml"), default="table", help="stdout format")
     p.add_argument("--out", help="also write the plan here (.json: JSON, else YAML)")
+    p.add_argument("--save", metavar="PATH", help="write the converted model (weights + plan) for auglocal-train/-export")
     return p
 
 
@@ -43,20 +50,24 @@ def _main(argv=None) -> int:
     err = Console(stderr=True)
     with err.status(f"creating {args.model}..."):
         model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
-    with err.status(f"tracing and profiling {args.model}..."):
-        plan = build_plan(model, args.blocks, aux_depth=args.aux_depth, pyramid=args.pyramid,
-                          balance=args.balance, tail=args.tail, input_size=args.input_size,
-                          model_name=args.model, num_classes=args.num_classes)
+    with err.status(f"tracing, profiling and converting {args.model}..."):
+        net = to_auglocal(model, args.blocks, aux_depth=args.aux_depth, pyramid=args.pyramid,
+                          balance=args.balance, tail=args.tail, aux_init=args.aux_init, rule=args.rule,
+                          input_size=args.input_size, model_name=args.model, num_classes=args.num_classes)
+    plan = net.plan
     if args.format == "json":
         print(plan.to_json())
     elif args.format == "yaml":
         print(plan.to_yaml(), end="")
     else:
-        Console(width=max(Console().width, 120)).print(plan.table())
+        Console(width=max(Console().width, 170)).print(plan.table())
     if args.out:
         text = plan.to_json() + "\n" if args.out.endswith(".json") else plan.to_yaml()
         atomic_write_text(args.out, text)
         err.print(f"wrote plan to {args.out}")
+    if args.save:
+        net.save(args.save)
+        err.print(f"wrote converted model to {args.save}")
     return 0
 
 

@@ -1,0 +1,100 @@
+"""auglocal-convert, in-process through ``main(argv)`` plus one run of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+from auglocal_fx import Plan
+from auglocal_fx.cli.convert import main
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("auglocal-convert: error: "), err
+    assert "Traceback" not in err
+
+
+def test_resnet50_json(capsys):
+    rc, out, err = run(capsys, "--model", "resnet50", "--blocks", "16", "--format", "json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert len(data["layers"]) == 17
+    assert len(data["blocks"]) == 16
+    assert [i for b in data["blocks"] for i in b["layers"]] == list(range(17))
+    assert all(b["layers"] for b in data["blocks"])
+    assert len(data["aux"]) == 15
+    assert [a["block"] for a in data["aux"]] == list(range(15))
+    assert data["config"]["model"] == "resnet50"
+    assert "Traceback" not in err
+
+
+def test_vit_json(capsys):
+    rc, out, err = run(capsys, "--model", "vit_tiny_patch16_224", "--blocks", "12", "--format", "json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert len(data["layers"]) == 13
+    assert len(data["blocks"]) == 12
+    assert [i for b in data["blocks"] for i in b["layers"]] == list(range(13))
+    assert len(data["aux"]) == 11
+
+
+def test_unknown_model_suggests(capsys):
+    rc, out, err = run(capsys, "--model", "resnet51", "--blocks", "4")
+    assert rc == 2
+    assert_one_line_error(err)
+    assert "resnet51" in err and "resnet50" in err
+    assert out == ""
+
+
+def test_blocks_out_of_range(capsys):
+    rc, out, err = run(capsys, "--model", "resnet50", "--blocks", "40")
+    assert rc == 2
+    assert_one_line_error(err)
+    assert "between 1 and 17" in err
+    assert out == ""
+
+
+def test_out_writes_plan_that_loads_back(capsys, tmp_path):
+    dest = tmp_path / "sub" / "plan.yaml"
+    rc, out, err = run(capsys, "--model", "resnet50", "--blocks", "3", "--balance", "flops",
+                       "--format", "json", "--out", str(dest))
+    assert rc == 0, err
+    assert dest.is_file()
+    from_file = Plan.from_yaml(dest.read_text())
+    assert from_file == Plan.from_dict(json.loads(out))
+    assert len(from_file.blocks) == 3
+    assert from_file.config.balance == "flops"
+    assert [i for b in from_file.blocks for i in b.layers] == list(range(17))
+    assert str(dest) in err
+    assert list(dest.parent.iterdir()) == [dest]  # no temp file left behind
+
+
+def test_table_format(capsys):
+    rc, out, err = run(capsys, "--model", "resnet50", "--blocks", "2")
+    assert rc == 0, err
+    assert "resnet50: 17 layers -> 2 blocks" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) >= 3  # two blocks and the head
+    assert "Traceback" not in err
+
+
+def test_console_script_bad_model():
+    exe = Path(sys.executable).parent / "auglocal-convert"
+    assert exe.is_file(), f"console script missing: {exe} (pip install -e .)"
+    proc = subprocess.run([str(exe), "--model", "resnet51", "--blocks", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc.stderr)
+    assert "resnet50" in proc.stderr

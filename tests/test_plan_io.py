@@ -1,0 +1,104 @@
+"""The Plan as data: YAML / JSON round trips, error handling of bad files, the rich table."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import yaml
+from rich.console import Console
+
+from auglocal_fx import AugLocalError, Plan, build_plan
+
+PLANS = [
+    ("resnet50", 16, {}),
+    ("resnet50", 5, {"balance": "flops", "aux_depth": 3, "pyramid": 0.0}),
+    ("resnet50", 16, {"tail": "reference"}),
+    ("vit_tiny_patch16_224", 12, {}),
+    ("cifar_resnet8", 1, {}),
+]
+
+
+@pytest.fixture(params=PLANS, ids=lambda p: f"{p[0]}-k{p[1]}-{'-'.join(map(str, p[2].values()))}")
+def plan(request, zoo) -> Plan:
+    name, k, kw = request.param
+    case = zoo(name)
+    return build_plan(case.model, k, analysis=case.analysis, model_name=name, **kw)
+
+
+def test_yaml_round_trip(plan):
+    text = plan.to_yaml()
+    back = Plan.from_yaml(text)
+    assert back == plan
+    assert back.to_yaml() == text
+
+
+def test_json_round_trip(plan):
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+
+
+def test_dict_round_trip_is_a_copy(plan):
+    d = plan.to_dict()
+    back = Plan.from_dict(d)
+    assert back == plan
+    d["layers"][0]["name"] = "changed"
+    assert plan.layers[0].name != "changed"
+
+
+def test_json_layout(plan):
+    data = json.loads(plan.to_json())
+    assert [x["name"] for x in data["layers"]] == [l.name for l in plan.layers]
+    assert all(isinstance(x["name"], str) and x["name"] for x in data["layers"])
+    assert [x["layers"] for x in data["blocks"]] == [b.layers for b in plan.blocks]
+    assert len(data["aux"]) == len(plan.blocks) - 1
+    for a, ref in zip(data["aux"], plan.aux):
+        assert {"block", "selected_layers", "depth"} <= set(a)
+        assert (a["block"], a["selected_layers"], a["depth"]) == (ref.block, ref.selected_layers, ref.depth)
+    assert data["config"]["model"] == plan.config.model
+    assert data["head"]["boundary"] == "output"
+
+
+@pytest.mark.parametrize("text", [
+    "{{{ not: yaml",
+    "key: [unclosed",
+    "- 1\n- 2\n",
+    "just a string",
+    "42",
+    "",
+    "config: 1\n",
+    "config: {model: m, blocks: 2}\nlayers: 5\nhead: {}\nblocks: []\naux: []\n",
+    "layers: []\n",
+])
+def test_from_yaml_rejects_garbage(text):
+    with pytest.raises(AugLocalError) as exc:
+        Plan.from_yaml(text)
+    assert "\n" not in str(exc.value)
+
+
+def test_from_yaml_rejects_plan_with_unknown_field(plan):
+    d = plan.to_dict()
+    d["layers"][0]["colour"] = "blue"
+    with pytest.raises(AugLocalError):
+        Plan.from_yaml(yaml.safe_dump(d))
+
+
+def _render(renderable, width=250) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(renderable)
+    return buf.getvalue()
+
+
+def test_table_renders(plan):
+    text = _render(plan.table())
+    assert f"{len(plan.layers)} layers -> {len(plan.blocks)} blocks" in text
+    assert plan.config.model in text
+    assert "head" in text
+    # one row per block (+ the head row): the block indices appear in the first column
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert len(rows) >= len(plan.blocks) + 1
+    assert plan.layers[-1].name in text
+
+
+def test_table_renders_narrow(plan):
+    assert _render(plan.table(), width=60).strip()
