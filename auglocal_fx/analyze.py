@@ -20,6 +20,8 @@ __all__ = ["profile_graph", "activation_nodes", "cut_points"]
 class _Profiler(fx.Interpreter):
     """Interpreter that stores ``shape``, ``flops`` and ``saved`` in each node's meta."""
 
+    current: fx.Node  # the node being run, named in errors
+
     def run_node(self, n: fx.Node):
         saved: dict[int, int] = {}
 
@@ -32,15 +34,9 @@ class _Profiler(fx.Interpreter):
             return t
 
         counter = FlopCounterMode(display=False)
-        try:
-            with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = super().run_node(n)
-        except Exception as exc:
-            where = n.target if n.op == "call_module" else n.meta.get("stack_trace", "").strip()
-            raise AugLocalError(
-                f"running node '{n.name}' ({n.op} {getattr(n.target, '__name__', n.target)}) "
-                f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                f"{' at ' + str(where).splitlines()[-1] if where else ''}; check --input-size") from None
+        self.current = n
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = super().run_node(n)
         n.meta["shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         n.meta["flops"] = int(counter.get_total_flops())
         n.meta["saved"] = saved
@@ -53,8 +49,17 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor):
     Returns the output. The module's train/eval mode is left as the caller set it; call
     it in eval mode so that batch-norm statistics are not updated.
     """
-    with torch.enable_grad():
-        return _Profiler(gm).run(example)
+    profiler = _Profiler(gm)
+    profiler.current = next(iter(gm.graph.nodes))
+    try:
+        with torch.enable_grad():
+            return profiler.run(example)
+    except Exception as exc:  # fx appends its own lines to the message; the user needs the node
+        n = profiler.current
+        what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AugLocalError(f"running node '{n.name}' ({n.op} {what}) on input {tuple(example.shape[1:])} "
+                            f"failed: {type(exc).__name__}: {first[:300]}; check --input-size") from None
 
 
 def activation_nodes(graph: fx.Graph) -> set[fx.Node]:

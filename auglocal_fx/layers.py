@@ -10,8 +10,8 @@ the group before them. The head is what follows the last layer (pooling, norm, c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 import torch.fx as fx
 from torch import nn

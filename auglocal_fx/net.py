@@ -68,7 +68,7 @@ class AugLocalNet(nn.Module):
                if autocast_dtype is not None else nullcontext())
         local_losses, accs = [], []
         h = x
-        for i, (block, aux) in enumerate(zip(self.blocks[:-1], self.aux)):
+        for block, aux in zip(self.blocks[:-1], self.aux):
             with amp:
                 out = block(h)
                 aux_logits = aux(out)

@@ -6,7 +6,7 @@ equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import AugLocalError
 

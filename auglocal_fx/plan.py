@@ -74,7 +74,7 @@ class Plan:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
+    def from_dict(cls, d: dict) -> Plan:
         try:
             return cls(
                 config=PlanConfig(**d["config"]),
@@ -93,7 +93,7 @@ class Plan:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Plan":
+    def from_yaml(cls, text: str) -> Plan:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -19,12 +19,12 @@ def select_layers(last_layer: int, num_layers: int, depth: int) -> list[int]:
         >>> select_layers(0, 16, 3)
         [5, 10, 15]
     """
-    l, n = last_layer, num_layers
-    if depth <= 0 or l >= n - 1:
+    last, n = last_layer, num_layers
+    if depth <= 0 or last >= n - 1:
         return []
-    if depth >= n - 1 - l:
-        return list(range(l + 1, n))
-    return [round(l + t * (n - l - 1) / depth) for t in range(1, depth + 1)]
+    if depth >= n - 1 - last:
+        return list(range(last + 1, n))
+    return [round(last + t * (n - last - 1) / depth) for t in range(1, depth + 1)]
 
 
 def pyramid_depths(num_aux: int, depth: int, tau: float, min_depth: int = 1) -> list[int]:

@@ -50,19 +50,10 @@ def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModul
         else:
             env[prev_cut] = g.placeholder(prev_cut.name)
         for p in side_inputs:  # specialised defaults: every piece accepts them, none needs them
-            env[p] = g.node_copy(p, lambda x: env[x])
+            env[p] = g.node_copy(p, env.__getitem__)
 
-        def bring(n: fx.Node, piece_no=piece_no):
-            if n in env:
-                return env[n]
-            if n in act:
-                raise AugLocalError(
-                    f"node '{n.name}' is needed in piece {piece_no} but lives in an earlier one: "
-                    "the requested boundary is not a valid cut")
-            for a in n.all_input_nodes:
-                bring(a)
-            env[n] = g.node_copy(n, lambda x: env[x])
-            return env[n]
+        def bring(n: fx.Node, g=g, env=env, piece_no=piece_no) -> fx.Node:
+            return _bring(n, g, env, act, piece_no)
 
         for n in nodes[start: end + 1]:
             if n.op == "placeholder" or n in env:
@@ -73,9 +64,23 @@ def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModul
             if n in act or not n.users:  # constants are brought in by their users
                 for a in n.all_input_nodes:
                     bring(a)
-                env[n] = g.node_copy(n, lambda x: env[x])
+                env[n] = g.node_copy(n, env.__getitem__)
         if cut is not None:
             g.output(env[cut])
         pieces.append(fx.GraphModule(gm, g, f"{type(gm).__name__}Piece{piece_no}"))
         start, prev_cut = end + 1, cut
     return pieces
+
+
+def _bring(n: fx.Node, g: fx.Graph, env: dict, act: set, piece_no: int) -> fx.Node:
+    """Copy ``n`` into ``g`` if it is a constant (recomputed here); activations must already be there."""
+    if n in env:
+        return env[n]
+    if n in act:
+        raise AugLocalError(
+            f"node '{n.name}' is needed in piece {piece_no} but lives in an earlier one: "
+            "the requested boundary is not a valid cut")
+    for a in n.all_input_nodes:
+        _bring(a, g, env, act, piece_no)
+    env[n] = g.node_copy(n, env.__getitem__)
+    return env[n]

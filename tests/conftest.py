@@ -6,8 +6,8 @@ once per test session; tests build plans from the cached ``Analysis`` (cheap).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from auglocal_fx import Plan
 from auglocal_fx.cli.convert import main
 
@@ -63,6 +62,13 @@ def test_blocks_out_of_range(capsys):
     assert_one_line_error(err)
     assert "between 1 and 17" in err
     assert out == ""
+
+
+def test_wrong_input_size_is_one_line_error(capsys):
+    rc, out, err = run(capsys, "--model", "resnet50", "--blocks", "4", "--input-size", "1", "224", "224")
+    assert rc == 2
+    assert_one_line_error(err)
+    assert "input-size" in err
 
 
 def test_out_writes_plan_that_loads_back(capsys, tmp_path):

@@ -48,7 +48,7 @@ def test_dict_round_trip_is_a_copy(plan):
 
 def test_json_layout(plan):
     data = json.loads(plan.to_json())
-    assert [x["name"] for x in data["layers"]] == [l.name for l in plan.layers]
+    assert [x["name"] for x in data["layers"]] == [layer.name for layer in plan.layers]
     assert all(isinstance(x["name"], str) and x["name"] for x in data["layers"])
     assert [x["layers"] for x in data["blocks"]] == [b.layers for b in plan.blocks]
     assert len(data["aux"]) == len(plan.blocks) - 1

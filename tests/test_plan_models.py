@@ -29,12 +29,12 @@ def assert_covers(plan, num_layers):
 def test_layer_count(zoo, name):
     case = zoo(name)
     plan = plan_for(case, 1)
-    assert len(plan.layers) == case.num_layers, [l.name for l in plan.layers]
+    assert len(plan.layers) == case.num_layers, [layer.name for layer in plan.layers]
     assert len(case.analysis.layers) == case.num_layers
 
 
 def test_resnet50_layer_names(resnet50):
-    names = [l.name for l in plan_for(resnet50, 16).layers]
+    names = [layer.name for layer in plan_for(resnet50, 16).layers]
     expected = [f"layer{s}.{i}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for i in range(n)]
     assert names[1:] == expected
     assert "conv1" in names[0]
@@ -42,7 +42,7 @@ def test_resnet50_layer_names(resnet50):
 
 def test_vit_every_transformer_block_is_a_layer(vit):
     plan = plan_for(vit, 12)
-    names = [l.name for l in plan.layers]
+    names = [layer.name for layer in plan.layers]
     assert len(names) == 13
     assert "patch_embed" in names[0]
     for i, name in enumerate(names[1:]):
@@ -50,13 +50,13 @@ def test_vit_every_transformer_block_is_a_layer(vit):
         assert re.fullmatch(rf"blocks\.{i}(\.\.norm)?", name), names
     # the cut after every transformer block is a real cut despite attn_mask / is_causal args
     cut_names = {n.name for n in vit.analysis.cuts}
-    assert all(l.boundary in cut_names for l in plan.layers)
+    assert all(layer.boundary in cut_names for layer in plan.layers)
 
 
 def test_tv_resnet18_layers_from_module_tree(zoo):
     case = zoo("tv_resnet18")
     assert not hasattr(case.model, "group_matcher")
-    names = [l.name for l in plan_for(case, 9).layers]
+    names = [layer.name for layer in plan_for(case, 9).layers]
     assert names[1:] == [f"layer{s}.{i}" for s in (1, 2, 3, 4) for i in (0, 1)]
     assert "conv1" in names[0]
 
@@ -64,7 +64,7 @@ def test_tv_resnet18_layers_from_module_tree(zoo):
 @pytest.mark.parametrize("name", ["cifar_resnet8", "cifar_resnet32"])
 def test_handwritten_layers_from_module_tree(zoo, name):
     case = zoo(name)
-    names = [l.name for l in plan_for(case, 1).layers]
+    names = [layer.name for layer in plan_for(case, 1).layers]
     assert "stem" in names[0]
     assert names[1:] == [f"blocks.{i}" for i in range(case.num_layers - 1)]
 
@@ -75,9 +75,9 @@ def test_boundaries_are_cut_points_in_order(zoo, name):
     plan = plan_for(case, 1)
     order = {n.name: i for i, n in enumerate(case.analysis.gm.graph.nodes)}
     cuts = {n.name for n in case.analysis.cuts}
-    pos = [order[l.boundary] for l in plan.layers]
+    pos = [order[layer.boundary] for layer in plan.layers]
     assert pos == sorted(set(pos))  # strictly increasing: every layer non-empty
-    assert all(l.boundary in cuts for l in plan.layers)
+    assert all(layer.boundary in cuts for layer in plan.layers)
     assert plan.head.boundary == "output"
 
 
@@ -98,10 +98,10 @@ def test_params_and_flops(zoo, name):
     case = zoo(name)
     plan = plan_for(case, 1)
     total = sum(p.numel() for p in case.model.parameters())
-    assert sum(l.params for l in plan.layers) + plan.head.params == total
-    assert all(l.params > 0 for l in plan.layers), [(l.name, l.params) for l in plan.layers]
-    assert all(l.flops > 0 for l in plan.layers), [(l.name, l.flops) for l in plan.layers]
-    assert all(l.act_bytes > 0 for l in plan.layers), [(l.name, l.act_bytes) for l in plan.layers]
+    assert sum(layer.params for layer in plan.layers) + plan.head.params == total
+    assert all(layer.params > 0 for layer in plan.layers), [(layer.name, layer.params) for layer in plan.layers]
+    assert all(layer.flops > 0 for layer in plan.layers), [(layer.name, layer.flops) for layer in plan.layers]
+    assert all(layer.act_bytes > 0 for layer in plan.layers), [(layer.name, layer.act_bytes) for layer in plan.layers]
 
 
 # -- eval parity of the split graph ----------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_params_and_flops(zoo, name):
 def test_split_at_every_layer_reproduces_eval_output(zoo, name):
     case = zoo(name)
     plan = plan_for(case, 1)
-    pieces = split_graph(case.analysis.gm, [l.boundary for l in plan.layers])
+    pieces = split_graph(case.analysis.gm, [layer.boundary for layer in plan.layers])
     assert len(pieces) == case.num_layers + 1
     case.model.eval()
     x = torch.randn(2, *case.input_size, generator=torch.Generator().manual_seed(1))
@@ -127,7 +127,7 @@ def test_split_at_every_layer_reproduces_eval_output(zoo, name):
 def test_split_pieces_share_parameters(zoo):
     case = zoo("cifar_resnet8")
     plan = plan_for(case, 1)
-    pieces = split_graph(case.analysis.gm, [l.boundary for l in plan.layers])
+    pieces = split_graph(case.analysis.gm, [layer.boundary for layer in plan.layers])
     model_params = {id(p) for p in case.model.parameters()}
     piece_params = [id(p) for piece in pieces for p in piece.parameters()]
     assert piece_params and set(piece_params) <= model_params
@@ -137,6 +137,37 @@ def test_split_rejects_unknown_boundary(zoo):
     case = zoo("cifar_resnet8")
     with pytest.raises(AugLocalError, match="not in the traced graph"):
         split_graph(case.analysis.gm, ["no_such_node"])
+
+
+@pytest.mark.parametrize("node", ["blocks_0_conv1", "blocks_0_bn2", "blocks_1_shortcut_0"])
+def test_split_rejects_non_cut(zoo, node):
+    # inside a residual block the shortcut input is still live: one tensor cannot carry the state
+    case = zoo("cifar_resnet8")
+    assert node in {n.name for n in case.analysis.gm.graph.nodes}
+    assert node not in {n.name for n in case.analysis.cuts}
+    with pytest.raises(AugLocalError, match="not a valid cut"):
+        split_graph(case.analysis.gm, [node])
+
+
+def test_split_rejects_out_of_order_boundaries(zoo):
+    case = zoo("cifar_resnet8")
+    bounds = [layer.boundary.name for layer in case.analysis.layers]
+    with pytest.raises(AugLocalError, match="order"):
+        split_graph(case.analysis.gm, bounds[::-1])
+
+
+@pytest.mark.parametrize("size", [(3, 0, 32), (3, 32.0, 32), (), (-3, 32, 32)])
+def test_bad_input_size_rejected(fresh_model, size):
+    with pytest.raises(AugLocalError, match="input size"):
+        analyze_model(fresh_model("cifar_resnet8"), size)
+
+
+def test_input_size_mismatch_is_one_line_error(fresh_model):
+    with pytest.raises(AugLocalError) as exc:
+        analyze_model(fresh_model("cifar_resnet8"), (1, 32, 32))  # the stem wants 3 channels
+    msg = str(exc.value)
+    assert "input-size" in msg
+    assert "\n" not in msg, msg  # errors.py: "The message is a single line"
 
 
 def test_analyze_leaves_model_untouched(fresh_model):

@@ -72,7 +72,7 @@ def test_round_half_to_even():
 
 
 # -- select_layers ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("l, n, d, expected", [
+@pytest.mark.parametrize("last, n, d, expected", [
     (10, 16, 5, [11, 12, 13, 14, 15]),  # d >= L-1-l: every later layer
     (10, 16, 9, [11, 12, 13, 14, 15]),
     (13, 16, 2, [14, 15]),
@@ -80,26 +80,26 @@ def test_round_half_to_even():
     (15, 16, 2, []),  # the last layer has nothing after it
     (3, 16, 0, []),  # depth 0: head copy only
 ])
-def test_select_layers_edges(l, n, d, expected):
-    assert select_layers(l, n, d) == expected
+def test_select_layers_edges(last, n, d, expected):
+    assert select_layers(last, n, d) == expected
 
 
 @PROPERTY
 @given(data=st.data())
 def test_select_layers_properties(data):
     n = data.draw(st.integers(2, 120), label="L")
-    l = data.draw(st.integers(0, n - 2), label="l")
+    last = data.draw(st.integers(0, n - 2), label="l")
     d = data.draw(st.integers(1, 12), label="d")
-    sel = select_layers(l, n, d)
-    assert len(sel) == min(d, n - 1 - l)
+    sel = select_layers(last, n, d)
+    assert len(sel) == min(d, n - 1 - last)
     assert all(a < b for a, b in zip(sel, sel[1:])), sel
-    assert all(j > l for j in sel)
+    assert all(j > last for j in sel)
     assert sel[-1] == n - 1
     # exact oracle: round() of a Fraction is half-to-even too
-    if d >= n - 1 - l:
-        assert sel == list(range(l + 1, n))
+    if d >= n - 1 - last:
+        assert sel == list(range(last + 1, n))
     else:
-        assert sel == [round(l + Fraction(t * (n - l - 1), d)) for t in range(1, d + 1)]
+        assert sel == [round(last + Fraction(t * (n - last - 1), d)) for t in range(1, d + 1)]
 
 
 # -- pyramid_depths ---------------------------------------------------------------------------------

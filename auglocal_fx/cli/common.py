@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import AugLocalError
 
@@ -13,7 +13,8 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except AugLocalError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or ["unknown error"]
+        print(f"{prog}: error: {lines[0]}", file=sys.stderr)  # one line, whatever was appended
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
