@@ -7,12 +7,11 @@ one matching its own mode. When both traces generate the same code one graph ser
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch.fx as fx
 from torch import nn
 
 from .errors import AugLocalError
+from .pipeline import set_mode
 from .plan import Plan
 from .split import split_graph
 from .trace import trace
@@ -35,21 +34,11 @@ class ModalGraph(nn.Module):
         return self.eval_graph(x)
 
 
-@contextmanager
-def _mode(model: nn.Module, training: bool):
-    was = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 def trace_both_modes(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(train-mode trace, eval-mode trace) of ``model``; both share its parameters."""
-    with _mode(model, True):
+    with set_mode(model, True):
         train_gm = trace(model)
-    with _mode(model, False):
+    with set_mode(model, False):
         eval_gm = trace(model)
     return train_gm, eval_gm
 

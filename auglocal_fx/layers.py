@@ -10,6 +10,7 @@ the group before them. The head is what follows the last layer (pooling, norm, c
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["LayerSpan", "find_layers", "group_key_fn"]
+__all__ = ["LayerSpan", "find_layers", "group_key_fn", "node_params"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -79,25 +80,19 @@ def _module_paths(n: fx.Node) -> list[str]:
     return paths
 
 
-def _node_params(gm: fx.GraphModule, n: fx.Node) -> list[nn.Parameter]:
+def node_params(gm: fx.GraphModule, n: fx.Node) -> list[nn.Parameter]:
+    """Parameters a node reads directly: a called module's, or the one a ``get_attr`` fetches."""
     if n.op == "call_module":
         return list(gm.get_submodule(n.target).parameters())
     if n.op == "get_attr":
-        t = _get_attr(gm, n.target)
+        t = operator.attrgetter(n.target)(gm)
         return [t] if isinstance(t, nn.Parameter) else []
     return []
 
 
-def _get_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _norm_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
-    mods = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module" and _node_params(gm, n)]
-    has_other_params = any(_node_params(gm, n) for n in nodes if n.op != "call_module")
+    mods = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module" and node_params(gm, n)]
+    has_other_params = any(node_params(gm, n) for n in nodes if n.op != "call_module")
     return bool(mods) and not has_other_params and all(isinstance(m, _NORMS) for m in mods)
 
 
@@ -136,7 +131,7 @@ def find_layers(
     runs = sorted(groups.values(), key=lambda g: g[0])
 
     def params_of(g):
-        return [p for n in g[3] for p in _node_params(gm, n)]
+        return [p for n in g[3] for p in node_params(gm, n)]
 
     # 2. without timm, the classifier is the last group with parameters, plus parameter-free
     #    groups just before it (pooling, flatten): untag them so they fall to the head.

@@ -11,7 +11,7 @@ from torch import nn
 
 from .analyze import activation_nodes, cut_points, profile_graph
 from .errors import AugLocalError
-from .layers import LayerSpan, find_layers
+from .layers import LayerSpan, find_layers, node_params
 from .partition import BALANCERS, partition
 from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
 from .recipe import apply_tail, pyramid_depths, select_layers
@@ -35,14 +35,19 @@ class Analysis:
 
 
 @contextmanager
-def eval_mode(model: nn.Module):
-    """Temporarily put ``model`` in eval mode (no BN statistic updates, no dropout)."""
+def set_mode(model: nn.Module, training: bool):
+    """Temporarily put ``model`` in train or eval mode; the old mode comes back afterwards."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
         model.train(was_training)
+
+
+def eval_mode(model: nn.Module):
+    """Temporarily put ``model`` in eval mode (no BN statistic updates, no dropout)."""
+    return set_mode(model, False)
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
@@ -81,7 +86,7 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
         if n in visited:
             continue
         visited.add(n)
-        for p in _params(a.gm, n):
+        for p in node_params(a.gm, n):
             if id(p) not in seen:
                 seen.add(id(p))
                 params += p.numel()
@@ -99,17 +104,6 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
         flops=int(sum(n.meta.get("flops", 0) for n in span.nodes)),
         act_bytes=int(sum(saved.values())),
     )
-
-
-def _params(gm: fx.GraphModule, n: fx.Node) -> list[torch.Tensor]:
-    if n.op == "call_module":
-        return list(gm.get_submodule(n.target).parameters())
-    if n.op == "get_attr":
-        obj = gm
-        for part in str(n.target).split("."):
-            obj = getattr(obj, part)
-        return [obj] if isinstance(obj, torch.Tensor) and obj.requires_grad else []
-    return []
 
 
 def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
