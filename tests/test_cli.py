@@ -104,3 +104,16 @@ def test_console_script_bad_model():
     assert "Traceback" not in proc.stderr
     assert_one_line_error(proc.stderr)
     assert "resnet50" in proc.stderr
+
+
+def test_save_writes_a_checkpoint_load_auglocal_reads(capsys, tmp_path):
+    from auglocal_fx import load_auglocal
+
+    dest = tmp_path / "converted.pt"
+    rc, out, err = run(capsys, "--model", "resnet18", "--blocks", "4", "--input-size", "3", "64", "64",
+                       "--format", "json", "--save", str(dest))
+    assert rc == 0, err
+    printed = Plan.from_dict(json.loads(out))
+    assert all(a.params > 0 and a.flops > 0 for a in printed.aux)  # aux columns filled
+    net = load_auglocal(dest)
+    assert net.plan == printed and len(net.blocks) == 4 and len(net.aux) == 3
