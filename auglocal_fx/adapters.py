@@ -32,7 +32,6 @@ class TokenPool(nn.Module):
     def __init__(self, tokens: int):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool1d(tokens)
-        self.tokens = tokens
 
     def forward(self, x):
         return self.pool(x.transpose(1, 2)).transpose(1, 2)

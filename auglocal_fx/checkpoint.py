@@ -58,11 +58,8 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None):
     plan = Plan.from_dict(payload["plan"])
     if model is None:
         c = plan.config
-        kwargs = dict(payload.get("model_kwargs") or {})
-        kwargs.setdefault("num_classes", plan.head.out_shape[-1])
-        kwargs.setdefault("in_chans", c.input_size[0])
         try:
-            model = create_model(c.model, **kwargs)
+            model = create_model(c.model, num_classes=plan.head.out_shape[-1], in_chans=c.input_size[0])
         except AugLocalError:
             raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
                                 f"to load {path}") from None

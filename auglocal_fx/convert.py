@@ -60,16 +60,13 @@ def to_auglocal(
         if blocks is None:
             raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, blocks, aux_depth=aux_depth, pyramid=pyramid, balance=balance, tail=tail,
-                          input_size=input_size, model_name=model_name, num_classes=num_classes)
-        plan.config.rule = rule
+                          input_size=input_size, model_name=model_name, num_classes=num_classes, rule=rule)
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
     builder = RULES[plan.config.rule]
     aux_nets = []
     if builder is not None:
         classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
         for recipe in plan.aux:
-            if plan.config.rule != "auglocal":
-                recipe.selected_layers, recipe.depth = [], 0
             aux = builder(AuxContext(plan, recipe, layers, layer_head, classes))
             if aux_init == "fresh":
                 reset_parameters(aux)

@@ -127,6 +127,7 @@ def build_plan(
     input_size=None,
     model_name: str | None = None,
     num_classes: int | None = None,
+    rule: str = "auglocal",
     analysis: Analysis | None = None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
@@ -153,11 +154,12 @@ def build_plan(
     cost = {"layers": [1] * n, "flops": [x.flops for x in layers], "memory": [x.act_bytes for x in layers]}
     groups = apply_tail(partition(cost[balance], blocks, balance), aux_depth, tail)
     depths = pyramid_depths(len(groups) - 1, aux_depth, float(pyramid))
-    aux = [AuxRecipe(block=i, selected_layers=select_layers(g[-1], n, d), depth=d)
+    copies = rule == "auglocal"  # other rules' aux nets copy no downstream layers
+    aux = [AuxRecipe(block=i, selected_layers=select_layers(g[-1], n, d) if copies else [], depth=d)
            for i, (g, d) in enumerate(zip(groups[:-1], depths))]
     for r in aux:  # depth is what is actually copied (near the output fewer layers remain)
         r.depth = len(r.selected_layers)
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=float(pyramid),
-                        balance=balance, tail=tail, input_size=list(a.input_size),
+                        balance=balance, tail=tail, rule=rule, input_size=list(a.input_size),
                         num_classes=num_classes)
     return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux)
