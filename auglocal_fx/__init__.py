@@ -8,6 +8,7 @@ Example:
     16 15
 """
 
+from . import cifar_resnet  # noqa: F401  (registers resnet{20,32,56,110}_cifar with timm)
 from .checkpoint import load_auglocal
 from .convert import to_auglocal
 from .errors import AugLocalError
