@@ -56,14 +56,17 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None):
 
     payload = read_checkpoint(path)
     plan = Plan.from_dict(payload["plan"])
+    options = payload.get("options", {})
     if model is None:
         c = plan.config
+        # auglocal-train records the timm kwargs it used (img_size, norm_layer, ...)
+        kwargs = options.get("model_kwargs") or {"num_classes": plan.head.out_shape[-1],
+                                                 "in_chans": c.input_size[0]}
         try:
-            model = create_model(c.model, num_classes=plan.head.out_shape[-1], in_chans=c.input_size[0])
+            model = create_model(c.model, **kwargs)
         except AugLocalError:
             raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
                                 f"to load {path}") from None
-    options = payload.get("options", {})
     net = to_auglocal(model, plan=plan, aux_init="copy", rule=options.get("rule", plan.config.rule))
     net.options.update(options)
     try:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .plan import Plan
 
-__all__ = ["AugLocalNet", "StepOutput"]
+__all__ = ["AugLocalNet", "LocalUnit", "StepOutput"]
 
 
 @dataclass
@@ -22,6 +22,22 @@ class StepOutput:
     loss: float
     local_losses: list[float] = field(default_factory=list)
     aux_acc: list[float] = field(default_factory=list)
+
+
+class LocalUnit(nn.Module):
+    """One gradient-isolated unit: a block and the net its loss is computed on (aux net or head).
+
+    ``unit(h)`` returns ``(block output, logits)``; the caller detaches the output before it feeds
+    the next unit.
+    """
+
+    def __init__(self, block: nn.Module, top: nn.Module):
+        super().__init__()
+        self.block, self.top = block, top
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.block(h)
+        return out, self.top(out)
 
 
 class AugLocalNet(nn.Module):
@@ -55,34 +71,54 @@ class AugLocalNet(nn.Module):
                 x = x.detach()
         return self.head(x)
 
+    def head_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every aux head, then of the model's head: ``[aux_0, ..., aux_{M-2}, final]``.
+
+        One pass through the blocks; used to report each local module's test accuracy.
+        """
+        outs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < len(self.aux):
+                outs.append(self.aux[i](x))
+        return outs + [self.head(x)]
+
     # -- training ------------------------------------------------------------------------------
+    def local_units(self) -> list[LocalUnit]:
+        """The gradient-isolated units, in order: (block i, aux net i), ..., (last block, head).
+
+        They share this net's modules but are not registered as its children (no duplicate state
+        dict keys). To train data-parallel, wrap each unit in its own DistributedDataParallel and
+        pass the list to ``training_step(units=...)``: each block's gradients are then averaged by
+        its own backward, while the next block computes.
+        """
+        tops = list(self.aux) + [self.head]
+        return [LocalUnit(block, top) for block, top in zip(self.blocks, tops)]
+
     def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
-                      autocast_dtype: torch.dtype | None = None) -> StepOutput:
+                      autocast_dtype: torch.dtype | None = None, units=None) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
 
         ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too.
-        ``autocast_dtype=torch.bfloat16`` runs forward passes under autocast.
+        ``autocast_dtype=torch.bfloat16`` runs forward passes under autocast. ``units`` replaces
+        ``local_units()``, e.g. with DDP-wrapped units.
         """
         loss_fn = loss_fn or F.cross_entropy
         amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
                if autocast_dtype is not None else nullcontext())
-        local_losses, accs = [], []
+        units = self.local_units() if units is None else units
+        losses, accs = [], []
         h = x
-        for block, aux in zip(self.blocks[:-1], self.aux):
+        for unit in units:
             with amp:
-                out = block(h)
-                aux_logits = aux(out)
-                loss = loss_fn(aux_logits.float(), target)
-            loss.backward()
-            local_losses.append(loss.item())
-            accs.append(_accuracy(aux_logits, target))
-            h = out.detach()  # this block's graph is gone once backward returned
-            del out, aux_logits, loss
-        with amp:
-            logits = self.head(self.blocks[-1](h))
-            loss = loss_fn(logits.float(), target)
-        loss.backward()
-        return StepOutput(logits.detach(), loss.item(), local_losses, accs)
+                out, logits = unit(h)
+                loss = loss_fn(logits.float(), target)
+            loss.backward()  # frees this unit's graph before the next unit runs
+            losses.append(loss.item())
+            accs.append(_accuracy(logits, target))
+            h = out.detach()
+            del out, loss
+        return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:
