@@ -1,0 +1,78 @@
+"""Everything a run needs before its first step: data, model, converted net, optimizer, schedule.
+
+Built the same way for a new run and a resumed one; a resumed run then loads the saved state
+(the saved plan rebuilds the exact same blocks and aux nets, no re-profiling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..convert import to_auglocal
+from ..errors import AugLocalError
+from ..models import create_model
+from ..net import AugLocalNet
+from ..plan import Plan
+from .config import TrainRecipe
+from .data import DataBundle, build_data, eval_loader, train_loader
+from .distributed import Env
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["Run", "build_run", "model_kwargs"]
+
+
+@dataclass
+class Run:
+    net: AugLocalNet
+    data: DataBundle
+    train_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    model_kwargs: dict
+
+
+def model_kwargs(recipe: TrainRecipe, data: DataBundle) -> dict:
+    """``timm.create_model`` keywords: classes and channels default to the dataset's."""
+    m = recipe.model
+    kwargs = {"num_classes": m.num_classes or data.classes, "in_chans": m.in_chans or data.channels, **m.kwargs}
+    if m.img_size is not None:
+        kwargs["img_size"] = m.img_size
+    return kwargs
+
+
+def _per_rank(total: int, env: Env, key: str) -> int:
+    if total % env.world:
+        raise AugLocalError(f"recipe key {key} ({total}) must divide evenly across {env.world} processes")
+    return total // env.world
+
+
+def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
+    """Build the run on ``env.device``; with ``plan`` (resuming) the net follows that plan."""
+    data = build_data(recipe.data, channels=recipe.model.in_chans, classes=recipe.model.num_classes)
+    kwargs = model_kwargs(recipe, data)
+    if kwargs["in_chans"] != data.channels and recipe.data.dataset != "synthetic":
+        raise AugLocalError(f"recipe key model.in_chans is {kwargs['in_chans']} but {recipe.data.dataset} "
+                            f"images have {data.channels} channel(s); remove it or set it to {data.channels}")
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts)
+    model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
+    c = recipe.conversion
+    size = (kwargs["in_chans"], data.size, data.size)
+    net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance, tail=c.tail,
+                      aux_init=c.aux_init, rule=c.rule, input_size=size, model_name=recipe.model.name,
+                      plan=plan)
+    net.to(env.device)
+    batch = _per_rank(recipe.batch_size, env, "batch_size")
+    eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")
+    pin = env.device.type == "cuda"
+    workers = recipe.data.num_workers
+    train = train_loader(data.train, batch, workers, recipe.seed, env.rank, env.world, pin)
+    if len(train) == 0:
+        raise AugLocalError(f"recipe key batch_size ({recipe.batch_size}) exceeds the {len(data.train)} "
+                            "training images; lower it")
+    evals = eval_loader(data.test, eval_batch, workers, env.rank, env.world, pin)
+    opt = build_optimizer(net.parameters(), recipe.optimizer)
+    sched = build_scheduler(opt, recipe.schedule, recipe.epochs, len(train))
+    return Run(net, data, train, evals, opt, sched, kwargs)

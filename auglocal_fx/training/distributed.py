@@ -1,0 +1,78 @@
+"""Data parallelism under ``torchrun``: one DistributedDataParallel per gradient-isolated unit.
+
+Local learning runs one backward per block, and each block's backward touches only that block's
+(and its aux net's) parameters. Wrapping the whole net in one DDP would expect a single backward
+over all parameters; instead each ``LocalUnit`` (block + aux net, or last block + head) gets its
+own DDP, whose reducer averages that unit's gradients during that unit's backward — while the
+next block has not started, so no gradient is reduced twice or missed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import AugLocalError
+
+__all__ = ["Env", "setup", "teardown", "wrap_units", "all_reduce_sum"]
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _device(pref: str, local_rank: int) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise AugLocalError("recipe key device is cuda but no CUDA device is visible; set device: cpu")
+    if pref == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def setup(device_pref: str = "auto") -> Env:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = _device(device_pref, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world, device)
+
+
+def teardown(env: Env) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_units(units: list, env: Env) -> list:
+    """Each unit in its own DDP (parameters broadcast from rank 0 here); unchanged in one process."""
+    if not env.distributed:
+        return units
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return [DistributedDataParallel(u, device_ids=ids) for u in units]
+
+
+def all_reduce_sum(values: list[float], env: Env) -> list[float]:
+    """Element-wise sum over the ranks (identity in one process)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()

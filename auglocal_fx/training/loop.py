@@ -1,0 +1,207 @@
+"""The training loop: block-wise steps, per-epoch evaluation of every head, checkpoints, metrics, plot.
+
+``train(recipe)`` is what ``auglocal-train`` runs. Each epoch ends with ``last.pt`` written
+atomically (and ``best.pt`` when the test accuracy improved), so a crash loses at most the epoch
+in progress; ``resume=`` continues from such a file with the same losses as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..errors import AugLocalError
+from ..io import atomic_write_text
+from .build import Run, build_run
+from .config import TrainRecipe
+from .distributed import Env, all_reduce_sum, setup, teardown, wrap_units
+from .report import EpochProgress, epoch_line, plot_curves, write_metrics
+from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
+
+__all__ = ["train"]
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".auglocal-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise AugLocalError(f"output directory {out} is not writable ({exc.strerror}); "
+                            "set recipe key output to a writable folder") from None
+
+
+def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
+    now = recipe.to_dict()
+    for section in ("model", "conversion"):
+        for key, value in now[section].items():
+            if saved.get(section, {}).get(key) != value:
+                raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
+                                    f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}")
+
+
+class Trainer:
+    def __init__(self, recipe: TrainRecipe, env: Env, resume=None, log=print):
+        self.recipe, self.env = recipe, env
+        self.log = log if env.is_main else (lambda *a, **k: None)
+        self.out = Path(recipe.output)
+        if env.is_main:
+            _check_writable(self.out)
+        saved = read_training(resume) if resume else None
+        if saved is not None:
+            _check_same_model(saved["train"]["recipe"], recipe, resume)
+        from ..plan import Plan  # noqa: PLC0415
+
+        self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)
+        self.run: Run = build_run(recipe, env, Plan.from_dict(saved["plan"]) if saved else None)
+        net = self.run.net
+        self.units = wrap_units(net.local_units(), env)
+        self.amp = dict(autocast_dtype=torch.bfloat16) if recipe.bf16 else {}
+        self.epoch, self.history, self.best = 0, [], -1.0
+        if saved is not None:
+            self._restore(saved)
+        else:
+            torch.manual_seed(recipe.seed + 1_000_003 * env.rank)  # augmentation/dropout differ per rank
+        if env.is_main:
+            atomic_write_text(self.out / "recipe.yaml", _yaml(recipe.to_dict()))
+
+    def _restore(self, saved: dict) -> None:
+        r, t = self.run, saved["train"]
+        r.net.model.load_state_dict(saved["model_state"])
+        r.net.aux.load_state_dict(saved["aux_state"])
+        r.optimizer.load_state_dict(t["optimizer"])
+        r.scheduler.load_state_dict(t["scheduler"])
+        self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
+        set_rng_state(t["rng"][self.env.rank] if self.env.rank < len(t["rng"]) else t["rng"][0])
+        self.log(f"resumed from epoch {self.epoch}")
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        r, env, net = self.run, self.env, self.run.net
+        r.train_loader.sampler.set_epoch(epoch)
+        r.train_loader.generator.manual_seed(self.recipe.seed * 7919 + epoch * 104729 + env.rank)
+        net.train()
+        sums, steps, images = None, [], 0
+        bar = EpochProgress(f"epoch {epoch}/{self.recipe.epochs}", len(r.train_loader), env.is_main)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(r.train_loader, 1):
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            out = net.training_step(x, y, units=self.units, **self.amp)
+            n = len(y)
+            correct = (out.logits.argmax(1) == y).sum().item()
+            vals = all_reduce_sum([v * n for v in [*out.local_losses, out.loss]] + [correct, n], env)
+            total = vals[-1]
+            losses = [v / total for v in vals[:-2]]
+            self._check_finite(losses, epoch, step)
+            r.optimizer.step()
+            r.optimizer.zero_grad(set_to_none=True)
+            r.scheduler.step()
+            sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
+            steps.append(losses[-1])
+            images += int(total)
+            bar.update(step, sums[-3] / sums[-1], sums[-2] / sums[-1], images)
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {"epoch": epoch, "train_loss": sums[-3] / sums[-1], "train_acc": sums[-2] / sums[-1],
+                "local_losses": [s / sums[-1] for s in sums[:-3]], "step_losses": steps,
+                "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": images / seconds,
+                "epoch_time_s": seconds}
+
+    def _check_finite(self, losses: list[float], epoch: int, step: int) -> None:
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                kept = f"{self.out / 'last.pt'} holds epoch {self.epoch}" if self.epoch else "no checkpoint yet"
+                raise AugLocalError(f"loss of block {i} became {value} at epoch {epoch} step {step}; stopped "
+                                    f"({kept}); lower optimizer.lr or add schedule.warmup_epochs")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Test accuracy of the final head and of every aux head (one pass through the blocks)."""
+        r, env, net = self.run, self.env, self.run.net
+        net.eval()
+        amp = torch.autocast(env.device.type, torch.bfloat16) if self.recipe.bf16 else nullcontext()
+        heads = len(net.aux) + 1
+        sums = [0.0] * (heads + 2)  # per-head correct, final loss sum, count
+        for x, y in r.eval_loader:
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with amp:
+                outs = net.head_outputs(x)
+            for i, o in enumerate(outs):
+                sums[i] += (o.argmax(1) == y).sum().item()
+            sums[-2] += torch.nn.functional.cross_entropy(outs[-1].float(), y, reduction="sum").item()
+            sums[-1] += len(y)
+        sums = all_reduce_sum(sums, env)
+        n = max(sums[-1], 1)
+        return {"test_acc": sums[heads - 1] / n, "test_loss": sums[-2] / n,
+                "aux_test_acc": [s / n for s in sums[: heads - 1]]}
+
+    # -- the run ---------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> dict:
+        last_epoch = min(self.recipe.epochs, stop_after or self.recipe.epochs)
+        for epoch in range(self.epoch + 1, last_epoch + 1):
+            record = self.train_epoch(epoch)
+            record.update(self.evaluate())
+            self.epoch = epoch
+            self.history.append(record)
+            improved = record["test_acc"] > self.best
+            self.best = max(self.best, record["test_acc"])
+            self._save(improved)
+            self.log(epoch_line(record, self.recipe.epochs), flush=True)
+        return self._summary()
+
+    def _save(self, improved: bool) -> None:
+        states = [rng_state()]
+        if self.env.distributed:  # every rank's RNG, so a resumed run draws what this one would
+            gathered = [None] * self.env.world
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if not self.env.is_main:
+            return
+        r = self.run
+        train = {"epoch": self.epoch, "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
+                 "rng": states, "history": self.history, "best_acc": self.best, "recipe": self.recipe.to_dict()}
+        save_training(r.net, self.out / "last.pt", train, r.model_kwargs)
+        if improved:
+            copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
+        write_metrics(self.out / "metrics.jsonl", self.history)
+        plot_curves(self.out / "curves.png", self.history,
+                    f"{self.recipe.model.name} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
+
+    def _summary(self) -> dict:
+        net, last = self.run.net, self.history[-1] if self.history else {}
+        best_epoch = max(self.history, key=lambda h: h["test_acc"])["epoch"] if self.history else None
+        summary = {"model": self.recipe.model.name, "rule": self.recipe.conversion.rule,
+                   "blocks": len(net.blocks), "epochs_done": self.epoch, "epochs": self.recipe.epochs,
+                   "test_acc": last.get("test_acc"), "aux_test_acc": last.get("aux_test_acc"),
+                   "best_test_acc": self.best if self.history else None, "best_epoch": best_epoch,
+                   "backbone_params": sum(p.numel() for p in net.model.parameters()),
+                   "aux_params": sum(p.numel() for p in net.aux.parameters()),
+                   "train_time_s": sum(h["epoch_time_s"] for h in self.history),
+                   "output": str(self.out)}
+        if self.env.is_main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _yaml(data: dict) -> str:
+    import yaml  # noqa: PLC0415
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print) -> dict:
+    """Train ``recipe`` (resuming from checkpoint ``resume``); returns the summary dict.
+
+    Under torchrun each process calls this; process 0 prints and writes files.
+    """
+    env = setup(recipe.device)
+    try:
+        return Trainer(recipe, env, resume, log).fit(stop_after)
+    finally:
+        teardown(env)

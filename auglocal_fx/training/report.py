@@ -1,0 +1,107 @@
+"""What a run shows and leaves behind: the progress bar, metrics as JSON lines, the curves plot."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..io import atomic_write, atomic_write_text
+
+__all__ = ["EpochProgress", "write_metrics", "plot_curves", "epoch_line"]
+
+
+class EpochProgress:
+    """A progress bar on a terminal (loss, accuracy, images/s); a line every ~10% of the epoch in logs."""
+
+    def __init__(self, title: str, total: int, enabled: bool = True):
+        self.title, self.total, self.enabled = title, total, enabled
+        self.console = Console(stderr=True)
+        self.start = time.perf_counter()
+        self._bar = None
+        if enabled and self.console.is_terminal:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.console, transient=True)
+            self._task = self._bar.add_task(title, total=total, stats="")
+            self._bar.start()
+
+    def update(self, step: int, loss: float, acc: float, images: int) -> None:
+        if not self.enabled:
+            return
+        rate = images / max(time.perf_counter() - self.start, 1e-9)
+        stats = f"loss {loss:.4f}  acc {100 * acc:.1f}%  {rate:,.0f} img/s"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, stats=stats)
+        elif step == self.total or step % max(self.total // 10, 1) == 0:
+            print(f"{self.title} {step}/{self.total}  {stats}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    aux = r.get("aux_test_acc") or []
+    aux_txt = f"  aux heads {' '.join(f'{100 * a:.1f}' for a in aux)}" if aux else ""
+    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.2f}%  "
+            f"test acc {100 * r['test_acc']:.2f}%{aux_txt}  lr {r['lr']:.3g}  "
+            f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.0f}s")
+
+
+def write_metrics(path: Path, history: list[dict]) -> None:
+    """The whole history, one JSON object per epoch, rewritten atomically (never a torn last line)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+
+
+def plot_curves(path: Path, history: list[dict], title: str) -> None:
+    """Training loss and test accuracy per epoch (final head bold, aux heads faint) as a PNG."""
+    import matplotlib  # noqa: PLC0415  (heavy; only at the end of an epoch)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    # every step's loss, so even a one-epoch run draws a curve; the epoch means on top
+    xs, ys = [], []
+    for r in history:
+        n = len(r.get("step_losses") or [])
+        xs += [r["epoch"] - 1 + (i + 1) / n for i in range(n)]
+        ys += r.get("step_losses") or []
+    if ys:
+        ax_loss.plot(xs, ys, lw=0.8, alpha=0.5, color="tab:blue", label="final loss per step")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", color="tab:blue", label="final loss")
+    for i in range(len(history[-1].get("local_losses") or [])):
+        ax_loss.plot(epochs, [r["local_losses"][i] for r in history], marker=".", alpha=0.35, lw=1,
+                     color="tab:orange", label="local losses (epoch mean)" if i == 0 else None)
+    ax_loss.set(xlabel="epoch", ylabel="train loss")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], marker="o", color="tab:blue", label="final head")
+    for i in range(len(history[-1].get("aux_test_acc") or [])):
+        ax_acc.plot(epochs, [100 * r["aux_test_acc"][i] for r in history], marker=".", alpha=0.35, lw=1,
+                    color="tab:orange", label="aux heads" if i == 0 else None)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
