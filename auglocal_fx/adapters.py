@@ -2,20 +2,26 @@
 
 Rule (per sample shapes, batch dimension excluded):
 - equal shapes: nothing;
-- (C, H, W) -> (C', H', W') with H/H' = W/W' = s a positive integer: 1x1 conv, stride s (+ BatchNorm);
-- other (C, H, W) pairs (channels first, as timm's CNNs): 1x1 conv (+ BatchNorm) then adaptive average pooling to (H', W');
+- (C, H, W) -> (C', H', W') with H/H' = W/W' = s a positive integer: 1x1 conv, stride s (+ norm);
+- other (C, H, W) pairs (channels first, as timm's CNNs): 1x1 conv (+ norm) then adaptive average pooling to (H', W');
 - tokens (T, D) -> (T, D'): a linear map on D; (T, D) -> (T', D'): linear on D, then adaptive
   average pooling over tokens;
 - vectors (D,) -> (D',): linear.
+
+"norm" is the model's own kind of 2-d normalisation (``norm2d_like``), as in its downsample
+shortcuts: a GroupNorm model's aux nets stay free of batch statistics (so data-parallel training
+matches one process), a BatchNorm model's get BatchNorm.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["Adapter", "make_adapter", "TokenPool"]
+__all__ = ["Adapter", "make_adapter", "TokenPool", "norm2d_like"]
 
 
 class Adapter(nn.Sequential):
@@ -37,7 +43,27 @@ class TokenPool(nn.Module):
         return self.pool(x.transpose(1, 2)).transpose(1, 2)
 
 
-def make_adapter(src: list[int], dst: list[int]) -> Adapter | None:
+def norm2d_like(model: nn.Module) -> Callable[[int], nn.Module]:
+    """``channels -> norm module`` of the kind ``model`` normalises feature maps with.
+
+    The first GroupNorm or timm LayerNorm2d found (before any BatchNorm) decides; anything else,
+    and models without 2-d norms, get BatchNorm2d.
+    """
+    from timm.layers import LayerNorm2d  # noqa: PLC0415
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            break
+        if isinstance(m, nn.GroupNorm):
+            groups, eps = m.num_groups, m.eps
+            return lambda c: nn.GroupNorm(groups if c % groups == 0 else 1, c, eps=eps)
+        if isinstance(m, LayerNorm2d):
+            eps = m.eps
+            return lambda c: LayerNorm2d(c, eps=eps)
+    return nn.BatchNorm2d
+
+
+def make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> Adapter | None:
     """An adapter from activations of per-sample shape ``src`` to ``dst``, or None if equal."""
     src, dst = list(src), list(dst)
     if src == dst:
@@ -47,8 +73,8 @@ def make_adapter(src: list[int], dst: list[int]) -> Adapter | None:
         (c, h, w), (c2, h2, w2) = src, dst
         if h % h2 == 0 and w % w2 == 0 and h // h2 == w // w2:
             s = h // h2
-            return Adapter(f"conv1x1/{s}{label}", nn.Conv2d(c, c2, 1, stride=s, bias=False), nn.BatchNorm2d(c2))
-        return Adapter(f"conv1x1+pool{label}", nn.Conv2d(c, c2, 1, bias=False), nn.BatchNorm2d(c2),
+            return Adapter(f"conv1x1/{s}{label}", nn.Conv2d(c, c2, 1, stride=s, bias=False), norm(c2))
+        return Adapter(f"conv1x1+pool{label}", nn.Conv2d(c, c2, 1, bias=False), norm(c2),
                        nn.AdaptiveAvgPool2d((h2, w2)))
     if len(src) == 2 and len(dst) == 2:
         (t, d), (t2, d2) = src, dst

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import Adapter
+from .adapters import Adapter, norm2d_like
 from .emit import emit_pieces
 from .errors import AugLocalError
 from .net import AugLocalNet
@@ -66,8 +66,9 @@ def to_auglocal(
     aux_nets = []
     if builder is not None:
         classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
+        norm2d = norm2d_like(model)
         for recipe in plan.aux:
-            aux = builder(AuxContext(plan, recipe, layers, layer_head, classes))
+            aux = builder(AuxContext(plan, recipe, layers, layer_head, classes, norm2d))
             if aux_init == "fresh":
                 reset_parameters(aux)
             recipe.adapters = [m.summary for m in aux.modules() if isinstance(m, Adapter)]

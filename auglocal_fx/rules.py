@@ -31,6 +31,7 @@ class AuxContext:
     layers: list[nn.Module]  # per-layer templates (graph pieces sharing the backbone's weights)
     head: nn.Module  # the model's head as a graph piece
     num_classes: int
+    norm2d: Callable[[int], nn.Module] = nn.BatchNorm2d  # the model's kind of 2-d norm (norm2d_like)
 
     @property
     def in_shape(self) -> list[int]:
@@ -65,12 +66,12 @@ def auglocal_aux(ctx: AuxContext) -> nn.Module:
     shape = ctx.in_shape
     for j in ctx.recipe.selected_layers:
         layer = ctx.plan.layers[j]
-        adapter = make_adapter(shape, layer.in_shape)
+        adapter = make_adapter(shape, layer.in_shape, ctx.norm2d)
         if adapter is not None:
             mods.append(adapter)
         mods.append(copy.deepcopy(ctx.layers[j]))
         shape = layer.out_shape
-    adapter = make_adapter(shape, ctx.plan.head.in_shape)
+    adapter = make_adapter(shape, ctx.plan.head.in_shape, ctx.norm2d)
     if adapter is not None:
         mods.append(adapter)
     mods.append(copy.deepcopy(ctx.head))
@@ -83,8 +84,8 @@ def dgl_aux(ctx: AuxContext, hidden: int = 256) -> nn.Module:
     if len(shape) == 3:
         c = shape[0]
         return nn.Sequential(
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 1, bias=False), ctx.norm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 1, bias=False), ctx.norm2d(c), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
             nn.Linear(4 * c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, ctx.num_classes))
     if len(shape) == 2:
