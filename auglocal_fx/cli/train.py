@@ -46,6 +46,8 @@ def _main(argv=None) -> int:
         last = Path(recipe.output) / "last.pt"
         resume = str(last) if last.is_file() else None
     s = train(recipe, resume=resume, stop_after=args.stop_after)
+    if s is None:  # not rank 0 under torchrun: rank 0 reports
+        return 0
     if s["test_acc"] is None:
         print(f"nothing to do: {s['output']} already holds {s['epochs_done']} of {s['epochs']} epochs")
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class TrainRecipe:
 
 
 # -- validation ----------------------------------------------------------------------------------
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
                dict: "a mapping", list: "a list"}
 
@@ -134,6 +136,8 @@ def _check(tp, value, path: str):
         return [_check(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else value
     elif tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    elif tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads 1e-3 (no dot) as a string; users mean the number
     elif tp in (int, str, bool, dict) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise AugLocalError(f"recipe key {path} must be {_describe(tp)}, got {value!r}")

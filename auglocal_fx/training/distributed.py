@@ -9,6 +9,7 @@ next block has not started, so no gradient is reduced twice or missed.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import AugLocalError
 
-__all__ = ["Env", "setup", "teardown", "wrap_units", "all_reduce_sum"]
+__all__ = ["Env", "setup", "teardown", "wrap_units", "all_reduce_sum", "gather_states"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,18 @@ def all_reduce_sum(values: list[float], env: Env) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_states(state: dict, env: Env) -> list[dict]:
+    """Every rank's ``state`` (tensors and plain data), in rank order, on every rank.
+
+    Sent as ``torch.save`` bytes: ``all_gather_object`` pickles tensors by storage, which the
+    receiving side cannot unpickle in recent PyTorch.
+    """
+    if not env.distributed:
+        return [state]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    gathered = [None] * env.world
+    dist.all_gather_object(gathered, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]

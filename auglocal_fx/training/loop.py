@@ -19,7 +19,7 @@ from ..errors import AugLocalError
 from ..io import atomic_write_text
 from .build import Run, build_run
 from .config import TrainRecipe
-from .distributed import Env, all_reduce_sum, setup, teardown, wrap_units
+from .distributed import Env, all_reduce_sum, gather_states, setup, teardown, wrap_units
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 
@@ -156,11 +156,7 @@ class Trainer:
         return self._summary()
 
     def _save(self, improved: bool) -> None:
-        states = [rng_state()]
-        if self.env.distributed:  # every rank's RNG, so a resumed run draws what this one would
-            gathered = [None] * self.env.world
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
+        states = gather_states(rng_state(), self.env)  # every rank's, so a resumed run draws the same
         if not self.env.is_main:
             return
         r = self.run
@@ -195,13 +191,15 @@ def _yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print) -> dict:
+def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print) -> dict | None:
     """Train ``recipe`` (resuming from checkpoint ``resume``); returns the summary dict.
 
-    Under torchrun each process calls this; process 0 prints and writes files.
+    Under torchrun each process calls this; process 0 prints, writes files and gets the summary
+    (the other ranks get None).
     """
     env = setup(recipe.device)
     try:
-        return Trainer(recipe, env, resume, log).fit(stop_after)
+        summary = Trainer(recipe, env, resume, log).fit(stop_after)
+        return summary if env.is_main else None
     finally:
         teardown(env)

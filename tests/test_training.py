@@ -1,0 +1,310 @@
+"""auglocal-train: recipes, one short run per rule, exact resume, and 2-process DDP on gloo.
+
+Runs use the synthetic dataset at 16 px with a ResNet-20 for 32x32 inputs, so each takes seconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from auglocal_fx import load_auglocal
+from auglocal_fx.cli.train import main as train_main
+from auglocal_fx.errors import AugLocalError
+from auglocal_fx.training import load_recipe
+from auglocal_fx.training.datasets import IdxImages
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def tiny_recipe(tmp_path: Path, rule: str = "auglocal", **over) -> dict:
+    recipe = {
+        "model": {"name": "resnet20_cifar"},
+        "data": {"dataset": "synthetic", "image_size": 16, "train_limit": 128, "test_limit": 64,
+                 "num_workers": 0},
+        "conversion": {"rule": rule, "blocks": 4, "aux_depth": 2, "pyramid": 0.5},
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+        "epochs": 2,
+        "batch_size": 32,
+        "seed": 3,
+        "device": "cpu",
+        "output": str(tmp_path / "run"),
+    }
+    for key, value in over.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- recipes -------------------------------------------------------------------------------------
+def test_shipped_recipes_validate():
+    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert {"fashion_mnist_auglocal.yaml", "fashion_mnist_dgl.yaml", "fashion_mnist_bp.yaml",
+            "cifar10_resnet32_auglocal.yaml", "cifar10_resnet110_auglocal.yaml",
+            "imagenet_resnet34_auglocal.yaml"} <= set(names)
+    recipes = {p.stem: load_recipe(p) for p in RECIPES.glob("*.yaml")}
+    assert {recipes[f"fashion_mnist_{r}"].conversion.rule for r in ("bp", "dgl", "auglocal")} == {"bp", "dgl",
+                                                                                                    "auglocal"}
+    r32 = recipes["cifar10_resnet32_auglocal"]
+    assert (r32.model.name, r32.conversion.blocks, r32.conversion.aux_depth, r32.conversion.pyramid,
+            r32.conversion.tail) == ("resnet32_cifar", 16, 2, 0.5, "reference")
+    assert (r32.optimizer.name, r32.optimizer.lr, r32.optimizer.nesterov, r32.optimizer.weight_decay,
+            r32.batch_size, r32.epochs, r32.schedule.name) == ("sgd", 0.8, True, 1e-4, 1024, 400, "cosine")
+    assert r32.schedule.warmup_epochs > 0
+    r110 = recipes["cifar10_resnet110_auglocal"]
+    assert (r110.model.name, r110.conversion.blocks, r110.conversion.aux_depth) == ("resnet110_cifar", 55, 3)
+    r34 = recipes["imagenet_resnet34_auglocal"]
+    assert (r34.model.name, r34.conversion.blocks, r34.conversion.aux_depth) == ("resnet34", 17, 4)
+
+
+def test_fashion_mnist_recipes_differ_only_in_rule():
+    dicts = {r: load_recipe(RECIPES / f"fashion_mnist_{r}.yaml").to_dict() for r in ("bp", "dgl", "auglocal")}
+    for d in dicts.values():
+        d["conversion"].pop("rule")
+        d.pop("output")
+    assert dicts["bp"] == dicts["dgl"] == dicts["auglocal"]
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    r = load_recipe(path, ["optimizer.lr=1e-3", "bf16=true", "conversion.rule=dgl", "optimizer.betas=[0.8, 0.9]"])
+    assert (r.optimizer.lr, r.bf16, r.conversion.rule, r.optimizer.betas) == (1e-3, True, "dgl", [0.8, 0.9])
+
+
+def test_output_defaults_to_runs_and_recipe_name(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    del recipe["output"]
+    assert load_recipe(write_recipe(tmp_path, recipe, "my_run.yaml")).output == os.path.join("runs", "my_run")
+
+
+BAD_RECIPES = [
+    # (change to the tiny recipe, words the one-line error must contain)
+    ({"modle": {"name": "x"}}, ["unknown recipe key modle", "did you mean model"]),
+    ({"optimizer.lrr": 0.1}, ["unknown recipe key optimizer.lrr", "did you mean lr"]),
+    ({"epochs": "ten"}, ["recipe key epochs must be an integer", "'ten'"]),
+    ({"optimizer.lr": "fast"}, ["recipe key optimizer.lr must be a number"]),
+    ({"bf16": "yes"}, ["recipe key bf16 must be true or false"]),
+    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, dgl, bp"]),
+    ({"data.dataset": "mnist"}, ["recipe key data.dataset", "fashion_mnist"]),
+    ({"conversion.blocks": 0}, ["conversion.blocks must be at least 1"]),
+    ({"conversion.pyramid": 1.5}, ["conversion.pyramid must lie in [0, 1]"]),
+    ({"conversion.aux_depth": -1}, ["conversion.aux_depth must be 0 or more"]),
+    ({"model": "resnet20_cifar"}, ["recipe key model must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD_RECIPES, ids=[next(iter(c)) for c, _ in BAD_RECIPES])
+def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, change, words):
+    recipe = tiny_recipe(tmp_path)
+    for key, value in change.items():
+        if key in recipe or "." in key:
+            recipe = tiny_recipe(tmp_path, **{key: value})
+        else:
+            recipe[key] = value
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.mark.parametrize("missing", ["epochs", "model", "data", "batch_size"])
+def test_missing_key_names_it(tmp_path, capsys, missing):
+    recipe = tiny_recipe(tmp_path)
+    del recipe[missing]
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    assert f"recipe key {missing} is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing file", "not yaml", "not a mapping", "bad --set", "no model.name"])
+def test_recipe_file_errors(tmp_path, capsys, case):
+    path = tmp_path / "r.yaml"
+    args = []
+    if case == "not yaml":
+        path.write_text("model: {name: [unclosed\n")
+    elif case == "not a mapping":
+        path.write_text("- just\n- a list\n")
+    elif case == "bad --set":
+        write_recipe(tmp_path, tiny_recipe(tmp_path), "r.yaml")
+        args = ["--set", "epochs"]
+    elif case == "no model.name":
+        write_recipe(tmp_path, tiny_recipe(tmp_path, **{"model": {}}), "r.yaml")
+    assert train_main([str(path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = {"missing file": "does not exist", "not yaml": "is not valid YAML at line",
+                "not a mapping": "must be a YAML mapping", "bad --set": "is not key=value",
+                "no model.name": "recipe key model.name is missing"}[case]
+    assert expected in err and "\n" not in err
+
+
+def test_print_recipe_shows_defaults(tmp_path, capsys):
+    assert train_main([str(write_recipe(tmp_path, tiny_recipe(tmp_path))), "--print-recipe"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["conversion"]["balance"] == "layers" and printed["optimizer"]["nesterov"] is True
+
+
+# -- data ----------------------------------------------------------------------------------------
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    dims = array.shape
+    header = struct.pack(">HBB", 0, 0x08, len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.to(torch.uint8).numpy().tobytes())
+
+
+def test_idx_reader_reads_fashion_mnist_layout(tmp_path):
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    ds = IdxImages(str(tmp_path), train=False, transform=None)
+    assert len(ds) == 5
+    img, label = ds[2]
+    assert label == 4
+    assert torch.equal(torch.as_tensor(img).reshape(28, 28), images[2])  # a 1 x 28 x 28 uint8 image
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, **{"data": {"dataset": "fashion_mnist", "root": str(tmp_path / "nowhere")}})
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    err = capsys.readouterr().err
+    assert "fashion_mnist not found" in err and "apt-get install dataset-fashion-mnist" in err
+    assert "download: true" in err
+
+
+# -- training runs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["auglocal", "dgl", "bp"])
+def test_short_run_per_rule(tmp_path, capsys, rule):
+    recipe = tiny_recipe(tmp_path, rule, epochs=1)
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 0
+    out = Path(recipe["output"])
+    assert "test accuracy" in capsys.readouterr().out
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "summary.json", "recipe.yaml"):
+        assert (out / name).is_file(), name
+    (record,) = history(out)
+    assert record["epoch"] == 1 and len(record["step_losses"]) == 4
+    assert all(torch.isfinite(torch.tensor(record["step_losses"])))
+    n_aux = 0 if rule == "bp" else 3
+    assert len(record["aux_test_acc"]) == len(record["local_losses"]) == n_aux  # one per aux head
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rule"] == rule and summary["epochs_done"] == 1
+    # the checkpoint rebuilds the trained net (bp: the whole model is one block) with the trained weights
+    net = load_auglocal(out / "last.pt")
+    assert (len(net.blocks), len(net.aux)) == (1 if rule == "bp" else 4, n_aux)
+    saved = torch.load(out / "last.pt", weights_only=False)["model_state"]
+    assert all(torch.equal(v, saved[k]) for k, v in net.model.state_dict().items())
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(net.eval()(x), net.model.eval()(x), rtol=0, atol=0)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = tiny_recipe(tmp_path / "a", epochs=3)
+    assert train_main([str(write_recipe(tmp_path, full, "full.yaml"))]) == 0
+    split = tiny_recipe(tmp_path / "b", epochs=3)
+    path = write_recipe(tmp_path, split, "split.yaml")
+    assert train_main([str(path), "--stop-after", "1"]) == 0
+    assert len(history(Path(split["output"]))) == 1
+    assert train_main([str(path), "--resume", str(Path(split["output"]) / "last.pt")]) == 0
+    a, b = history(Path(full["output"])), history(Path(split["output"]))
+    assert [h["step_losses"] for h in a] == [h["step_losses"] for h in b]  # exactly, on CPU
+    assert [h["test_acc"] for h in a] == [h["test_acc"] for h in b]
+    sa = torch.load(Path(full["output"]) / "last.pt", weights_only=False)["model_state"]
+    sb = torch.load(Path(split["output"]) / "last.pt", weights_only=False)["model_state"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_refuses_another_conversion(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 0
+    last = str(Path(recipe["output"]) / "last.pt")
+    assert train_main([str(write_recipe(tmp_path, recipe)), "--set", "conversion.blocks=3", "--resume", last]) == 2
+    assert "conversion.blocks = 4, this recipe says 3" in capsys.readouterr().err
+
+
+def test_same_seed_same_losses(tmp_path):
+    runs = []
+    for name in ("x", "y"):
+        recipe = tiny_recipe(tmp_path / name, epochs=1)
+        assert train_main([str(write_recipe(tmp_path, recipe, f"{name}.yaml"))]) == 0
+        runs.append(history(Path(recipe["output"]))[0]["step_losses"])
+    assert runs[0] == runs[1]
+
+
+def test_output_not_writable(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, output="/proc/auglocal-cannot-write-here")
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_non_finite_loss_names_block(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, epochs=1, **{"optimizer.lr": 1e30, "schedule.name": "constant",
+                                                "schedule.warmup_epochs": 0})
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    err = capsys.readouterr().err
+    assert "loss of block" in err and "lower optimizer.lr" in err
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def test_two_process_gloo_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) follows the single-process loss curve at the same global batch.
+
+    GroupNorm and no augmentation make every sample's computation independent of how the batch is
+    split, so the only difference left is the order of floating-point sums in the all-reduce.
+    """
+    common = {"model.kwargs": {"norm_layer": "groupnorm1"}, "data.augment": False}
+    one = tiny_recipe(tmp_path / "one", **common)
+    two = tiny_recipe(tmp_path / "two", **common)
+    assert train_main([str(write_recipe(tmp_path, one, "one.yaml"))]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "auglocal_fx.cli.train", str(write_recipe(tmp_path, two, "two.yaml"))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test accuracy") == 1  # only rank 0 reports
+    a, b = history(Path(one["output"])), history(Path(two["output"]))
+    assert len(a) == len(b) == 2
+    for ha, hb in zip(a, b):
+        assert len(ha["step_losses"]) == len(hb["step_losses"]) == 4
+        torch.testing.assert_close(torch.tensor(hb["step_losses"]), torch.tensor(ha["step_losses"]),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(hb["local_losses"]), torch.tensor(ha["local_losses"]),
+                                   rtol=1e-4, atol=1e-5)
+        assert abs(ha["test_acc"] - hb["test_acc"]) <= 1 / 64
+
+
+@pytest.mark.parametrize("name,layers", [("resnet32_cifar", 16), ("resnet110_cifar", 55)])
+def test_resnet_cifar_plans_have_paper_layer_counts(name, layers):
+    import timm
+
+    from auglocal_fx.pipeline import build_plan
+
+    plan = build_plan(timm.create_model(name), layers, input_size=(3, 32, 32))
+    assert len(plan.layers) == layers and len(plan.blocks) == layers
+
+
+def test_load_recipe_raises_auglocal_error():
+    with pytest.raises(AugLocalError, match="does not exist"):
+        load_recipe("/nonexistent/recipe.yaml")
