@@ -53,7 +53,7 @@ def _main(argv=None) -> int:
         return 0
     print(f"test accuracy {100 * s['test_acc']:.2f}% after {s['epochs_done']}/{s['epochs']} epochs "
           f"(best {100 * s['best_test_acc']:.2f}% at epoch {s['best_epoch']}); "
-          f"{s['model']} {s['rule']} with {s['blocks']} blocks")
+          f"{s['model']} {s['rule']} with {s['blocks']} block{'s' if s['blocks'] != 1 else ''}")
     print(f"wrote {s['output']}/last.pt, metrics.jsonl, curves.png, summary.json")
     return 0
 
