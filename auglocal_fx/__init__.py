@@ -12,6 +12,7 @@ from . import cifar_resnet  # noqa: F401  (registers resnet{20,32,56,110}_cifar 
 from .checkpoint import load_auglocal
 from .convert import to_auglocal
 from .errors import AugLocalError
+from .export import export_onnx, save_backbone_state
 from .net import AugLocalNet, StepOutput
 from .pipeline import analyze_model, build_plan
 from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
@@ -24,6 +25,8 @@ __all__ = [
     "StepOutput",
     "load_auglocal",
     "to_auglocal",
+    "export_onnx",
+    "save_backbone_state",
     "AuxRecipe",
     "BlockInfo",
     "LayerInfo",

@@ -43,9 +43,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None):
-    """Rebuild the net saved at ``path``. For a timm model the architecture is re-created by name;
-    otherwise pass a freshly constructed ``model`` of the same architecture.
+def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **create_kwargs):
+    """Rebuild the net saved at ``path``. For a timm model the architecture is re-created by name
+    (``create_kwargs`` go to ``timm.create_model`` too, e.g. ``exportable=True``); otherwise pass a
+    freshly constructed ``model`` of the same architecture.
 
     Example:
         >>> net.save("converted.pt")
@@ -63,7 +64,7 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None):
         kwargs = options.get("model_kwargs") or {"num_classes": plan.head.out_shape[-1],
                                                  "in_chans": c.input_size[0]}
         try:
-            model = create_model(c.model, **kwargs)
+            model = create_model(c.model, **kwargs, **create_kwargs)
         except AugLocalError:
             raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
                                 f"to load {path}") from None
