@@ -1,0 +1,184 @@
+"""Check one timm model end to end: convert -> eval parity -> one training step -> ONNX parity.
+
+``tools/zoo_check.py`` runs :func:`check_model` over one model per timm family (each in its own
+process, with a time limit); the default test suite runs it over a dozen diverse families.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AugLocalError
+
+__all__ = ["STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
+
+STAGES = ("convert", "parity", "train", "onnx")
+SIDES = (64, 96, 128, 160, 224)  # input sides tried, smallest first
+PARITY_ATOL = 1e-5
+ONNX_ATOL = 1e-4
+
+
+@dataclass
+class ZooResult:
+    model: str
+    family: str
+    passed: list[str] = field(default_factory=list)  # the stages passed, in order
+    failed: str | None = None  # the stage that failed (or "create")
+    error: str | None = None  # one line
+    input_size: list[int] | None = None
+    layers: int | None = None
+    blocks: int | None = None
+    parity_diff: float | None = None
+    onnx_diff: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return len(self.passed) == len(STAGES)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def families(pattern: str | None = None) -> dict[str, list[str]]:
+    """timm's model families (the module a model is defined in) -> its model names."""
+    import timm  # noqa: PLC0415
+
+    out = {}
+    for module in sorted(timm.list_modules()):
+        if module == "cifar_resnet":  # ours (auglocal_fx.cifar_resnet), not one of timm's families
+            continue
+        names = timm.list_models(module=module)
+        if pattern:
+            names = [n for n in names if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(module, pattern)]
+        if names:
+            out[module] = names
+    return out
+
+
+def _param_count(name: str) -> float:
+    import timm  # noqa: PLC0415
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001  (a model that cannot be built on meta sorts last)
+        return float("inf")
+
+
+def smallest(names: list[str]) -> str:
+    """The variant with the fewest parameters (counted on the meta device: no memory, no init)."""
+    return min(names, key=lambda n: (_param_count(n), n))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:240] if lines else ''}".rstrip(": ")
+
+
+def create_small(name: str, num_classes: int = 10) -> tuple[nn.Module, tuple[int, ...]]:
+    """``name`` with random weights at the smallest square input side (from ``SIDES``, else its
+    default) that it builds and runs at. Models that take ``img_size`` are built for that side."""
+    import timm  # noqa: PLC0415
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    native = tuple((cfg.input_size if cfg is not None else None) or (3, 224, 224))
+    sides = [s for s in SIDES if s < native[-1]] + [native[-1]]
+    first_error = None
+    for side in sides:
+        for kwargs in ({}, {"img_size": side}) if side != native[-1] else ({},):
+            try:
+                model = timm.create_model(name, num_classes=num_classes, **kwargs)
+                size = (native[0], side, side)
+                with torch.no_grad():
+                    model.eval()(torch.randn(1, *size))
+                return model, size
+            except Exception as exc:  # noqa: BLE001  (try the next size)
+                first_error = first_error or exc
+    raise AugLocalError(f"{name} runs at none of the input sides {sides} ({_one_line(first_error)})")
+
+
+def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the parameters plain backprop gives a gradient (some models hold unused ones)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(x).float().sum().backward()
+    names = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return names
+
+
+def check_model(name: str, family: str = "", blocks: int = 8, seed: int = 0) -> ZooResult:
+    """Run the four stages on ``name``; the first failure is recorded (one line), never raised."""
+    from .convert import to_auglocal  # noqa: PLC0415
+    from .export import export_onnx  # noqa: PLC0415
+    from .pipeline import analyze_model, build_plan  # noqa: PLC0415
+
+    result = ZooResult(name, family)
+    start = time.perf_counter()
+    stage = "create"
+    try:
+        torch.manual_seed(seed)
+        model, size = create_small(name)
+        result.input_size = list(size)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, *size, generator=g)
+        y = torch.randint(0, 10, (2,), generator=g)
+        trained_by_bp = _bp_trained(model, x)
+
+        stage = "convert"
+        analysis = analyze_model(model, size)
+        result.layers = len(analysis.layers)
+        k = min(blocks, result.layers)
+        plan = build_plan(model, k, input_size=size, model_name=name, analysis=analysis)
+        net = to_auglocal(model, plan=plan)
+        result.blocks = len(net.blocks)
+        result.passed.append(stage)
+
+        stage = "parity"
+        with torch.no_grad():
+            ref, out = model.eval()(x), net.eval()(x)
+        result.parity_diff = float((out.float() - ref.float()).abs().max())
+        if not torch.allclose(out, ref, rtol=PARITY_ATOL, atol=PARITY_ATOL):
+            raise AugLocalError(f"eval output differs from the original by {result.parity_diff:.3g}")
+        result.passed.append(stage)
+
+        stage = "train"
+        net.train()
+        model.zero_grad(set_to_none=True)
+        step = net.training_step(x, y)
+        losses = [step.loss, *step.local_losses]
+        if not all(v == v and abs(v) != float("inf") for v in losses):
+            raise AugLocalError(f"non-finite loss {losses}")
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        missing = sorted(trained_by_bp - grads)
+        if missing:
+            raise AugLocalError(f"{len(missing)} parameters get no gradient, e.g. {missing[0]}")
+        aux_missing = [n for n, p in net.aux.named_parameters() if p.grad is None]
+        if aux_missing:
+            raise AugLocalError(f"{len(aux_missing)} aux-net parameters get no gradient, e.g. {aux_missing[0]}")
+        result.passed.append(stage)
+
+        stage = "onnx"
+        with tempfile.TemporaryDirectory() as tmp:
+            report = export_onnx(net, Path(tmp) / f"{name}.onnx", atol=ONNX_ATOL)
+        result.onnx_diff = report.max_abs_diff
+        result.passed.append(stage)
+    except Exception as exc:  # noqa: BLE001  (a zoo run records every failure and goes on)
+        result.failed, result.error = stage, _one_line(exc)
+        if not isinstance(exc, AugLocalError) and stage != "create":
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = next((f for f in reversed(frames) if "auglocal_fx" in f.filename), None)
+            if where is not None:
+                result.error += f" [{Path(where.filename).name}:{where.lineno}]"
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result

@@ -1,0 +1,125 @@
+"""Zoo-wide coverage: convert -> eval parity -> one training step -> ONNX parity, per timm family.
+
+    python tools/zoo_check.py                      # the smallest model of every timm family
+    python tools/zoo_check.py --filter 'vit_*'     # models (or families) matching a glob
+    python tools/zoo_check.py --all --timeout 600  # every name in timm.list_models()
+
+Each model runs in its own process with a time limit, so a hang or crash costs one row, never the
+run. Results are written to --json after every model (atomically), and --resume skips models
+already there. Prints a table with the stage each model reached and its error, then the pass count
+of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auglocal_fx.io import atomic_write_text  # noqa: E402
+from auglocal_fx.zoo import STAGES, ZooResult, check_model, families, smallest  # noqa: E402
+
+
+def _child(name: str, family: str, blocks: int, queue) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    queue.put(check_model(name, family, blocks).to_dict())
+
+
+def run_one(name: str, family: str, blocks: int, timeout: float) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, family, blocks, queue), daemon=True)
+    start = time.perf_counter()
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:  # noqa: BLE001  (queue.Empty: time limit; the child died: no result)
+        proc.kill()
+        why = f"time limit of {timeout:.0f}s" if proc.is_alive() or proc.exitcode is None else \
+            f"process died (exit code {proc.exitcode})"
+        res = ZooResult(name, family, failed="timeout", error=why)
+        res.seconds = round(time.perf_counter() - start, 1)
+        return res.to_dict()
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--all", action="store_true", help="every model name, not one per family")
+    p.add_argument("--filter", metavar="GLOB", help="only models or families matching GLOB")
+    p.add_argument("--blocks", type=int, default=8, help="K = min(BLOCKS, layers) (default 8)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
+    p.add_argument("--json", default="zoo_check.json", help="results file (default zoo_check.json)")
+    p.add_argument("--resume", action="store_true", help="skip models already in --json")
+    args = p.parse_args(argv)
+
+    fams = families(args.filter)
+    if not fams:
+        print(f"no timm model matches {args.filter!r}", file=sys.stderr)
+        return 2
+    if args.all:
+        todo = [(n, f) for f, names in fams.items() for n in names]
+    else:
+        print(f"choosing the smallest model of {len(fams)} families ...", file=sys.stderr, flush=True)
+        todo = [(smallest(names), f) for f, names in fams.items()]
+    out = Path(args.json)
+    done: dict[str, dict] = {}
+    if args.resume and out.is_file():
+        done = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    results = []
+    for i, (name, family) in enumerate(todo, 1):
+        if name in done:
+            results.append(done[name])
+            continue
+        print(f"[{i}/{len(todo)}] {family}: {name} ...", file=sys.stderr, flush=True)
+        r = run_one(name, family, args.blocks, args.timeout)
+        results.append(r)
+        mark = "PASS" if len(r["passed"]) == len(STAGES) else f"fails at {r['failed']}: {r['error']}"
+        print(f"    {r['seconds']:.0f}s  {mark}", file=sys.stderr, flush=True)
+        atomic_write_text(out, json.dumps(_payload(results, args), indent=1) + "\n")
+    atomic_write_text(out, json.dumps(_payload(results, args), indent=1) + "\n")
+    _print_table(results)
+    return 0
+
+
+def _payload(results: list[dict], args) -> dict:
+    import timm
+    import torch
+
+    return {"timm": timm.__version__, "torch": torch.__version__, "blocks": args.blocks,
+            "mode": "all" if args.all else "smallest per family", "filter": args.filter,
+            "totals": _totals(results), "results": results}
+
+
+def _totals(results: list[dict]) -> dict:
+    n = len(results)
+    counts = {s: sum(s in r["passed"] for r in results) for s in STAGES}
+    return {"models": n, **{f"{s}_passed": c for s, c in counts.items()},
+            "all_passed": counts[STAGES[-1]], "all_passed_pct": round(100 * counts[STAGES[-1]] / max(n, 1), 1)}
+
+
+def _print_table(results: list[dict]) -> None:
+    print(f"{'family':24} {'model':38} {'size':>5} {'L':>3} {'K':>2}  {'reached':8} error")
+    for r in results:
+        reached = r["passed"][-1] if r["passed"] else "-"
+        size = r["input_size"][-1] if r["input_size"] else ""
+        print(f"{r['family'][:24]:24} {r['model'][:38]:38} {size!s:>5} {r['layers'] or '':>3} "
+              f"{r['blocks'] or '':>2}  {reached:8} {r['error'] or ''}")
+    t = _totals(results)
+    print("\npassed per stage: " + ", ".join(f"{s} {t[f'{s}_passed']}/{t['models']}" for s in STAGES))
+    print(f"all four stages: {t['all_passed']}/{t['models']} ({t['all_passed_pct']}%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
