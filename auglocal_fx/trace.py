@@ -16,8 +16,15 @@ from torch import nn
 from .errors import AugLocalError
 
 try:  # timm is a dependency, but keep plain-torch models traceable if it is broken
-    from timm.layers import get_notrace_functions, get_notrace_modules
+    from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrace_modules
+
+    # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
+    # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As
+    # leaves they decide train/eval behaviour themselves at run time.
+    STOCHASTIC_LEAVES: tuple[type, ...] = (DropPath, DropBlock2d)
 except ImportError:  # pragma: no cover
+    STOCHASTIC_LEAVES = ()
+
     def get_notrace_modules():
         return []
 
@@ -33,7 +40,7 @@ class LeafTracer(fx.Tracer):
     def __init__(self, extra_leaves: tuple[type, ...] = ()):
         functions = tuple(f for f in get_notrace_functions() if callable(f))
         super().__init__(autowrap_functions=functions)
-        self.leaf_types = tuple(get_notrace_modules()) + tuple(extra_leaves)
+        self.leaf_types = tuple(get_notrace_modules()) + STOCHASTIC_LEAVES + tuple(extra_leaves)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):

@@ -196,15 +196,49 @@ def test_aux_init_fresh_reinitialises_copies_and_copy_keeps_them():
     assert not torch.equal(find(fresh), src[name])
 
 
-def test_drop_path_model_keeps_eval_parity_with_separate_train_graph():
+def test_drop_path_stays_a_leaf_and_active_in_training():
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", drop_path_rate=0.1, img_size=64)
+    model = timm.create_model("vit_tiny_patch16_224", drop_path_rate=0.5, img_size=64)
     net = to_auglocal(model, blocks=4, input_size=(3, 64, 64))
-    assert any(b.eval_graph is not None for b in net.blocks)  # drop path only in train mode
+    # one graph per piece: DropPath decides train/eval itself, so both traces cut alike
+    assert all(b.eval_graph is None for b in net.blocks)
     x = torch.randn(2, 3, 64, 64)
     model.eval(), net.eval()
     with torch.no_grad():
         assert torch.equal(net(x), model(x))
+        net.train()
+        torch.manual_seed(1)
+        a = net(x)
+        torch.manual_seed(2)
+        assert not torch.equal(a, net(x))  # paths are dropped at random in train mode
+
+
+class _TrainOnlyBranch(nn.Module):
+    """``if self.training:`` in forward: fx specialises it, so train and eval graphs differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.training:
+            x = x + 0.1 * torch.tanh(x)
+        x = self.b(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_train_only_branch_keeps_eval_parity_with_separate_train_graph():
+    torch.manual_seed(0)
+    model = _TrainOnlyBranch()
+    net = to_auglocal(model, blocks=2, input_size=(3, 8, 8))
+    assert any(b.eval_graph is not None for b in net.blocks)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), model.eval()(x))
+        assert torch.equal(net.train()(x), model.train()(x))
 
 
 def test_bf16_autocast_step():
