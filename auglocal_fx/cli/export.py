@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default dynamo; see the README for why)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest |onnxruntime - PyTorch| accepted (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest |onnxruntime - PyTorch| accepted, times the output magnitude when above 1 (default 1e-4)")
     p.add_argument("--state-dict", metavar="PATH",
                    help="also write the backbone's state dict (loads strictly into timm.create_model)")
     return p
@@ -48,7 +48,7 @@ def _main(argv=None) -> int:
           f"input {shape}, {report.exporter} exporter")
     if report.max_abs_diff is not None:
         print(f"onnxruntime vs PyTorch at batch {', '.join(map(str, report.batches))}: "
-              f"max abs difference {report.max_abs_diff:.2e} (<= {args.atol:g})")
+              f"max abs difference {report.max_abs_diff:.2e} (<= {args.atol * report.tolerance_scale:g})")
     if args.state_dict:
         save_backbone_state(net, args.state_dict)
         kwargs = net.options.get("model_kwargs") or {"num_classes": net.plan.head.out_shape[-1]}
