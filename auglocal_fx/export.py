@@ -3,11 +3,13 @@
 What is exported is ``net.model``: the original architecture, whose parameters the blocks trained
 in place, so the file has exactly the nodes a direct export of the original model has.
 
-Exporter: torch.onnx's dynamo exporter (``torch.export``) by default. It is the maintained path
+Exporter: torch.onnx's dynamo exporter (``torch.export``) by default; ``exporter="auto"`` (the
+default) falls back to the TorchScript exporter only when dynamo cannot convert the graph (e.g.
+hiera's 5-D attention), and the report says so. The dynamo exporter is the maintained path
 (the default of ``torch.onnx.export`` since PyTorch 2.9), records timm's fused attention
 (``F.scaled_dot_product_attention``) and dynamic SAME padding as graph ops instead of tracing
 them into constants, never scripts timm's activations, and refuses a batch dimension it cannot
-keep dynamic instead of silently fixing it. ``exporter="torchscript"`` selects the older tracing
+keep dynamic instead of silently fixing it. ``exporter="torchscript"`` forces the older tracing
 exporter (faster to run, deprecated, about twice the nodes on transformers) for models the
 dynamo path cannot capture.
 """
@@ -30,7 +32,7 @@ from .io import atomic_write
 
 __all__ = ["EXPORTERS", "ExportReport", "export_onnx", "save_backbone_state"]
 
-EXPORTERS = ("dynamo", "torchscript")
+EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_OPSET = 17  # the tracing exporter's best-tested opset
 
 
@@ -44,6 +46,7 @@ class ExportReport:
     max_abs_diff: float | None  # onnxruntime vs PyTorch eval output; None when not verified
     batches: tuple[int, ...] = ()  # batch sizes the check ran
     output_scale: float | None = None  # max |PyTorch output| over the check
+    fallback: str | None = None  # exporter="auto": why dynamo was not used
 
     @property
     def tolerance_scale(self) -> float:
@@ -119,7 +122,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     verify: bool = True,
     atol: float = 1e-4,
-    exporter: str = "dynamo",
+    exporter: str = "auto",
     seed: int = 0,
 ) -> ExportReport:
     """Write the backbone of ``net_or_model`` (an AugLocalNet or a plain model) to ``path`` as ONNX.
@@ -151,20 +154,30 @@ def export_onnx(
     example = torch.randn(2 if dynamic_batch else 1, *input_size, generator=gen).to(device)
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     try:
+        fallback = None
         with _eval(model), torch.no_grad(), _quiet():
-            try:
-                _export(model, example, tmp, exporter, opset, dynamic_batch)
-            except Exception as exc:  # the exporters raise many types; the user needs the first line
-                other = "torchscript" if exporter == "dynamo" else "dynamo"
-                reason = _first_line(exc)
-                batch = dynamic_batch and re.search(r"(?i)constraint|specializ|dynamic|guard", reason)
-                hint = "pass --static-batch" if batch else f"try --exporter {other}"
-                raise AugLocalError(f"ONNX export of {name} failed with the {exporter} exporter "
-                                    f"({type(exc).__name__}: {reason}); {hint}") from None
+            for used in order:
+                try:
+                    _export(model, example, tmp, used, opset, dynamic_batch)
+                    break
+                except Exception as exc:  # the exporters raise many types; the user needs the first line
+                    tmp.unlink(missing_ok=True)
+                    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                    if used != order[-1]:
+                        fallback = f"{used} exporter failed ({reason})"
+                        continue
+                    batch = dynamic_batch and re.search(r"(?i)constraint|specializ|dynamic|guard", reason)
+                    other = "torchscript" if used == "dynamo" else "dynamo"
+                    hint = "pass --static-batch" if batch else (
+                        "both exporters failed" if fallback else f"try --exporter {other}")
+                    before = f"{fallback}; " if fallback else ""
+                    raise AugLocalError(f"ONNX export of {name} failed with the {used} exporter "
+                                        f"({before}{reason}); {hint}") from None
         proto = onnx.load(str(tmp), load_external_data=False)
         dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-        report = ExportReport(str(path), exporter, _opset(proto), len(proto.graph.node), dims, None)
+        report = ExportReport(str(path), used, _opset(proto), len(proto.graph.node), dims, None, fallback=fallback)
         if verify:
             batches = (1, 3) if dynamic_batch else (example.shape[0],)
             report.max_abs_diff, report.output_scale = _verify(model, tmp, input_size, batches, gen, device)
@@ -173,7 +186,7 @@ def export_onnx(
             if not report.max_abs_diff <= limit:
                 raise AugLocalError(f"onnxruntime output of {path.name} differs from PyTorch by "
                                     f"{report.max_abs_diff:.3g} (> {limit:g}); not written. Try --exporter "
-                                    f"{'torchscript' if exporter == 'dynamo' else 'dynamo'}, or --no-verify to keep it")
+                                    f"{'torchscript' if used == 'dynamo' else 'dynamo'}, or --no-verify to keep it")
         os.replace(tmp, path)
         return report
     finally:

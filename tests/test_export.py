@@ -57,6 +57,7 @@ def test_export_after_training_step(tmp_path, name):
     report = export_onnx(net, tmp_path / "m.onnx")
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     assert report.batches == (1, 3) and report.input_shape[0] == "batch"
+    assert report.exporter == "dynamo" and report.fallback is None  # auto: dynamo whenever it can
     # independent check at another batch size: the file computes what the trained backbone does
     x = torch.randn(5, *size)
     with torch.no_grad():
@@ -109,11 +110,33 @@ def test_unexportable_op_is_one_line(tmp_path):
     with pytest.raises(AugLocalError, match="ONNX export of _Unexportable failed") as err:
         export_onnx(_Unexportable(), tmp_path / "m.onnx", input_size=(2, 4, 4))
     assert "\n" not in str(err.value) and "bessel_j0" in str(err.value)
+    assert "both exporters failed" in str(err.value)  # auto tried dynamo, then torchscript
     assert list(tmp_path.iterdir()) == []
 
 
+class _FiveDimAttention(nn.Module):
+    """Attention over 5-D tensors (as hiera's): dynamo's ONNX translation takes 4-D only."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        qkv = self.qkv(x.flatten(2).transpose(1, 2)).reshape(x.shape[0], 1, 2, -1, 24)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.fc(out.mean((1, 2, 3)))
+
+
+def test_auto_falls_back_to_torchscript_and_says_why(tmp_path):
+    report = export_onnx(_FiveDimAttention(), tmp_path / "m.onnx", input_size=(8, 4, 4))
+    assert report.exporter == "torchscript" and "dynamo exporter failed" in report.fallback
+    assert report.max_abs_diff <= 1e-4
+
+
 def test_bad_arguments(tmp_path):
-    with pytest.raises(AugLocalError, match="unknown exporter"):
+    with pytest.raises(AugLocalError, match="unknown exporter 'tf'; choose one of auto, dynamo, torchscript"):
         export_onnx(CifarResNet(), tmp_path / "m.onnx", input_size=(3, 32, 32), exporter="tf")
     with pytest.raises(AugLocalError, match="not a positive shape"):
         export_onnx(CifarResNet(), tmp_path / "m.onnx", input_size=(3, 0, 32))

@@ -22,8 +22,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size without batch (default: the size the model was converted at)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension at 1 (default: dynamic)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx exporter (default dynamo; see the README for why)")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="torch.onnx exporter; auto (default): dynamo, torchscript only if dynamo cannot "
+                        "convert the model (see the README for why)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
     p.add_argument("--atol", type=float, default=1e-4, help="largest |onnxruntime - PyTorch| accepted, times the output magnitude when above 1 (default 1e-4)")
     p.add_argument("--state-dict", metavar="PATH",
@@ -46,6 +47,8 @@ def _main(argv=None) -> int:
     shape = "x".join(map(str, report.input_shape))
     print(f"wrote {report.path}: {net.plan.config.model} backbone, {report.nodes} nodes, opset {report.opset}, "
           f"input {shape}, {report.exporter} exporter")
+    if report.fallback:
+        print(f"note: {report.fallback}; used the torchscript exporter")
     if report.max_abs_diff is not None:
         print(f"onnxruntime vs PyTorch at batch {', '.join(map(str, report.batches))}: "
               f"max abs difference {report.max_abs_diff:.2e} (<= {args.atol * report.tolerance_scale:g})")

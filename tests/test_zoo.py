@@ -1,0 +1,35 @@
+"""A dozen diverse timm families through the zoo check's four stages (the whole zoo: tools/zoo_check.py).
+
+convert (K = min(8, L)) -> eval parity -> one training step in which every parameter that backprop
+trains gets a gradient -> ONNX export with onnxruntime parity.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from auglocal_fx.zoo import STAGES, check_model
+
+FAMILIES = {
+    "mobilenetv1_100": "plain CNN (depthwise-separable stack, no shortcuts)",
+    "test_resnet": "residual CNN",
+    "mobilenetv3_small_050": "inverted residuals, depthwise, squeeze-excite",
+    "test_efficientnet": "EfficientNet blocks",
+    "regnetx_002": "RegNet",
+    "densenet121": "DenseNet: concatenating dense blocks",
+    "test_convnext": "ConvNeXt",
+    "cs3darknet_focus_s": "cross-stage partial network",
+    "test_vit": "ViT: class token, attention",
+    "mixer_s32_224": "MLP-Mixer",
+    "test_maxvit": "hierarchical transformer (MaxViT: window and grid attention)",
+    "pvt_v2_b0": "hierarchical transformer (PVT v2)",
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_passes_all_four_stages(name):
+    result = check_model(name, name)
+    assert result.ok, f"{name} ({FAMILIES[name]}) fails at {result.failed}: {result.error}"
+    assert result.passed == list(STAGES)
+    assert result.blocks == min(8, result.layers) and result.blocks >= 2
+    assert result.parity_diff <= 1e-5 and result.onnx_diff <= 1e-4
