@@ -6,7 +6,7 @@
 
 Each model runs in its own process with a time limit, so a hang or crash costs one row, never the
 run. Results are written to --json after every model (atomically), and --resume skips models
-already there. Prints a table with the stage each model reached and its error, then the pass count
+already there (--rerun-failed: except those that failed). Prints a table with the stage each model reached and its error, then the pass count
 of each stage.
 """
 
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
     p.add_argument("--json", default="zoo_check.json", help="results file (default zoo_check.json)")
     p.add_argument("--resume", action="store_true", help="skip models already in --json")
+    p.add_argument("--rerun-failed", action="store_true", help="with --resume: run the failed models again")
     args = p.parse_args(argv)
 
     fams = families(args.filter)
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     out = Path(args.json)
     done: dict[str, dict] = {}
     if args.resume and out.is_file():
-        done = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+        done = {r["model"]: r for r in json.loads(out.read_text())["results"]
+                if not (args.rerun_failed and len(r["passed"]) < len(STAGES))}
     results = []
     for i, (name, family) in enumerate(todo, 1):
         if name in done:
