@@ -39,7 +39,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise AugLocalError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}); "
                             "re-create it") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise AugLocalError(f"{path} is not an auglocal-fx checkpoint (format {FORMAT})")
+        raise AugLocalError(f"{path} is not an auglocal-fx checkpoint (format {FORMAT}); pass a file written "
+                            "by auglocal-train or auglocal-convert --save")
     return payload
 
 
@@ -73,7 +74,8 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **cre
     try:
         net.model.load_state_dict(payload["model_state"])
         net.aux.load_state_dict(payload["aux_state"])
-    except RuntimeError as exc:
-        raise AugLocalError(f"{path} holds weights for another model "
-                            f"({str(exc).splitlines()[0][:160]}); load it with the model it was saved from") from None
+    except RuntimeError as exc:  # load_state_dict lists the offending keys after a header line
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))[:160]
+        raise AugLocalError(f"{path} holds weights for another model than {plan.config.model} ({detail}); "
+                            "load it with the model it was saved from") from None
     return net

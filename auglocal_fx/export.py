@@ -148,7 +148,7 @@ def export_onnx(
         raise AugLocalError(f"input size {input_size} is not a positive shape without batch, e.g. 3 224 224")
     path = Path(path)
     if path.parent and not path.parent.is_dir():
-        raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist")
+        raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     example = torch.randn(2 if dynamic_batch else 1, *input_size, generator=gen).to(device)

@@ -43,7 +43,8 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
         for key, value in now[section].items():
             if saved.get(section, {}).get(key) != value:
                 raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
-                                    f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}")
+                                    f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "
+                                    "a new output folder")
 
 
 class Trainer:

@@ -1,0 +1,185 @@
+"""Every user-facing error: one line naming what is wrong and what to do, exit status 2, no traceback.
+
+One row per line of the README's error table (same ids, same order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from auglocal_fx import AugLocalError, to_auglocal
+from auglocal_fx.cli.convert import main as convert_main
+from auglocal_fx.cli.export import main as export_main
+from auglocal_fx.cli.train import main as train_main
+from auglocal_fx.export import export_onnx
+
+SMALL = ["--input-size", "3", "32", "32"]
+
+
+def _recipe(tmp: Path, **change) -> str:
+    r = {"model": {"name": "resnet20_cifar"},
+         "data": {"dataset": "synthetic", "image_size": 16, "train_limit": 64, "test_limit": 32, "num_workers": 0},
+         "conversion": {"blocks": 4}, "epochs": 1, "batch_size": 32, "device": "cpu", "output": str(tmp / "run")}
+    for key, value in change.items():
+        node, *path = r, *key.split(".")
+        for p in path[:-1]:
+            node = node[p]
+        if value is None:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    path = tmp / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return str(path)
+
+
+def _checkpoint(tmp: Path) -> Path:
+    path = tmp / "c.pt"
+    assert convert_main(["--model", "resnet18", "--blocks", "3", *SMALL, "--save", str(path)]) == 0
+    return path
+
+
+def _other_model_checkpoint(tmp: Path) -> Path:
+    """A resnet18 checkpoint whose plan claims resnet34: the weights belong to another model."""
+    path = _checkpoint(tmp)
+    payload = torch.load(path, weights_only=True)
+    payload["plan"]["config"]["model"] = "resnet34"
+    torch.save(payload, path)
+    return path
+
+
+def _truncated(tmp: Path) -> Path:
+    path = _checkpoint(tmp)
+    path.write_bytes(path.read_bytes()[:4096])  # what a write cut off half-way leaves
+    return path
+
+
+def _write(tmp: Path, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = x * 2
+        return self.fc(x)
+
+
+class _Bessel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.special.bessel_j0(x).flatten(1))
+
+
+def _nan_loss(tmp: Path, monkeypatch) -> list[str]:
+    """One good epoch, then a resumed epoch whose loss is NaN: the error names the block and the kept file."""
+    recipe = _recipe(tmp, epochs=2)
+    assert train_main([recipe, "--stop-after", "1"]) == 0
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: torch.tensor(float("nan"),
+                                                                                         requires_grad=True))
+    return [recipe, "--resume", str(tmp / "run" / "last.pt")]
+
+
+# (id, CLI main, argv builder(tmp, monkeypatch), words the message must contain)
+CLI_CASES = [
+    ("unknown-model", convert_main, lambda t, m: ["--model", "resnet5O", "--blocks", "4"],
+     ["unknown model 'resnet5O'", "did you mean resnet50"]),
+    ("blocks-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "0", *SMALL],
+     ["--blocks must be between 1 and 9", "got 0"]),
+    ("blocks-above-layers", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "99", *SMALL],
+     ["--blocks must be between 1 and 9 for resnet18 (it has 9 layers)"]),
+    ("aux-depth-negative", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--aux-depth", "-1"],
+     ["aux depth must be an integer >= 0, got -1"]),
+    ("tau-outside-0-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--pyramid", "1.5"],
+     ["tau must be in [0, 1], got 1.5"]),
+    ("bad-input-size", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--input-size", "3", "0", "9"],
+     ["bad input size (3, 0, 9)", "give positive integers"]),
+    ("recipe-missing", train_main, lambda t, m: [str(t / "nope.yaml")], ["recipe", "does not exist"]),
+    ("recipe-not-yaml", train_main, lambda t, m: [_write(t, "r.yaml", b"model: {name: [\n")],
+     ["is not valid YAML at line"]),
+    ("recipe-unknown-key", train_main, lambda t, m: [_recipe(t, **{"optimizer": {"lrr": 0.1}})],
+     ["unknown recipe key optimizer.lrr: did you mean lr?"]),
+    ("recipe-missing-key", train_main, lambda t, m: [_recipe(t, epochs=None)],
+     ["recipe key epochs is missing"]),
+    ("recipe-wrong-type", train_main, lambda t, m: [_recipe(t, batch_size="large")],
+     ["recipe key batch_size must be an integer, got 'large'"]),
+    ("dataset-missing-offline", train_main,
+     lambda t, m: [_recipe(t, data={"dataset": "fashion_mnist", "root": str(t / "none")})],
+     ["fashion_mnist not found", "apt-get install dataset-fashion-mnist"]),
+    ("output-not-writable", train_main, lambda t, m: [_recipe(t, output="/proc/no-such-dir")],
+     ["output directory /proc/no-such-dir is not writable"]),
+    ("non-finite-loss", train_main, _nan_loss,
+     ["loss of block 0 became nan at epoch 2 step 1", "holds epoch 1", "lower optimizer.lr"]),
+    ("resume-other-conversion", train_main,
+     lambda t, m: (train_main([_recipe(t)]), [_recipe(t, **{"conversion.blocks": 3}), "--resume", "auto"])[1],
+     ["cannot resume", "conversion.blocks = 4, this recipe says 3"]),
+    ("checkpoint-missing", export_main, lambda t, m: [str(t / "none.pt"), "--out", str(t / "m.onnx")],
+     ["checkpoint", "does not exist"]),
+    ("checkpoint-truncated", export_main, lambda t, m: [str(_truncated(t)), "--out", str(t / "m.onnx")],
+     ["is unreadable or corrupt", "re-create it"]),
+    ("checkpoint-corrupt", export_main,
+     lambda t, m: [_write(t, "c.pt", b"\x00garbage" * 64), "--out", str(t / "m.onnx")],
+     ["is unreadable or corrupt"]),
+    ("checkpoint-not-auglocal", export_main,
+     lambda t, m: (torch.save({"state_dict": {}}, t / "c.pt"), [str(t / "c.pt"), "--out", str(t / "m.onnx")])[1],
+     ["is not an auglocal-fx checkpoint"]),
+    ("checkpoint-other-model", export_main,
+     lambda t, m: [str(_other_model_checkpoint(t)), "--out", str(t / "m.onnx")],
+     ["holds weights for another model"]),
+    ("export-out-folder-missing", export_main,
+     lambda t, m: [str(_checkpoint(t)), "--out", str(t / "none" / "m.onnx")],
+     ["folder", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("main,argv,words", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_error(tmp_path, capsys, monkeypatch, main, argv, words):
+    args = argv(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert ": error: " in err
+    for w in words:
+        assert w in err, err
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from auglocal_fx.training.state import read_training
+
+    assert train_main(_nan_loss(tmp_path, monkeypatch)) == 2
+    assert read_training(tmp_path / "run" / "last.pt")["train"]["epoch"] == 1
+
+
+# API-only errors (no CLI takes an arbitrary nn.Module); ids untraceable-model, export-unsupported-op,
+# export-parity
+def test_untraceable_model_is_one_line():
+    with pytest.raises(AugLocalError, match="torch.fx cannot trace _DataDependent") as err:
+        to_auglocal(_DataDependent(), 2, input_size=(4,))
+    assert "\n" not in str(err.value)
+
+
+def test_export_unsupported_op_is_one_line(tmp_path):
+    with pytest.raises(AugLocalError, match="ONNX has no translation for prims.bessel_j0") as err:
+        export_onnx(_Bessel(), tmp_path / "m.onnx", input_size=(2, 4, 4))
+    assert "\n" not in str(err.value)
+
+
+def test_export_parity_failure_is_one_line_with_the_figure(tmp_path):
+    with pytest.raises(AugLocalError, match=r"differs from PyTorch by \S+ \(> 1e-30\); not written") as err:
+        mlp = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))  # float sums never match to 1e-30
+        export_onnx(mlp, tmp_path / "m.onnx", input_size=(256,), atol=1e-30)
+    assert "\n" not in str(err.value)
