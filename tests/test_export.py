@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import CifarResNet
 from torch import nn
 
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
@@ -16,6 +15,8 @@ from auglocal_fx.cli.convert import main as convert_main
 from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.export import export_onnx, save_backbone_state
+
+from conftest import CifarResNet
 
 # name -> (factory, timm kwargs for a fresh copy or None, K, input size)
 MODELS = {

@@ -15,6 +15,8 @@ from torch import nn
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
 from auglocal_fx.memory import SavedTensorMeter
 
+from conftest import assert_gradient_isolation
+
 
 class _Res(nn.Module):
     def __init__(self, cin, cout, stride):
@@ -102,40 +104,11 @@ def test_resnet50_k16_has_16_blocks_and_15_local_losses():
     assert out.logits.shape == (2, 1000) and not out.logits.requires_grad
 
 
-def _grads(params):
-    return [p.grad.clone() for p in params]
-
-
 @pytest.mark.parametrize("name", ["hand_resnet", "tv_resnet18"])
 def test_gradient_isolation(name):
     _, net = _net(name)
-    net.train()
     x, y = _batch(net, n=4)
-    state = copy.deepcopy(net.state_dict())
-    net.zero_grad(set_to_none=True)
-    net.training_step(x, y)
-    k = len(net.blocks)
-    groups = [net.block_parameters(i) + (list(net.aux[i].parameters()) if i < k - 1 else []) for i in range(k)]
-    ids = [{id(p) for p in g} for g in groups]
-    for i in range(k):  # no parameter is trained by two losses
-        for j in range(i + 1, k):
-            assert not ids[i] & ids[j], f"blocks {i} and {j} share parameters"
-    together = [_grads(g) for g in groups]
-    for i in range(k):  # each block's gradient equals its own local loss's gradient alone
-        net.load_state_dict(state)  # same batch-norm statistics as in the joint step
-        net.zero_grad(set_to_none=True)
-        h = x
-        with torch.no_grad():
-            for j in range(i):
-                h = net.blocks[j](h)
-        out = net.blocks[i](h)
-        logits = net.aux[i](out) if i < k - 1 else net.head(out)
-        F.cross_entropy(logits, y).backward()
-        for p, g in zip(groups[i], together[i]):
-            assert p.grad is not None
-            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
-        others = [p for j in range(k) if j != i for p in groups[j]]
-        assert all(p.grad is None for p in others), f"loss {i} leaked gradient into another block"
+    assert_gradient_isolation(net, x, y)
 
 
 def test_train_forward_is_detached_between_blocks():
