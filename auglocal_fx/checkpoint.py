@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -16,8 +17,32 @@ __all__ = ["FORMAT", "save_net", "load_auglocal", "read_checkpoint"]
 FORMAT = "auglocal-fx/1"
 
 
+def _digest(value, h=None) -> str:
+    """SHA-256 over every tensor's bytes and every plain value, in a fixed order.
+
+    Stored inside the file, so a flipped bit anywhere in the weights (which ``torch.load`` reads
+    without complaint) is caught on load.
+    """
+    h = h or hashlib.sha256()
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for k in sorted(value, key=repr):
+            h.update(f"K{k!r}".encode())
+            _digest(value[k], h)
+    elif isinstance(value, list | tuple):
+        h.update(f"L{len(value)}".encode())
+        for v in value:
+            _digest(v, h)
+    else:
+        h.update(f"V{value!r}".encode())
+    return h.hexdigest()
+
+
 def save_net(net, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write ``net``'s plan, options, backbone and aux weights to ``path`` (atomic)."""
+    """Write ``net``'s plan, options, backbone and aux weights to ``path`` (atomic, checksummed)."""
     payload = {
         "format": FORMAT,
         "plan": net.plan.to_dict(),
@@ -26,6 +51,7 @@ def save_net(net, path: str | os.PathLike, extra: dict | None = None) -> None:
         "aux_state": net.aux.state_dict(),
         **(extra or {}),
     }
+    payload["sha256"] = _digest(payload)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -38,6 +64,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as exc:  # truncated zip, not a torch file, unpickling refused
         raise AugLocalError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}); "
                             "re-create it") from None
+    if isinstance(payload, dict) and "sha256" in payload:
+        stored = payload.pop("sha256")
+        if _digest(payload) != stored:
+            raise AugLocalError(f"checkpoint {path} is corrupt (its contents do not match their SHA-256 "
+                                "checksum); re-create it, or use another checkpoint (best.pt / last.pt)")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AugLocalError(f"{path} is not an auglocal-fx checkpoint (format {FORMAT}); pass a file written "
                             "by auglocal-train or auglocal-convert --save")

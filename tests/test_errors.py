@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from auglocal_fx import AugLocalError, to_auglocal
+from auglocal_fx.checkpoint import _digest
 from auglocal_fx.cli.convert import main as convert_main
 from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
@@ -48,7 +49,9 @@ def _other_model_checkpoint(tmp: Path) -> Path:
     """A resnet18 checkpoint whose plan claims resnet34: the weights belong to another model."""
     path = _checkpoint(tmp)
     payload = torch.load(path, weights_only=True)
+    del payload["sha256"]
     payload["plan"]["config"]["model"] = "resnet34"
+    payload["sha256"] = _digest(payload)  # a consistent file, just not these weights' architecture
     torch.save(payload, path)
     return path
 
@@ -56,6 +59,15 @@ def _other_model_checkpoint(tmp: Path) -> Path:
 def _truncated(tmp: Path) -> Path:
     path = _checkpoint(tmp)
     path.write_bytes(path.read_bytes()[:4096])  # what a write cut off half-way leaves
+    return path
+
+
+def _bit_flipped(tmp: Path) -> Path:
+    """One flipped bit inside the weights: torch.load reads it without complaint, the checksum does not."""
+    path = _checkpoint(tmp)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
     return path
 
 
@@ -130,6 +142,8 @@ CLI_CASES = [
      ["checkpoint", "does not exist"]),
     ("checkpoint-truncated", export_main, lambda t, m: [str(_truncated(t)), "--out", str(t / "m.onnx")],
      ["is unreadable or corrupt", "re-create it"]),
+    ("checkpoint-bit-flipped", export_main, lambda t, m: [str(_bit_flipped(t)), "--out", str(t / "m.onnx")],
+     ["is corrupt (its contents do not match their SHA-256 checksum)"]),
     ("checkpoint-corrupt", export_main,
      lambda t, m: [_write(t, "c.pt", b"\x00garbage" * 64), "--out", str(t / "m.onnx")],
      ["is unreadable or corrupt"]),
