@@ -190,6 +190,8 @@ def test_export_unsupported_op_is_one_line(tmp_path):
     with pytest.raises(AugLocalError, match="ONNX has no translation for prims.bessel_j0") as err:
         export_onnx(_Bessel(), tmp_path / "m.onnx", input_size=(2, 4, 4))
     assert "\n" not in str(err.value)
+    assert "both exporters failed" in str(err.value)  # auto tried dynamo, then torchscript
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
 
 
 def test_export_parity_failure_is_one_line_with_the_figure(tmp_path):

@@ -96,25 +96,6 @@ def test_parity_failure_names_the_figure_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no half-verified file, no temp file
 
 
-class _Unexportable(nn.Module):
-    """An op no ONNX exporter can express (a Bessel function feeding the logits)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc(torch.special.bessel_j0(x).flatten(1))
-
-
-def test_unexportable_op_is_one_line(tmp_path):
-    with pytest.raises(AugLocalError, match="ONNX export of _Unexportable failed") as err:
-        export_onnx(_Unexportable(), tmp_path / "m.onnx", input_size=(2, 4, 4))
-    assert "\n" not in str(err.value) and "bessel_j0" in str(err.value)
-    assert "both exporters failed" in str(err.value)  # auto tried dynamo, then torchscript
-    assert list(tmp_path.iterdir()) == []
-
-
 class _FiveDimAttention(nn.Module):
     """Attention over 5-D tensors (as hiera's): dynamo's ONNX translation takes 4-D only."""
 
