@@ -27,9 +27,10 @@ __all__ = ["Adapter", "make_adapter", "TokenPool", "norm2d_like"]
 class Adapter(nn.Sequential):
     """A shape adapter; ``summary`` is a short label for plan tables, e.g. ``conv1x1/2->512x28x28``."""
 
-    def __init__(self, summary: str, *mods: nn.Module):
+    def __init__(self, summary: str, *mods: nn.Module, in_shape: list[int] | None = None):
         super().__init__(*mods)
         self.summary = summary
+        self.in_shape = in_shape  # per sample, for FLOP counts
 
 
 class TokenPool(nn.Module):
@@ -65,7 +66,13 @@ def norm2d_like(model: nn.Module) -> Callable[[int], nn.Module]:
 
 def make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> Adapter | None:
     """An adapter from activations of per-sample shape ``src`` to ``dst``, or None if equal."""
-    src, dst = list(src), list(dst)
+    adapter = _make_adapter(list(src), list(dst), norm)
+    if adapter is not None:
+        adapter.in_shape = list(src)
+    return adapter
+
+
+def _make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module]) -> Adapter | None:
     if src == dst:
         return None
     label = f"->{'x'.join(map(str, dst))}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC2701  (public in all but name)
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Adapter, norm2d_like
@@ -73,15 +74,28 @@ def to_auglocal(
                 reset_parameters(aux)
             recipe.adapters = [m.summary for m in aux.modules() if isinstance(m, Adapter)]
             recipe.params = sum(p.numel() for p in aux.parameters())
-            recipe.flops = _flops(aux, plan.layers[plan.blocks[recipe.block].layers[-1]].out_shape)
+            recipe.flops = _aux_flops(aux, recipe, plan)
             aux_nets.append(aux)
     options = {"rule": plan.config.rule, "aux_init": aux_init}
     return AugLocalNet(model, plan, block_mods, head, aux_nets, options)
 
 
+def _aux_flops(aux: nn.Module, recipe, plan: Plan) -> int:
+    """Forward FLOPs of one aux net per sample. Copied layers see the shapes they see in the
+    backbone, so their FLOPs are the profiled ones; only adapters and other new modules are counted."""
+    if plan.config.rule != "auglocal":
+        return _flops(aux, plan.layers[plan.blocks[recipe.block].layers[-1]].out_shape)
+    copied = sum(plan.layers[j].flops for j in recipe.selected_layers) + plan.head.flops
+    return copied + sum(_flops(a, a.in_shape) for a in aux.modules() if isinstance(a, Adapter))
+
+
 def _flops(module: nn.Module, shape: list[int]) -> int:
-    """Forward FLOPs of ``module`` for one sample of ``shape`` (eval mode, so batch-norm can take 1)."""
+    """Forward FLOPs of ``module`` for one sample of ``shape`` (eval mode, so batch-norm can take 1).
+
+    Counted on fake tensors: shapes propagate and the counter sees every op, but nothing is
+    computed (running real aux nets was most of ``to_auglocal``'s time).
+    """
     counter = FlopCounterMode(display=False)
-    with eval_mode(module), torch.no_grad(), counter:
-        module(torch.zeros(1, *shape))
+    with eval_mode(module), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake, counter:
+        module(fake.from_tensor(torch.zeros(1, *shape)))
     return int(counter.get_total_flops())

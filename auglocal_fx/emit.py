@@ -7,6 +7,8 @@ one matching its own mode. When both traces generate the same code one graph ser
 
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 from torch import nn
 
@@ -32,6 +34,31 @@ class ModalGraph(nn.Module):
         if self.training or self.eval_graph is None:
             return self.train_graph(x)
         return self.eval_graph(x)
+
+    def __deepcopy__(self, memo):
+        """A copy with its own parameters that reuses the generated code (aux nets copy layers).
+
+        ``copy.deepcopy`` of a GraphModule regenerates and recompiles its Python code, tens of
+        milliseconds a piece; the graphs here are never mutated after emit, so the copies share
+        graph and code and deep-copy only modules, parameters and buffers. One ``memo`` keeps the
+        train and eval graphs of the copy sharing parameters, as in the original.
+        """
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new._modules = {k: _clone_graph_module(m, memo) if isinstance(m, fx.GraphModule) else copy.deepcopy(m, memo)
+                        for k, m in self._modules.items()}
+        return new
+
+
+def _clone_graph_module(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
+    if id(gm) in memo:
+        return memo[id(gm)]
+    new = copy.copy(gm)  # same generated class (forward) and graph; new attribute dict
+    memo[id(gm)] = new
+    new._modules = {k: copy.deepcopy(m, memo) for k, m in gm._modules.items()}
+    new._parameters = {k: copy.deepcopy(p, memo) for k, p in gm._parameters.items()}
+    new._buffers = {k: copy.deepcopy(b, memo) for k, b in gm._buffers.items()}
+    return new
 
 
 def trace_both_modes(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
