@@ -91,23 +91,25 @@ class Trainer:
         sums, steps, images = None, [], 0
         bar = EpochProgress(f"epoch {epoch}/{self.recipe.epochs}", len(r.train_loader), env.is_main)
         start = time.perf_counter()
-        for step, (x, y) in enumerate(r.train_loader, 1):
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            out = net.training_step(x, y, units=self.units, **self.amp)
-            n = len(y)
-            correct = (out.logits.argmax(1) == y).sum().item()
-            vals = all_reduce_sum([v * n for v in [*out.local_losses, out.loss]] + [correct, n], env)
-            total = vals[-1]
-            losses = [v / total for v in vals[:-2]]
-            self._check_finite(losses, epoch, step)
-            r.optimizer.step()
-            r.optimizer.zero_grad(set_to_none=True)
-            r.scheduler.step()
-            sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
-            steps.append(losses[-1])
-            images += int(total)
-            bar.update(step, sums[-3] / sums[-1], sums[-2] / sums[-1], images)
-        bar.close()
+        try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
+            for step, (x, y) in enumerate(r.train_loader, 1):
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                out = net.training_step(x, y, units=self.units, **self.amp)
+                n = len(y)
+                correct = (out.logits.argmax(1) == y).sum().item()
+                vals = all_reduce_sum([v * n for v in [*out.local_losses, out.loss]] + [correct, n], env)
+                total = vals[-1]
+                losses = [v / total for v in vals[:-2]]
+                self._check_finite(losses, epoch, step)
+                r.optimizer.step()
+                r.optimizer.zero_grad(set_to_none=True)
+                r.scheduler.step()
+                sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
+                steps.append(losses[-1])
+                images += int(total)
+                bar.update(step, sums[-3] / sums[-1], sums[-2] / sums[-1], images)
+        finally:
+            bar.close()
         seconds = time.perf_counter() - start
         return {"epoch": epoch, "train_loss": sums[-3] / sums[-1], "train_acc": sums[-2] / sums[-1],
                 "local_losses": [s / sums[-1] for s in sums[:-3]], "step_losses": steps,
