@@ -90,4 +90,19 @@ def trace(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> fx.GraphModu
             f"'{where or '<root>'}' ({culprit}): {first_line}. Hint: register that module class with "
             "timm.layers.register_notrace_module so it stays a leaf, or remove data-dependent "
             "control flow from its forward") from None
+    _drop_unused_unpacking(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _drop_unused_unpacking(graph: fx.Graph) -> None:
+    """Remove ``t[i]`` / ``t.attr`` nodes nobody uses (``a, _ = f(x)`` leaves one per ignored value).
+
+    Left in, such a node keeps the tuple it reads alive past the place where the model hands one
+    tensor on, so that place would not be a valid cut. Indexing and attribute reads are pure, so
+    removing them changes nothing else (wider dead-code elimination could drop in-place ops).
+    """
+    import operator  # noqa: PLC0415
+
+    for n in reversed(list(graph.nodes)):
+        if n.op == "call_function" and n.target in (operator.getitem, getattr) and not n.users:
+            graph.erase_node(n)
