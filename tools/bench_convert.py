@@ -1,0 +1,73 @@
+"""Conversion time: ``to_auglocal`` against a bare torch.fx trace of the same model, as ratios.
+
+    python tools/bench_convert.py [--models resnet50 vit_base_patch16_224 ...] [--blocks 16] [--json]
+
+Both are timed on the same freshly created model, median over ``--repeats``; the trace is the
+tracer ``to_auglocal`` itself uses (timm's not-traced leaves), so the ratio is what the compiler
+adds on top of tracing: the profiling pass, cut and layer finding, planning, the second-mode
+trace, splitting and building the aux nets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auglocal_fx import to_auglocal  # noqa: E402
+from auglocal_fx.models import create_model  # noqa: E402
+from auglocal_fx.trace import trace  # noqa: E402
+
+MODELS = ("resnet50", "vit_base_patch16_224", "convnext_tiny", "efficientnet_b0")
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, blocks: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    layers = len(to_auglocal(model, 1).plan.layers)  # also warms caches for both timings
+    k = min(blocks, layers)
+    trace_s = _median_time(lambda: trace(model), repeats)
+    convert_s = _median_time(lambda: to_auglocal(model, k), repeats)
+    return {"model": name, "layers": layers, "blocks": k, "trace_s": trace_s, "convert_s": convert_s,
+            "ratio": convert_s / trace_s}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--blocks", type=int, default=16, help="K = min(BLOCKS, layers) (default 16)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(argv)
+    rows = [measure(m, args.blocks, args.repeats) for m in args.models]
+    res = {"threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
+           "repeats": args.repeats, "models": rows}
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"median of {args.repeats}, {res['threads']} threads")
+    for r in rows:
+        print(f"  {r['model']:24s} K={r['blocks']:2d}  trace {1000 * r['trace_s']:7.1f} ms  "
+              f"to_auglocal {1000 * r['convert_s']:8.1f} ms  x{r['ratio']:.1f} of the trace")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
