@@ -2,6 +2,8 @@
 
 Per node: output shape, FLOPs (``torch.utils.flop_counter``) and the storages autograd saves
 for backward (``saved_tensors_hooks``), which is what a block's activation memory really is.
+Parameters and buffers autograd saves (a conv's weight) are left out: they are resident whatever
+the partition, so counting them would charge a block for its weights twice.
 Per graph: which nodes carry activations (depend on the input) and where the valid cut points
 are — positions where exactly one activation tensor is live.
 """
@@ -22,13 +24,18 @@ class _Profiler(fx.Interpreter):
 
     current: fx.Node  # the node being run, named in errors
 
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.resident = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+
     def run_node(self, n: fx.Node):
         saved: dict[int, int] = {}
 
         def pack(t):
             try:
                 storage = t.untyped_storage()
-                saved[storage.data_ptr()] = storage.nbytes()
+                if storage.data_ptr() not in self.resident:
+                    saved[storage.data_ptr()] = storage.nbytes()
             except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors have no storage
                 pass
             return t

@@ -2,6 +2,8 @@
 
 Each saved tensor is counted once per storage (views share storage) from the moment autograd
 saves it until the graph that holds it is freed; ``peak`` is the maximum over the measured code.
+Storages passed as ``exclude`` (a model's parameters: a conv saves its weight) are left out of
+``peak`` — they are resident whatever the training rule — and counted in ``peak_all`` only.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ class SavedTensorMeter:
     """Context manager measuring peak saved-for-backward bytes, deduplicated by storage.
 
     Example:
-        >>> with SavedTensorMeter() as meter:
+        >>> with SavedTensorMeter(exclude=model.parameters()) as meter:
         ...     model(x).sum().backward()
-        >>> meter.peak  # bytes
+        >>> meter.peak, meter.peak_all  # bytes: activations only; with saved weights too
     """
 
-    def __init__(self):
-        self.current = 0
-        self.peak = 0
+    def __init__(self, exclude=()):
+        self.current = self.peak = 0  # without excluded storages
+        self.current_all = self.peak_all = 0  # everything saved
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
         self._refs: dict[int, list[int]] = {}  # storage ptr -> [refcount, nbytes]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
@@ -45,8 +48,7 @@ class SavedTensorMeter:
         ref = self._refs.get(key)
         if ref is None:
             self._refs[key] = [1, nbytes]
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
+            self._add(key, nbytes)
         else:
             ref[0] += 1
         return _Handle(t, key, self)
@@ -61,8 +63,15 @@ class SavedTensorMeter:
             return
         ref[0] -= 1
         if ref[0] == 0:
-            self.current -= ref[1]
+            self._add(key, -ref[1])
             del self._refs[key]
+
+    def _add(self, key: int, nbytes: int) -> None:
+        self.current_all += nbytes
+        self.peak_all = max(self.peak_all, self.current_all)
+        if key not in self._excluded:
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
 
     def __enter__(self):
         self._hooks.__enter__()

@@ -1,7 +1,9 @@
 """Pass 3 — partition: split L layers into K contiguous blocks.
 
 Balance policies live in one small registry, like timm's model registry: ``layers`` (the paper:
-equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly).
+equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly). A
+block's cost may carry an ``extra(j, last)`` term besides its layers' own: what block j's aux net
+adds when the block ends at layer ``last`` (its activations are alive together with the block's).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from .errors import AugLocalError
 
 __all__ = ["BALANCERS", "register_balancer", "partition", "equal_counts", "min_max_partition"]
 
-BALANCERS: dict[str, Callable[[Sequence[float], int], list[list[int]]]] = {}
+Extra = Callable[[int, int], float]  # (block index, its last layer) -> cost added to that block
+BALANCERS: dict[str, Callable[[Sequence[float], int, Extra | None], list[list[int]]]] = {}
 
 
 def register_balancer(name: str):
-    """Decorator: ``fn(costs, k) -> blocks`` becomes selectable as ``balance=name``."""
+    """Decorator: ``fn(costs, k, extra) -> blocks`` becomes selectable as ``balance=name``."""
 
     def wrap(fn):
         BALANCERS[name] = fn
@@ -36,8 +39,12 @@ def equal_counts(n: int, k: int) -> list[list[int]]:
     return blocks
 
 
-def min_max_partition(costs: Sequence[float], k: int) -> list[list[int]]:
-    """Exact linear partition: contiguous k blocks minimising the largest block cost (DP, O(k·n²))."""
+def min_max_partition(costs: Sequence[float], k: int, extra: Extra | None = None) -> list[list[int]]:
+    """Exact linear partition: contiguous k blocks minimising the largest block cost (DP, O(k·n²)).
+
+    Block j covering layers s..e costs ``sum(costs[s..e]) + extra(j, e)`` (``extra`` defaults to 0).
+    """
+    extra = extra or (lambda j, last: 0.0)
     n = len(costs)
     prefix = [0.0]
     for c in costs:
@@ -50,7 +57,7 @@ def min_max_partition(costs: Sequence[float], k: int) -> list[list[int]]:
     for j in range(1, k + 1):
         for i in range(j, n - (k - j) + 1):
             for s in range(j - 1, i):
-                v = max(best[j - 1][s], prefix[i] - prefix[s])
+                v = max(best[j - 1][s], prefix[i] - prefix[s] + extra(j - 1, i - 1))
                 if v < best[j][i]:
                     best[j][i], cut[j][i] = v, s
     blocks, i = [], n
@@ -62,21 +69,21 @@ def min_max_partition(costs: Sequence[float], k: int) -> list[list[int]]:
 
 
 @register_balancer("layers")
-def _by_layers(costs, k):
+def _by_layers(costs, k, extra=None):
     return equal_counts(len(costs), k)
 
 
 @register_balancer("flops")
-def _by_flops(costs, k):
-    return min_max_partition(costs, k)
+def _by_flops(costs, k, extra=None):
+    return min_max_partition(costs, k, extra)
 
 
 @register_balancer("memory")
-def _by_memory(costs, k):
-    return min_max_partition(costs, k)
+def _by_memory(costs, k, extra=None):
+    return min_max_partition(costs, k, extra)
 
 
-def partition(costs: Sequence[float], k: int, balance: str = "layers") -> list[list[int]]:
+def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Extra | None = None) -> list[list[int]]:
     """Split ``len(costs)`` layers into ``k`` contiguous, non-empty blocks.
 
     Example:
@@ -87,4 +94,4 @@ def partition(costs: Sequence[float], k: int, balance: str = "layers") -> list[l
         raise AugLocalError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCERS)}")
     if not 1 <= k <= len(costs):
         raise AugLocalError(f"cannot split {len(costs)} layers into {k} blocks; use 1..{len(costs)}")
-    return BALANCERS[balance](costs, k)
+    return BALANCERS[balance](costs, k, extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
 from .recipe import apply_tail, pyramid_depths, select_layers
 from .trace import trace
 
-__all__ = ["Analysis", "analyze_model", "build_plan", "default_input_size"]
+__all__ = ["Analysis", "analyze_model", "build_plan", "default_input_size", "unit_act_bytes"]
 
 TAILS = ("exact", "reference")
 
@@ -116,6 +117,49 @@ def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
     return infos, _layer_info(a, a.head, prev, seen)
 
 
+def _aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int]) -> int:
+    """Estimated activation bytes (per sample) of the aux net of a block ending at layer ``last``.
+
+    Copied layers see the shapes they see in the backbone, so they save what they save there; a
+    (C, H, W) adapter's norm also saves its conv's output; the head copy saves what the head does.
+    """
+    total, shape = head.act_bytes, layers[last].out_shape
+    for target in [layers[j].in_shape for j in selected] + [head.in_shape]:
+        if target != shape and len(target) == 3:
+            total += 4 * math.prod(target)  # float32, as profiled
+        shape = target
+    return total + sum(layers[j].act_bytes for j in selected)
+
+
+def _memory_extra(layers, head, blocks: int, aux_depth: int, pyramid: float, tail: str):
+    """``extra(j, last)`` for the memory balancer: what block j's aux net (or, for the block that
+    trains with the model's head, the head) holds alive beside the block's own activations."""
+    kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))  # blocks left after the tail
+    depths = pyramid_depths(kept - 1, aux_depth, pyramid)
+    n = len(layers)
+
+    def extra(j: int, last: int) -> float:
+        if j >= kept - 1:  # merged into (or is) the last block, trained by the model's head
+            return head.act_bytes if j == blocks - 1 else 0.0
+        return _aux_act_bytes(layers, head, last, select_layers(last, n, depths[j]))
+
+    return extra
+
+
+def unit_act_bytes(plan: Plan) -> list[int]:
+    """Estimated activation bytes per sample alive at each block's peak: block + aux net (the last:
+    block + head). Under block-wise training the largest of these is the step's activation peak."""
+    out = []
+    for b in plan.blocks:
+        own = plan.block_sum(b, "act_bytes")
+        if b.index < len(plan.aux):
+            own += _aux_act_bytes(plan.layers, plan.head, b.layers[-1], plan.aux[b.index].selected_layers)
+        else:
+            own += plan.head.act_bytes
+        out.append(own)
+    return out
+
+
 def build_plan(
     model: nn.Module,
     blocks: int,
@@ -152,9 +196,10 @@ def build_plan(
     if not isinstance(blocks, int) or not 1 <= blocks <= n:
         raise AugLocalError(f"--blocks must be between 1 and {n} for {name} (it has {n} layers), got {blocks}")
     cost = {"layers": [1] * n, "flops": [x.flops for x in layers], "memory": [x.act_bytes for x in layers]}
-    groups = apply_tail(partition(cost[balance], blocks, balance), aux_depth, tail)
-    depths = pyramid_depths(len(groups) - 1, aux_depth, float(pyramid))
     copies = rule == "auglocal"  # other rules' aux nets copy no downstream layers
+    extra = _memory_extra(layers, head, blocks, aux_depth, float(pyramid), tail) if balance == "memory" else None
+    groups = apply_tail(partition(cost[balance], blocks, balance, extra if copies else None), aux_depth, tail)
+    depths = pyramid_depths(len(groups) - 1, aux_depth, float(pyramid))
     aux = [AuxRecipe(block=i, selected_layers=select_layers(g[-1], n, d) if copies else [], depth=d)
            for i, (g, d) in enumerate(zip(groups[:-1], depths))]
     for r in aux:  # depth is what is actually copied (near the output fewer layers remain)

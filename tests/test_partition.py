@@ -22,12 +22,12 @@ def assert_valid(blocks, n, k):
         assert b == list(range(b[0], b[-1] + 1)), blocks  # contiguous
 
 
-def brute_force_min_max(costs, k):
+def brute_force_min_max(costs, k, extra=lambda j, last: 0):
     n = len(costs)
     best = None
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = (0, *cuts, n)
-        worst = max(sum(costs[bounds[i]:bounds[i + 1]]) for i in range(k))
+        worst = max(sum(costs[bounds[i]:bounds[i + 1]]) + extra(i, bounds[i + 1] - 1) for i in range(k))
         best = worst if best is None else min(best, worst)
     return best
 
@@ -81,6 +81,28 @@ def test_min_max_partition_is_optimal(data):
     blocks = min_max_partition(costs, k)
     assert_valid(blocks, len(costs), k)
     assert max(block_costs(blocks, costs)) == brute_force_min_max(costs, k)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_min_max_partition_with_extra_cost_is_optimal(data):
+    """The memory balancer's aux-net term: block j ending at layer e costs its layers + extra(j, e)."""
+    costs = data.draw(st.lists(st.integers(0, 50), min_size=1, max_size=8))
+    k = data.draw(st.integers(1, len(costs)))
+    table = data.draw(st.lists(st.lists(st.integers(0, 80), min_size=len(costs), max_size=len(costs)),
+                               min_size=k, max_size=k))
+    extra = lambda j, last: table[j][last]  # noqa: E731
+    blocks = min_max_partition(costs, k, extra)
+    assert_valid(blocks, len(costs), k)
+    worst = max(c + extra(j, b[-1]) for j, (b, c) in enumerate(zip(blocks, block_costs(blocks, costs))))
+    assert worst == brute_force_min_max(costs, k, extra)
+
+
+def test_extra_cost_moves_the_cut():
+    # equal layers, but a block ending at layer 0 or 1 carries a large aux net: it must end later
+    extra = lambda j, last: 100 if (j == 0 and last < 2) else 0  # noqa: E731
+    assert partition([1, 1, 1, 1], 2, "memory", extra) == [[0, 1, 2], [3]]
+    assert partition([1, 1, 1, 1], 2, "memory") == [[0, 1], [2, 3]]
 
 
 @pytest.mark.parametrize("costs, k, best", [

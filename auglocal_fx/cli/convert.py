@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-depth", type=int, default=2, help="aux net depth d: layers copied (default 2)")
     p.add_argument("--pyramid", type=float, default=0.5, help="pyramidal depth coefficient tau in [0, 1]; 0 = off")
     p.add_argument("--balance", choices=sorted(BALANCERS), default="layers",
-                   help="how layers are shared out: equal layer counts (paper), flops or activation memory")
+                   help="how layers are shared out: equal layer counts (paper), flops, or activation memory "
+                        "(the largest block + aux net is minimised)")
     p.add_argument("--tail", choices=TAILS, default="exact",
                    help="exact: K blocks; reference: the paper's code, last d+1 blocks merged (M = K - d)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),

@@ -1,0 +1,169 @@
+"""Test accuracy of bp vs dgl vs auglocal: one recipe, only the rule differs, over several seeds.
+
+    python tools/bench_accuracy.py --set epochs=1 --seeds 0 1 2 [--json]
+    python tools/bench_accuracy.py --recipe recipes/fashion_mnist_auglocal.yaml --set conversion.blocks=10
+
+Every (seed, rule) run is an ordinary ``auglocal-train`` run of ``--recipe`` with
+``conversion.rule`` and ``seed`` overridden (same data, epochs, optimiser and schedule), written to
+``OUT/<rule>-seed<k>/``. Seeds go round the rules (seed 0 of every rule first), so a partial study
+already compares all three. ``OUT/results.json`` is rewritten atomically after each run; running
+the same command again skips finished runs and resumes an interrupted one from its ``last.pt``.
+The table gives the final head's test accuracy as mean ± std (sample std over seeds), the gaps
+the issue's targets are about, and the epoch time relative to bp; ``OUT/accuracy.png`` plots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auglocal_fx.cli.common import run_cli  # noqa: E402
+from auglocal_fx.errors import AugLocalError  # noqa: E402
+from auglocal_fx.io import atomic_write, atomic_write_text  # noqa: E402
+
+RULES = ("bp", "dgl", "auglocal")
+PROG = "bench_accuracy"
+
+
+def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
+    """Train one (rule, seed) run, resuming its last.pt when an earlier attempt was cut off."""
+    from auglocal_fx.training import load_recipe, train  # noqa: PLC0415  (heavy import)
+
+    run_dir = out / f"{rule}-seed{seed}"
+    recipe = load_recipe(recipe_path, [*overrides, f"conversion.rule={rule}", f"seed={seed}",
+                                       f"output={run_dir}"])
+    last = run_dir / "last.pt"
+    summary = train(recipe, resume=str(last) if last.is_file() else None)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"rule": rule, "seed": seed, "blocks": summary["blocks"], "epochs": recipe.epochs,
+            "test_acc": history[-1]["test_acc"], "aux_test_acc": history[-1].get("aux_test_acc") or [],
+            "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
+            "images_per_s": statistics.mean(h["images_per_s"] for h in history),
+            "aux_params": summary["aux_params"], "backbone_params": summary["backbone_params"]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per rule: mean and sample std of test accuracy over seeds, mean epoch time as a ratio to bp."""
+    table = {}
+    for rule in dict.fromkeys(r["rule"] for r in runs):
+        accs = [r["test_acc"] for r in runs if r["rule"] == rule]
+        times = [r["epoch_time_s"] for r in runs if r["rule"] == rule]
+        table[rule] = {"seeds": len(accs), "mean": statistics.mean(accs),
+                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
+                       "epoch_time_s": statistics.mean(times)}
+    if "bp" in table:
+        for row in table.values():
+            row["time_ratio_to_bp"] = row["epoch_time_s"] / table["bp"]["epoch_time_s"]
+    gaps = {}
+    if "auglocal" in table:
+        for other in ("bp", "dgl"):
+            if other in table:  # points of accuracy, auglocal minus the other rule
+                gaps[f"auglocal_minus_{other}"] = 100 * (table["auglocal"]["mean"] - table[other]["mean"])
+    return {"rules": table, "gaps_points": gaps}
+
+
+def plot(path: Path, summary: dict, title: str) -> None:
+    """Bars of mean test accuracy with std error bars and one dot per seed."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rules = list(summary["rules"])
+    rows = [summary["rules"][r] for r in rules]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = range(len(rules))
+    ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], capsize=6,
+           color=["tab:gray", "tab:orange", "tab:blue"][: len(rules)], alpha=0.8)
+    for x, r in zip(xs, rows):
+        ax.scatter([x] * len(r["accs"]), [100 * a for a in r["accs"]], color="black", s=12, zorder=3)
+        ax.annotate(f"{100 * r['mean']:.2f}", (x, 100 * r["mean"]), textcoords="offset points",
+                    xytext=(0, 8), ha="center")
+    lo = min(min(r["accs"]) for r in rows) * 100
+    ax.set_ylim(max(0.0, lo - 4), min(100.0, max(100 * max(r["accs"]) for r in rows) + 2))
+    ax.set_xticks(list(xs), rules)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _table(res: dict) -> str:
+    lines = [f"{res['recipe']} {' '.join('--set ' + o for o in res['overrides'])}".rstrip(),
+             f"{'rule':9s} {'seeds':>5s}  {'test acc (mean ± std)':>22s}  {'per seed':24s} {'time vs bp':>10s}"]
+    for rule, r in res["summary"]["rules"].items():
+        per_seed = " ".join(f"{100 * a:.2f}" for a in r["accs"])
+        ratio = f"x{r['time_ratio_to_bp']:.2f}" if "time_ratio_to_bp" in r else "-"
+        lines.append(f"{rule:9s} {r['seeds']:5d}  {100 * r['mean']:13.2f} ± {100 * r['std']:5.2f}  "
+                     f"{per_seed:24s} {ratio:>10s}")
+    for key, value in res["summary"]["gaps_points"].items():
+        lines.append(f"{key.replace('_', ' ')}: {value:+.2f} points")
+    return "\n".join(lines)
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="recipes/fashion_mnist_auglocal.yaml")
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override shared by every run, e.g. --set epochs=1 (repeatable)")
+    p.add_argument("--out", default="runs/bench_accuracy", help="folder for the runs, results.json and the plot")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(argv)
+    for o in args.overrides:
+        if o.split("=", 1)[0] in ("conversion.rule", "seed", "output"):
+            raise AugLocalError(f"--set {o}: the benchmark sets rule, seed and output itself; use --rules/--seeds/--out")
+    out = Path(args.out)
+    results_path = out / "results.json"
+    key = {"recipe": args.recipe, "overrides": args.overrides}
+    done: dict[tuple, dict] = {}
+    if results_path.is_file():
+        old = json.loads(results_path.read_text())
+        if {k: old.get(k) for k in key} != key:
+            raise AugLocalError(f"{results_path} holds a study of another recipe or overrides; pass a new --out")
+        done = {(r["rule"], r["seed"]): r for r in old["runs"]}
+    res = {**key, "machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "runs": list(done.values())}
+    for seed in args.seeds:
+        for rule in args.rules:
+            if (rule, seed) in done:
+                continue
+            print(f"== {rule} seed {seed}", file=sys.stderr, flush=True)
+            run = _run_one(args.recipe, args.overrides, rule, seed, out)
+            res["runs"].append(run)
+            res["summary"] = summarise(res["runs"])
+            atomic_write_text(results_path, json.dumps(res, indent=2) + "\n")
+    wanted = [r for r in res["runs"] if r["rule"] in args.rules and r["seed"] in args.seeds]
+    if not wanted:
+        raise AugLocalError("no runs to report; give --rules and --seeds")
+    res["summary"] = summarise(wanted)
+    plot(out / "accuracy.png", res["summary"], f"{Path(args.recipe).name} {' '.join(args.overrides)}, "
+         f"seeds {' '.join(map(str, args.seeds))}")
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(_table(res))
+        print(f"wrote {results_path} and {out / 'accuracy.png'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(PROG, lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
