@@ -10,8 +10,11 @@ are — positions where exactly one activation tensor is live.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC2701  (public in all but name)
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import AugLocalError
@@ -19,23 +22,30 @@ from .errors import AugLocalError
 __all__ = ["profile_graph", "activation_nodes", "cut_points"]
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage, shared by its views; fake tensors' storages have one too
+    (their ``data_ptr`` is 0 for all)."""
+    return t.untyped_storage()._cdata
+
+
 class _Profiler(fx.Interpreter):
     """Interpreter that stores ``shape``, ``flops`` and ``saved`` in each node's meta."""
 
     current: fx.Node  # the node being run, named in errors
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, resident: set[int]):
         super().__init__(gm)
-        self.resident = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+        self.resident = resident  # storage keys of parameters and buffers, left out of ``saved``
+        self.current = next(iter(gm.graph.nodes))
 
     def run_node(self, n: fx.Node):
         saved: dict[int, int] = {}
 
         def pack(t):
             try:
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in self.resident:
-                    saved[storage.data_ptr()] = storage.nbytes()
+                key = _storage_key(t)
+                if key not in self.resident:
+                    saved[key] = t.untyped_storage().nbytes()
             except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors have no storage
                 pass
             return t
@@ -50,14 +60,45 @@ class _Profiler(fx.Interpreter):
         return out
 
 
-def profile_graph(gm: fx.GraphModule, example: torch.Tensor):
+def profile_graph(gm: fx.GraphModule, example: torch.Tensor, fake: bool = True):
     """Run ``gm`` on ``example`` with gradients enabled, annotating every node's meta.
 
-    Returns the output. The module's train/eval mode is left as the caller set it; call
-    it in eval mode so that batch-norm statistics are not updated.
+    With ``fake`` (the default) the run happens on fake tensors (``FakeTensorMode``): shapes,
+    FLOPs and saved-for-backward bytes come out the same as from real tensors, but nothing is
+    computed (resnet50: 0.09 s instead of about a second). A graph with an op that cannot run on
+    fake tensors (no meta kernel, data-dependent shapes) is then run for real. The module's
+    train/eval mode is left as the caller set it; call it in eval mode so that batch-norm
+    statistics are not updated.
     """
-    profiler = _Profiler(gm)
-    profiler.current = next(iter(gm.graph.nodes))
+    if fake:
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, _fake_state(gm, mode) as resident:
+                return _run(gm, mode.from_tensor(example), resident)
+        except Exception:  # noqa: BLE001  (any failure: the real run below reports it properly)
+            pass
+    return _run(gm, example, {_storage_key(t) for t in (*gm.parameters(), *gm.buffers())})
+
+
+@contextmanager
+def _fake_state(gm: fx.GraphModule, mode: FakeTensorMode):
+    """Swap every parameter and buffer of ``gm`` for a fake one (tied ones stay tied) while the
+    block runs; yields the fakes' storage keys, which the profiler leaves out of ``saved``."""
+    slots = [(store, name, t) for m in gm.modules() for store in (m._parameters, m._buffers)
+             for name, t in store.items() if t is not None]
+    fakes: dict[int, torch.Tensor] = {}
+    try:
+        for store, name, t in slots:
+            if id(t) not in fakes:
+                fakes[id(t)] = mode.from_tensor(t)
+            store[name] = fakes[id(t)]
+        yield {_storage_key(f) for f in fakes.values()}
+    finally:
+        for store, name, t in slots:
+            store[name] = t
+
+
+def _run(gm: fx.GraphModule, example: torch.Tensor, resident: set[int]):
+    profiler = _Profiler(gm, resident)
     try:
         with torch.enable_grad():
             return profiler.run(example)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .plan import Plan
 
@@ -36,8 +37,10 @@ class LocalUnit(nn.Module):
         self.block, self.top = block, top
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.block(h)
-        return out, self.top(out)
+        with record_function("auglocal.block"):
+            out = self.block(h)
+        with record_function("auglocal.top"):
+            return out, self.top(out)
 
 
 class AugLocalNet(nn.Module):
@@ -110,14 +113,17 @@ class AugLocalNet(nn.Module):
         losses, accs = [], []
         h = x
         for unit in units:
-            with amp:
+            with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
                 out, logits = unit(h)
                 loss = loss_fn(logits.float(), target)
-            loss.backward()  # frees this unit's graph before the next unit runs
-            losses.append(loss.item())
-            accs.append(_accuracy(logits, target))
+            with record_function("auglocal.backward"):
+                loss.backward()  # frees this unit's graph before the next unit runs
+            # kept as tensors: .item() here would make a GPU wait for every block in turn
+            losses.append(loss.detach().float())
+            accs.append(_accuracy(logits.detach(), target))
             h = out.detach()
             del out, loss
+        losses, accs = torch.stack(losses).tolist(), torch.stack(accs).tolist()  # one sync per step
         return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
 
     # -- parameter groups ----------------------------------------------------------------------
@@ -151,7 +157,7 @@ class AugLocalNet(nn.Module):
         save_net(self, path)
 
 
-def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if target.dim() != 1 or logits.dim() != 2:
-        return float("nan")
-    return (logits.argmax(dim=1) == target).float().mean().item()
+        return torch.tensor(float("nan"), device=logits.device)
+    return (logits.argmax(dim=1) == target).float().mean()

@@ -34,6 +34,11 @@ RULES = ("bp", "dgl", "auglocal")
 PROG = "bench_accuracy"
 
 
+def _log(*args, **kwargs) -> None:
+    """Training logs go to stderr: stdout carries the table or the JSON."""
+    print(*args, **{**kwargs, "file": sys.stderr})
+
+
 def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
     """Train one (rule, seed) run, resuming its last.pt when an earlier attempt was cut off."""
     from auglocal_fx.training import load_recipe, train  # noqa: PLC0415  (heavy import)
@@ -42,7 +47,7 @@ def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: 
     recipe = load_recipe(recipe_path, [*overrides, f"conversion.rule={rule}", f"seed={seed}",
                                        f"output={run_dir}"])
     last = run_dir / "last.pt"
-    summary = train(recipe, resume=str(last) if last.is_file() else None)
+    summary = train(recipe, resume=str(last) if last.is_file() else None, log=_log)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"rule": rule, "seed": seed, "blocks": summary["blocks"], "epochs": recipe.epochs,
             "test_acc": history[-1]["test_acc"], "aux_test_acc": history[-1].get("aux_test_acc") or [],

@@ -2,10 +2,12 @@
 
     python tools/bench_convert.py [--models resnet50 vit_base_patch16_224 ...] [--blocks 16] [--json]
 
-Both are timed on the same freshly created model, median over ``--repeats``; the trace is the
-tracer ``to_auglocal`` itself uses (timm's not-traced leaves), so the ratio is what the compiler
-adds on top of tracing: the profiling pass, cut and layer finding, planning, the second-mode
-trace, splitting and building the aux nets.
+All are timed on the same freshly created model, median over ``--repeats``; the trace is the
+tracer ``to_auglocal`` itself uses (timm's not-traced leaves). ``plan`` is ``build_plan``: trace,
+profile (on fake tensors), cut points, layers, partition and aux recipes. ``to_auglocal`` adds the
+train-mode trace, splitting, and building the aux nets, whose fresh weights are real memory:
+``init floor`` is the time to merely allocate and randomly fill that many float32 parameters
+(``torch.empty(n).uniform_()``), a lower bound for any conversion that builds them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auglocal_fx import to_auglocal  # noqa: E402
+from auglocal_fx import build_plan, to_auglocal  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.trace import trace  # noqa: E402
 
@@ -41,12 +43,16 @@ def _median_time(fn, repeats: int) -> float:
 def measure(name: str, blocks: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = create_model(name).eval()
-    layers = len(to_auglocal(model, 1).plan.layers)  # also warms caches for both timings
+    layers = len(to_auglocal(model, 1).plan.layers)  # also warms caches for every timing
     k = min(blocks, layers)
+    aux_params = sum(p.numel() for p in to_auglocal(model, k).aux_parameters())
     trace_s = _median_time(lambda: trace(model), repeats)
+    plan_s = _median_time(lambda: build_plan(model, k), repeats)
     convert_s = _median_time(lambda: to_auglocal(model, k), repeats)
-    return {"model": name, "layers": layers, "blocks": k, "trace_s": trace_s, "convert_s": convert_s,
-            "ratio": convert_s / trace_s}
+    floor_s = _median_time(lambda: torch.empty(aux_params).uniform_(), repeats)
+    return {"model": name, "layers": layers, "blocks": k, "trace_s": trace_s, "plan_s": plan_s,
+            "convert_s": convert_s, "aux_params": aux_params, "init_floor_s": floor_s,
+            "plan_ratio": plan_s / trace_s, "ratio": convert_s / trace_s, "floor_ratio": floor_s / trace_s}
 
 
 def main(argv=None) -> int:
@@ -62,10 +68,13 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"median of {args.repeats}, {res['threads']} threads")
+    print(f"median of {args.repeats}, {res['threads']} threads; ratios to the bare trace")
     for r in rows:
-        print(f"  {r['model']:24s} K={r['blocks']:2d}  trace {1000 * r['trace_s']:7.1f} ms  "
-              f"to_auglocal {1000 * r['convert_s']:8.1f} ms  x{r['ratio']:.1f} of the trace")
+        print(f"  {r['model']:24s} K={r['blocks']:2d}  trace {1000 * r['trace_s']:6.1f} ms   "
+              f"plan {1000 * r['plan_s']:7.1f} ms x{r['plan_ratio']:.1f}   "
+              f"to_auglocal {1000 * r['convert_s']:7.1f} ms x{r['ratio']:.1f}   "
+              f"init floor of {r['aux_params'] / 1e6:.1f}M aux params {1000 * r['init_floor_s']:6.1f} ms "
+              f"x{r['floor_ratio']:.1f}")
     return 0
 
 

@@ -1,0 +1,88 @@
+"""The benchmark tools run end to end on tiny settings and print their figures as JSON.
+
+The figures themselves are measured with the commands in BENCHMARKS.md; here only their shape and
+the invariants that hold at any size (bp's ratio is 1, auglocal's activations are below bp's, the
+planner's estimate is reported, a finished accuracy study resumes without retraining).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _json_run(capsys, name: str, argv: list[str]) -> dict:
+    assert _tool(name).main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_memory(capsys):
+    res = _json_run(capsys, "bench_memory", ["--model", "resnet20_cifar", "--blocks", "4", "--batch", "4",
+                                             "--size", "32"])
+    (setting,) = res["settings"]
+    rules = setting["rules"]
+    assert set(rules) == {"bp", "dgl", "auglocal", "auglocal/memory"}
+    assert rules["bp"]["activations_ratio"] == 1.0
+    for label in ("auglocal", "auglocal/memory"):
+        r = rules[label]
+        assert r["blocks"] == 4 and r["activations"] < rules["bp"]["activations"]
+        assert r["with_weights"] >= r["activations"] and r["estimate"] > 0
+    assert "estimate" not in rules["dgl"]
+
+
+def test_bench_speed(capsys):
+    res = _json_run(capsys, "bench_speed", ["--model", "resnet20_cifar", "--blocks", "4", "--batch", "4",
+                                            "--size", "32", "--steps", "1", "--warmup", "0", "--profile"])
+    rules = res["rules"]
+    assert rules["bp"]["ratio_to_bp"] == 1.0 and rules["bp"]["flops_ratio"] == 1.0
+    assert rules["auglocal"]["flops_ratio"] > 1.0 and rules["auglocal"]["blocks"] == 4
+    phases = rules["auglocal"]["phases_s"]
+    assert set(phases) == {"block forward", "aux/head forward", "backward", "optimizer"}
+    assert all(v > 0 for v in phases.values())
+
+
+def test_bench_convert(capsys):
+    res = _json_run(capsys, "bench_convert", ["--models", "resnet20_cifar", "--blocks", "4", "--repeats", "1"])
+    (row,) = res["models"]
+    assert row["blocks"] == 4 and row["layers"] == 10
+    assert row["ratio"] > 0 and row["plan_ratio"] > 0 and row["aux_params"] > 0
+
+
+def test_bench_accuracy_runs_resumes_and_rejects_overrides(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["--set", "epochs=1", "--set", "data.dataset=synthetic", "--set", "data.train_limit=64",
+            "--set", "data.test_limit=32", "--set", "batch_size=32", "--set", "conversion.blocks=4",
+            "--seeds", "0", "1", "--out", str(tmp_path)]
+    res = _json_run(capsys, "bench_accuracy", argv)
+    assert sorted((r["rule"], r["seed"]) for r in res["runs"]) == sorted(
+        (rule, seed) for rule in ("bp", "dgl", "auglocal") for seed in (0, 1))
+    summary = res["summary"]
+    assert summary["rules"]["bp"]["time_ratio_to_bp"] == 1.0
+    assert set(summary["gaps_points"]) == {"auglocal_minus_bp", "auglocal_minus_dgl"}
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    mtime = (tmp_path / "auglocal-seed1" / "last.pt").stat().st_mtime_ns
+    assert _json_run(capsys, "bench_accuracy", argv)["runs"] == res["runs"]  # nothing retrained
+    assert (tmp_path / "auglocal-seed1" / "last.pt").stat().st_mtime_ns == mtime
+    assert _tool("bench_accuracy").main([*argv[:-2], "--out", str(tmp_path), "--set", "seed=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds" in err[0]
+
+
+@pytest.mark.parametrize("bad", [["--set", "optimizer.lr=0.5"]])
+def test_bench_accuracy_refuses_another_study_in_the_same_folder(capsys, tmp_path, bad):
+    (tmp_path / "results.json").write_text(json.dumps({"recipe": "recipes/fashion_mnist_auglocal.yaml",
+                                                       "overrides": [], "runs": []}))
+    assert _tool("bench_accuracy").main([*bad, "--out", str(tmp_path)]) == 2
+    assert "another recipe" in capsys.readouterr().err
