@@ -43,9 +43,9 @@ class _Profiler(fx.Interpreter):
 
         def pack(t):
             try:
-                key = _storage_key(t)
-                if key not in self.resident:
-                    saved[key] = t.untyped_storage().nbytes()
+                storage = t.untyped_storage()
+                if storage._cdata not in self.resident:  # the key _storage_key gives
+                    saved[storage._cdata] = storage.nbytes()
             except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors have no storage
                 pass
             return t

@@ -197,8 +197,10 @@ def build_plan(
         raise AugLocalError(f"--blocks must be between 1 and {n} for {name} (it has {n} layers), got {blocks}")
     cost = {"layers": [1] * n, "flops": [x.flops for x in layers], "memory": [x.act_bytes for x in layers]}
     copies = rule == "auglocal"  # other rules' aux nets copy no downstream layers
-    extra = _memory_extra(layers, head, blocks, aux_depth, float(pyramid), tail) if balance == "memory" else None
-    groups = apply_tail(partition(cost[balance], blocks, balance, extra if copies else None), aux_depth, tail)
+    # the memory balancer weighs each block's aux net too; only auglocal's aux nets are copies it can estimate
+    extra = (_memory_extra(layers, head, blocks, aux_depth, float(pyramid), tail)
+             if balance == "memory" and copies else None)
+    groups = apply_tail(partition(cost[balance], blocks, balance, extra), aux_depth, tail)
     depths = pyramid_depths(len(groups) - 1, aux_depth, float(pyramid))
     aux = [AuxRecipe(block=i, selected_layers=select_layers(g[-1], n, d) if copies else [], depth=d)
            for i, (g, d) in enumerate(zip(groups[:-1], depths))]

@@ -11,8 +11,9 @@ memory (``balance=memory``: the largest block + aux net, estimated from the prof
 "activations" are the bytes autograd saves for backward, alive at once, deduplicated by storage,
 with the network's parameters left out (a conv saves its weight, but weights are resident under
 every rule); "with weights" counts them too. For auglocal, ``estimate`` is what the planner
-predicts for the step's peak (``unit_act_bytes`` x batch), which the memory balancer minimises. On a GPU the tool also reports
-``torch.cuda.max_memory_allocated`` over the step (weights, grads and workspace included).
+predicts for the step's peak (``unit_act_bytes`` x batch), which the memory balancer minimises.
+On a GPU the tool also reports ``torch.cuda.max_memory_allocated`` over the step (weights, grads
+and workspace included).
 """
 
 from __future__ import annotations
