@@ -1,5 +1,8 @@
 """auglocal-fx: compile any fx-traceable model into AugLocal's gradient-isolated local blocks.
 
+Importing the package registers the CIFAR ResNets (``resnet{20,32,56,110}_cifar``) with timm's
+model registry, so ``timm.create_model("resnet32_cifar")`` works after ``import auglocal_fx``.
+
 Example:
     >>> import timm
     >>> from auglocal_fx import build_plan
@@ -9,33 +12,23 @@ Example:
 """
 
 from . import cifar_resnet  # noqa: F401  (registers resnet{20,32,56,110}_cifar with timm)
-from .checkpoint import load_auglocal
-from .convert import to_auglocal
+from .blockwise import StepOutput
+from .compiler import load_auglocal, to_auglocal
 from .errors import AugLocalError
 from .export import export_onnx, save_backbone_state
-from .net import AugLocalNet, StepOutput
-from .pipeline import analyze_model, build_plan
-from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
-from .recipe import pyramid_depths, select_layers
-from .split import split_graph
+from .net import AugLocalNet
+from .plan import Plan
+from .planner import build_plan
 
 __all__ = [
     "AugLocalError",
     "AugLocalNet",
-    "StepOutput",
-    "load_auglocal",
-    "to_auglocal",
-    "export_onnx",
-    "save_backbone_state",
-    "AuxRecipe",
-    "BlockInfo",
-    "LayerInfo",
     "Plan",
-    "PlanConfig",
-    "analyze_model",
+    "StepOutput",
     "build_plan",
-    "pyramid_depths",
-    "select_layers",
-    "split_graph",
+    "export_onnx",
+    "load_auglocal",
+    "save_backbone_state",
+    "to_auglocal",
 ]
 __version__ = "0.1.0"

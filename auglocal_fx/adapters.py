@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from .errors import AugLocalError
@@ -50,8 +51,6 @@ def norm2d_like(model: nn.Module) -> Callable[[int], nn.Module]:
     The first GroupNorm or timm LayerNorm2d found (before any BatchNorm) decides; anything else,
     and models without 2-d norms, get BatchNorm2d.
     """
-    from timm.layers import LayerNorm2d  # noqa: PLC0415
-
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             break

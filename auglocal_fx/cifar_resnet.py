@@ -13,7 +13,11 @@ from timm.layers import SelectAdaptivePool2d, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-__all__ = ["CifarResNet"]
+__all__ = ["CifarResNet", "CIFAR_MEAN", "CIFAR_STD"]
+
+# CIFAR-10 per-channel statistics: the models' pretrained_cfg and the training data normalise alike
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 class BasicBlock(nn.Module):
@@ -102,7 +106,7 @@ class CifarResNet(nn.Module):
 
 def _cfg(**kwargs) -> dict:
     return {"num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-            "interpolation": "bilinear", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+            "interpolation": "bilinear", "mean": CIFAR_MEAN, "std": CIFAR_STD,
             "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", **kwargs}
 
 

@@ -3,6 +3,7 @@
 fx specialises Python control flow at trace time (``if self.training:``, drop-path rates), so the
 model is traced twice, in train and in eval mode, and each piece keeps both graphs: it runs the
 one matching its own mode. When both traces generate the same code one graph serves both.
+torch has no module for this (``torch.export`` and fx both capture one mode), hence ``DualModeGraph``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import AugLocalError
-from .pipeline import set_mode
+from .modes import set_mode
 from .plan import Plan
 from .split import split_graph
 from .trace import trace
 
-__all__ = ["ModalGraph", "trace_both_modes", "emit_pieces"]
+__all__ = ["DualModeGraph", "trace_both_modes", "emit_pieces"]
 
 
-class ModalGraph(nn.Module):
+class DualModeGraph(nn.Module):
     """A graph piece traced in train and in eval mode; ``forward`` runs the one for ``self.training``."""
 
     def __init__(self, train_graph: fx.GraphModule, eval_graph: fx.GraphModule):
@@ -70,24 +71,24 @@ def trace_both_modes(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
     return train_gm, eval_gm
 
 
-def _split_both(graphs, boundaries: list[str]) -> list[ModalGraph]:
+def _split_both(graphs, boundaries: list[str]) -> list[DualModeGraph]:
     train_gm, eval_gm = graphs
     try:
         train_pieces = split_graph(train_gm, boundaries)
     except AugLocalError as exc:
         raise AugLocalError(f"the train-mode graph cannot be cut where the eval-mode plan says ({exc}); "
-                            "the model's forward differs between train and eval too much") from None
+                            "the model's forward differs between train and eval too much") from exc
     eval_pieces = split_graph(eval_gm, boundaries)
-    return [ModalGraph(t, e) for t, e in zip(train_pieces, eval_pieces)]
+    return [DualModeGraph(t, e) for t, e in zip(train_pieces, eval_pieces)]
 
 
-def emit_pieces(model: nn.Module, plan: Plan, graphs=None):
+def emit_pieces(model: nn.Module, plan: Plan):
     """Cut ``model`` as ``plan`` says.
 
-    Returns ``(blocks, head, layers, layer_head)``: one ModalGraph per block and for the head
+    Returns ``(blocks, head, layers, layer_head)``: one DualModeGraph per block and for the head
     (the rewritten model), and one per layer plus a head (templates the aux nets copy).
     """
-    graphs = graphs or trace_both_modes(model)
+    graphs = trace_both_modes(model)
     layer_cuts = [layer.boundary for layer in plan.layers]
     block_cuts = [plan.layers[b.layers[-1]].boundary for b in plan.blocks]
     *blocks, head = _split_both(graphs, block_cuts)

@@ -1,8 +1,48 @@
-"""The one exception type a user can cause, so the CLIs can print it as one line and exit 2."""
+"""The one exception type a user can cause, and the one helper that turns any exception into a line.
+
+The library words its messages for Python callers (``blocks=40 ...``); a CLI or a recipe names the
+same parameter as its users know it (``--blocks 40``, ``recipe key conversion.blocks``) through
+``AugLocalError.worded``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+__all__ = ["AugLocalError", "first_line"]
 
 
 class AugLocalError(ValueError):
     """A problem with the user's input (model, arguments, files).
 
-    The message is a single line naming what is wrong and what to do about it.
+    The message is a single line naming what is wrong and what to do about it. When it is about
+    one parameter, ``param`` names it and the message starts with ``"{param}={value!r}"``.
     """
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+    @classmethod
+    def bad_value(cls, param: str, value, problem: str) -> AugLocalError:
+        """``bad_value("blocks", 40, "is out of range")`` -> ``blocks=40 is out of range``."""
+        return cls(f"{param}={value!r} {problem}", param=param)
+
+    def worded(self, names: Mapping[str, str]) -> str:
+        """The message with its parameter as the caller names it: ``{"blocks": "--blocks"}`` turns
+        every ``blocks=`` in ``blocks=40 is ...`` into ``--blocks 40 is ...``. Messages about no
+        parameter, or one ``names`` lacks, come back unchanged."""
+        text = first_line(self, with_type=False)
+        if self.param is None or self.param not in names:
+            return text
+        return re.sub(rf"(?<![\w.-]){re.escape(self.param)}=", f"{names[self.param]} ", text)
+
+
+def first_line(exc: BaseException, limit: int = 300, *, with_type: bool = True) -> str:
+    """The first non-empty line of ``exc``'s message (libraries append context lines), at most
+    ``limit`` characters, after the exception's type name unless ``with_type=False``."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:limit]
+    if not with_type:
+        return line or type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -24,11 +24,20 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
+from onnx.checker import ValidationError
+from onnx.shape_inference import InferenceError
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 from torch import nn
 
-from .errors import AugLocalError
-from .io import atomic_write
+from .atomic import atomic_write
+from .errors import AugLocalError, first_line
+from .models import default_input_size
+from .modes import eval_mode
+from .net import AugLocalNet
 
 __all__ = ["EXPORTERS", "ExportReport", "export_onnx", "save_backbone_state"]
 
@@ -55,23 +64,11 @@ class ExportReport:
 
 
 def _backbone(obj: nn.Module) -> tuple[nn.Module, tuple[int, ...] | None, str]:
-    from .net import AugLocalNet  # noqa: PLC0415  (import cycle)
-
     if isinstance(obj, AugLocalNet):
         return obj.model, tuple(obj.plan.config.input_size), obj.plan.config.model or type(obj.model).__name__
     if isinstance(obj, nn.Module):
         return obj, None, type(obj).__name__
     raise AugLocalError(f"export_onnx takes an AugLocalNet or an nn.Module, got {type(obj).__name__}")
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 @contextlib.contextmanager
@@ -86,17 +83,16 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NO_ONNX_OP = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
 
 
-def _first_line(exc: BaseException) -> str:
-    """The line that says what went wrong; the dynamo exporter puts it under "Exception summary"."""
+def _exporter_message(exc: BaseException) -> str:
+    """The line that says what went wrong; the dynamo exporter puts it under "Exception summary"
+    in a report with colour codes, and names an op ONNX lacks deep inside."""
     text = _ANSI.sub("", str(exc)).strip()
     missing = _NO_ONNX_OP.search(text)
     if missing:
         return f"ONNX has no translation for {missing.group(1)}"
     if "## Exception summary" in text:
-        text = text.split("## Exception summary", 1)[1].strip()
-        text = re.sub(r"^<class '[^']+'>:\s*", "", text)
-    lines = text.splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
+        text = re.sub(r"^<class '[^']+'>:\s*", "", text.split("## Exception summary", 1)[1].strip())
+    return first_line(RuntimeError(text), with_type=False)
 
 
 def _export(model: nn.Module, example: torch.Tensor, tmp: Path, exporter: str, opset: int | None,
@@ -134,18 +130,15 @@ def export_onnx(
     For outputs larger than 1 in magnitude (random-init networks without residuals reach 1e9),
     ``atol`` scales with that magnitude: float32 cannot do better. The file appears atomically.
     """
-    import onnx  # noqa: PLC0415
-
     if exporter not in EXPORTERS:
-        raise AugLocalError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        raise AugLocalError.bad_value("exporter", exporter, f"is not an exporter; choose one of {', '.join(EXPORTERS)}")
     model, planned, name = _backbone(net_or_model)
     if input_size is None:
-        from .pipeline import default_input_size  # noqa: PLC0415
-
         input_size = planned or default_input_size(model)
     input_size = tuple(int(v) for v in input_size)
     if len(input_size) < 1 or any(v < 1 for v in input_size):
-        raise AugLocalError(f"input size {input_size} is not a positive shape without batch, e.g. 3 224 224")
+        raise AugLocalError.bad_value("input_size", input_size, "is not a shape: give positive integers "
+                                      "without the batch, e.g. (3, 224, 224)")
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
@@ -157,14 +150,17 @@ def export_onnx(
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     try:
         fallback = None
-        with _eval(model), torch.no_grad(), _quiet():
+        with eval_mode(model), torch.no_grad(), _quiet():
             for used in order:
                 try:
                     _export(model, example, tmp, used, opset, dynamic_batch)
                     break
-                except Exception as exc:  # the exporters raise many types; the user needs the first line
+                # Any failure means this exporter cannot convert the model: the two exporters raise
+                # types of their own from several layers (torch.export, dynamo, onnxscript, the
+                # TorchScript tracer); the cause is chained for whoever debugs it.
+                except Exception as exc:
                     tmp.unlink(missing_ok=True)
-                    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                    reason = f"{type(exc).__name__}: {_exporter_message(exc)}"
                     if used != order[-1]:
                         fallback = f"{used} exporter failed ({reason})"
                         continue
@@ -174,7 +170,7 @@ def export_onnx(
                         "both exporters failed" if fallback else f"try --exporter {other}")
                     before = f"{fallback}; " if fallback else ""
                     raise AugLocalError(f"ONNX export of {name} failed with the {used} exporter "
-                                        f"({before}{reason}); {hint}") from None
+                                        f"({before}{reason}); {hint}") from exc
         proto = onnx.load(str(tmp), load_external_data=False)
         dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
         report = ExportReport(str(path), used, _opset(proto), len(proto.graph.node), dims, None, fallback=fallback)
@@ -199,25 +195,22 @@ def _opset(proto) -> int:
 
 def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Generator, device) -> tuple[float, float]:
     """Full ``onnx.checker`` check, then the largest |onnxruntime - PyTorch| and |PyTorch| over ``batches``."""
-    import onnx  # noqa: PLC0415
-    import onnxruntime as ort  # noqa: PLC0415
-
     try:
         onnx.checker.check_model(str(file), full_check=True)
-    except Exception as exc:  # ValidationError, InferenceError
-        raise AugLocalError(f"the exported graph fails onnx.checker ({_first_line(exc)})") from None
+    except (ValidationError, InferenceError) as exc:
+        raise AugLocalError(f"the exported graph fails onnx.checker ({_exporter_message(exc)})") from exc
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     feed = session.get_inputs()[0].name
     worst = scale = 0.0
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for b in batches:
             x = torch.randn(b, *input_size, generator=gen)
             ref = model(x.to(device)).float().cpu()
             try:
                 out = torch.from_numpy(session.run(None, {feed: x.numpy()})[0])
-            except Exception as exc:  # onnxruntime's Fail / InvalidArgument
+            except (OrtFail, OrtInvalidArgument) as exc:
                 raise AugLocalError(f"onnxruntime cannot run the exported graph at batch {b} "
-                                    f"({_first_line(exc)})") from None
+                                    f"({_exporter_message(exc)})") from exc
             if out.shape != ref.shape:
                 raise AugLocalError(f"onnxruntime output shape {tuple(out.shape)} differs from PyTorch's "
                                     f"{tuple(ref.shape)} at batch {b}")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch.fx as fx
+from timm.models._manipulate import group_with_matcher  # timm re-exports only group_modules/parameters
 from torch import nn
 
 from .errors import AugLocalError
@@ -41,8 +42,7 @@ def _timm_key_fn(model: nn.Module) -> Callable[[str], Hashable | None] | None:
         return None
     try:
         matcher = matcher_fn(coarse=False)
-        from timm.models._manipulate import group_with_matcher  # noqa: PLC0415  (not re-exported)
-    except Exception:  # a model with a broken or foreign group_matcher: use the module tree
+    except (TypeError, NotImplementedError):  # a group_matcher of another signature: use the module tree
         return None
     names = [n for n, _ in model.named_modules() if n]
     names += [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SavedTensorMeter"]
+__all__ = ["SavedTensorMeter", "storage_key"]
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of ``t``'s storage, shared by all its views. The address of the storage object
+    itself, not of its data: fake tensors' storages (the profiler's) have no data (``data_ptr`` 0)."""
+    return t.untyped_storage()._cdata
 
 
 class _Handle:
@@ -35,14 +41,13 @@ class SavedTensorMeter:
     def __init__(self, exclude=()):
         self.current = self.peak = 0  # without excluded storages
         self.current_all = self.peak_all = 0  # everything saved
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._refs: dict[int, list[int]] = {}  # storage ptr -> [refcount, nbytes]
+        self._excluded = {storage_key(t) for t in exclude}
+        self._refs: dict[int, list[int]] = {}  # storage key -> [refcount, nbytes]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
         try:
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
+            key, nbytes = storage_key(t), t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             return t
         ref = self._refs.get(key)

@@ -1,46 +1,17 @@
-"""The rewritten, trainable module: gradient-isolated blocks, their aux nets and the model's head."""
+"""The rewritten, trainable module: gradient-isolated blocks, their aux nets and the model's head.
+
+The per-block backward itself is ``blockwise.blockwise_step``."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
+from .blockwise import LocalUnit, StepOutput, blockwise_step
+from .checkpoint import save_net
 from .plan import Plan
 
-__all__ = ["AugLocalNet", "LocalUnit", "StepOutput"]
-
-
-@dataclass
-class StepOutput:
-    """What one ``training_step`` returns. Losses are floats; logits are detached."""
-
-    logits: torch.Tensor
-    loss: float
-    local_losses: list[float] = field(default_factory=list)
-    aux_acc: list[float] = field(default_factory=list)
-
-
-class LocalUnit(nn.Module):
-    """One gradient-isolated unit: a block and the net its loss is computed on (aux net or head).
-
-    ``unit(h)`` returns ``(block output, logits)``; the caller detaches the output before it feeds
-    the next unit.
-    """
-
-    def __init__(self, block: nn.Module, top: nn.Module):
-        super().__init__()
-        self.block, self.top = block, top
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with record_function("auglocal.block"):
-            out = self.block(h)
-        with record_function("auglocal.top"):
-            return out, self.top(out)
+__all__ = ["AugLocalNet"]
 
 
 class AugLocalNet(nn.Module):
@@ -106,25 +77,8 @@ class AugLocalNet(nn.Module):
         ``autocast_dtype=torch.bfloat16`` runs forward passes under autocast. ``units`` replaces
         ``local_units()``, e.g. with DDP-wrapped units.
         """
-        loss_fn = loss_fn or F.cross_entropy
-        amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
-               if autocast_dtype is not None else nullcontext())
         units = self.local_units() if units is None else units
-        losses, accs = [], []
-        h = x
-        for unit in units:
-            with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
-                out, logits = unit(h)
-                loss = loss_fn(logits.float(), target)
-            with record_function("auglocal.backward"):
-                loss.backward()  # frees this unit's graph before the next unit runs
-            # kept as tensors: .item() here would make a GPU wait for every block in turn
-            losses.append(loss.detach().float())
-            accs.append(_accuracy(logits.detach(), target))
-            h = out.detach()
-            del out, loss
-        losses, accs = torch.stack(losses).tolist(), torch.stack(accs).tolist()  # one sync per step
-        return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
+        return blockwise_step(units, x, target, loss_fn, autocast_dtype)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:
@@ -152,12 +106,5 @@ class AugLocalNet(nn.Module):
 
     def save(self, path) -> None:
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
-        from .checkpoint import save_net  # noqa: PLC0415  (avoids an import cycle)
-
         save_net(self, path)
 
-
-def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if target.dim() != 1 or logits.dim() != 2:
-        return torch.tensor(float("nan"), device=logits.device)
-    return (logits.argmax(dim=1) == target).float().mean()

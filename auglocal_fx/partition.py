@@ -1,31 +1,26 @@
-"""Pass 3 — partition: split L layers into K contiguous blocks.
+"""Pass 3 — partition: split L layers into K contiguous blocks, and the cost model it balances.
 
 Balance policies live in one small registry, like timm's model registry: ``layers`` (the paper:
-equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly). A
-block's cost may carry an ``extra(j, last)`` term besides its layers' own: what block j's aux net
-adds when the block ends at layer ``last`` (its activations are alive together with the block's).
+equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly). Each
+carries its per-layer cost; ``memory`` also weighs each block's aux net, because block-wise
+training holds a block's activations and its aux net's at once (``unit_act_bytes``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .errors import AugLocalError
+from .plan import LayerInfo, Plan
+from .registry import Registry
 
-__all__ = ["BALANCERS", "register_balancer", "partition", "equal_counts", "min_max_partition"]
+__all__ = ["Balance", "BALANCERS", "register_balance", "get_balance", "partition", "equal_counts",
+           "min_max_partition", "aux_act_bytes", "unit_act_bytes"]
 
 Extra = Callable[[int, int], float]  # (block index, its last layer) -> cost added to that block
-BALANCERS: dict[str, Callable[[Sequence[float], int, Extra | None], list[list[int]]]] = {}
-
-
-def register_balancer(name: str):
-    """Decorator: ``fn(costs, k, extra) -> blocks`` becomes selectable as ``balance=name``."""
-
-    def wrap(fn):
-        BALANCERS[name] = fn
-        return fn
-
-    return wrap
+Split = Callable[[Sequence[float], int, Extra | None], list[list[int]]]
 
 
 def equal_counts(n: int, k: int) -> list[list[int]]:
@@ -68,19 +63,39 @@ def min_max_partition(costs: Sequence[float], k: int, extra: Extra | None = None
     return blocks[::-1]
 
 
-@register_balancer("layers")
-def _by_layers(costs, k, extra=None):
-    return equal_counts(len(costs), k)
+@dataclass(frozen=True)
+class Balance:
+    """A balance policy: the cost of one layer, and how blocks are cut from the costs.
+
+    ``weighs_aux``: a block's cost also counts its aux net's (``extra``), as activation memory must.
+    """
+
+    name: str
+    summary: str  # one line, for --help and the README
+    layer_cost: Callable[[LayerInfo], float]
+    split: Split
+    weighs_aux: bool = False
 
 
-@register_balancer("flops")
-def _by_flops(costs, k, extra=None):
-    return min_max_partition(costs, k, extra)
+BALANCERS: Registry[Balance] = Registry("balance", "a balance")
 
 
-@register_balancer("memory")
-def _by_memory(costs, k, extra=None):
-    return min_max_partition(costs, k, extra)
+def register_balance(balance: Balance) -> Balance:
+    """Make ``balance`` selectable as ``balance=balance.name`` (CLI ``--balance``, recipe key)."""
+    return BALANCERS.register(balance.name, balance)
+
+
+def get_balance(name: str) -> Balance:
+    """The registered balance policy called ``name``, or a one-line error listing the choices."""
+    return BALANCERS.lookup(name)
+
+
+register_balance(Balance("layers", "equal layer counts (the paper)", lambda layer: 1.0,
+                         lambda costs, k, extra=None: equal_counts(len(costs), k)))
+register_balance(Balance("flops", "minimise the largest block's forward FLOPs", lambda layer: layer.flops,
+                         min_max_partition))
+register_balance(Balance("memory", "minimise the largest block + aux net activation memory",
+                         lambda layer: layer.act_bytes, min_max_partition, weighs_aux=True))
 
 
 def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Extra | None = None) -> list[list[int]]:
@@ -90,8 +105,37 @@ def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Ex
         >>> partition([1, 1, 1, 1, 1], 2)
         [[0, 1, 2], [3, 4]]
     """
-    if balance not in BALANCERS:
-        raise AugLocalError(f"unknown balance {balance!r}; choose one of {', '.join(BALANCERS)}")
+    policy = get_balance(balance)
     if not 1 <= k <= len(costs):
         raise AugLocalError(f"cannot split {len(costs)} layers into {k} blocks; use 1..{len(costs)}")
-    return BALANCERS[balance](costs, k, extra)
+    return policy.split(costs, k, extra)
+
+
+# -- the cost model ---------------------------------------------------------------------------------
+def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int]) -> int:
+    """Estimated activation bytes (per sample) of an aux net that copies layers ``selected`` after a
+    block ending at layer ``last``.
+
+    Copied layers see the shapes they see in the backbone, so they save what they save there; a
+    (C, H, W) adapter's norm also saves its conv's output; the head copy saves what the head does.
+    """
+    total, shape = head.act_bytes, layers[last].out_shape
+    for target in [layers[j].in_shape for j in selected] + [head.in_shape]:
+        if target != shape and len(target) == 3:
+            total += 4 * math.prod(target)  # float32, as profiled
+        shape = target
+    return total + sum(layers[j].act_bytes for j in selected)
+
+
+def unit_act_bytes(plan: Plan) -> list[int]:
+    """Estimated activation bytes per sample alive at each block's peak: block + aux net (the last:
+    block + head). Under block-wise training the largest of these is the step's activation peak."""
+    out = []
+    for b in plan.blocks:
+        own = plan.block_sum(b, "act_bytes")
+        if b.index < len(plan.aux):
+            own += aux_act_bytes(plan.layers, plan.head, b.layers[-1], plan.aux[b.index].selected_layers)
+        else:
+            own += plan.head.act_bytes
+        out.append(own)
+    return out

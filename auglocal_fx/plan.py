@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass, field
 
 import yaml
+from rich.table import Table
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 
 __all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan"]
 
@@ -84,7 +85,7 @@ class Plan:
                 aux=[AuxRecipe(**x) for x in d["aux"]],
             )
         except (KeyError, TypeError) as exc:
-            raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from None
+            raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -97,7 +98,7 @@ class Plan:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise AugLocalError(f"plan is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise AugLocalError(f"plan is not valid YAML: {first_line(exc, with_type=False)}") from exc
         if not isinstance(data, dict):
             raise AugLocalError("plan YAML must be a mapping with config, layers, head, blocks, aux")
         return cls.from_dict(data)
@@ -116,8 +117,6 @@ class Plan:
     # -- display --------------------------------------------------------------------------------
     def table(self):
         """A ``rich`` renderable: one row per block, with its aux recipe."""
-        from rich.table import Table  # noqa: PLC0415  (rich only matters when printing)
-
         c = self.config
         title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
                  f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .analyze import activation_nodes
+from .cuts import activation_nodes
 from .errors import AugLocalError
 
 __all__ = ["split_graph"]

@@ -1,51 +1,43 @@
 """Pass 1 — trace: turn an ``nn.Module`` into a ``torch.fx.GraphModule``.
 
 timm marks modules and functions that fx cannot trace through (dynamic shapes, data-dependent
-control flow); we keep them as leaves, exactly as timm's own feature extractor does. Forward
-arguments other than the input that have defaults (a ViT's ``attn_mask``, ``is_causal``) are
-specialised to their defaults, so they never appear as extra live values that would hide a cut.
+control flow); we keep them as leaves with torchvision's ``LeafModuleAwareTracer``, exactly as
+timm's own feature extractor does. Forward arguments other than the input that have defaults (a
+ViT's ``attn_mask``, ``is_causal``) are specialised to their defaults, so they never appear as
+extra live values that would hide a cut.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 
 import torch.fx as fx
+from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrace_modules
 from torch import nn
+from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 
-try:  # timm is a dependency, but keep plain-torch models traceable if it is broken
-    from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrace_modules
+__all__ = ["make_tracer", "trace", "specialised_args"]
 
-    # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
-    # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As
-    # leaves they decide train/eval behaviour themselves at run time.
-    STOCHASTIC_LEAVES: tuple[type, ...] = (DropPath, DropBlock2d)
-except ImportError:  # pragma: no cover
-    STOCHASTIC_LEAVES = ()
+# Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
+# node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As leaves
+# they decide train/eval behaviour themselves at run time.
+STOCHASTIC_LEAVES: tuple[type, ...] = (DropPath, DropBlock2d)
 
-    def get_notrace_modules():
-        return []
-
-    def get_notrace_functions():
-        return []
-
-__all__ = ["LeafTracer", "trace", "specialised_args"]
+# What torch.fx raises for code it cannot trace: Proxy misuse (TypeError: iterating a Proxy,
+# TraceError: control flow on one), and whatever the model's own code raises on a Proxy.
+_TRACE_ERRORS = (fx.proxy.TraceError, TypeError, RuntimeError, AttributeError, ValueError,
+                 NotImplementedError, AssertionError, IndexError, KeyError)
 
 
-class LeafTracer(fx.Tracer):
-    """An fx tracer that keeps timm's not-traced modules (and any ``extra_leaves``) as leaves."""
-
-    def __init__(self, extra_leaves: tuple[type, ...] = ()):
-        functions = tuple(f for f in get_notrace_functions() if callable(f))
-        super().__init__(autowrap_functions=functions)
-        self.leaf_types = tuple(get_notrace_modules()) + STOCHASTIC_LEAVES + tuple(extra_leaves)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if self.leaf_types and isinstance(m, self.leaf_types):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+def make_tracer() -> LeafModuleAwareTracer:
+    """A tracer that keeps timm's not-traced modules (and drop-path / drop-block) as leaves and
+    wraps timm's not-traced functions."""
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    leaves = tuple(get_notrace_modules()) + STOCHASTIC_LEAVES
+    return LeafModuleAwareTracer(leaf_modules=leaves, autowrap_functions=functions)
 
 
 def specialised_args(model: nn.Module) -> dict:
@@ -66,7 +58,7 @@ def specialised_args(model: nn.Module) -> dict:
     return concrete
 
 
-def trace(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` in its current train/eval mode.
 
     The returned GraphModule shares every parameter and buffer with ``model``.
@@ -76,20 +68,18 @@ def trace(model: nn.Module, extra_leaves: tuple[type, ...] = ()) -> fx.GraphModu
         >>> len(gm.graph.nodes) > 0
         True
     """
-    tracer = LeafTracer(extra_leaves)
+    tracer = make_tracer()
+    concrete = specialised_args(model)
     try:
-        graph = tracer.trace(model, concrete_args=specialised_args(model))
-    except AugLocalError:
-        raise
-    except Exception as exc:  # fx raises many types; the user needs the module at fault
+        graph = tracer.trace(model, concrete_args=concrete)
+    except _TRACE_ERRORS as exc:  # the user needs the module at fault
         where = next(reversed(tracer.module_stack), "") if getattr(tracer, "module_stack", None) else ""
         culprit = type(model.get_submodule(where)).__name__ if where else type(model).__name__
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         raise AugLocalError(
             f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__} in module "
-            f"'{where or '<root>'}' ({culprit}): {first_line}. Hint: register that module class with "
-            "timm.layers.register_notrace_module so it stays a leaf, or remove data-dependent "
-            "control flow from its forward") from None
+            f"'{where or '<root>'}' ({culprit}): {first_line(exc, 200, with_type=False)}. Hint: register "
+            "that module class with timm.layers.register_notrace_module so it stays a leaf, or remove "
+            "data-dependent control flow from its forward") from exc
     _drop_unused_unpacking(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -98,11 +88,8 @@ def _drop_unused_unpacking(graph: fx.Graph) -> None:
     """Remove ``t[i]`` / ``t.attr`` nodes nobody uses (``a, _ = f(x)`` leaves one per ignored value).
 
     Left in, such a node keeps the tuple it reads alive past the place where the model hands one
-    tensor on, so that place would not be a valid cut. Indexing and attribute reads are pure, so
-    removing them changes nothing else (wider dead-code elimination could drop in-place ops).
+    tensor on, so that place would not be a valid cut. Only indexing and attribute reads count as
+    pure here: fx's default notion of impurity would also drop unused in-place ops.
     """
-    import operator  # noqa: PLC0415
-
-    for n in reversed(list(graph.nodes)):
-        if n.op == "call_function" and n.target in (operator.getitem, getattr) and not n.users:
-            graph.erase_node(n)
+    graph.eliminate_dead_code(
+        is_impure_node=lambda n: not (n.op == "call_function" and n.target in (operator.getitem, getattr)))

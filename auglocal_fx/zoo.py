@@ -13,10 +13,14 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
-from .errors import AugLocalError
+from .compiler import to_auglocal
+from .errors import AugLocalError, first_line
+from .export import export_onnx
+from .planner import analyze_model, build_plan
 
 __all__ = ["STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
 
@@ -50,8 +54,6 @@ class ZooResult:
 
 def families(pattern: str | None = None) -> dict[str, list[str]]:
     """timm's model families (the module a model is defined in) -> its model names."""
-    import timm  # noqa: PLC0415
-
     out = {}
     for module in sorted(timm.list_modules()):
         if module == "cifar_resnet":  # ours (auglocal_fx.cifar_resnet), not one of timm's families
@@ -65,13 +67,11 @@ def families(pattern: str | None = None) -> dict[str, list[str]]:
 
 
 def _param_count(name: str) -> float:
-    import timm  # noqa: PLC0415
-
     try:
         with torch.device("meta"):
             model = timm.create_model(name)
         return sum(p.numel() for p in model.parameters())
-    except Exception:  # noqa: BLE001  (a model that cannot be built on meta sorts last)
+    except Exception:  # a model that cannot be built on the meta device, for any reason, sorts last
         return float("inf")
 
 
@@ -80,16 +80,9 @@ def smallest(names: list[str]) -> str:
     return min(names, key=lambda n: (_param_count(n), n))
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0][:240] if lines else ''}".rstrip(": ")
-
-
 def create_small(name: str, num_classes: int = 10) -> tuple[nn.Module, tuple[int, ...]]:
     """``name`` with random weights at the smallest square input side (from ``SIDES``, else its
     default) that it builds and runs at. Models that take ``img_size`` are built for that side."""
-    import timm  # noqa: PLC0415
-
     cfg = timm.models.get_pretrained_cfg(name)
     native = tuple((cfg.input_size if cfg is not None else None) or (3, 224, 224))
     sides = [s for s in SIDES if s < native[-1]] + [native[-1]]
@@ -102,9 +95,9 @@ def create_small(name: str, num_classes: int = 10) -> tuple[nn.Module, tuple[int
                 with torch.no_grad():
                     model.eval()(torch.randn(1, *size))
                 return model, size
-            except Exception as exc:  # noqa: BLE001  (try the next size)
+            except Exception as exc:  # whatever a model raises at a size it cannot take: try the next
                 first_error = first_error or exc
-    raise AugLocalError(f"{name} runs at none of the input sides {sides} ({_one_line(first_error)})")
+    raise AugLocalError(f"{name} runs at none of the input sides {sides} ({first_line(first_error, 240)})")
 
 
 def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
@@ -119,10 +112,6 @@ def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
 
 def check_model(name: str, family: str = "", blocks: int = 8, seed: int = 0) -> ZooResult:
     """Run the four stages on ``name``; the first failure is recorded (one line), never raised."""
-    from .convert import to_auglocal  # noqa: PLC0415
-    from .export import export_onnx  # noqa: PLC0415
-    from .pipeline import analyze_model, build_plan  # noqa: PLC0415
-
     result = ZooResult(name, family)
     start = time.perf_counter()
     stage = "create"
@@ -174,8 +163,8 @@ def check_model(name: str, family: str = "", blocks: int = 8, seed: int = 0) -> 
             report = export_onnx(net, Path(tmp) / f"{name}.onnx", atol=ONNX_ATOL)
         result.onnx_diff = report.max_abs_diff / report.tolerance_scale  # relative above magnitude 1
         result.passed.append(stage)
-    except Exception as exc:  # noqa: BLE001  (a zoo run records every failure and goes on)
-        result.failed, result.error = stage, _one_line(exc)
+    except Exception as exc:  # a zoo run records every failure, bug or not, and goes on
+        result.failed, result.error = stage, first_line(exc, 240)
         if not isinstance(exc, AugLocalError) and stage != "create":
             frames = traceback.extract_tb(exc.__traceback__)
             where = next((f for f in reversed(frames) if "auglocal_fx" in f.filename), None)

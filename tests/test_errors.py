@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from torch import nn
 
-from auglocal_fx import AugLocalError, to_auglocal
-from auglocal_fx.checkpoint import _digest
+from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
+from auglocal_fx.checkpoint import checksum
 from auglocal_fx.cli.convert import main as convert_main
 from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
@@ -51,7 +52,7 @@ def _other_model_checkpoint(tmp: Path) -> Path:
     payload = torch.load(path, weights_only=True)
     del payload["sha256"]
     payload["plan"]["config"]["model"] = "resnet34"
-    payload["sha256"] = _digest(payload)  # a consistent file, just not these weights' architecture
+    payload["sha256"] = checksum(payload)  # a consistent file, just not these weights' architecture
     torch.save(payload, path)
     return path
 
@@ -110,15 +111,15 @@ CLI_CASES = [
     ("unknown-model", convert_main, lambda t, m: ["--model", "resnet5O", "--blocks", "4"],
      ["unknown model 'resnet5O'", "did you mean resnet50"]),
     ("blocks-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "0", *SMALL],
-     ["--blocks must be between 1 and 9", "got 0"]),
+     ["--blocks 0 is out of range for resnet18 (it has 9 layers): use 1..9"]),
     ("blocks-above-layers", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "99", *SMALL],
-     ["--blocks must be between 1 and 9 for resnet18 (it has 9 layers)"]),
+     ["--blocks 99 is out of range for resnet18 (it has 9 layers): use 1..9"]),
     ("aux-depth-negative", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--aux-depth", "-1"],
-     ["aux depth must be an integer >= 0, got -1"]),
+     ["--aux-depth -1 is not an integer >= 0"]),
     ("tau-outside-0-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--pyramid", "1.5"],
-     ["tau must be in [0, 1], got 1.5"]),
+     ["--pyramid 1.5 is outside [0, 1]"]),
     ("bad-input-size", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--input-size", "3", "0", "9"],
-     ["bad input size (3, 0, 9)", "give positive integers"]),
+     ["--input-size (3, 0, 9) is not a shape", "positive integers"]),
     ("recipe-missing", train_main, lambda t, m: [str(t / "nope.yaml")], ["recipe", "does not exist"]),
     ("recipe-not-yaml", train_main, lambda t, m: [_write(t, "r.yaml", b"model: {name: [\n")],
      ["is not valid YAML at line"]),
@@ -153,6 +154,8 @@ CLI_CASES = [
     ("checkpoint-other-model", export_main,
      lambda t, m: [str(_other_model_checkpoint(t)), "--out", str(t / "m.onnx")],
      ["holds weights for another model"]),
+    ("recipe-blocks-above-layers", train_main, lambda t, m: [_recipe(t, **{"conversion.blocks": 99})],
+     ["recipe key conversion.blocks = 99 is out of range for resnet20_cifar (it has 10 layers): use 1..10"]),
     ("export-out-folder-missing", export_main,
      lambda t, m: [str(_checkpoint(t)), "--out", str(t / "none" / "m.onnx")],
      ["folder", "does not exist"]),
@@ -199,3 +202,24 @@ def test_export_parity_failure_is_one_line_with_the_figure(tmp_path):
         mlp = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 3))  # float sums never match to 1e-30
         export_onnx(mlp, tmp_path / "m.onnx", input_size=(256,), atol=1e-30)
     assert "\n" not in str(err.value)
+
+
+def test_library_errors_name_python_parameters():
+    """The same mistake reads ``blocks=99`` in Python, ``--blocks 99`` in the CLI (test_cli_error) and
+    ``recipe key conversion.blocks = 99`` in a recipe (recipe-blocks-above-layers)."""
+    with pytest.raises(AugLocalError, match=r"^blocks=99 is out of range for resnet20_cifar \(it has 10 layers\): use 1\.\.10$") as err:
+        to_auglocal(timm.create_model("resnet20_cifar"), blocks=99, input_size=(3, 16, 16))
+    assert err.value.param == "blocks"
+    assert err.value.worded({"blocks": "--blocks"}).startswith("--blocks 99 is out of range")
+
+
+def test_errors_chain_their_cause(tmp_path):
+    """A user error caused by another exception keeps it as ``__cause__`` (raise ... from exc)."""
+    bad = tmp_path / "c.pt"
+    bad.write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(AugLocalError, match="unreadable or corrupt") as err:
+        load_auglocal(bad)
+    assert err.value.__cause__ is not None
+    with pytest.raises(AugLocalError, match="torch.fx cannot trace") as err:
+        to_auglocal(_DataDependent(), 2, input_size=(4,))
+    assert err.value.__cause__ is not None

@@ -16,7 +16,7 @@ from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.export import export_onnx, save_backbone_state
 
-from conftest import CifarResNet
+from handwritten import cifar_resnet
 
 # name -> (factory, timm kwargs for a fresh copy or None, K, input size)
 MODELS = {
@@ -27,7 +27,7 @@ MODELS = {
                       (3, 64, 64)),
     "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), {"num_classes": 10}, 4,
                         (3, 64, 64)),
-    "hand_resnet": (CifarResNet, None, 4, (3, 32, 32)),
+    "hand_resnet": (cifar_resnet, None, 4, (3, 32, 32)),
 }
 
 
@@ -118,12 +118,12 @@ def test_auto_falls_back_to_torchscript_and_says_why(tmp_path):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(AugLocalError, match="unknown exporter 'tf'; choose one of auto, dynamo, torchscript"):
-        export_onnx(CifarResNet(), tmp_path / "m.onnx", input_size=(3, 32, 32), exporter="tf")
-    with pytest.raises(AugLocalError, match="not a positive shape"):
-        export_onnx(CifarResNet(), tmp_path / "m.onnx", input_size=(3, 0, 32))
+    with pytest.raises(AugLocalError, match="exporter='tf' is not an exporter; choose one of auto, dynamo, torchscript"):
+        export_onnx(cifar_resnet(), tmp_path / "m.onnx", input_size=(3, 32, 32), exporter="tf")
+    with pytest.raises(AugLocalError, match=r"input_size=\(3, 0, 32\) is not a shape"):
+        export_onnx(cifar_resnet(), tmp_path / "m.onnx", input_size=(3, 0, 32))
     with pytest.raises(AugLocalError, match="does not exist"):
-        export_onnx(CifarResNet(), tmp_path / "nowhere" / "m.onnx", input_size=(3, 32, 32))
+        export_onnx(cifar_resnet(), tmp_path / "nowhere" / "m.onnx", input_size=(3, 32, 32))
 
 
 # -- the CLI -------------------------------------------------------------------------------------

@@ -14,41 +14,10 @@ from torch import nn
 
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
 from auglocal_fx.memory import SavedTensorMeter
-from auglocal_fx.pipeline import unit_act_bytes
+from auglocal_fx.partition import unit_act_bytes
 
-from conftest import assert_gradient_isolation
-
-
-class _Res(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                      if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-        return F.relu(self.short(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
-class HandResNet(nn.Module):
-    """A small hand-written residual network (no timm, no torchvision)."""
-
-    def __init__(self, num_classes=10, widths=(8, 8, 16, 16, 32, 32)):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, cin = [], widths[0]
-        for w in widths:
-            blocks.append(_Res(cin, w, 2 if w != cin else 1))
-            cin = w
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+from checks import assert_gradient_isolation
+from handwritten import small_resnet
 
 
 def _timm(name, **kw):
@@ -61,7 +30,7 @@ PARITY_MODELS = {
     "convnext_atto": (_timm("convnext_atto"), 6, (3, 64, 64)),
     "efficientnet_b0": (_timm("efficientnet_b0"), 8, (3, 64, 64)),
     "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 6, (3, 64, 64)),
-    "hand_resnet": (HandResNet, 5, (3, 32, 32)),
+    "hand_resnet": (small_resnet, 5, (3, 32, 32)),
 }
 
 
@@ -262,7 +231,7 @@ def test_load_errors(tmp_path):
 
 
 def test_bad_arguments():
-    model = HandResNet()
+    model = small_resnet()
     with pytest.raises(AugLocalError, match="rule"):
         to_auglocal(model, blocks=2, rule="nope", input_size=(3, 32, 32))
     with pytest.raises(AugLocalError, match="aux_init"):

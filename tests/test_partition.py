@@ -121,7 +121,7 @@ def test_min_max_partition_examples(costs, k, best):
 
 @pytest.mark.parametrize("balance", ["speed", "", "Layers"])
 def test_unknown_balance_raises(balance):
-    with pytest.raises(AugLocalError, match="unknown balance"):
+    with pytest.raises(AugLocalError, match="is not a balance; choose one of layers, flops, memory"):
         partition([1, 2, 3], 2, balance)
 
 

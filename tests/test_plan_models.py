@@ -8,8 +8,10 @@ import re
 import pytest
 import torch
 
-from auglocal_fx import AugLocalError, analyze_model, build_plan, split_graph
-from auglocal_fx.pipeline import unit_act_bytes
+from auglocal_fx import AugLocalError, build_plan
+from auglocal_fx.partition import unit_act_bytes
+from auglocal_fx.planner import analyze_model
+from auglocal_fx.split import split_graph
 
 MODELS = ["resnet50", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0", "tv_resnet18",
           "cifar_resnet8", "root_residual"]
@@ -159,7 +161,7 @@ def test_split_rejects_out_of_order_boundaries(zoo):
 
 @pytest.mark.parametrize("size", [(3, 0, 32), (3, 32.0, 32), (), (-3, 32, 32)])
 def test_bad_input_size_rejected(fresh_model, size):
-    with pytest.raises(AugLocalError, match="input size"):
+    with pytest.raises(AugLocalError, match="input_size=.* is not a shape"):
         analyze_model(fresh_model("cifar_resnet8"), size)
 
 
@@ -167,7 +169,7 @@ def test_input_size_mismatch_is_one_line_error(fresh_model):
     with pytest.raises(AugLocalError) as exc:
         analyze_model(fresh_model("cifar_resnet8"), (1, 32, 32))  # the stem wants 3 channels
     msg = str(exc.value)
-    assert "input-size" in msg
+    assert "check input_size=(1, 32, 32)" in msg  # the Python parameter; the CLI says --input-size
     assert "\n" not in msg, msg  # errors.py: "The message is a single line"
 
 
@@ -216,7 +218,7 @@ def test_blocks_out_of_range(zoo, name, extra):
     with pytest.raises(AugLocalError) as exc:
         plan_for(case, k)
     msg = str(exc.value)
-    assert f"between 1 and {n}" in msg
+    assert f"blocks={k} is out of range" in msg and f"use 1..{n}" in msg
     assert "\n" not in msg
 
 
@@ -284,10 +286,10 @@ def test_resnet50_reference_tail(resnet50):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"aux_depth": -1}, "aux depth"),
-    ({"pyramid": 1.5}, "tau"),
-    ({"balance": "speed"}, "unknown balance"),
-    ({"tail": "paper"}, "unknown tail"),
+    ({"aux_depth": -1}, "aux_depth=-1 is not an integer >= 0"),
+    ({"pyramid": 1.5}, r"pyramid=1.5 is outside \[0, 1\]"),
+    ({"balance": "speed"}, "balance='speed' is not a balance"),
+    ({"tail": "paper"}, "tail='paper' is not a tail"),
 ])
 def test_bad_options_raise(resnet50, kw, match):
     with pytest.raises(AugLocalError, match=match):

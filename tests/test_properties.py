@@ -11,83 +11,16 @@ from __future__ import annotations
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from auglocal_fx import to_auglocal
 from auglocal_fx.partition import BALANCERS
-from auglocal_fx.recipe import pyramid_depths
+from auglocal_fx.selection import pyramid_depths
 
-from conftest import assert_gradient_isolation
+from checks import assert_gradient_isolation
+from handwritten import PlainCNN, ResNet, TokenMLP
 
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CLASSES = 5
-
-
-class PlainCNN(nn.Module):
-    def __init__(self, widths: list[int], strides: list[int]):
-        super().__init__()
-        layers, cin = [], 3
-        for w, s in zip(widths, strides):
-            layers.append(nn.Sequential(nn.Conv2d(cin, w, 3, s, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()))
-            cin = w
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, CLASSES)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-
-class Residual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.short = (nn.Identity() if cin == cout and stride == 1 else
-                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
-
-    def forward(self, x):
-        return torch.relu(self.body(x) + self.short(x))
-
-
-class ResidualCNN(nn.Module):
-    def __init__(self, widths: list[int], strides: list[int]):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, cin = [], widths[0]
-        for w, s in zip(widths, strides):
-            blocks.append(Residual(cin, w, s))
-            cin = w
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, CLASSES)
-
-    def forward(self, x):
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
-
-
-class TokenBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-class TokenMLP(nn.Module):
-    """Patches -> tokens (T, D) -> residual MLP blocks -> mean over tokens -> classifier."""
-
-    def __init__(self, dim: int, depth: int, patch: int = 4):
-        super().__init__()
-        self.embed = nn.Conv2d(3, dim, patch, patch)
-        self.blocks = nn.Sequential(*[TokenBlock(dim) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, CLASSES)
-
-    def forward(self, x):
-        x = self.embed(x).flatten(2).transpose(1, 2)
-        return self.fc(self.norm(self.blocks(x)).mean(1))
 
 
 @st.composite
@@ -95,10 +28,10 @@ def models(draw):
     kind = draw(st.sampled_from(["plain", "residual", "tokens"]))
     n = draw(st.integers(2, 5))
     if kind == "tokens":
-        return TokenMLP(draw(st.sampled_from([8, 16])), n)
+        return TokenMLP(draw(st.sampled_from([8, 16])), n, num_classes=CLASSES)
     widths = draw(st.lists(st.sampled_from([4, 8, 12]), min_size=n, max_size=n))
     strides = draw(st.lists(st.sampled_from([1, 2]), min_size=n, max_size=n))
-    return (PlainCNN if kind == "plain" else ResidualCNN)(widths, strides)
+    return (PlainCNN if kind == "plain" else ResNet)(widths, strides, num_classes=CLASSES)
 
 
 @PROPERTY

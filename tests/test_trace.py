@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from auglocal_fx import AugLocalError, analyze_model, build_plan
-from auglocal_fx.analyze import activation_nodes
+from auglocal_fx import AugLocalError, build_plan
+from auglocal_fx.cuts import activation_nodes
+from auglocal_fx.planner import analyze_model
 from auglocal_fx.trace import specialised_args, trace
 
 

@@ -107,7 +107,7 @@ BAD_RECIPES = [
     ({"epochs": "ten"}, ["recipe key epochs must be an integer", "'ten'"]),
     ({"optimizer.lr": "fast"}, ["recipe key optimizer.lr must be a number"]),
     ({"bf16": "yes"}, ["recipe key bf16 must be true or false"]),
-    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, dgl, bp"]),
+    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, bp, dgl"]),
     ({"data.dataset": "mnist"}, ["recipe key data.dataset", "fashion_mnist"]),
     ({"conversion.blocks": 0}, ["conversion.blocks must be at least 1"]),
     ({"conversion.pyramid": 1.5}, ["conversion.pyramid must lie in [0, 1]"]),
@@ -299,7 +299,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 def test_resnet_cifar_plans_have_paper_layer_counts(name, layers):
     import timm
 
-    from auglocal_fx.pipeline import build_plan
+    from auglocal_fx import build_plan
 
     plan = build_plan(timm.create_model(name), layers, input_size=(3, 32, 32))
     assert len(plan.layers) == layers and len(plan.blocks) == layers

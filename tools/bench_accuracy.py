@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from auglocal_fx.atomic import atomic_write, atomic_write_text  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.errors import AugLocalError  # noqa: E402
-from auglocal_fx.io import atomic_write, atomic_write_text  # noqa: E402
 
 RULES = ("bp", "dgl", "auglocal")
 PROG = "bench_accuracy"
@@ -41,7 +41,7 @@ def _log(*args, **kwargs) -> None:
 
 def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
     """Train one (rule, seed) run, resuming its last.pt when an earlier attempt was cut off."""
-    from auglocal_fx.training import load_recipe, train  # noqa: PLC0415  (heavy import)
+    from auglocal_fx.training import load_recipe, train  # heavy: only when a run trains
 
     run_dir = out / f"{rule}-seed{seed}"
     recipe = load_recipe(recipe_path, [*overrides, f"conversion.rule={rule}", f"seed={seed}",
@@ -78,10 +78,10 @@ def summarise(runs: list[dict]) -> dict:
 
 def plot(path: Path, summary: dict, title: str) -> None:
     """Bars of mean test accuracy with std error bars and one dot per seed."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     rules = list(summary["rules"])
     rows = [summary["rules"][r] for r in rules]

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.memory import SavedTensorMeter  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
-from auglocal_fx.pipeline import unit_act_bytes  # noqa: E402
+from auglocal_fx.partition import unit_act_bytes  # noqa: E402
+from auglocal_fx.rules import get_rule  # noqa: E402
 
 SETTINGS = (  # model, K, d, size, batch
     ("resnet50", 16, 2, 224, 8),
@@ -59,7 +60,7 @@ def measure(model_name: str, blocks: int, aux_depth: int, size: int, batch: int,
             net.training_step(x, y)
         row = {"blocks": len(net.blocks), "activations": meter.peak, "with_weights": meter.peak_all,
                "aux_params": sum(p.numel() for p in net.aux_parameters())}
-        if rule == "auglocal":  # the planner models auglocal's aux nets (copies of profiled layers) only
+        if get_rule(rule).copies_layers:  # the planner models aux nets made of copies of profiled layers only
             row["estimate"] = batch * max(unit_act_bytes(net.plan))
         if device == "cuda":
             row["cuda_max_allocated"] = torch.cuda.max_memory_allocated()

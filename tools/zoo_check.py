@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auglocal_fx.io import atomic_write_text  # noqa: E402
+from auglocal_fx.atomic import atomic_write_text  # noqa: E402
 from auglocal_fx.zoo import STAGES, ZooResult, check_model, families, smallest  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def run_one(name: str, family: str, blocks: int, timeout: float) -> dict:
     proc.start()
     try:
         return queue.get(timeout=timeout)
-    except Exception:  # noqa: BLE001  (queue.Empty: time limit; the child died: no result)
+    except queue.Empty:  # the time limit passed, or the child died without a result
         proc.kill()
         why = f"time limit of {timeout:.0f}s" if proc.is_alive() or proc.exitcode is None else \
             f"process died (exit code {proc.exitcode})"

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..errors import AugLocalError
 
 
-def run_cli(prog: str, body: Callable[[], int | None]) -> int:
-    """Run ``body``; an AugLocalError prints ``prog: error: message`` and returns 2."""
+def run_cli(prog: str, body: Callable[[], int | None], flags: Mapping[str, str] | None = None) -> int:
+    """Run ``body``; an AugLocalError prints ``prog: error: message`` (one line, the parameter it is
+    about named by its flag from ``flags``, e.g. ``{"blocks": "--blocks"}``) and returns 2."""
     try:
         return body() or 0
     except AugLocalError as exc:
-        lines = str(exc).strip().splitlines() or ["unknown error"]
-        print(f"{prog}: error: {lines[0]}", file=sys.stderr)  # one line, whatever was appended
+        print(f"{prog}: error: {exc.worded(flags or {})}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

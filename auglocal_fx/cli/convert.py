@@ -7,15 +7,24 @@ import sys
 
 from rich.console import Console
 
-from ..convert import AUX_INITS, to_auglocal
-from ..io import atomic_write_text
+from ..atomic import atomic_write_text
+from ..compiler import to_auglocal
 from ..models import create_model
 from ..partition import BALANCERS
-from ..pipeline import TAILS
 from ..rules import RULES
+from ..selection import TAILS
+from ..synthesize import AUX_INITS
 from .common import run_cli
 
 PROG = "auglocal-convert"
+# the flag of each to_auglocal parameter, so library errors name what the user typed
+FLAGS = {"blocks": "--blocks", "aux_depth": "--aux-depth", "pyramid": "--pyramid", "balance": "--balance",
+         "tail": "--tail", "rule": "--rule", "aux_init": "--aux-init", "input_size": "--input-size",
+         "num_classes": "--num-classes"}
+
+
+def _listing(registry) -> str:
+    return "; ".join(f"{name}: {entry.summary}" for name, entry in registry.items())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,16 +36,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", "-k", type=int, required=True, help="number of local blocks K")
     p.add_argument("--aux-depth", type=int, default=2, help="aux net depth d: layers copied (default 2)")
     p.add_argument("--pyramid", type=float, default=0.5, help="pyramidal depth coefficient tau in [0, 1]; 0 = off")
-    p.add_argument("--balance", choices=sorted(BALANCERS), default="layers",
-                   help="how layers are shared out: equal layer counts (paper), flops, or activation memory "
-                        "(the largest block + aux net is minimised)")
+    p.add_argument("--balance", choices=list(BALANCERS), default="layers",
+                   help=f"how layers are shared out among blocks ({_listing(BALANCERS)})")
     p.add_argument("--tail", choices=TAILS, default="exact",
                    help="exact: K blocks; reference: the paper's code, last d+1 blocks merged (M = K - d)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's pretrained_cfg input_size)")
     p.add_argument("--num-classes", type=int, help="classifier classes (default: the model's)")
     p.add_argument("--rule", choices=list(RULES), default="auglocal",
-                   help="auglocal (aux nets copy later layers), dgl (small aux heads) or bp (one block)")
+                   help=f"what trains each block ({_listing(RULES)})")
     p.add_argument("--aux-init", choices=AUX_INITS, default="fresh",
                    help="fresh: re-initialise copied layers (paper); copy: keep the backbone's weights")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs the network)")
@@ -73,7 +81,7 @@ def _main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(PROG, lambda: _main(argv))
+    return run_cli(PROG, lambda: _main(argv), FLAGS)
 
 
 if __name__ == "__main__":

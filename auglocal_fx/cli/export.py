@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..checkpoint import read_checkpoint
+from ..compiler import load_auglocal
 from ..errors import AugLocalError
+from ..export import EXPORTERS, export_onnx, save_backbone_state
 from .common import run_cli
 
 PROG = "auglocal-export"
+FLAGS = {"input_size": "--input-size", "exporter": "--exporter"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size without batch (default: the size the model was converted at)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension at 1 (default: dynamic)")
-    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch.onnx exporter; auto (default): dynamo, torchscript only if dynamo cannot "
                         "convert the model (see the README for why)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
@@ -36,9 +40,6 @@ def _main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.opset is not None and not 7 <= args.opset <= 25:
         raise AugLocalError(f"--opset {args.opset} is out of range; use 17 to 23, or leave it out")
-    from ..checkpoint import load_auglocal, read_checkpoint  # noqa: PLC0415  (torch import after parsing)
-    from ..export import export_onnx, save_backbone_state  # noqa: PLC0415
-
     read_checkpoint(args.checkpoint)  # a missing or corrupt file is reported before any model is built
     net = load_auglocal(args.checkpoint, exportable=True)  # timm: export-friendly layer variants
     report = export_onnx(net, args.out, input_size=args.input_size, opset=args.opset,
@@ -61,7 +62,7 @@ def _main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(PROG, lambda: _main(argv))
+    return run_cli(PROG, lambda: _main(argv), FLAGS)
 
 
 if __name__ == "__main__":

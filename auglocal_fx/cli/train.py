@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from ..errors import AugLocalError
+from ..training import load_recipe, train
 from .common import run_cli
 
 PROG = "auglocal-train"
@@ -31,12 +34,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..training import load_recipe, train  # noqa: PLC0415  (torch/timm import after arg parsing)
-
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_recipe:
-        import yaml  # noqa: PLC0415
-
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
     if args.stop_after is not None and args.stop_after < 1:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..convert import to_auglocal
+from ..compiler import to_auglocal
 from ..errors import AugLocalError
 from ..models import create_model
 from ..net import AugLocalNet
 from ..plan import Plan
 from .config import TrainRecipe
-from .data import DataBundle, build_data, eval_loader, train_loader
+from .data import DATASETS, DataBundle, build_data, eval_loader, train_loader
 from .distributed import Env
 from .optim import build_optimizer, build_scheduler
 
@@ -53,16 +53,19 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
     """Build the run on ``env.device``; with ``plan`` (resuming) the net follows that plan."""
     data = build_data(recipe.data, channels=recipe.model.in_chans, classes=recipe.model.num_classes)
     kwargs = model_kwargs(recipe, data)
-    if kwargs["in_chans"] != data.channels and recipe.data.dataset != "synthetic":
+    if kwargs["in_chans"] != data.channels and not DATASETS[recipe.data.dataset].generated:
         raise AugLocalError(f"recipe key model.in_chans is {kwargs['in_chans']} but {recipe.data.dataset} "
                             f"images have {data.channels} channel(s); remove it or set it to {data.channels}")
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts)
     model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
     c = recipe.conversion
     size = (kwargs["in_chans"], data.size, data.size)
-    net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance, tail=c.tail,
-                      aux_init=c.aux_init, rule=c.rule, input_size=size, model_name=recipe.model.name,
-                      plan=plan)
+    if plan is None:
+        net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance,
+                          tail=c.tail, aux_init=c.aux_init, rule=c.rule, input_size=size,
+                          model_name=recipe.model.name)
+    else:  # resuming: the saved plan rebuilds the same blocks and aux nets, no profiling
+        net = to_auglocal(model, plan=plan, aux_init=c.aux_init)
     net.to(env.device)
     batch = _per_rank(recipe.batch_size, env, "batch_size")
     eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")

@@ -18,19 +18,24 @@ from pathlib import Path
 import yaml
 
 from ..errors import AugLocalError
+from ..partition import BALANCERS
+from ..rules import RULES
+from ..selection import TAILS
+from ..synthesize import AUX_INITS
+from .data import DATASETS
+from .optim import OPTIMIZERS, SCHEDULES
 
-__all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides"]
+__all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides", "RECIPE_KEYS"]
+
+# How a recipe names the library's parameters, for errors the library raises while building a run
+RECIPE_KEYS = {name: f"recipe key conversion.{name} =" for name in
+               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init")}
 
 
-def _choices(*names: str, source=None):
-    """Field metadata: the allowed values (``source`` is called for registries filled at import)."""
-    return {"choices": source or (lambda: names)}
-
-
-def _balancers():
-    from ..partition import BALANCERS  # noqa: PLC0415  (registry; import on use)
-
-    return tuple(BALANCERS)
+def _choices(registry):
+    """Field metadata: the allowed values, read from ``registry`` (a dict or tuple) when a recipe is
+    checked, so whatever is registered by then is a valid choice."""
+    return {"choices": lambda: tuple(registry)}
 
 
 @dataclass
@@ -45,19 +50,18 @@ class ModelSection:
 
 @dataclass
 class ConversionSection:
-    rule: str = field(default="auglocal", metadata=_choices("auglocal", "dgl", "bp"))
+    rule: str = field(default="auglocal", metadata=_choices(RULES))
     blocks: int = 8
     aux_depth: int = 2
     pyramid: float = 0.5
-    balance: str = field(default="layers", metadata=_choices(source=_balancers))
-    tail: str = field(default="exact", metadata=_choices("exact", "reference"))
-    aux_init: str = field(default="fresh", metadata=_choices("fresh", "copy"))
+    balance: str = field(default="layers", metadata=_choices(BALANCERS))
+    tail: str = field(default="exact", metadata=_choices(TAILS))
+    aux_init: str = field(default="fresh", metadata=_choices(AUX_INITS))
 
 
 @dataclass
 class DataSection:
-    dataset: str = field(metadata=_choices("fashion_mnist", "cifar10", "cifar100", "svhn", "stl10",
-                                           "imagefolder", "synthetic"))
+    dataset: str = field(metadata=_choices(DATASETS))
     root: str | None = None  # default: the Debian path for fashion_mnist, ~/.cache/auglocal-fx/data else
     download: bool = False
     image_size: int | None = None  # resize to this; default: the dataset's own size
@@ -69,7 +73,7 @@ class DataSection:
 
 @dataclass
 class OptimizerSection:
-    name: str = field(default="sgd", metadata=_choices("sgd", "adamw"))
+    name: str = field(default="sgd", metadata=_choices(OPTIMIZERS))
     lr: float = 0.1
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
@@ -79,7 +83,7 @@ class OptimizerSection:
 
 @dataclass
 class ScheduleSection:
-    name: str = field(default="cosine", metadata=_choices("cosine", "constant"))
+    name: str = field(default="cosine", metadata=_choices(SCHEDULES))
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.01  # lr multiplier at step 0 of the linear warmup
     min_lr: float = 0.0  # cosine floor
@@ -97,7 +101,7 @@ class TrainRecipe:
     eval_batch_size: int | None = None  # default: batch_size
     bf16: bool = False  # bf16 autocast for forward passes
     seed: int = 0
-    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    device: str = field(default="auto", metadata=_choices(("auto", "cpu", "cuda")))
     output: str | None = None  # default: runs/<recipe file name>
 
     def to_dict(self) -> dict:
@@ -218,7 +222,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> TrainReci
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
-        raise AugLocalError(f"recipe {path} is not valid YAML{at}; fix the syntax") from None
+        raise AugLocalError(f"recipe {path} is not valid YAML{at}; fix the syntax") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

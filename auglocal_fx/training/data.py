@@ -11,22 +11,27 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torchvision.datasets as tvd
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
+from ..cifar_resnet import CIFAR_MEAN, CIFAR_STD
 from ..errors import AugLocalError
-from .config import DataSection
 from .datasets import IdxImages, SyntheticImages
+
+if TYPE_CHECKING:  # config's choices come from DATASETS, so config imports this module
+    from .config import DataSection
 
 __all__ = ["DATASETS", "DataBundle", "build_data", "train_loader", "eval_loader"]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DEFAULT_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "auglocal-fx", "data")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR = (CIFAR_MEAN, CIFAR_STD)
 
 
 def _crop(pad: int, flip: bool) -> Callable[[int], list]:
@@ -40,8 +45,6 @@ def _crop(pad: int, flip: bool) -> Callable[[int], list]:
 
 def _tv(cls_name: str, split_kw: Callable[[bool], dict]) -> Callable:
     def make(root: str, train: bool, download: bool, transform) -> Dataset:
-        import torchvision.datasets as tvd  # noqa: PLC0415
-
         return getattr(tvd, cls_name)(root, download=download, transform=transform, **split_kw(train))
 
     return make
@@ -53,14 +56,11 @@ def _fashion_mnist(root: str, train: bool, download: bool, transform) -> Dataset
     except FileNotFoundError:
         if not download:
             raise
-    import torchvision.datasets as tvd  # noqa: PLC0415  (online fallback, torchvision's own layout)
-
+    # online fallback, in torchvision's own folder layout
     return tvd.FashionMNIST(root, train=train, download=True, transform=transform)
 
 
 def _imagefolder(root: str, train: bool, download: bool, transform) -> Dataset:
-    import torchvision.datasets as tvd  # noqa: PLC0415
-
     split = Path(root) / ("train" if train else "val")
     if not split.is_dir():
         raise FileNotFoundError(split)
@@ -77,7 +77,8 @@ class DatasetSpec:
     augment: Callable[[int], list]  # size -> train-time transforms
     default_root: str = DEFAULT_ROOT
     missing_hint: str = "set data.download: true when online, or data.root to where it lives"
-
+    photos: bool = False  # images of any size: test-time resize + centre crop, as ImageNet is evaluated
+    generated: bool = False  # made on the fly (synthetic): takes any channel and class count
 
 DATASETS: dict[str, DatasetSpec] = {
     "fashion_mnist": DatasetSpec(
@@ -91,8 +92,10 @@ DATASETS: dict[str, DatasetSpec] = {
                          ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)), _crop(4, True)),
     "imagefolder": DatasetSpec(_imagefolder, 3, None, 224, _IMAGENET,
                                lambda s: [v2.RandomResizedCrop(s, antialias=True), v2.RandomHorizontalFlip()],
-                               missing_hint="point data.root at a folder with train/ and val/ class folders"),
-    "synthetic": DatasetSpec(None, 3, 10, 32, ((0.5,) * 3, (0.25,) * 3), lambda s: [v2.RandomHorizontalFlip()]),
+                               missing_hint="point data.root at a folder with train/ and val/ class folders",
+                               photos=True),
+    "synthetic": DatasetSpec(None, 3, 10, 32, ((0.5,) * 3, (0.25,) * 3), lambda s: [v2.RandomHorizontalFlip()],
+                             generated=True),
 }
 
 
@@ -105,12 +108,12 @@ class DataBundle:
     size: int
 
 
-def _transforms(spec: DatasetSpec, size: int, train: bool, augment: bool, name: str):
+def _transforms(spec: DatasetSpec, size: int, train: bool, augment: bool):
     aug = spec.augment(size) if (train and augment) else []
     resize = []
-    if name == "imagefolder" and not aug:  # photos of any size: the standard resize + centre crop
+    if spec.photos and not aug:  # photos of any size: the standard resize + centre crop
         resize = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
-    elif size != spec.size and name != "imagefolder":
+    elif size != spec.size and not spec.photos:
         resize = [v2.Resize(size, antialias=True)]
     mean, std = spec.stats
     return v2.Compose([v2.ToImage(), *resize, *aug, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
@@ -120,8 +123,8 @@ def build_data(cfg: DataSection, channels: int | None = None, classes: int | Non
     """Both splits of ``cfg.dataset``, transformed; ``channels``/``classes`` shape the synthetic set."""
     spec = DATASETS[cfg.dataset]
     size = cfg.image_size or spec.size
-    tf = {t: _transforms(spec, size, t, cfg.augment, cfg.dataset) for t in (True, False)}
-    if cfg.dataset == "synthetic":
+    tf = {t: _transforms(spec, size, t, cfg.augment) for t in (True, False)}
+    if spec.generated:
         shape = (channels or spec.channels, size, size)
         n_cls = classes or spec.classes
         train = SyntheticImages(cfg.train_limit or 512, n_cls, shape, split="train", transform=tf[True])
@@ -134,9 +137,9 @@ def build_data(cfg: DataSection, channels: int | None = None, classes: int | Non
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: RuntimeError "Dataset not found"
         if isinstance(exc, RuntimeError) and "not found" not in str(exc).lower():
             raise
-        raise AugLocalError(f"{cfg.dataset} not found in {root}: {spec.missing_hint}") from None
+        raise AugLocalError(f"{cfg.dataset} not found in {root}: {spec.missing_hint}") from exc
     except OSError as exc:  # download failed: offline
-        raise AugLocalError(f"could not download {cfg.dataset} ({exc}); set data.root to a local copy") from None
+        raise AugLocalError(f"could not download {cfg.dataset} ({exc}); set data.root to a local copy") from exc
     n_cls = spec.classes or len(train.classes)
     if cfg.train_limit:
         train = Subset(train, range(min(cfg.train_limit, len(train))))

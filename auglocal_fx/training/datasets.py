@@ -28,7 +28,7 @@ def read_idx(path: Path) -> torch.Tensor:
         dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
         return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
     except (OSError, ValueError, RuntimeError, EOFError) as exc:
-        raise AugLocalError(f"{path} is not a readable IDX file ({exc}); reinstall the dataset") from None
+        raise AugLocalError(f"{path} is not a readable IDX file ({exc}); reinstall the dataset") from exc
 
 
 class IdxImages(Dataset):

@@ -14,11 +14,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 
+from ..atomic import atomic_write_text
 from ..errors import AugLocalError
-from ..io import atomic_write_text
+from ..plan import Plan
 from .build import Run, build_run
-from .config import TrainRecipe
+from .config import RECIPE_KEYS, TrainRecipe
 from .distributed import Env, all_reduce_sum, gather_states, setup, teardown, wrap_units
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
@@ -34,7 +36,7 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise AugLocalError(f"output directory {out} is not writable ({exc.strerror}); "
-                            "set recipe key output to a writable folder") from None
+                            "set recipe key output to a writable folder") from exc
 
 
 def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
@@ -57,8 +59,6 @@ class Trainer:
         saved = read_training(resume) if resume else None
         if saved is not None:
             _check_same_model(saved["train"]["recipe"], recipe, resume)
-        from ..plan import Plan  # noqa: PLC0415
-
         self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)
         self.run: Run = build_run(recipe, env, Plan.from_dict(saved["plan"]) if saved else None)
         net = self.run.net
@@ -189,8 +189,6 @@ class Trainer:
 
 
 def _yaml(data: dict) -> str:
-    import yaml  # noqa: PLC0415
-
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -204,5 +202,9 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
     try:
         summary = Trainer(recipe, env, resume, log).fit(stop_after)
         return summary if env.is_main else None
+    except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
+        if exc.param in RECIPE_KEYS:
+            raise AugLocalError(exc.worded(RECIPE_KEYS)) from exc
+        raise
     finally:
         teardown(env)

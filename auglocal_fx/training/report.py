@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..io import atomic_write, atomic_write_text
+from ..atomic import atomic_write, atomic_write_text
 
 __all__ = ["EpochProgress", "write_metrics", "plot_curves", "epoch_line"]
 
@@ -68,11 +68,11 @@ def write_metrics(path: Path, history: list[dict]) -> None:
 
 def plot_curves(path: Path, history: list[dict], title: str) -> None:
     """Training loss and test accuracy per epoch (final head bold, aux heads faint) as a PNG."""
-    import matplotlib  # noqa: PLC0415  (heavy; only at the end of an epoch)
+    import matplotlib  # imported here: heavy, and needed only at the end of an epoch
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..checkpoint import read_checkpoint, save_net
 from ..errors import AugLocalError
-from ..io import atomic_write
 
 __all__ = ["rng_state", "set_rng_state", "save_training", "copy_checkpoint", "read_training"]
 

@@ -1,4 +1,4 @@
-"""Pass 4a — aux recipes: which downstream layers each block's auxiliary net copies, and how many.
+"""Pass 4a — selection: which downstream layers each block's auxiliary net copies, and how many.
 
 The rules are the AugLocal paper's (ICLR 2024), with the reference code's own arithmetic:
 Python ``round`` (half to even) and float division, so results match it exactly.
@@ -6,7 +6,9 @@ Python ``round`` (half to even) and float division, so results match it exactly.
 
 from __future__ import annotations
 
-__all__ = ["select_layers", "pyramid_depths", "apply_tail"]
+__all__ = ["TAILS", "select_layers", "pyramid_depths", "apply_tail"]
+
+TAILS = ("exact", "reference")  # what apply_tail does with the last blocks
 
 
 def select_layers(last_layer: int, num_layers: int, depth: int) -> list[int]:

@@ -23,7 +23,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise AugLocalError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
+        raise AugLocalError(f"cannot write {path}: {exc.strerror}; choose a writable location") from exc
     try:
         umask = os.umask(0)
         os.umask(umask)

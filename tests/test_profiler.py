@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from auglocal_fx.analyze import profile_graph
+from auglocal_fx.profiler import profile_graph
 from auglocal_fx.trace import trace
 
 

@@ -1,0 +1,76 @@
+"""The per-block backward: a training step that runs each gradient-isolated unit's forward, local
+loss and backward before the next unit starts, so one unit's activations are alive at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import record_function
+
+__all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
+
+
+@dataclass
+class StepOutput:
+    """What one ``training_step`` returns. Losses are floats; logits are detached."""
+
+    logits: torch.Tensor
+    loss: float
+    local_losses: list[float] = field(default_factory=list)
+    aux_acc: list[float] = field(default_factory=list)
+
+
+class LocalUnit(nn.Module):
+    """One gradient-isolated unit: a block and the net its loss is computed on (aux net or head).
+
+    ``unit(h)`` returns ``(block output, logits)``; the caller detaches the output before it feeds
+    the next unit.
+    """
+
+    def __init__(self, block: nn.Module, top: nn.Module):
+        super().__init__()
+        self.block, self.top = block, top
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with record_function("auglocal.block"):
+            out = self.block(h)
+        with record_function("auglocal.top"):
+            return out, self.top(out)
+
+
+def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,
+                   loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None) -> StepOutput:
+    """Forward and backward through ``units`` in order, each on the previous one's detached output.
+
+    ``loss_fn(logits, target)`` (default cross-entropy) is every unit's loss; the last unit's is
+    the final loss. Gradients accumulate in the units' parameters; the caller steps its optimizer.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else nullcontext())
+    losses, accs = [], []
+    h = x
+    for unit in units:
+        with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
+            out, logits = unit(h)
+            loss = loss_fn(logits.float(), target)
+        with record_function("auglocal.backward"):
+            loss.backward()  # frees this unit's graph before the next unit runs
+        # kept as tensors: .item() here would make a GPU wait for every block in turn
+        losses.append(loss.detach().float())
+        accs.append(_accuracy(logits.detach(), target))
+        h = out.detach()
+        del out, loss
+    losses, accs = torch.stack(losses).tolist(), torch.stack(accs).tolist()  # one sync per step
+    return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.dim() != 1 or logits.dim() != 2:
+        return torch.tensor(float("nan"), device=logits.device)
+    return (logits.argmax(dim=1) == target).float().mean()

@@ -1,0 +1,107 @@
+"""The compiler in one call: ``to_auglocal`` plans a model, emits its blocks and synthesizes their
+aux nets; ``load_auglocal`` rebuilds a saved net the same way from the plan in its checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .checkpoint import read_checkpoint
+from .emit import emit_pieces
+from .errors import AugLocalError, first_line
+from .models import create_model
+from .net import AugLocalNet
+from .plan import Plan
+from .planner import build_plan
+from .rules import get_rule
+from .synthesize import synthesize_aux
+
+__all__ = ["to_auglocal", "load_auglocal"]
+
+_PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
+                      "rule": "auglocal", "input_size": None, "model_name": None}
+
+
+def to_auglocal(
+    model: nn.Module,
+    blocks: int | None = None,
+    *,
+    aux_depth: int = 2,
+    pyramid: float = 0.5,
+    balance: str = "layers",
+    tail: str = "exact",
+    aux_init: str = "fresh",
+    rule: str = "auglocal",
+    input_size=None,
+    num_classes: int | None = None,
+    model_name: str | None = None,
+    plan: Plan | None = None,
+) -> AugLocalNet:
+    """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
+
+    ``rule``: ``auglocal`` (aux nets copy downstream layers), ``dgl`` (small aux heads) or ``bp``
+    (one block, plain backprop). ``aux_init="fresh"`` re-initialises the copied layers, as the
+    paper's code builds new ones; ``"copy"`` keeps the backbone's current weights. Pass ``plan``
+    instead of the planning arguments to rebuild a net from a saved plan (no profiling).
+
+    Example:
+        >>> net = to_auglocal(timm.create_model("resnet50"), blocks=16)
+        >>> len(net.blocks), len(net.aux)
+        (16, 15)
+    """
+    if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        if not hasattr(model, "reset_classifier"):
+            raise AugLocalError(f"{type(model).__name__} has no reset_classifier; build it with {num_classes} classes")
+        model.reset_classifier(num_classes)
+    if plan is None:
+        if blocks is None and not get_rule(rule).one_block:
+            raise AugLocalError("pass blocks=K, the number of local blocks")
+        plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
+                          balance=balance, tail=tail, input_size=input_size, model_name=model_name,
+                          num_classes=num_classes, rule=rule)
+    else:
+        given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
+                 "rule": rule, "input_size": input_size, "model_name": model_name}
+        clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
+        if clash:
+            raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "
+                                f"{', '.join(f'{k}=' for k in clash)}")
+    block_mods, head, layers, layer_head = emit_pieces(model, plan)
+    aux_nets = synthesize_aux(model, plan, layers, layer_head, aux_init)
+    return AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
+
+
+def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **create_kwargs) -> AugLocalNet:
+    """Rebuild the net saved at ``path``. For a timm model the architecture is re-created by name
+    (``create_kwargs`` go to ``timm.create_model`` too, e.g. ``exportable=True``); otherwise pass a
+    freshly constructed ``model`` of the same architecture.
+
+    Example:
+        >>> net.save("converted.pt")
+        >>> net2 = load_auglocal("converted.pt")
+    """
+    payload = read_checkpoint(path)
+    plan = Plan.from_dict(payload["plan"])
+    options = payload.get("options", {})
+    if model is None:
+        c = plan.config
+        # auglocal-train records the timm kwargs it used (img_size, norm_layer, ...)
+        kwargs = options.get("model_kwargs") or {"num_classes": plan.head.out_shape[-1],
+                                                 "in_chans": c.input_size[0]}
+        try:
+            model = create_model(c.model, **kwargs, **create_kwargs)
+        except AugLocalError as exc:
+            raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
+                                f"to load {path}") from exc
+    net = to_auglocal(model, plan=plan, aux_init="copy")
+    net.options.update(options)
+    try:
+        net.model.load_state_dict(payload["model_state"])
+        net.aux.load_state_dict(payload["aux_state"])
+    except RuntimeError as exc:  # load_state_dict lists the offending keys after a header line
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        detail = lines[0][:160] if lines else first_line(exc, 160, with_type=False)
+        raise AugLocalError(f"{path} holds weights for another model than {plan.config.model} ({detail}); "
+                            "load it with the model it was saved from") from exc
+    return net

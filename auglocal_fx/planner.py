@@ -1,0 +1,183 @@
+"""The planner: trace → profile → cuts → layers → partition → selection, joined into one ``Plan``.
+
+Each step is a pass module of its own; this module only runs them in order, checks the user's
+planning arguments, and turns the traced graph into the plain figures the plan carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .cuts import activation_nodes, cut_points
+from .errors import AugLocalError
+from .layers import LayerSpan, find_layers, node_params
+from .models import default_input_size, registered_name
+from .modes import eval_mode
+from .partition import Extra, aux_act_bytes, get_balance
+from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
+from .profiler import profile_graph
+from .rules import Rule, get_rule
+from .selection import TAILS, apply_tail, pyramid_depths, select_layers
+from .trace import trace
+
+__all__ = ["Analysis", "analyze_model", "build_plan", "check_input_size"]
+
+
+@dataclass
+class Analysis:
+    """A traced, profiled graph and its layers. Node meta holds shape / flops / saved bytes."""
+
+    gm: fx.GraphModule
+    act: set[fx.Node]
+    cuts: list[fx.Node]
+    layers: list[LayerSpan]
+    head: LayerSpan
+    input_size: tuple[int, ...]
+
+
+def check_input_size(size) -> tuple[int, ...]:
+    """``size`` as a tuple of positive ints (per sample, no batch), or a one-line error."""
+    size = tuple(size)
+    if not size or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in size):
+        raise AugLocalError.bad_value("input_size", size, "is not a shape: give positive integers "
+                                      "without the batch, e.g. (3, 224, 224)")
+    return size
+
+
+def analyze_model(model: nn.Module, input_size=None) -> Analysis:
+    """Trace ``model`` (in eval mode), profile one sample, find cut points and layers."""
+    size = check_input_size(input_size if input_size is not None else default_input_size(model))
+    with eval_mode(model):
+        gm = trace(model)
+        profile_graph(gm, torch.randn(1, *size))
+    act = activation_nodes(gm.graph)
+    cuts = cut_points(gm.graph, act)
+    layers, head = find_layers(gm, model, act, cuts)
+    return Analysis(gm, act, cuts, layers, head, size)
+
+
+def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) -> LayerInfo:
+    params = 0
+    stack = list(span.nodes)
+    visited: set[fx.Node] = set()
+    while stack:  # the span's own modules plus parameters reached through constant nodes
+        n = stack.pop()
+        if n in visited:
+            continue
+        visited.add(n)
+        for p in node_params(a.gm, n):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params += p.numel()
+        stack.extend(x for x in n.all_input_nodes if x not in a.act)
+    saved: dict[int, int] = {}
+    for n in span.nodes:
+        saved.update(n.meta.get("saved", {}))
+    out = span.boundary if span.boundary.op != "output" else (span.nodes[-1] if span.nodes else in_node)
+    return LayerInfo(
+        name=span.name,
+        boundary=span.boundary.name,
+        in_shape=list(in_node.meta.get("shape") or ())[1:],
+        out_shape=list(out.meta.get("shape") or ())[1:],
+        params=int(params),
+        flops=int(sum(n.meta.get("flops", 0) for n in span.nodes)),
+        act_bytes=int(sum(saved.values())),
+    )
+
+
+def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
+    """Figures of every layer and of the head, in order (parameters shared by two count once)."""
+    seen: set[int] = set()
+    prev = next(n for n in a.gm.graph.nodes if n.op == "placeholder")
+    infos = []
+    for span in a.layers:
+        infos.append(_layer_info(a, span, prev, seen))
+        prev = span.boundary
+    return infos, _layer_info(a, a.head, prev, seen)
+
+
+def _aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
+               tail: str) -> Extra:
+    """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
+    block that trains with the model's head, the head) holds alive beside the block's own activations."""
+    kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))  # blocks left after the tail
+    depths = pyramid_depths(kept - 1, aux_depth, pyramid)
+    n = len(layers)
+
+    def extra(j: int, last: int) -> float:
+        if j >= kept - 1:  # merged into (or is) the last block, trained by the model's head
+            return head.act_bytes if j == blocks - 1 else 0.0
+        return aux_act_bytes(layers, head, last, select_layers(last, n, depths[j]))
+
+    return extra
+
+
+def _check_planning(aux_depth, pyramid, tail) -> float:
+    if not isinstance(aux_depth, int) or isinstance(aux_depth, bool) or aux_depth < 0:
+        raise AugLocalError.bad_value("aux_depth", aux_depth, "is not an integer >= 0")
+    if isinstance(pyramid, bool) or not isinstance(pyramid, int | float) or not 0.0 <= pyramid <= 1.0:
+        raise AugLocalError.bad_value("pyramid", pyramid, "is outside [0, 1]: the pyramid coefficient tau "
+                                      "goes from 0 (off) to 1")
+    if tail not in TAILS:
+        raise AugLocalError.bad_value("tail", tail, f"is not a tail; choose one of {', '.join(TAILS)}")
+    return float(pyramid)
+
+
+def build_plan(
+    model: nn.Module,
+    blocks: int,
+    *,
+    aux_depth: int = 2,
+    pyramid: float = 0.5,
+    balance: str = "layers",
+    tail: str = "exact",
+    input_size=None,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    rule: str = "auglocal",
+    analysis: Analysis | None = None,
+) -> Plan:
+    """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
+
+    Pass ``analysis`` (from ``analyze_model``) to plan the same model several ways without
+    tracing it again.
+
+    Example:
+        >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
+        >>> len(plan.layers), len(plan.blocks), len(plan.aux)
+        (17, 16, 15)
+    """
+    tau = _check_planning(aux_depth, pyramid, tail)
+    policy, kind = get_balance(balance), get_rule(rule)
+    a = analysis or analyze_model(model, input_size)
+    layers, head = layer_infos(a)
+    if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
+        blocks = 1
+    name = model_name or registered_name(model)
+    n = len(layers)
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= n:
+        raise AugLocalError.bad_value("blocks", blocks, f"is out of range for {name} (it has {n} layers): "
+                                      f"use 1..{n}")
+    # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
+    extra = (_aux_extra(layers, head, blocks, aux_depth, tau, tail)
+             if policy.weighs_aux and kind.copies_layers else None)
+    costs = [policy.layer_cost(x) for x in layers]
+    groups = apply_tail(policy.split(costs, blocks, extra), aux_depth, tail)
+    aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind)
+    config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
+                        tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes)
+    return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux)
+
+
+def _aux_recipes(groups: list[list[int]], n: int, aux_depth: int, tau: float, kind: Rule) -> list[AuxRecipe]:
+    depths = pyramid_depths(len(groups) - 1, aux_depth, tau)
+    aux = []
+    for i, (g, d) in enumerate(zip(groups[:-1], depths)):
+        selected = select_layers(g[-1], n, d) if kind.copies_layers else []  # other rules copy nothing
+        aux.append(AuxRecipe(block=i, selected_layers=selected, depth=len(selected)))  # near the output fewer remain
+    return aux
+

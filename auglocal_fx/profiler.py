@@ -1,0 +1,117 @@
+"""Pass 2a — profile: run the traced graph once and record, per node, what the plan needs.
+
+Built on ``torch.fx.passes.shape_prop.ShapeProp`` (shapes, dtypes and strides land in each node's
+``tensor_meta``); on top of it each node also records its FLOPs (``torch.utils.flop_counter``) and
+the storages autograd saves for backward (``saved_tensors_hooks``), which is what a block's
+activation memory really is. Parameters and buffers autograd saves (a conv's weight) are left
+out: they are resident whatever the partition, so counting them would charge a block for its
+weights twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from contextlib import contextmanager
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import AugLocalError, first_line
+from .memory import storage_key
+
+__all__ = ["profile_graph"]
+
+
+class _Profiler(ShapeProp):
+    """ShapeProp that also stores ``shape``, ``flops`` and ``saved`` (storage key -> bytes) in node meta."""
+
+    current: fx.Node  # the node being run, named in errors
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)  # built outside any fake mode: ShapeProp would deep-copy gm into one
+        self.resident: set[int] = set()  # storage keys of parameters and buffers, left out of ``saved``
+        self.current = next(iter(gm.graph.nodes))
+
+    def run_node(self, n: fx.Node):
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            try:
+                key, nbytes = storage_key(t), t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):  # sparse / wrapper tensors have no storage
+                return t
+            if key not in self.resident:
+                saved[key] = nbytes
+            return t
+
+        counter = FlopCounterMode(display=False)
+        self.current = n
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = super().run_node(n)
+        meta = n.meta.get("tensor_meta")
+        n.meta["shape"] = tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+        n.meta["flops"] = int(counter.get_total_flops())
+        n.meta["saved"] = saved
+        return out
+
+
+def profile_graph(gm: fx.GraphModule, example: torch.Tensor, fake: bool = True):
+    """Run ``gm`` on ``example`` with gradients enabled, annotating every node's meta.
+
+    With ``fake`` (the default) the run happens on fake tensors (``FakeTensorMode``): shapes,
+    FLOPs and saved-for-backward bytes come out the same as from real tensors, but nothing is
+    computed (resnet50: 0.09 s instead of about a second). A graph with an op that cannot run on
+    fake tensors (no meta kernel, data-dependent shapes) is then run for real. The module's
+    train/eval mode is left as the caller set it; call it in eval mode so that batch-norm
+    statistics are not updated.
+    """
+    profiler = _Profiler(gm)
+    if fake:
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, _fake_state(gm, mode) as resident:
+                profiler.resident = resident
+                return _run(profiler, mode.from_tensor(example))
+        except RuntimeError:  # what ShapeProp raises for any failing node: the real run reports it
+            pass
+    profiler.resident = {storage_key(t) for t in (*gm.parameters(), *gm.buffers())}
+    try:
+        return _run(profiler, example)
+    except RuntimeError as exc:
+        n, cause = profiler.current, exc.__cause__ or exc
+        what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
+        size = tuple(example.shape[1:])
+        raise AugLocalError(f"running node '{n.name}' ({n.op} {what}) on an input of size {size} failed: "
+                            f"{first_line(cause)}; check input_size={size}", param="input_size") from exc
+
+
+def _run(profiler: _Profiler, example: torch.Tensor):
+    """``profiler.run`` with gradients on. ShapeProp prints a traceback for a failing node before
+    it re-raises, and we report failures in one line: stderr is held back and replayed on success."""
+    held = io.StringIO()
+    with torch.enable_grad(), contextlib.redirect_stderr(held):
+        out = profiler.run(example)
+    sys.stderr.write(held.getvalue())
+    return out
+
+
+@contextmanager
+def _fake_state(gm: fx.GraphModule, mode: FakeTensorMode):
+    """Swap every parameter and buffer of ``gm`` for a fake one (tied ones stay tied) while the
+    graph runs; yields the fakes' storage keys, which the profiler leaves out of ``saved``."""
+    slots = [(store, name, t) for m in gm.modules() for store in (m._parameters, m._buffers)
+             for name, t in store.items() if t is not None]
+    fakes: dict[int, torch.Tensor] = {}
+    try:
+        for store, name, t in slots:
+            if id(t) not in fakes:
+                fakes[id(t)] = mode.from_tensor(t)
+            store[name] = fakes[id(t)]
+        yield {storage_key(f) for f in fakes.values()}
+    finally:
+        for store, name, t in slots:
+            store[name] = t

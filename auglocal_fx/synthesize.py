@@ -1,0 +1,81 @@
+"""Pass 4b — synthesize: build every block's aux net from the plan, with the plan's rule.
+
+The rule (``rules/``) builds the module; this pass initialises it (``AUX_INITS``), and records
+in the plan's aux recipes what was built: adapters, parameter count and forward FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .adapters import Adapter, norm2d_like
+from .modes import eval_mode
+from .plan import AuxRecipe, Plan
+from .registry import Registry
+from .rules import AuxContext, get_rule
+
+__all__ = ["AUX_INITS", "reset_parameters", "synthesize_aux"]
+
+
+def reset_parameters(module: nn.Module) -> nn.Module:
+    """Re-initialise every submodule that knows how (``reset_parameters``), as a fresh layer would be."""
+    for m in module.modules():
+        fn = getattr(m, "reset_parameters", None)
+        if callable(fn) and m is not module:
+            fn()
+    return module
+
+
+# How a freshly built aux net's weights start: what each name does to the module.
+AUX_INITS: Registry[Callable[[nn.Module], nn.Module]] = Registry("aux_init", "an aux init")
+AUX_INITS.register("fresh", reset_parameters)  # new layers, as the paper's code builds them
+AUX_INITS.register("copy", lambda aux: aux)  # the copied layers keep the backbone's current weights
+
+
+def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_head: nn.Module,
+                   aux_init: str = "fresh") -> list[nn.Module]:
+    """One aux net per ``plan.aux`` recipe (none for a rule without aux nets); fills each recipe's
+    ``adapters``, ``params`` and ``flops``. ``layers`` / ``layer_head`` are the per-layer graph
+    pieces from ``emit_pieces`` that copying rules copy."""
+    init = AUX_INITS.lookup(aux_init)
+    rule = get_rule(plan.config.rule)
+    if rule.one_block:
+        return []
+    classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
+    norm2d = norm2d_like(model)
+    nets = []
+    for recipe in plan.aux:
+        aux = init(rule.build_aux(AuxContext(plan, recipe, layers, layer_head, classes, norm2d)))
+        recipe.adapters = [m.summary for m in aux.modules() if isinstance(m, Adapter)]
+        recipe.params = sum(p.numel() for p in aux.parameters())
+        recipe.flops = _copied_flops(aux, recipe, plan) if rule.copies_layers else _flops(aux, _in_shape(plan, recipe))
+        nets.append(aux)
+    return nets
+
+
+def _in_shape(plan: Plan, recipe: AuxRecipe) -> list[int]:
+    return plan.layers[plan.blocks[recipe.block].layers[-1]].out_shape
+
+
+def _copied_flops(aux: nn.Module, recipe: AuxRecipe, plan: Plan) -> int:
+    """Forward FLOPs per sample of an aux net made of copied layers: they see the shapes they see
+    in the backbone, so their FLOPs are the profiled ones; only adapters are counted anew."""
+    copied = sum(plan.layers[j].flops for j in recipe.selected_layers) + plan.head.flops
+    return copied + sum(_flops(a, a.in_shape) for a in aux.modules() if isinstance(a, Adapter))
+
+
+def _flops(module: nn.Module, shape: list[int]) -> int:
+    """Forward FLOPs of ``module`` for one sample of ``shape`` (eval mode, so batch-norm can take 1).
+
+    Counted on fake tensors: shapes propagate and the counter sees every op, but nothing is
+    computed (running real aux nets was most of ``to_auglocal``'s time).
+    """
+    counter = FlopCounterMode(display=False)
+    with eval_mode(module), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake, counter:
+        module(fake.from_tensor(torch.zeros(1, *shape)))
+    return int(counter.get_total_flops())
