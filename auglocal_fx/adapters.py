@@ -6,7 +6,8 @@ Rule (per sample shapes, batch dimension excluded):
 - other (C, H, W) pairs (channels first, as timm's CNNs): 1x1 conv (+ norm) then adaptive average pooling to (H', W');
 - tokens (T, D) -> (T, D'): a linear map on D; (T, D) -> (T', D'): linear on D, then adaptive
   average pooling over tokens;
-- vectors (D,) -> (D',): linear.
+- vectors (D,) -> (D',): linear;
+- bundles (several tensors handed on at once): per tensor, see ``make_bundle_adapter``.
 
 "norm" is the model's own kind of 2-d normalisation (``norm2d_like``), as in its downsample
 shortcuts: a GroupNorm model's aux nets stay free of batch statistics (so data-parallel training
@@ -22,7 +23,8 @@ from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["Adapter", "make_adapter", "TokenPool", "norm2d_like"]
+__all__ = ["Adapter", "BundleAdapter", "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool",
+           "norm2d_like"]
 
 
 class Adapter(nn.Sequential):
@@ -94,3 +96,62 @@ def _make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Modul
         f"no shape adapter from {src} to {dst}: the aux net skips layers that change the tensor "
         "layout; use --aux-depth large enough to copy every later layer, or --rule dgl")
 
+
+
+class BundleAdapter(nn.Module):
+    """Adapts a bundle to another: output tensor i is ``adapters[i]`` applied to input tensor
+    ``sources[i]`` (an ``nn.Identity`` where the shapes already agree)."""
+
+    def __init__(self, adapters: list[nn.Module], sources: list[int]):
+        super().__init__()
+        self.adapters = nn.ModuleList(adapters)
+        self.sources = list(sources)
+
+    def forward(self, *xs):
+        out = tuple(a(xs[s]) for a, s in zip(self.adapters, self.sources))
+        return out[0] if len(out) == 1 else out
+
+
+def bundle_sources(src_len: int, dst_len: int) -> list[int]:
+    """Which source tensor feeds each target tensor: tensor i feeds tensor i when both bundles hold
+    as many; else every target is made from the newest source (what a plain network hands on)."""
+    return list(range(dst_len)) if src_len == dst_len else [src_len - 1] * dst_len
+
+
+def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                        src_dtypes: list[str] | None = None, dst_dtypes: list[str] | None = None,
+                        needed: list[bool] | None = None) -> nn.Module | None:
+    """The adapter from a bundle of per-sample shapes ``src`` to ``dst`` (oldest first), or None.
+
+    Target i is made from source ``bundle_sources(...)[i]`` by the smallest ``make_adapter``. A
+    single tensor on both sides gets a plain ``Adapter``. A target nobody downstream reads
+    (``needed[i]`` false: a skip the aux net drops) is the source tensor as is, with no weights
+    that would never train. Tensors that are not floating point (masks, indices) pass through
+    unchanged and must already have the target's shape.
+    """
+    if len(src) == 1 and len(dst) == 1:
+        return make_adapter(src[0], dst[0], norm)
+    if src == dst:
+        return None
+    sources = bundle_sources(len(src), len(dst))
+    src_dtypes = src_dtypes or ["float32"] * len(src)
+    dst_dtypes = dst_dtypes or ["float32"] * len(dst)
+    needed = needed or [True] * len(dst)
+    adapters: list[nn.Module] = []
+    for i, s in enumerate(sources):
+        if not needed[i]:
+            adapters.append(nn.Identity())
+            continue
+        if not _is_float(dst_dtypes[i]) or not _is_float(src_dtypes[s]):
+            if src[s] != dst[i] or src_dtypes[s] != dst_dtypes[i]:
+                raise AugLocalError(f"no shape adapter from a {src_dtypes[s]} tensor {src[s]} to a {dst_dtypes[i]} "
+                                    f"tensor {dst[i]} in a bundle; use an aux_depth large enough to copy every "
+                                    "later layer, or rule='dgl'")
+            adapters.append(nn.Identity())
+            continue
+        adapters.append(make_adapter(src[s], dst[i], norm) or nn.Identity())
+    return BundleAdapter(adapters, sources)
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "half"))

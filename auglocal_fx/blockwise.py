@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from .bundles import Bundle, call, detach
+
 __all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
 
 
@@ -28,24 +30,25 @@ class StepOutput:
 class LocalUnit(nn.Module):
     """One gradient-isolated unit: a block and the net its loss is computed on (aux net or head).
 
-    ``unit(h)`` returns ``(block output, logits)``; the caller detaches the output before it feeds
-    the next unit.
+    ``unit(h)`` (``unit(*h)`` for a bundle) returns ``(block output, logits)``; the caller detaches
+    the output before it feeds the next unit.
     """
 
     def __init__(self, block: nn.Module, top: nn.Module):
         super().__init__()
         self.block, self.top = block, top
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *h: torch.Tensor) -> tuple[Bundle, torch.Tensor]:
         with record_function("auglocal.block"):
-            out = self.block(h)
+            out = self.block(*h)
         with record_function("auglocal.top"):
-            return out, self.top(out)
+            return out, call(self.top, out)
 
 
 def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,
                    loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None) -> StepOutput:
-    """Forward and backward through ``units`` in order, each on the previous one's detached output.
+    """Forward and backward through ``units`` in order, each on the previous one's detached output
+    (every tensor of a bundle detached).
 
     ``loss_fn(logits, target)`` (default cross-entropy) is every unit's loss; the last unit's is
     the final loss. Gradients accumulate in the units' parameters; the caller steps its optimizer.
@@ -57,14 +60,14 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     h = x
     for unit in units:
         with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
-            out, logits = unit(h)
+            out, logits = call(unit, h)
             loss = loss_fn(logits.float(), target)
         with record_function("auglocal.backward"):
             loss.backward()  # frees this unit's graph before the next unit runs
         # kept as tensors: .item() here would make a GPU wait for every block in turn
         losses.append(loss.detach().float())
         accs.append(_accuracy(logits.detach(), target))
-        h = out.detach()
+        h = detach(out)
         del out, loss
     losses, accs = torch.stack(losses).tolist(), torch.stack(accs).tolist()  # one sync per step
     return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])

@@ -4,12 +4,14 @@ aux nets; ``load_auglocal`` rebuilds a saved net the same way from the plan in i
 from __future__ import annotations
 
 import os
+import warnings
 
 from torch import nn
 
 from .checkpoint import read_checkpoint
+from .cuts import MAX_BUNDLE
 from .emit import emit_pieces
-from .errors import AugLocalError, first_line
+from .errors import AugLocalError, AugLocalWarning, first_line
 from .models import create_model
 from .net import AugLocalNet
 from .plan import Plan
@@ -20,7 +22,7 @@ from .synthesize import synthesize_aux
 __all__ = ["to_auglocal", "load_auglocal"]
 
 _PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
-                      "rule": "auglocal", "input_size": None, "model_name": None}
+                      "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE}
 
 
 def to_auglocal(
@@ -36,14 +38,17 @@ def to_auglocal(
     input_size=None,
     num_classes: int | None = None,
     model_name: str | None = None,
+    max_bundle: int = MAX_BUNDLE,
     plan: Plan | None = None,
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
 
     ``rule``: ``auglocal`` (aux nets copy downstream layers), ``dgl`` (small aux heads) or ``bp``
     (one block, plain backprop). ``aux_init="fresh"`` re-initialises the copied layers, as the
-    paper's code builds new ones; ``"copy"`` keeps the backbone's current weights. Pass ``plan``
-    instead of the planning arguments to rebuild a net from a saved plan (no profiling).
+    paper's code builds new ones; ``"copy"`` keeps the backbone's current weights. A cut may hand
+    on up to ``max_bundle`` tensors. Pass ``plan`` instead of the planning arguments to rebuild a
+    net from a saved plan (no profiling). A plan's notes (e.g. far fewer layers than the model
+    has blocks) are issued as ``AugLocalWarning``.
 
     Example:
         >>> net = to_auglocal(timm.create_model("resnet50"), blocks=16)
@@ -59,10 +64,12 @@ def to_auglocal(
             raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
-                          num_classes=num_classes, rule=rule)
+                          num_classes=num_classes, rule=rule, max_bundle=max_bundle)
+        for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
+            warnings.warn(note, AugLocalWarning, stacklevel=2)
     else:
         given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
-                 "rule": rule, "input_size": input_size, "model_name": model_name}
+                 "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle}
         clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
         if clash:
             raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "

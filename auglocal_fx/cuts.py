@@ -1,8 +1,12 @@
-"""Pass 2b — cuts: which nodes carry activations, and where the graph can be cut.
+"""Pass 2b — cuts: which nodes carry activations, which of them are live at each point, and where
+the graph can be cut.
 
-A cut point is a position where exactly one activation tensor is live: the graph can be split
-there with one tensor passing between the two halves. Everything that does not depend on the
-input (parameter reads and arithmetic on them) is a constant any block can recompute.
+A cut after node T hands on every activation tensor that is live there (computed before T, used
+after T): usually one tensor, sometimes a small *bundle* — a class token beside the patch tokens,
+a CSP partial branch, a DenseNet feature list, U-Net skips. A cut point is a node after which the
+bundle holds at most ``max_live`` tensors, T itself among them (so T is the newest tensor of the
+bundle). Everything that does not depend on the input (parameter reads and arithmetic on them) is
+a constant any block can recompute, so it never crosses a cut.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import torch.fx as fx
 
 from .errors import AugLocalError
 
-__all__ = ["activation_nodes", "cut_points"]
+__all__ = ["MAX_BUNDLE", "activation_nodes", "live_sets", "cut_points"]
+
+MAX_BUNDLE = 8  # the most tensors a cut may hand on (DenseNet's first dense layers, U-Net skips)
 
 
 def activation_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -30,27 +36,32 @@ def activation_nodes(graph: fx.Graph) -> set[fx.Node]:
     return act
 
 
-def cut_points(graph: fx.Graph, act: set[fx.Node] | None = None) -> list[fx.Node]:
-    """Activation nodes T such that, right after T (or after constant nodes that follow it),
-    T is the only live activation and it is a tensor (``shape`` in its meta, from the profile).
-    Returned in graph order; includes the input."""
+def live_sets(graph: fx.Graph, act: set[fx.Node] | None = None) -> dict[fx.Node, tuple[fx.Node, ...]]:
+    """For every activation node T (the output node excluded): the activation nodes computed at or
+    before T and used after it, oldest first — what a cut right after T must hand on."""
     act = activation_nodes(graph) if act is None else act
     order = list(graph.nodes)
     index = {n: i for i, n in enumerate(order)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in order}
-    live: set[fx.Node] = set()
-    dying: dict[int, list[fx.Node]] = {}
-    cuts = []
+    live: dict[fx.Node, None] = {}  # insertion-ordered: oldest first
+    out = {}
     for i, n in enumerate(order):
         if n.op == "output":
             break
         if n in act and last_use[n] > i:
-            live.add(n)
-            dying.setdefault(last_use[n], []).append(n)
-        for d in dying.pop(i, []):
-            live.discard(d)
-        if len(live) == 1:
-            (t,) = live
-            if t.meta.get("shape") is not None and (not cuts or cuts[-1] is not t):
-                cuts.append(t)
-    return cuts
+            live[n] = None
+        for d in [d for d in live if last_use[d] <= i]:
+            del live[d]
+        if n in act:
+            out[n] = tuple(live)
+    return out
+
+
+def cut_points(graph: fx.Graph, act: set[fx.Node] | None = None, max_live: int = 1,
+               live: dict[fx.Node, tuple[fx.Node, ...]] | None = None) -> list[fx.Node]:
+    """Activation nodes T after which at most ``max_live`` tensors are live, T among them, all of
+    them tensors (``shape`` in their meta, from the profile). In graph order; includes the input.
+    ``max_live=1`` gives the single-tensor cuts."""
+    live = live_sets(graph, act) if live is None else live
+    return [t for t, bundle in live.items()
+            if t in bundle and len(bundle) <= max_live and all(x.meta.get("shape") is not None for x in bundle)]

@@ -31,10 +31,21 @@ class DualModeGraph(nn.Module):
         # Most models trace the same code in both modes: then keep a single graph.
         self.eval_graph = None if eval_graph.code == train_graph.code else eval_graph
 
-    def forward(self, x):
+    def forward(self, *xs):
         if self.training or self.eval_graph is None:
-            return self.train_graph(x)
-        return self.eval_graph(x)
+            return self.train_graph(*xs)
+        return self.eval_graph(*xs)
+
+    def slot_use(self, slots: int) -> tuple[list[bool], list[set[int]]]:
+        """For each of the first ``slots`` inputs (the bundle it takes): whether the piece computes
+        with it, and which of its outputs it is handed to unchanged (a skip passing through)."""
+        graph = self.train_graph.graph
+        inputs = [n for n in graph.nodes if n.op == "placeholder"][:slots]
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        outs = output.args[0] if isinstance(output.args[0], tuple) else (output.args[0],)
+        computes = [any(u is not output for u in p.users) for p in inputs]
+        handed = [{k for k, o in enumerate(outs) if o is p} for p in inputs]
+        return computes, handed
 
     def __deepcopy__(self, memo):
         """A copy with its own parameters that reuses the generated code (aux nets copy layers).
@@ -79,7 +90,18 @@ def _split_both(graphs, boundaries: list[str]) -> list[DualModeGraph]:
         raise AugLocalError(f"the train-mode graph cannot be cut where the eval-mode plan says ({exc}); "
                             "the model's forward differs between train and eval too much") from exc
     eval_pieces = split_graph(eval_gm, boundaries)
+    for i, (t, e) in enumerate(zip(train_pieces[:-1], eval_pieces[:-1])):  # the last returns the model's output
+        if _arity(t) != _arity(e):
+            raise AugLocalError(f"after boundary {i} the train-mode graph hands on {_arity(t)} tensors and the "
+                                f"eval-mode graph {_arity(e)}; the model's forward differs between train and eval "
+                                "too much to cut there")
     return [DualModeGraph(t, e) for t, e in zip(train_pieces, eval_pieces)]
+
+
+def _arity(piece: fx.GraphModule) -> int:
+    """How many tensors a piece hands on (a bundle is a tuple)."""
+    out = next(n for n in reversed(piece.graph.nodes) if n.op == "output").args[0]
+    return len(out) if isinstance(out, tuple) else 1
 
 
 def emit_pieces(model: nn.Module, plan: Plan):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-__all__ = ["AugLocalError", "first_line"]
+__all__ = ["AugLocalError", "AugLocalWarning", "first_line", "reword"]
 
 
 class AugLocalError(ValueError):
@@ -36,7 +36,19 @@ class AugLocalError(ValueError):
         text = first_line(self, with_type=False)
         if self.param is None or self.param not in names:
             return text
-        return re.sub(rf"(?<![\w.-]){re.escape(self.param)}=", f"{names[self.param]} ", text)
+        return reword(text, {self.param: names[self.param]})
+
+
+def reword(text: str, names: Mapping[str, str]) -> str:
+    """``text`` with every ``param=`` of ``names`` written as the caller names it (``--blocks ``)."""
+    for param, name in names.items():
+        text = re.sub(rf"(?<![\w.-]){re.escape(param)}=", f"{name} ", text)
+    return text
+
+
+class AugLocalWarning(UserWarning):
+    """Something the user should know about a conversion that still worked (e.g. far fewer layers
+    than the model has blocks); one line, like the errors."""
 
 
 def first_line(exc: BaseException, limit: int = 300, *, with_type: bool = True) -> str:

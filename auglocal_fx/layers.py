@@ -1,11 +1,15 @@
-"""Pass 2b — layers: group the traced graph into the layers the paper counts, plus the head.
+"""Pass 2c — layers: group the traced graph into the layers the paper counts, plus the head.
 
-A *layer* is a run of the graph between two cut points (one live tensor). Which runs form a
-layer comes from timm's ``group_matcher(coarse=False)`` when the model has one (stem, each
-block), else from the module tree: each module reached by descending through containers
-(``Sequential``, ``ModuleList``, ``ModuleDict``) is a group. Groups whose boundary is not a
-valid cut are merged; groups without parameters, or with only normalisation parameters, join
-the group before them. The head is what follows the last layer (pooling, norm, classifier).
+A *layer* is a run of the graph between two cut points. Which runs form a layer comes from
+timm's ``group_matcher(coarse=False)`` when the model has one (stem, each block), else from the
+module tree: each module reached by descending through containers (``Sequential``,
+``ModuleList``, ``ModuleDict``) is a group. A group that still holds a run of repeated blocks (a
+stage: a container with two or more children of one composite class) is refined into those
+blocks, whatever the matcher said; what the stage runs outside them (a downsample, a
+transition) joins the nearest block before it (the first block for what comes first). Groups
+whose boundary is not a valid cut are merged, and the reason is kept as a note; groups without
+parameters, or with only normalisation parameters, join the group before them. The head is what
+follows the last layer (pooling, norm, classifier).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["LayerSpan", "find_layers", "group_key_fn", "node_params"]
+__all__ = ["LayerSpan", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -33,7 +37,7 @@ class LayerSpan:
 
     name: str
     nodes: list[fx.Node]
-    boundary: fx.Node  # for the head: the graph's output node
+    boundary: fx.Node  # the node the layer's cut follows; for the head: the graph's output node
 
 
 def _timm_key_fn(model: nn.Module) -> Callable[[str], Hashable | None] | None:
@@ -96,14 +100,94 @@ def _norm_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     return bool(mods) and not has_other_params and all(isinstance(m, _NORMS) for m in mods)
 
 
+def _repeated_children(container: nn.Module) -> list[str]:
+    """Names of the children of ``container`` (a Sequential / ModuleList / ModuleDict) whose class
+    occurs twice or more among them and is composite (has submodules): the blocks of a stage."""
+    if not isinstance(container, _CONTAINERS):
+        return []
+    kids = list(container.named_children())
+    count: dict[type, int] = {}
+    for _, m in kids:
+        count[type(m)] = count.get(type(m), 0) + 1
+    return [name for name, m in kids if count[type(m)] >= 2 and next(m.children(), None) is not None]
+
+
+def repeated_blocks(model: nn.Module) -> int:
+    """How many repeated blocks the module tree holds: the children of a container that share a
+    composite class with a sibling (``_repeated_children``), each counted as one block unless it
+    holds repeated blocks itself, which are then counted instead (resnet50: 16 bottlenecks;
+    densenet121: 58 dense layers + 3 transitions; vit_base: 12)."""
+
+    def count(m: nn.Module) -> int:
+        total = 0
+        for name, child in m.named_children():
+            if name in _repeated_children(m):
+                total += max(1, count(child))
+            else:
+                total += count(child)
+        return total
+
+    return count(model)
+
+
+def _deepest_path(n: fx.Node) -> str:
+    paths = _module_paths(n)
+    return max(paths, key=lambda p: p.count(".")) if paths else ""
+
+
+def _refine(model: nn.Module, group: list) -> list[list]:
+    """Split one group (``[first pos, last pos, names, nodes]``) into the repeated blocks it runs,
+    if it runs two or more; else return it as is."""
+    nodes = group[3]
+    paths = [_deepest_path(n).split(".") if _deepest_path(n) else [] for n in nodes]
+    modules = dict(model.named_modules())
+    touched: dict[tuple[int, str], set[str]] = {}  # (depth, module path) -> its children the group runs
+    for parts in paths:
+        for d in range(len(parts)):
+            touched.setdefault((d, ".".join(parts[:d])), set()).add(parts[d])
+    best = None  # the shallowest container of which the group runs two or more repeated blocks
+    for d, prefix in sorted(touched, key=lambda k: k[0]):
+        container = modules.get(prefix) if d else model
+        if isinstance(container, _CONTAINERS) and len(touched[d, prefix] & set(_repeated_children(container))) >= 2:
+            best = (d, prefix)
+            break
+    if best is None:
+        return [group]
+    d, prefix = best
+    blocks = set(_repeated_children(modules[prefix] if d else model))
+    prefix_parts = prefix.split(".") if d else []
+    subs: dict[str, list] = {}
+    pending: list = []  # nodes before the first block join it
+    current = None
+    for n, parts in zip(nodes, paths):
+        if parts[:d] == prefix_parts and len(parts) > d and parts[d] in blocks:
+            current = parts[d]
+            if current not in subs:
+                subs[current] = [f"{prefix}.{current}" if prefix else current, []]
+        if current is None:
+            pending.append(n)
+        else:
+            subs[current][1] += pending + [n]
+            pending = []
+    return [[None, None, [name], ns] for name, ns in subs.values()]
+
+
 def find_layers(
-    gm: fx.GraphModule, model: nn.Module, act: set[fx.Node], cuts: list[fx.Node]
-) -> tuple[list[LayerSpan], LayerSpan]:
-    """Split the activation nodes of ``gm`` into layers and a head. Needs node meta from tracing."""
+    gm: fx.GraphModule, model: nn.Module, act: set[fx.Node], cuts: list[fx.Node],
+    live: dict[fx.Node, tuple[fx.Node, ...]] | None = None,
+) -> tuple[list[LayerSpan], LayerSpan, list[str]]:
+    """Split the activation nodes of ``gm`` into layers and a head. Needs node meta from tracing.
+
+    ``live`` (``cuts.live_sets``) says what each cut hands on: where several cuts are possible
+    between two layers, the one handing on the fewest tensors (then the latest) is taken. Returns
+    ``(layers, head, notes)``; a note says why two groups had to be merged (no cut between them).
+    """
     key_of, from_timm = group_key_fn(model)
     order = [n for n in gm.graph.nodes if n in act and n.op != "placeholder"]
     pos = {n: i for i, n in enumerate(order)}
     cut_set = set(cuts)
+    size = (lambda n: len(live[n])) if live is not None else (lambda n: 1)
+    notes: list[str] = []
 
     def node_key(n: fx.Node):
         for p in _module_paths(n):
@@ -128,7 +212,13 @@ def find_layers(
         g[3].append(n)
         if path not in g[2]:
             g[2].append(path)
-    runs = sorted(groups.values(), key=lambda g: g[0])
+    runs = []
+    for g in sorted(groups.values(), key=lambda g: g[0]):  # 1b. stages become their blocks
+        for sub in _refine(model, g):
+            if sub[0] is None:
+                sub[0], sub[1] = pos[sub[3][0]], max(pos[n] for n in sub[3])
+            runs.append(sub)
+    runs.sort(key=lambda g: g[0])
 
     def params_of(g):
         return [p for n in g[3] for p in node_params(gm, n)]
@@ -165,21 +255,24 @@ def find_layers(
             f"found no layers in {type(model).__name__}: no module with parameters before the head; "
             "pass a model with at least one layer before its classifier")
 
-    # 4. each boundary is the latest valid cut before the next layer starts; none -> merge.
+    # 4. each boundary is the cut before the next layer starts that hands on the fewest tensors
+    #    (the latest of those); none -> merge, and say why.
     layers: list[list] = [merged[0]]
     boundaries: list[fx.Node] = []
     for g in merged[1:]:
         prev = layers[-1]
-        cut = next((order[i] for i in range(g[0] - 1, prev[1] - 1, -1) if order[i] in cut_set), None)
-        if cut is None:
+        gap = [order[i] for i in range(g[0] - 1, prev[1] - 1, -1)]
+        options = [n for n in gap if n in cut_set]
+        if not options:
+            notes.append(_no_cut_note(prev, g, gap, live))
             layers[-1] = merge(prev, g)
         else:
-            boundaries.append(cut)
+            boundaries.append(min(options, key=size))  # min keeps the first (latest) of equals
             layers.append(g)
     last_end = layers[-1][1]
-    head_cut = next((order[i] for i in range(last_end, len(order)) if order[i] in cut_set), None)
+    tail = [order[i] for i in range(last_end, len(order)) if order[i] in cut_set]
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    boundaries.append(head_cut if head_cut is not None else order[-1])
+    boundaries.append(min(tail, key=size) if tail else order[-1])
 
     spans, start = [], 0
     for g, b in zip(layers, boundaries):
@@ -189,4 +282,14 @@ def find_layers(
         spans.append(LayerSpan(name, order[start:end], b))
         start = end
     head = LayerSpan("head", order[start:], output)
-    return spans, head
+    return spans, head, notes
+
+
+def _no_cut_note(prev: list, nxt: list, gap: list[fx.Node], live) -> str:
+    """Why ``prev`` and ``nxt`` could not be cut apart: the fewest tensors live between them."""
+    where = nxt[2][0]
+    if live is None or not gap:
+        return f"no cut before {where}: the two layers' nodes interleave"
+    fewest = min((live[n] for n in gap), key=len)
+    names = ", ".join(t.name for t in fewest[:6]) + (", ..." if len(fewest) > 6 else "")
+    return f"{len(fewest)} tensors live across {where}: {names}"

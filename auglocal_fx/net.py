@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .blockwise import LocalUnit, StepOutput, blockwise_step
+from .bundles import call, detach
 from .checkpoint import save_net
 from .plan import Plan
 
@@ -38,24 +39,24 @@ class AugLocalNet(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.blocks) - 1
+        h, last = x, len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            h = call(block, h)
             if self.training and i < last:
-                x = x.detach()
-        return self.head(x)
+                h = detach(h)
+        return call(self.head, h)
 
     def head_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every aux head, then of the model's head: ``[aux_0, ..., aux_{M-2}, final]``.
 
         One pass through the blocks; used to report each local module's test accuracy.
         """
-        outs = []
+        outs, h = [], x
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            h = call(block, h)
             if i < len(self.aux):
-                outs.append(self.aux[i](x))
-        return outs + [self.head(x)]
+                outs.append(call(self.aux[i], h))
+        return outs + [call(self.head, h)]
 
     # -- training ------------------------------------------------------------------------------
     def local_units(self) -> list[LocalUnit]:

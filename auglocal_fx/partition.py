@@ -117,13 +117,15 @@ def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected:
     block ending at layer ``last``.
 
     Copied layers see the shapes they see in the backbone, so they save what they save there; a
-    (C, H, W) adapter's norm also saves its conv's output; the head copy saves what the head does.
+    (C, H, W) adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
+    the head copy saves what the head does.
     """
-    total, shape = head.act_bytes, layers[last].out_shape
-    for target in [layers[j].in_shape for j in selected] + [head.in_shape]:
-        if target != shape and len(target) == 3:
-            total += 4 * math.prod(target)  # float32, as profiled
-        shape = target
+    total, bundle = head.act_bytes, layers[last].bundle
+    for j in [*selected, len(layers)]:
+        into = layers[j - 1].bundle  # what layer j (or the head) takes
+        if into != bundle:
+            total += sum(4 * math.prod(t) for t in into if len(t) == 3)  # float32, as profiled
+        bundle = layers[j].bundle if j < len(layers) else into
     return total + sum(layers[j].act_bytes for j in selected)
 
 

@@ -25,6 +25,15 @@ class LayerInfo:
     params: int
     flops: int  # forward FLOPs for one sample
     act_bytes: int  # bytes autograd saves for backward, one sample
+    # every tensor handed on after the layer (a bundle when more than one), oldest first; the last
+    # is out_shape. Empty in plans written before bundles: one tensor, out_shape.
+    crossing: list[list[int]] = field(default_factory=list)
+    crossing_dtypes: list[str] = field(default_factory=list)  # e.g. "float32", "bool" (a mask)
+
+    @property
+    def bundle(self) -> list[list[int]]:
+        """Per-sample shapes of the tensors that leave the layer, oldest first."""
+        return self.crossing or [self.out_shape]
 
 
 @dataclass
@@ -58,6 +67,7 @@ class PlanConfig:
     rule: str = "auglocal"
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
     num_classes: int | None = None
+    max_bundle: int = 8  # the most tensors a cut may hand on (cuts.MAX_BUNDLE)
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Plan:
     head: LayerInfo
     blocks: list[BlockInfo]
     aux: list[AuxRecipe]
+    notes: list[str] = field(default_factory=list)  # one line each: what the user should know (coarse layers)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -83,6 +94,7 @@ class Plan:
                 head=LayerInfo(**d["head"]),
                 blocks=[BlockInfo(**x) for x in d["blocks"]],
                 aux=[AuxRecipe(**x) for x in d["aux"]],
+                notes=list(d.get("notes", [])),
             )
         except (KeyError, TypeError) as exc:
             raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from exc
@@ -107,6 +119,10 @@ class Plan:
     def block_sum(self, block: BlockInfo, attr: str) -> int:
         return sum(getattr(self.layers[i], attr) for i in block.layers)
 
+    def bundle_into(self, j: int) -> list[list[int]]:
+        """Shapes of the tensors layer ``j`` takes (``j == len(layers)``: the head), oldest first."""
+        return self.layers[j - 1].bundle if j > 0 else [self.layers[0].in_shape]
+
     def aux_for(self, block_index: int) -> AuxRecipe | None:
         return next((a for a in self.aux if a.block == block_index), None)
 
@@ -123,7 +139,7 @@ class Plan:
                  f"rule={c.rule}, aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail}; "
                  "FLOPs and activation memory per sample)")
         t = Table(title=title, title_justify="left")
-        for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"),
+        for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"), ("tensors", "right"),
                           ("params", "right"), ("MFLOPs", "right"), ("act MiB", "right"),
                           ("aux depth", "right"), ("aux copies", "left"), ("adapters", "left"),
                           ("aux params", "right"), ("aux MFLOPs", "right")]:
@@ -134,7 +150,7 @@ class Plan:
             names = first.name if first is last else f"{first.name} .. {last.name}"
             aux = self.aux_for(b.index)
             t.add_row(
-                str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)),
+                str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)), str(len(last.bundle)),
                 _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
                 f"{self.block_sum(b, 'act_bytes') / 2**20:,.2f}",
                 str(aux.depth) if aux else "-",
@@ -145,7 +161,7 @@ class Plan:
         h = self.head
         t.add_section()
         t.add_row("head", h.name if h.name != "head" else "(pooling, classifier)",
-                  "x".join(map(str, h.out_shape)), _si(h.params), f"{h.flops / 1e6:,.1f}",
+                  "x".join(map(str, h.out_shape)), "", _si(h.params), f"{h.flops / 1e6:,.1f}",
                   f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "")
         return t
 

@@ -6,15 +6,16 @@ planning arguments, and turns the traced graph into the plain figures the plan c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .cuts import activation_nodes, cut_points
+from .cuts import MAX_BUNDLE, activation_nodes, cut_points, live_sets
 from .errors import AugLocalError
-from .layers import LayerSpan, find_layers, node_params
+from .layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .models import default_input_size, registered_name
 from .modes import eval_mode
 from .partition import Extra, aux_act_bytes, get_balance
@@ -33,10 +34,13 @@ class Analysis:
 
     gm: fx.GraphModule
     act: set[fx.Node]
-    cuts: list[fx.Node]
+    cuts: list[fx.Node]  # nodes after which at most max_bundle tensors are live (cuts.cut_points)
+    live: dict[fx.Node, tuple[fx.Node, ...]]  # what a cut after each activation node hands on
     layers: list[LayerSpan]
     head: LayerSpan
     input_size: tuple[int, ...]
+    notes: list[str] = dataclasses.field(default_factory=list)  # why groups were merged (no cut)
+    max_bundle: int = MAX_BUNDLE
 
 
 def check_input_size(size) -> tuple[int, ...]:
@@ -48,16 +52,21 @@ def check_input_size(size) -> tuple[int, ...]:
     return size
 
 
-def analyze_model(model: nn.Module, input_size=None) -> Analysis:
-    """Trace ``model`` (in eval mode), profile one sample, find cut points and layers."""
+def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE) -> Analysis:
+    """Trace ``model`` (in eval mode), profile one sample, find cut points and layers.
+
+    A cut may hand on up to ``max_bundle`` tensors (1: single-tensor cuts only)."""
     size = check_input_size(input_size if input_size is not None else default_input_size(model))
+    if not isinstance(max_bundle, int) or isinstance(max_bundle, bool) or max_bundle < 1:
+        raise AugLocalError.bad_value("max_bundle", max_bundle, "is not an integer >= 1")
     with eval_mode(model):
         gm = trace(model)
         profile_graph(gm, torch.randn(1, *size))
     act = activation_nodes(gm.graph)
-    cuts = cut_points(gm.graph, act)
-    layers, head = find_layers(gm, model, act, cuts)
-    return Analysis(gm, act, cuts, layers, head, size)
+    live = live_sets(gm.graph, act)
+    cuts = cut_points(gm.graph, act, max_bundle, live)
+    layers, head, notes = find_layers(gm, model, act, cuts, live)
+    return Analysis(gm, act, cuts, live, layers, head, size, notes, max_bundle)
 
 
 def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) -> LayerInfo:
@@ -78,6 +87,7 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
     for n in span.nodes:
         saved.update(n.meta.get("saved", {}))
     out = span.boundary if span.boundary.op != "output" else (span.nodes[-1] if span.nodes else in_node)
+    crossing = a.live.get(span.boundary, ()) if span.boundary.op != "output" else ()
     return LayerInfo(
         name=span.name,
         boundary=span.boundary.name,
@@ -86,7 +96,14 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
         params=int(params),
         flops=int(sum(n.meta.get("flops", 0) for n in span.nodes)),
         act_bytes=int(sum(saved.values())),
+        crossing=[list(t.meta["shape"])[1:] for t in crossing],
+        crossing_dtypes=[_dtype(t) for t in crossing],
     )
+
+
+def _dtype(n: fx.Node) -> str:
+    meta = n.meta.get("tensor_meta")
+    return str(getattr(meta, "dtype", "float32")).removeprefix("torch.")
 
 
 def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
@@ -139,12 +156,14 @@ def build_plan(
     model_name: str | None = None,
     num_classes: int | None = None,
     rule: str = "auglocal",
+    max_bundle: int = MAX_BUNDLE,
     analysis: Analysis | None = None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
 
-    Pass ``analysis`` (from ``analyze_model``) to plan the same model several ways without
-    tracing it again.
+    A cut between two layers may hand on up to ``max_bundle`` tensors (a class token beside the
+    patch tokens, a CSP partial branch, U-Net skips). Pass ``analysis`` (from ``analyze_model``)
+    to plan the same model several ways without tracing it again.
 
     Example:
         >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
@@ -153,7 +172,7 @@ def build_plan(
     """
     tau = _check_planning(aux_depth, pyramid, tail)
     policy, kind = get_balance(balance), get_rule(rule)
-    a = analysis or analyze_model(model, input_size)
+    a = analysis or analyze_model(model, input_size, max_bundle)
     layers, head = layer_infos(a)
     if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
         blocks = 1
@@ -169,8 +188,22 @@ def build_plan(
     groups = apply_tail(policy.split(costs, blocks, extra), aux_depth, tail)
     aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind)
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
-                        tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes)
-    return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux)
+                        tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
+                        max_bundle=a.max_bundle)
+    notes = _granularity_notes(name, model, a)
+    return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
+
+
+def _granularity_notes(name: str, model: nn.Module, a: Analysis) -> list[str]:
+    """One line when the model yields a single layer, or fewer than half as many layers as it has
+    repeated blocks: which boundary has no cut, and why."""
+    n, blocks = len(a.layers), repeated_blocks(model)
+    if n > 1 and 2 * n >= blocks:
+        return []
+    why = a.notes[0] if a.notes else "its modules group into no finer runs between cuts"
+    what = (f"{name} has a single layer, so it trains as one block (plain backprop)" if n == 1 else
+            f"{name} splits into only {n} layers though it has {blocks} repeated blocks")
+    return [f"{what}: {why} (a cut may hand on at most max_bundle={a.max_bundle} tensors)"]
 
 
 def _aux_recipes(groups: list[list[int]], n: int, aux_depth: int, tau: float, kind: Rule) -> list[AuxRecipe]:

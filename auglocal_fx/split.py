@@ -1,8 +1,10 @@
-"""Split a traced graph at cut points into a chain of GraphModules, one tensor passing between each.
+"""Split a traced graph at cut points into a chain of GraphModules, each handing the next the
+tensors that are live at its cut (one tensor, or a bundle: then a tuple, oldest first).
 
 Unlike ``torch.fx.passes.split_module``, constant nodes (parameter reads and arithmetic on them)
-are recomputed inside every piece that needs them instead of being passed along, so a piece's
-only input is the previous piece's output. Every piece shares submodules and parameters with
+are recomputed inside every piece that needs them instead of being passed along, and a tensor
+used several pieces later (a U-Net skip) is handed through the pieces in between, so each piece
+takes exactly the previous piece's outputs. Every piece shares submodules and parameters with
 the traced module, and hence with the original model.
 """
 
@@ -10,16 +12,17 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .cuts import activation_nodes
+from .cuts import activation_nodes, live_sets
 from .errors import AugLocalError
 
 __all__ = ["split_graph"]
 
 
 def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModule]:
-    """Cut ``gm`` after each node named in ``boundaries`` (in graph order, each a cut point).
+    """Cut ``gm`` after each node named in ``boundaries`` (activation nodes, in graph order).
 
-    Returns ``len(boundaries) + 1`` modules; chaining them reproduces ``gm`` exactly.
+    Returns ``len(boundaries) + 1`` modules; chaining them (``piece(*outs)`` when a piece returns
+    a tuple) reproduces ``gm`` exactly.
 
     Example:
         >>> a, b = split_graph(gm, ["layer1_0_act3"])
@@ -28,6 +31,7 @@ def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModul
     """
     graph = gm.graph
     act = activation_nodes(graph)
+    live = live_sets(graph, act)
     nodes = list(graph.nodes)
     by_name = {n.name: n for n in nodes}
     index = {n: i for i, n in enumerate(nodes)}
@@ -36,19 +40,21 @@ def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModul
         raise AugLocalError(f"cut node(s) {', '.join(missing)} are not in the traced graph; "
                             "the model differs from the one the plan was made for: re-plan it")
     cuts = [by_name[b] for b in boundaries]
-    if [index[c] for c in cuts] != sorted(index[c] for c in cuts):
+    if [index[c] for c in cuts] != sorted(set(index[c] for c in cuts)):
         raise AugLocalError("cut nodes are not in graph order; re-plan the model")
+    not_act = [c.name for c in cuts if c not in live]
+    if not_act:
+        raise AugLocalError(f"cut node(s) {', '.join(not_act)} do not depend on the input; "
+                            "a cut follows an activation")
     placeholders = [n for n in nodes if n.op == "placeholder"]
     side_inputs = placeholders[1:]
     ends = [index[c] for c in cuts] + [len(nodes) - 1]
-    pieces, start, prev_cut = [], 0, None
+    pieces, start, inputs = [], 0, (placeholders[0],)
     for piece_no, (end, cut) in enumerate(zip(ends, cuts + [None])):
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        if prev_cut is None:
-            env[placeholders[0]] = g.placeholder(placeholders[0].name)
-        else:
-            env[prev_cut] = g.placeholder(prev_cut.name)
+        for t in inputs:
+            env[t] = g.placeholder(t.name)
         for p in side_inputs:  # specialised defaults: every piece accepts them, none needs them
             env[p] = g.node_copy(p, env.__getitem__)
 
@@ -66,9 +72,11 @@ def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModul
                     bring(a)
                 env[n] = g.node_copy(n, env.__getitem__)
         if cut is not None:
-            g.output(env[cut])
+            outputs = live[cut]
+            g.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[t] for t in outputs))
+            inputs = outputs
         pieces.append(fx.GraphModule(gm, g, f"{type(gm).__name__}Piece{piece_no}"))
-        start, prev_cut = end + 1, cut
+        start = end + 1
     return pieces
 
 
@@ -76,10 +84,8 @@ def _bring(n: fx.Node, g: fx.Graph, env: dict, act: set, piece_no: int) -> fx.No
     """Copy ``n`` into ``g`` if it is a constant (recomputed here); activations must already be there."""
     if n in env:
         return env[n]
-    if n in act:
-        raise AugLocalError(
-            f"node '{n.name}' is needed in piece {piece_no} but lives in an earlier one: "
-            "the requested boundary is not a valid cut")
+    if n in act:  # cannot happen when every live tensor crosses; kept as a guard for future callers
+        raise AugLocalError(f"node '{n.name}' is needed in piece {piece_no} but lives in an earlier one")
     for a in n.all_input_nodes:
         _bring(a, g, env, act, piece_no)
     env[n] = g.node_copy(n, env.__getitem__)

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Adapter, norm2d_like
+from .bundles import Chain, PickLast
 from .modes import eval_mode
 from .plan import AuxRecipe, Plan
 from .registry import Registry
@@ -51,6 +52,8 @@ def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_
     nets = []
     for recipe in plan.aux:
         aux = init(rule.build_aux(AuxContext(plan, recipe, layers, layer_head, classes, norm2d)))
+        if not rule.copies_layers and len(plan.layers[plan.blocks[recipe.block].layers[-1]].bundle) > 1:
+            aux = Chain(PickLast(), aux)  # a head of its own takes the bundle's newest tensor
         recipe.adapters = [m.summary for m in aux.modules() if isinstance(m, Adapter)]
         recipe.params = sum(p.numel() for p in aux.parameters())
         recipe.flops = _copied_flops(aux, recipe, plan) if rule.copies_layers else _flops(aux, _in_shape(plan, recipe))

@@ -7,6 +7,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from auglocal_fx.bundles import call
+
 __all__ = ["assert_gradient_isolation"]
 
 
@@ -30,9 +32,9 @@ def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor) -> None:
         h = x
         with torch.no_grad():
             for j in range(i):
-                h = net.blocks[j](h)
-        out = net.blocks[i](h)
-        logits = net.aux[i](out) if i < k - 1 else net.head(out)
+                h = call(net.blocks[j], h)
+        out = call(net.blocks[i], h)
+        logits = call(net.aux[i], out) if i < k - 1 else call(net.head, out)
         F.cross_entropy(logits, y).backward()
         for p, g in zip(groups[i], together[i]):
             if g is None:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNet", "cifar_resnet", "small_resnet", "RootResidualNet", "PlainCNN", "TokenMLP"]
+__all__ = ["BasicBlock", "ResNet", "cifar_resnet", "small_resnet", "RootResidualNet", "PlainCNN", "TokenMLP",
+           "CSPNet", "DenseNet", "ClassTokenNet", "UNet"]
 
 
 class BasicBlock(nn.Module):
@@ -135,3 +136,133 @@ class TokenMLP(nn.Module):
     def forward(self, x):
         x = self.embed(x).flatten(2).transpose(1, 2)
         return self.fc(self.norm(self.blocks(x)).mean(1))
+
+
+# -- models whose blocks hand on several tensors (bundle cuts) ---------------------------------------
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(c, c), nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class CSPStage(nn.Module):
+    """Cross-stage partial stage: half the channels skip the blocks and rejoin at the end, so the
+    skipped half is live across every block boundary inside the stage."""
+
+    def __init__(self, cin: int, cout: int, depth: int):
+        super().__init__()
+        self.down = _conv_bn(cin, cout, 2)
+        self.blocks = nn.Sequential(*[Residual(cout // 2) for _ in range(depth)])
+        self.merge = nn.Conv2d(cout, cout, 1, bias=False)
+
+    def forward(self, x):
+        skip, x = self.down(x).chunk(2, dim=1)
+        return self.merge(torch.cat([skip, self.blocks(x)], dim=1))
+
+
+class CSPNet(nn.Module):
+    def __init__(self, num_classes: int = 10, depth: int = 3):
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.stages = nn.Sequential(CSPStage(16, 32, depth), CSPStage(32, 64, depth))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, growth, 3, 1, 1, bias=False))
+
+    def forward(self, features: list[torch.Tensor]):
+        return self.conv(torch.cat(features, dim=1))
+
+
+class DenseNet(nn.Module):
+    """One dense block: every layer reads all earlier features, so the feature list is live across
+    every layer boundary."""
+
+    def __init__(self, num_classes: int = 10, layers: int = 4, growth: int = 8):
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.layers = nn.ModuleList(DenseLayer(16 + i * growth, growth) for i in range(layers))
+        self.fc = nn.Linear(16 + layers * growth, num_classes)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        return self.fc(torch.cat(features, dim=1).mean((2, 3)))
+
+
+class ClassTokenBlock(nn.Module):
+    """A transformer-style block on (class token, patch tokens) kept as two tensors (as PiT does)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, cls, x):
+        t = torch.cat([cls, x], dim=1)
+        t = t + self.mix(self.norm(t)).mean(1, keepdim=True)  # every token sees the others
+        t = t + self.mlp(t)
+        return t[:, :1], t[:, 1:]
+
+
+class ClassTokenNet(nn.Module):
+    def __init__(self, num_classes: int = 10, dim: int = 16, depth: int = 4, patch: int = 4):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(ClassTokenBlock(dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            cls, x = block(cls, x)
+        return self.fc(self.norm(cls[:, 0]))
+
+
+class Up(nn.Module):
+    """Decoder stage: upsample, concatenate the encoder's skip, convolve."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.conv = nn.Sequential(_conv_bn(cin + cskip, cout), _conv_bn(cout, cout))
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([F.interpolate(x, scale_factor=2.0, mode="nearest"), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """Encoder/decoder with long skip connections; per-pixel logits N x classes x H x W."""
+
+    def __init__(self, num_classes: int = 3, width: int = 8):
+        super().__init__()
+        w = width
+        self.enc1 = nn.Sequential(_conv_bn(3, w), _conv_bn(w, w))
+        self.enc2 = nn.Sequential(_conv_bn(w, 2 * w, 2), _conv_bn(2 * w, 2 * w))
+        self.mid = nn.Sequential(_conv_bn(2 * w, 4 * w, 2), _conv_bn(4 * w, 4 * w))
+        self.up2 = Up(4 * w, 2 * w, 2 * w)
+        self.up1 = Up(2 * w, w, w)
+        self.out = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        b = self.mid(e2)
+        return self.out(self.up1(self.up2(b, e2), e1))

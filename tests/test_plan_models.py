@@ -143,13 +143,17 @@ def test_split_rejects_unknown_boundary(zoo):
 
 
 @pytest.mark.parametrize("node", ["blocks_0_conv1", "blocks_0_bn2", "blocks_1_shortcut_0"])
-def test_split_rejects_non_cut(zoo, node):
-    # inside a residual block the shortcut input is still live: one tensor cannot carry the state
+def test_split_inside_a_block_hands_on_a_bundle(zoo, node):
+    # inside a residual block the shortcut input is still live: the cut hands on two tensors
     case = zoo("cifar_resnet8")
-    assert node in {n.name for n in case.analysis.gm.graph.nodes}
-    assert node not in {n.name for n in case.analysis.cuts}
-    with pytest.raises(AugLocalError, match="not a valid cut"):
-        split_graph(case.analysis.gm, [node])
+    assert node not in {n.name for n in case.analysis.cuts if len(case.analysis.live[n]) == 1}
+    first, second = split_graph(case.analysis.gm, [node])
+    x = torch.randn(2, *case.input_size, generator=torch.Generator().manual_seed(1))
+    case.model.eval()
+    with torch.no_grad():
+        h = first(x)
+        assert isinstance(h, tuple) and len(h) == 2
+        assert torch.equal(second(*h), case.model(x))
 
 
 def test_split_rejects_out_of_order_boundaries(zoo):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from rich.console import Console
 
 from ..atomic import atomic_write_text
 from ..compiler import to_auglocal
+from ..cuts import MAX_BUNDLE
+from ..errors import AugLocalWarning, reword
 from ..models import create_model
 from ..partition import BALANCERS
 from ..rules import RULES
@@ -20,7 +23,7 @@ PROG = "auglocal-convert"
 # the flag of each to_auglocal parameter, so library errors name what the user typed
 FLAGS = {"blocks": "--blocks", "aux_depth": "--aux-depth", "pyramid": "--pyramid", "balance": "--balance",
          "tail": "--tail", "rule": "--rule", "aux_init": "--aux-init", "input_size": "--input-size",
-         "num_classes": "--num-classes"}
+         "num_classes": "--num-classes", "max_bundle": "--max-bundle"}
 
 
 def _listing(registry) -> str:
@@ -43,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's pretrained_cfg input_size)")
     p.add_argument("--num-classes", type=int, help="classifier classes (default: the model's)")
+    p.add_argument("--max-bundle", type=int, default=MAX_BUNDLE,
+                   help=f"the most tensors a cut between two layers may hand on (default {MAX_BUNDLE})")
     p.add_argument("--rule", choices=list(RULES), default="auglocal",
                    help=f"what trains each block ({_listing(RULES)})")
     p.add_argument("--aux-init", choices=AUX_INITS, default="fresh",
@@ -59,11 +64,15 @@ def _main(argv=None) -> int:
     err = Console(stderr=True)
     with err.status(f"creating {args.model}..."):
         model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
-    with err.status(f"tracing, profiling and converting {args.model}..."):
+    with err.status(f"tracing, profiling and converting {args.model}..."), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are printed below, as flags
         net = to_auglocal(model, args.blocks, aux_depth=args.aux_depth, pyramid=args.pyramid,
                           balance=args.balance, tail=args.tail, aux_init=args.aux_init, rule=args.rule,
-                          input_size=args.input_size, model_name=args.model, num_classes=args.num_classes)
+                          input_size=args.input_size, model_name=args.model, num_classes=args.num_classes,
+                          max_bundle=args.max_bundle)
     plan = net.plan
+    for note in plan.notes:
+        print(f"{PROG}: note: {reword(note, FLAGS)}", file=sys.stderr)
     if args.format == "json":
         print(plan.to_json())
     elif args.format == "yaml":

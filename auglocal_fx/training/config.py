@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalError
 from ..partition import BALANCERS
 from ..rules import RULES
@@ -29,7 +30,7 @@ __all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides", 
 
 # How a recipe names the library's parameters, for errors the library raises while building a run
 RECIPE_KEYS = {name: f"recipe key conversion.{name} =" for name in
-               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init")}
+               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle")}
 
 
 def _choices(registry):
@@ -57,6 +58,7 @@ class ConversionSection:
     balance: str = field(default="layers", metadata=_choices(BALANCERS))
     tail: str = field(default="exact", metadata=_choices(TAILS))
     aux_init: str = field(default="fresh", metadata=_choices(AUX_INITS))
+    max_bundle: int = MAX_BUNDLE  # the most tensors a cut between two layers may hand on
 
 
 @dataclass

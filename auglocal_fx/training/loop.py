@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import yaml
 
 from ..atomic import atomic_write_text
-from ..errors import AugLocalError
+from ..errors import AugLocalError, AugLocalWarning, reword
 from ..plan import Plan
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
@@ -43,7 +44,7 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
     now = recipe.to_dict()
     for section in ("model", "conversion"):
         for key, value in now[section].items():
-            if saved.get(section, {}).get(key) != value:
+            if key in saved.get(section, {}) and saved[section][key] != value:  # keys added since: defaults
                 raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
                                     f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "
                                     "a new output folder")
@@ -60,8 +61,12 @@ class Trainer:
         if saved is not None:
             _check_same_model(saved["train"]["recipe"], recipe, resume)
         self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)
-        self.run: Run = build_run(recipe, env, Plan.from_dict(saved["plan"]) if saved else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are logged below, as recipe keys
+            self.run: Run = build_run(recipe, env, Plan.from_dict(saved["plan"]) if saved else None)
         net = self.run.net
+        for note in net.plan.notes:
+            self.log(f"note: {reword(note, RECIPE_KEYS)}")
         self.units = wrap_units(net.local_units(), env)
         self.amp = dict(autocast_dtype=torch.bfloat16) if recipe.bf16 else {}
         self.epoch, self.history, self.best = 0, [], -1.0
