@@ -7,6 +7,9 @@ Rule (per sample shapes, batch dimension excluded):
 - tokens (T, D) -> (T, D'): a linear map on D; (T, D) -> (T', D'): linear on D, then adaptive
   average pooling over tokens;
 - vectors (D,) -> (D',): linear;
+- (C, H, W) -> (T, D): one token per position, linear on channels, pooling over tokens;
+  (T, D) -> (C, H, W): linear, pooling to H*W tokens, laid out as a map;
+- (C, H, W) or (T, D) -> (D',): global average pooling, then linear;
 - bundles (several tensors handed on at once): per tensor, see ``make_bundle_adapter``.
 
 "norm" is the model's own kind of 2-d normalisation (``norm2d_like``), as in its downsample
@@ -23,7 +26,8 @@ from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["Adapter", "BundleAdapter", "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool",
+__all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "TokenMean", "TokensToMap",
+           "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool",
            "norm2d_like"]
 
 
@@ -89,33 +93,126 @@ def _make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Modul
         mods = [nn.Linear(d, d2)] if d != d2 else []
         if t != t2:
             mods.append(TokenPool(t2))
-        return Adapter(f"{'linear' if d != d2 else ''}{'+pool' if t != t2 else ''}{label}", *mods)
+        return Adapter("+".join(["linear"] * (d != d2) + ["pool"] * (t != t2)) + label, *mods)
     if len(src) == 1 and len(dst) == 1:
         return Adapter(f"linear{label}", nn.Linear(src[0], dst[0]))
+    if len(src) == 3 and len(dst) == 2:  # feature map -> tokens: one token per position
+        (c, h, w), (t, d) = src, dst
+        mods = [MapToTokens()] + ([nn.Linear(c, d)] if c != d else []) + ([TokenPool(t)] if h * w != t else [])
+        return Adapter(f"tokens{'+linear' if c != d else ''}{'+pool' if h * w != t else ''}{label}", *mods)
+    if len(src) == 2 and len(dst) == 3:  # tokens -> feature map: pooled to one token per position
+        (t, d), (c, h, w) = src, dst
+        mods = ([nn.Linear(d, c)] if c != d else []) + ([TokenPool(h * w)] if t != h * w else [])
+        return Adapter(f"{'linear+' if c != d else ''}{'pool+' if t != h * w else ''}map{label}",
+                       *mods, TokensToMap(h, w))
+    if len(dst) == 1 and len(src) in (2, 3):  # a feature map or tokens -> a vector: pool, then project
+        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if len(src) == 3 else TokenMean()
+        width = src[0] if len(src) == 3 else src[1]
+        return Adapter(f"pool+linear{label}", pool, nn.Linear(width, dst[0]))
     raise AugLocalError(
         f"no shape adapter from {src} to {dst}: the aux net skips layers that change the tensor "
         "layout; use --aux-depth large enough to copy every later layer, or --rule dgl")
 
 
+class MapToTokens(nn.Module):
+    """(N, C, H, W) -> (N, H*W, C): one token per position."""
+
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+
+class TokensToMap(nn.Module):
+    """(N, H*W, C) -> (N, C, H, W)."""
+
+    def __init__(self, h: int, w: int):
+        super().__init__()
+        self.h, self.w = h, w
+
+    def forward(self, x):
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.h, self.w)
+
+
+class TokenMean(nn.Module):
+    """(N, T, D) -> (N, D): the mean over tokens."""
+
+    def forward(self, x):
+        return x.mean(dim=1)
+
 
 class BundleAdapter(nn.Module):
-    """Adapts a bundle to another: output tensor i is ``adapters[i]`` applied to input tensor
-    ``sources[i]`` (an ``nn.Identity`` where the shapes already agree)."""
+    """Adapts a bundle to another: output i is ``adapters[i]`` applied to input ``sources[i]``
+    (an ``nn.Identity`` where the shapes already agree), plus, for output ``host``, every
+    ``extras`` adapter applied to its input: source tensors no output is made from still reach
+    the aux net's loss, so the block that made them trains."""
 
-    def __init__(self, adapters: list[nn.Module], sources: list[int]):
+    def __init__(self, adapters: list[nn.Module], sources: list[int], host: int = 0,
+                 extras: dict[int, nn.Module] | None = None):
         super().__init__()
         self.adapters = nn.ModuleList(adapters)
         self.sources = list(sources)
+        self.host = host
+        self.extra_sources = list(extras or {})
+        self.extras = nn.ModuleList((extras or {}).values())
 
     def forward(self, *xs):
-        out = tuple(a(xs[s]) for a, s in zip(self.adapters, self.sources))
-        return out[0] if len(out) == 1 else out
+        out = [a(xs[s]) for a, s in zip(self.adapters, self.sources)]
+        for s, a in zip(self.extra_sources, self.extras):
+            out[self.host] = out[self.host] + a(xs[s])
+        return out[0] if len(out) == 1 else tuple(out)
 
 
-def bundle_sources(src_len: int, dst_len: int) -> list[int]:
-    """Which source tensor feeds each target tensor: tensor i feeds tensor i when both bundles hold
-    as many; else every target is made from the newest source (what a plain network hands on)."""
-    return list(range(dst_len)) if src_len == dst_len else [src_len - 1] * dst_len
+class BatchSize(nn.Module):
+    """The batch size of a tensor, for a bundle slot that holds one (``B, C, H, W = x.shape``)."""
+
+    def forward(self, x):
+        return x.shape[0]
+
+
+class Constant(nn.Module):
+    """A fixed size (an H or W read off a shape at the converted input size) for a bundle slot."""
+
+    def __init__(self, value: int):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return self.value
+
+
+def _is_size(kind: str) -> bool:
+    return kind == "batch" or kind.startswith("int=")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for v in shape:
+        n *= v
+    return n
+
+
+def bundle_sources(src: list[list[int]], dst: list[list[int]], src_kinds: list[str], dst_kinds: list[str],
+                   needed: list[bool] | None = None) -> tuple[list[int], list[int], int]:
+    """How a bundle adapter reads its input: ``(sources, extras, host)``.
+
+    Slot i feeds slot i when both bundles hold as many slots of the same kinds (tensor or size);
+    else every target is made from the largest source tensor (the newest of equals). Any other
+    floating-point source tensor that no ``needed`` target is made from is an *extra*: it is
+    adapted to the ``host`` target (the largest needed floating-point one) and added to it, so
+    every tensor a block hands on reaches the aux net's loss. Kinds are ``LayerInfo.crossing_dtypes``.
+    """
+    needed = needed or [True] * len(dst)
+    if len(src_kinds) == len(dst_kinds) and all(_is_size(a) == _is_size(b) for a, b in zip(src_kinds, dst_kinds)):
+        sources = list(range(len(dst_kinds)))
+    else:
+        tensors = [i for i, k in enumerate(src_kinds) if not _is_size(k)]
+        sources = [max(tensors, key=lambda i: (_numel(src[i]), i))] * len(dst_kinds)
+    floats = [i for i, k in enumerate(dst_kinds) if needed[i] and _is_float(k)]
+    if not floats:
+        return sources, [], 0
+    host = max(floats, key=lambda i: (_numel(dst[i]), i))
+    used = {sources[i] for i in range(len(dst_kinds)) if needed[i]}
+    extras = [i for i, k in enumerate(src_kinds) if _is_float(k) and i not in used]
+    return sources, extras, host
 
 
 def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
@@ -123,34 +220,36 @@ def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callab
                         needed: list[bool] | None = None) -> nn.Module | None:
     """The adapter from a bundle of per-sample shapes ``src`` to ``dst`` (oldest first), or None.
 
-    Target i is made from source ``bundle_sources(...)[i]`` by the smallest ``make_adapter``. A
-    single tensor on both sides gets a plain ``Adapter``. A target nobody downstream reads
-    (``needed[i]`` false: a skip the aux net drops) is the source tensor as is, with no weights
-    that would never train. Tensors that are not floating point (masks, indices) pass through
-    unchanged and must already have the target's shape.
+    Target i is made from source ``bundle_sources(...)[0][i]`` by the smallest ``make_adapter``;
+    extra sources are added to the host target (``bundle_sources``). A single tensor on both
+    sides gets a plain ``Adapter``. A target nobody downstream reads (``needed[i]`` false: a skip
+    the aux net drops) is the source tensor as is, with no weights that would never train.
+    Tensors that are not floating point (masks, indices) pass through unchanged and must already
+    have the target's shape. A size slot gets the batch size of its source tensor, or the fixed
+    value the target had at the converted input size.
     """
-    if len(src) == 1 and len(dst) == 1:
-        return make_adapter(src[0], dst[0], norm)
-    if src == dst:
-        return None
-    sources = bundle_sources(len(src), len(dst))
     src_dtypes = src_dtypes or ["float32"] * len(src)
     dst_dtypes = dst_dtypes or ["float32"] * len(dst)
+    if len(src) == 1 and len(dst) == 1:
+        return make_adapter(src[0], dst[0], norm)
     needed = needed or [True] * len(dst)
+    sources, extras, host = bundle_sources(src, dst, src_dtypes, dst_dtypes, needed)
+    if src == dst and src_dtypes == dst_dtypes and not extras:
+        return None
     adapters: list[nn.Module] = []
     for i, s in enumerate(sources):
-        if not needed[i]:
+        want, have = dst_dtypes[i], src_dtypes[s]
+        if not needed[i] or (want == have and src[s] == dst[i]):
             adapters.append(nn.Identity())
-            continue
-        if not _is_float(dst_dtypes[i]) or not _is_float(src_dtypes[s]):
-            if src[s] != dst[i] or src_dtypes[s] != dst_dtypes[i]:
-                raise AugLocalError(f"no shape adapter from a {src_dtypes[s]} tensor {src[s]} to a {dst_dtypes[i]} "
-                                    f"tensor {dst[i]} in a bundle; use an aux_depth large enough to copy every "
-                                    "later layer, or rule='dgl'")
-            adapters.append(nn.Identity())
-            continue
-        adapters.append(make_adapter(src[s], dst[i], norm) or nn.Identity())
-    return BundleAdapter(adapters, sources)
+        elif _is_size(want):
+            adapters.append(BatchSize() if want == "batch" else Constant(int(want.removeprefix("int="))))
+        elif not _is_float(want) or not _is_float(have):
+            raise AugLocalError(f"no shape adapter from a {have} tensor {src[s]} to a {want} tensor {dst[i]} "
+                                "in a bundle; use an aux_depth large enough to copy every later layer, or rule='dgl'")
+        else:
+            adapters.append(make_adapter(src[s], dst[i], norm) or nn.Identity())
+    extra = {s: make_adapter(src[s], dst[host], norm) or nn.Identity() for s in extras}
+    return BundleAdapter(adapters, sources, host, extra)
 
 
 def _is_float(dtype: str) -> bool:

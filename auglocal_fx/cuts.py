@@ -5,17 +5,20 @@ A cut after node T hands on every activation tensor that is live there (computed
 after T): usually one tensor, sometimes a small *bundle* — a class token beside the patch tokens,
 a CSP partial branch, a DenseNet feature list, U-Net skips. A cut point is a node after which the
 bundle holds at most ``max_live`` tensors, T itself among them (so T is the newest tensor of the
-bundle). Everything that does not depend on the input (parameter reads and arithmetic on them) is
+bundle). Sizes read off a tensor's shape (``B, C, H, W = x.shape``, as PiT and Swin write) may
+cross a cut too, beside the tensors, without counting towards ``max_live``: they are plain ints. Everything that does not depend on the input (parameter reads and arithmetic on them) is
 a constant any block can recompute, so it never crosses a cut.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from .errors import AugLocalError
 
-__all__ = ["MAX_BUNDLE", "activation_nodes", "live_sets", "cut_points"]
+__all__ = ["MAX_BUNDLE", "activation_nodes", "live_sets", "cut_points", "shape_read", "is_tensor"]
 
 MAX_BUNDLE = 8  # the most tensors a cut may hand on (DenseNet's first dense layers, U-Net skips)
 
@@ -57,11 +60,36 @@ def live_sets(graph: fx.Graph, act: set[fx.Node] | None = None) -> dict[fx.Node,
     return out
 
 
+def is_tensor(n: fx.Node) -> bool:
+    """The node's value is a tensor (``shape`` in its meta, from the profile)."""
+    return n.meta.get("shape") is not None
+
+
+def shape_read(n: fx.Node) -> str | None:
+    """``"batch"`` for a read of a tensor's batch size (``x.shape[0]``, ``x.size(0)``), ``"static"``
+    for a read of another dimension (fixed for a given input size), None for anything else."""
+    if n.meta.get("value") is None:
+        return None
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
+        return "batch" if n.args[1] == 0 else "static"
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        src, index = n.args
+        whole = ((src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+                 or (src.op == "call_method" and src.target == "size" and len(src.args) == 1))
+        if whole and isinstance(index, int):
+            return "batch" if index == 0 else "static"
+    return None
+
+
 def cut_points(graph: fx.Graph, act: set[fx.Node] | None = None, max_live: int = 1,
                live: dict[fx.Node, tuple[fx.Node, ...]] | None = None) -> list[fx.Node]:
-    """Activation nodes T after which at most ``max_live`` tensors are live, T among them, all of
-    them tensors (``shape`` in their meta, from the profile). In graph order; includes the input.
+    """Activation nodes T after which at most ``max_live`` tensors are live, T among them; anything
+    else live must be a shape read (``shape_read``). In graph order; includes the input.
     ``max_live=1`` gives the single-tensor cuts."""
     live = live_sets(graph, act) if live is None else live
-    return [t for t, bundle in live.items()
-            if t in bundle and len(bundle) <= max_live and all(x.meta.get("shape") is not None for x in bundle)]
+    out = []
+    for t, bundle in live.items():
+        tensors = [x for x in bundle if is_tensor(x)]
+        if t in tensors and len(tensors) <= max_live and all(is_tensor(x) or shape_read(x) for x in bundle):
+            out.append(t)
+    return out

@@ -102,14 +102,19 @@ def _norm_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
 
 def _repeated_children(container: nn.Module) -> list[str]:
     """Names of the children of ``container`` (a Sequential / ModuleList / ModuleDict) whose class
-    occurs twice or more among them and is composite (has submodules): the blocks of a stage."""
+    occurs twice or more among them and is composite (``_is_block``): the blocks of a stage."""
     if not isinstance(container, _CONTAINERS):
         return []
     kids = list(container.named_children())
     count: dict[type, int] = {}
     for _, m in kids:
         count[type(m)] = count.get(type(m), 0) + 1
-    return [name for name, m in kids if count[type(m)] >= 2 and next(m.children(), None) is not None]
+    return [name for name, m in kids if count[type(m)] >= 2 and _is_block(m)]
+
+
+def _is_block(m: nn.Module) -> bool:
+    """A composite module: one of its children holds parameters (a norm+activation pair does not)."""
+    return any(p is not None for child in m.children() for p in child.parameters())
 
 
 def repeated_blocks(model: nn.Module) -> int:
@@ -157,7 +162,7 @@ def _refine(model: nn.Module, group: list) -> list[list]:
     blocks = set(_repeated_children(modules[prefix] if d else model))
     prefix_parts = prefix.split(".") if d else []
     subs: dict[str, list] = {}
-    pending: list = []  # nodes before the first block join it
+    prefix_nodes = []  # what the stage runs before its first block (a downsample, a global branch)
     current = None
     for n, parts in zip(nodes, paths):
         if parts[:d] == prefix_parts and len(parts) > d and parts[d] in blocks:
@@ -165,11 +170,16 @@ def _refine(model: nn.Module, group: list) -> list[list]:
             if current not in subs:
                 subs[current] = [f"{prefix}.{current}" if prefix else current, []]
         if current is None:
-            pending.append(n)
+            prefix_nodes.append(n)
         else:
-            subs[current][1] += pending + [n]
-            pending = []
-    return [[None, None, [name], ns] for name, ns in subs.values()]
+            subs[current][1].append(n)
+    out = [[None, None, [name], ns] for name, ns in subs.values()]
+    if prefix_nodes:  # its own repeated blocks become layers too (gcvit's global branch), else it joins the first
+        before = _refine(model, [None, None, group[2], prefix_nodes])
+        if len(before) > 1:
+            return before + out
+        out[0][3] = prefix_nodes + out[0][3]
+    return out
 
 
 def find_layers(

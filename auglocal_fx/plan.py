@@ -35,6 +35,11 @@ class LayerInfo:
         """Per-sample shapes of the tensors that leave the layer, oldest first."""
         return self.crossing or [self.out_shape]
 
+    @property
+    def tensors(self) -> int:
+        """How many tensors leave the layer (sizes riding along not counted)."""
+        return sum(not (d == "batch" or d.startswith("int=")) for d in self.crossing_dtypes) or 1
+
 
 @dataclass
 class BlockInfo:
@@ -150,7 +155,7 @@ class Plan:
             names = first.name if first is last else f"{first.name} .. {last.name}"
             aux = self.aux_for(b.index)
             t.add_row(
-                str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)), str(len(last.bundle)),
+                str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)), str(last.tensors),
                 _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
                 f"{self.block_sum(b, 'act_bytes') / 2**20:,.2f}",
                 str(aux.depth) if aux else "-",

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .cuts import MAX_BUNDLE, activation_nodes, cut_points, live_sets
+from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_tensor, live_sets, shape_read
 from .errors import AugLocalError
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .models import default_input_size, registered_name
@@ -96,12 +96,15 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
         params=int(params),
         flops=int(sum(n.meta.get("flops", 0) for n in span.nodes)),
         act_bytes=int(sum(saved.values())),
-        crossing=[list(t.meta["shape"])[1:] for t in crossing],
-        crossing_dtypes=[_dtype(t) for t in crossing],
+        crossing=[list(t.meta["shape"])[1:] if is_tensor(t) else [] for t in crossing],
+        crossing_dtypes=[_kind(t) for t in crossing],
     )
 
 
-def _dtype(n: fx.Node) -> str:
+def _kind(n: fx.Node) -> str:
+    """A tensor's dtype ("float32", "bool"), or for a size handed on: "batch" or "int=<value>"."""
+    if not is_tensor(n):
+        return "batch" if shape_read(n) == "batch" else f"int={n.meta['value']}"
     meta = n.meta.get("tensor_meta")
     return str(getattr(meta, "dtype", "float32")).removeprefix("torch.")
 

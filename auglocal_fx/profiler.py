@@ -57,6 +57,7 @@ class _Profiler(ShapeProp):
         n.meta["shape"] = tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
         n.meta["flops"] = int(counter.get_total_flops())
         n.meta["saved"] = saved
+        n.meta["value"] = out if type(out) is int else None  # shape reads (H, W): a cut may hand them on
         return out
 
 

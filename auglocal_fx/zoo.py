@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from .compiler import to_auglocal
+from .cuts import is_tensor
 from .errors import AugLocalError, first_line
 from .export import export_onnx
+from .layers import repeated_blocks
 from .planner import analyze_model, build_plan
 
 __all__ = ["STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
@@ -39,6 +41,8 @@ class ZooResult:
     error: str | None = None  # one line
     input_size: list[int] | None = None
     layers: int | None = None
+    repeated_blocks: int | None = None  # layers.repeated_blocks: the module tree's repeated units
+    widest_cut: int | None = None  # the most tensors one layer boundary hands on
     blocks: int | None = None
     parity_diff: float | None = None
     onnx_diff: float | None = None
@@ -48,8 +52,15 @@ class ZooResult:
     def ok(self) -> bool:
         return len(self.passed) == len(STAGES)
 
+    @property
+    def granular(self) -> bool | None:
+        """At least one layer per repeated block of the module tree (None before conversion)."""
+        if self.layers is None or self.repeated_blocks is None:
+            return None
+        return self.layers >= self.repeated_blocks
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "granular": self.granular}
 
 
 def families(pattern: str | None = None) -> dict[str, list[str]]:
@@ -110,7 +121,7 @@ def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
     return names
 
 
-def check_model(name: str, family: str = "", blocks: int = 8, seed: int = 0) -> ZooResult:
+def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0) -> ZooResult:
     """Run the four stages on ``name``; the first failure is recorded (one line), never raised."""
     result = ZooResult(name, family)
     start = time.perf_counter()
@@ -127,6 +138,8 @@ def check_model(name: str, family: str = "", blocks: int = 8, seed: int = 0) -> 
         stage = "convert"
         analysis = analyze_model(model, size)
         result.layers = len(analysis.layers)
+        result.repeated_blocks = repeated_blocks(model)
+        result.widest_cut = max(sum(map(is_tensor, analysis.live.get(span.boundary, ()))) for span in analysis.layers)
         k = min(blocks, result.layers)
         plan = build_plan(model, k, input_size=size, model_name=name, analysis=analysis)
         net = to_auglocal(model, plan=plan)

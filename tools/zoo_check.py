@@ -6,8 +6,13 @@
 
 Each model runs in its own process with a time limit, so a hang or crash costs one row, never the
 run. Results are written to --json after every model (atomically), and --resume skips models
-already there (--rerun-failed: except those that failed). Prints a table with the stage each model reached and its error, then the pass count
-of each stage.
+already there (--rerun-failed: except those that failed). Prints a table with the stage each model
+reached and its error, then the pass count of each stage.
+
+Granularity: per model, the layers found (L), the repeated blocks of its module tree (U, from
+``auglocal_fx.layers.repeated_blocks``: children of a container that share a composite class with
+a sibling, counted through to the innermost such blocks) and the most tensors one layer boundary
+hands on. A model reaches block granularity when L >= U.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--all", action="store_true", help="every model name, not one per family")
     p.add_argument("--filter", metavar="GLOB", help="only models or families matching GLOB")
-    p.add_argument("--blocks", type=int, default=8, help="K = min(BLOCKS, layers) (default 8)")
+    p.add_argument("--blocks", type=int, default=16, help="K = min(BLOCKS, layers) (default 16)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
     p.add_argument("--json", default="zoo_check.json", help="results file (default zoo_check.json)")
     p.add_argument("--resume", action="store_true", help="skip models already in --json")
@@ -107,20 +112,24 @@ def _payload(results: list[dict], args) -> dict:
 def _totals(results: list[dict]) -> dict:
     n = len(results)
     counts = {s: sum(s in r["passed"] for r in results) for s in STAGES}
+    granular = sum(bool(r.get("granular")) for r in results)
     return {"models": n, **{f"{s}_passed": c for s, c in counts.items()},
-            "all_passed": counts[STAGES[-1]], "all_passed_pct": round(100 * counts[STAGES[-1]] / max(n, 1), 1)}
+            "all_passed": counts[STAGES[-1]], "all_passed_pct": round(100 * counts[STAGES[-1]] / max(n, 1), 1),
+            "block_granular": granular}
 
 
 def _print_table(results: list[dict]) -> None:
-    print(f"{'family':24} {'model':38} {'size':>5} {'L':>3} {'K':>2}  {'reached':8} error")
+    print(f"{'family':24} {'model':38} {'size':>5} {'L':>3} {'U':>3} {'cut':>3} {'K':>2}  {'reached':8} error")
     for r in results:
         reached = r["passed"][-1] if r["passed"] else "-"
         size = r["input_size"][-1] if r["input_size"] else ""
         print(f"{r['family'][:24]:24} {r['model'][:38]:38} {size!s:>5} {r['layers'] or '':>3} "
+              f"{r.get('repeated_blocks') or '':>3} {r.get('widest_cut') or '':>3} "
               f"{r['blocks'] or '':>2}  {reached:8} {r['error'] or ''}")
     t = _totals(results)
     print("\npassed per stage: " + ", ".join(f"{s} {t[f'{s}_passed']}/{t['models']}" for s in STAGES))
     print(f"all four stages: {t['all_passed']}/{t['models']} ({t['all_passed_pct']}%)")
+    print(f"block granularity (layers >= repeated blocks): {t['block_granular']}/{t['models']}")
 
 
 if __name__ == "__main__":

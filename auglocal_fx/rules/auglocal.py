@@ -23,22 +23,27 @@ def build_aux(ctx: AuxContext) -> nn.Module:
     last = plan.blocks[ctx.recipe.block].layers[-1]
     steps = [*ctx.recipe.selected_layers, len(plan.layers)]  # the copied layers, then the head
     pieces = [ctx.layers[j] if j < len(plan.layers) else ctx.head for j in steps]
-    outs = [plan.layers[last].bundle] + [plan.layers[j].bundle for j in steps[:-1]]  # what each step is fed from
-    needed = _needed_inputs(plan, steps, pieces, outs)
+    fed = [last, *steps[:-1]]  # the layer whose bundle each step is fed from
+    needed = _needed_inputs(plan, steps, pieces, fed)
     mods: list[nn.Module] = []
-    shapes, dtypes = outs[0], plan.layers[last].crossing_dtypes
-    for j, piece, need in zip(steps, pieces, needed):
-        into, into_dtypes = plan.bundle_into(j), plan.layers[j - 1].crossing_dtypes
-        adapter = make_bundle_adapter(shapes, into, ctx.norm2d, dtypes, into_dtypes, need)
+    shapes = plan.layers[last].bundle
+    for j, piece, need, f in zip(steps, pieces, needed, fed):
+        adapter = make_bundle_adapter(shapes, plan.bundle_into(j), ctx.norm2d, _kinds(plan, f), _kinds(plan, j - 1), need)
         if adapter is not None:
             mods.append(adapter)
         mods.append(copy.deepcopy(piece))
         if j < len(plan.layers):
-            shapes, dtypes = plan.layers[j].bundle, plan.layers[j].crossing_dtypes
+            shapes = plan.layers[j].bundle
     return Chain(*mods)
 
 
-def _needed_inputs(plan, steps: list[int], pieces: list, outs: list) -> list[list[bool]]:
+def _kinds(plan, j: int) -> list[str]:
+    """What each slot of the bundle leaving layer ``j`` holds (a dtype, or a size kind)."""
+    layer = plan.layers[j]
+    return layer.crossing_dtypes or ["float32"] * len(layer.bundle)
+
+
+def _needed_inputs(plan, steps: list[int], pieces: list, fed: list[int]) -> list[list[bool]]:
     """For each step, which tensors of the bundle it takes are read downstream: by the step itself,
     or handed on to a later step that reads them. The head reads whatever it takes."""
     needed: list[list[bool]] = [[]] * len(steps)
@@ -51,8 +56,10 @@ def _needed_inputs(plan, steps: list[int], pieces: list, outs: list) -> list[lis
             computes, handed = pieces[i].slot_use(slots)
             need = [c or bool(h & read_after) for c, h in zip(computes, handed)]
         needed[i] = need
-        sources = bundle_sources(len(outs[i]), slots)  # the adapter before step i, if any
-        read_after = {sources[k] for k, n in enumerate(need) if n}
+        # what the adapter before step i reads of the bundle that step i - 1 hands on
+        src, dst = plan.layers[fed[i]].bundle, plan.bundle_into(steps[i])
+        sources, extras, _ = bundle_sources(src, dst, _kinds(plan, fed[i]), _kinds(plan, steps[i] - 1), need)
+        read_after = {sources[k] for k, n in enumerate(need) if n} | set(extras)
     return needed
 
 

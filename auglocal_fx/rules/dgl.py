@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..adapters import TokenMean
 from ..errors import AugLocalError
 from .rule import AuxContext, Rule, register_rule
 
 __all__ = ["build_aux"]
 
 HIDDEN = 256  # width of the classifier MLP
-
-
-class _TokenMean(nn.Module):
-    def forward(self, x):
-        return x.mean(dim=1)
 
 
 def build_aux(ctx: AuxContext) -> nn.Module:
@@ -30,7 +26,7 @@ def build_aux(ctx: AuxContext) -> nn.Module:
     if len(shape) == 2:
         d = shape[1]
         return nn.Sequential(
-            nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), _TokenMean(),
+            nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), TokenMean(),
             nn.Linear(d, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, classes))
     if len(shape) == 1:
         return nn.Sequential(nn.Linear(shape[0], HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, classes))
