@@ -169,9 +169,9 @@ class BatchSize(nn.Module):
 
 
 class Constant(nn.Module):
-    """A fixed size (an H or W read off a shape at the converted input size) for a bundle slot."""
+    """A fixed size (an H or W read off a shape at the converted input size), or None, for a slot."""
 
-    def __init__(self, value: int):
+    def __init__(self, value: int | None):
         super().__init__()
         self.value = value
 
@@ -180,7 +180,8 @@ class Constant(nn.Module):
 
 
 def _is_size(kind: str) -> bool:
-    return kind == "batch" or kind.startswith("int=")
+    """A slot that holds no tensor: a batch size, a fixed size ("int=V") or None ("none")."""
+    return kind in ("batch", "none") or kind.startswith("int=")
 
 
 def _numel(shape: list[int]) -> int:
@@ -242,7 +243,8 @@ def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callab
         if not needed[i] or (want == have and src[s] == dst[i]):
             adapters.append(nn.Identity())
         elif _is_size(want):
-            adapters.append(BatchSize() if want == "batch" else Constant(int(want.removeprefix("int="))))
+            adapters.append(BatchSize() if want == "batch" else
+                            Constant(None if want == "none" else int(want.removeprefix("int="))))
         elif not _is_float(want) or not _is_float(have):
             raise AugLocalError(f"no shape adapter from a {have} tensor {src[s]} to a {want} tensor {dst[i]} "
                                 "in a bundle; use an aux_depth large enough to copy every later layer, or rule='dgl'")

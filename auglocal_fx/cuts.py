@@ -6,7 +6,8 @@ after T): usually one tensor, sometimes a small *bundle* — a class token besid
 a CSP partial branch, a DenseNet feature list, U-Net skips. A cut point is a node after which the
 bundle holds at most ``max_live`` tensors, T itself among them (so T is the newest tensor of the
 bundle). Sizes read off a tensor's shape (``B, C, H, W = x.shape``, as PiT and Swin write) may
-cross a cut too, beside the tensors, without counting towards ``max_live``: they are plain ints. Everything that does not depend on the input (parameter reads and arithmetic on them) is
+cross a cut too, beside the tensors, without counting towards ``max_live``: they are plain ints;
+so may a value that is None (naflexvit's attention mask for an image without padding). Everything that does not depend on the input (parameter reads and arithmetic on them) is
 a constant any block can recompute, so it never crosses a cut.
 """
 
@@ -18,7 +19,7 @@ import torch.fx as fx
 
 from .errors import AugLocalError
 
-__all__ = ["MAX_BUNDLE", "activation_nodes", "live_sets", "cut_points", "shape_read", "is_tensor"]
+__all__ = ["MAX_BUNDLE", "activation_nodes", "live_sets", "cut_points", "shape_read", "is_tensor", "is_none"]
 
 MAX_BUNDLE = 8  # the most tensors a cut may hand on (DenseNet's first dense layers, U-Net skips)
 
@@ -65,11 +66,23 @@ def is_tensor(n: fx.Node) -> bool:
     return n.meta.get("shape") is not None
 
 
+_SIZE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub, operator.mod)
+
+
+def is_none(n: fx.Node) -> bool:
+    """The node's value was None when profiled (an optional mask a model builds and does not use)."""
+    return n.meta.get("type") is type(None)
+
+
 def shape_read(n: fx.Node) -> str | None:
     """``"batch"`` for a read of a tensor's batch size (``x.shape[0]``, ``x.size(0)``), ``"static"``
-    for a read of another dimension (fixed for a given input size), None for anything else."""
+    for a read of another dimension, or integer arithmetic on such reads only (``H // patch``:
+    fixed for a given input size), None for anything else."""
     if n.meta.get("value") is None:
         return None
+    if n.op == "call_function" and n.target in _SIZE_ARITHMETIC:  # H // patch, H * W: static if its reads are
+        reads = n.all_input_nodes
+        return "static" if reads and all(shape_read(a) == "static" for a in reads) else None
     if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
         return "batch" if n.args[1] == 0 else "static"
     if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
@@ -90,6 +103,7 @@ def cut_points(graph: fx.Graph, act: set[fx.Node] | None = None, max_live: int =
     out = []
     for t, bundle in live.items():
         tensors = [x for x in bundle if is_tensor(x)]
-        if t in tensors and len(tensors) <= max_live and all(is_tensor(x) or shape_read(x) for x in bundle):
+        if t in tensors and len(tensors) <= max_live and all(is_tensor(x) or shape_read(x) or is_none(x)
+                                                                for x in bundle):
             out.append(t)
     return out

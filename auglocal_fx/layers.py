@@ -211,13 +211,20 @@ def find_layers(
                     return k, str(a.target)
         return None, None
 
-    # 1. groups in graph order: key -> [first pos, last pos, names, nodes]
+    # 1. groups in graph order: (key, run) -> [first pos, last pos, names, nodes]. A key that comes
+    #    back after another key's nodes starts a new run: timm's matchers file some modules under a
+    #    far-away group ('^norm' also matches a ViT's norm_pre, which then spans every block).
     groups: dict[Hashable, list] = {}
+    runs_of: dict[Hashable, int] = {}
+    last = None
     for n in order:
         k, path = node_key(n)
         if k is None:
             continue
-        g = groups.setdefault(k, [pos[n], pos[n], [], []])
+        if k != last:
+            runs_of[k] = runs_of.get(k, -1) + 1
+            last = k
+        g = groups.setdefault((k, runs_of[k]), [pos[n], pos[n], [], []])
         g[1] = pos[n]
         g[3].append(n)
         if path not in g[2]:

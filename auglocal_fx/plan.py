@@ -38,7 +38,7 @@ class LayerInfo:
     @property
     def tensors(self) -> int:
         """How many tensors leave the layer (sizes riding along not counted)."""
-        return sum(not (d == "batch" or d.startswith("int=")) for d in self.crossing_dtypes) or 1
+        return sum(not (d in ("batch", "none") or d.startswith("int=")) for d in self.crossing_dtypes) or 1
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_tensor, live_sets, shape_read
+from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_none, is_tensor, live_sets, shape_read
 from .errors import AugLocalError
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .models import default_input_size, registered_name
@@ -102,7 +102,10 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
 
 
 def _kind(n: fx.Node) -> str:
-    """A tensor's dtype ("float32", "bool"), or for a size handed on: "batch" or "int=<value>"."""
+    """A tensor's dtype ("float32", "bool"), or for a size handed on: "batch" or "int=<value>";
+    "none" for a value that is None."""
+    if is_none(n):
+        return "none"
     if not is_tensor(n):
         return "batch" if shape_read(n) == "batch" else f"int={n.meta['value']}"
     meta = n.meta.get("tensor_meta")

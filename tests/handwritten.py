@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BasicBlock", "ResNet", "cifar_resnet", "small_resnet", "RootResidualNet", "PlainCNN", "TokenMLP",
-           "CSPNet", "DenseNet", "ClassTokenNet", "UNet"]
+           "CSPNet", "DenseNet", "ClassTokenNet", "UNet", "ShapeReadNet"]
 
 
 class BasicBlock(nn.Module):
@@ -266,3 +266,24 @@ class UNet(nn.Module):
         e2 = self.enc2(e1)
         b = self.mid(e2)
         return self.out(self.up1(self.up2(b, e2), e1))
+
+
+class ShapeReadNet(nn.Module):
+    """Reads ``B, C, H, W = x.shape`` before a stack of token blocks and uses the sizes after it (as
+    PiT and Twins do): the sizes are live across every block boundary, beside the tokens."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, depth: int = 3):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList(TokenBlock(dim) for _ in range(depth))
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            t = block(t)
+        x = self.conv(t.transpose(1, 2).reshape(B, C, H // 1, W))
+        return self.fc(x.mean((2, 3)))

@@ -19,7 +19,7 @@ from auglocal_fx.planner import analyze_model
 from auglocal_fx.zoo import check_model
 
 from checks import assert_gradient_isolation
-from handwritten import ClassTokenNet, CSPNet, DenseNet, UNet, cifar_resnet
+from handwritten import ClassTokenNet, CSPNet, DenseNet, ShapeReadNet, UNet, cifar_resnet
 
 SIZE = (3, 32, 32)
 # name -> (factory, fewest layers expected, largest bundle expected at some layer boundary)
@@ -28,6 +28,7 @@ HANDWRITTEN = {
     "dense": (DenseNet, 5, 4),  # stem + 4 dense layers; the feature list grows by one per layer
     "class_token": (ClassTokenNet, 5, 2),  # embed + 4 blocks on (cls, patches)
     "unet": (lambda: UNet(num_classes=3), 8, 3),  # encoder convs, decoder stages; skips cross the middle
+    "shape_read": (ShapeReadNet, 4, 1),  # embed + 3 token blocks; B, C, H, W ride along beside the tokens
 }
 
 
@@ -47,7 +48,7 @@ def test_bundle_models_split_per_block(name):
     net = to_auglocal(model, min(16, layers), input_size=SIZE)
     plan = net.plan
     assert len(plan.blocks) == min(16, layers) and not plan.notes
-    assert max(len(layer.bundle) for layer in plan.layers) == widest
+    assert max(layer.tensors for layer in plan.layers) == widest
     assert all(len(layer.crossing) == len(layer.crossing_dtypes) for layer in plan.layers)
 
     g = torch.Generator().manual_seed(1)
@@ -93,6 +94,15 @@ def test_unet_trains_pixelwise_with_a_falling_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_sizes_ride_along_and_are_remade_in_aux_nets():
+    torch.manual_seed(0)
+    net = to_auglocal(ShapeReadNet(), 4, input_size=SIZE)
+    kinds = net.plan.layers[1].crossing_dtypes
+    assert kinds[:4] == ["batch", "int=16", "int=8", "int=8"] and kinds[-1] == "float32"
+    x = torch.randn(3, *SIZE)  # another batch size than planned: the batch slot is read off a tensor
+    assert net.train().training_step(x, torch.randint(0, 10, (3,))).loss > 0
+
+
 def test_memory_estimate_counts_every_tensor_of_a_bundle():
     torch.manual_seed(0)
     net = to_auglocal(DenseNet(), 5, input_size=SIZE, balance="memory")
@@ -127,7 +137,8 @@ def test_repeated_blocks_counts_the_module_tree():
 
 # timm families whose matcher returns stages, or whose blocks hand on more than one tensor
 # (densenet121 runs in test_zoo.py; the other families in tools/zoo_check.py)
-@pytest.mark.parametrize("name, fewest", [("poolformerv2_s12", 12), ("cspresnet50", 13), ("pit_s_224", 12)])
+@pytest.mark.parametrize("name, fewest", [("poolformerv2_s12", 12), ("cspresnet50", 13), ("pit_s_224", 12),
+                                          ("naflexvit_base_patch16_gap", 12)])
 def test_timm_families_reach_block_granularity(name, fewest):
     result = check_model(name, blocks=16)
     assert result.ok, result.error
