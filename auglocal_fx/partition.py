@@ -3,7 +3,9 @@
 Balance policies live in one small registry, like timm's model registry: ``layers`` (the paper:
 equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly). Each
 carries its per-layer cost; ``memory`` also weighs each block's aux net, because block-wise
-training holds a block's activations and its aux net's at once (``unit_act_bytes``).
+training holds a block's activations and its aux net's at once (``unit_act_bytes``), and every
+tensor of a bundle riding along (a U-Net skip) is held too: a layer's memory cost counts the
+skips it takes besides the newest tensor (``LayerInfo.carried_bytes``).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ register_balance(Balance("layers", "equal layer counts (the paper)", lambda laye
 register_balance(Balance("flops", "minimise the largest block's forward FLOPs", lambda layer: layer.flops,
                          min_max_partition))
 register_balance(Balance("memory", "minimise the largest block + aux net activation memory",
-                         lambda layer: layer.act_bytes, min_max_partition, weighs_aux=True))
+                         lambda layer: layer.act_bytes + layer.carried_bytes, min_max_partition, weighs_aux=True))
 
 
 def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Extra | None = None) -> list[list[int]]:
@@ -133,8 +135,8 @@ def unit_act_bytes(plan: Plan) -> list[int]:
     """Estimated activation bytes per sample alive at each block's peak: block + aux net (the last:
     block + head). Under block-wise training the largest of these is the step's activation peak."""
     out = []
-    for b in plan.blocks:
-        own = plan.block_sum(b, "act_bytes")
+    for b in plan.blocks:  # skips riding along into the block are held while it runs
+        own = plan.block_sum(b, "act_bytes") + plan.layers[b.layers[0]].carried_bytes
         if b.index < len(plan.aux):
             own += aux_act_bytes(plan.layers, plan.head, b.layers[-1], plan.aux[b.index].selected_layers)
         else:

@@ -29,6 +29,7 @@ class LayerInfo:
     # is out_shape. Empty in plans written before bundles: one tensor, out_shape.
     crossing: list[list[int]] = field(default_factory=list)
     crossing_dtypes: list[str] = field(default_factory=list)  # e.g. "float32", "bool" (a mask)
+    carried_bytes: int = 0  # per sample: the tensors the layer takes besides the newest (skips held while it runs)
 
     @property
     def bundle(self) -> list[list[int]]:

@@ -120,7 +120,25 @@ def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
     for span in a.layers:
         infos.append(_layer_info(a, span, prev, seen))
         prev = span.boundary
-    return infos, _layer_info(a, a.head, prev, seen)
+    head = _layer_info(a, a.head, prev, seen)
+    for info, before in zip([*infos[1:], head], infos):  # what rides along into each layer
+        info.carried_bytes = sum(_nbytes(shape, kind) for shape, kind in
+                                 zip(before.crossing[:-1], before.crossing_dtypes[:-1]))
+    return infos, head
+
+
+_ITEMSIZE = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "bfloat16": 2, "bool": 1,
+             "uint8": 1, "int8": 1}
+
+
+def _nbytes(shape: list[int], kind: str) -> int:
+    """Bytes of one sample of a tensor slot (0 for a size or None riding along)."""
+    if kind not in _ITEMSIZE:
+        return 0
+    n = _ITEMSIZE[kind]
+    for v in shape:
+        n *= v
+    return n
 
 
 def _aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,

@@ -109,6 +109,15 @@ def test_memory_estimate_counts_every_tensor_of_a_bundle():
     assert all(v > 0 for v in unit_act_bytes(net.plan))
     wide = [layer for layer in net.plan.layers if len(layer.bundle) > 1]
     assert wide and all(layer.bundle[-1] == layer.out_shape for layer in wide)
+    layers = net.plan.layers  # the earlier features ride into each dense layer: 4 bytes per float
+    assert [x.carried_bytes for x in layers] == [0, 0] + [4 * sum(c * h * w for c, h, w in layers[j - 1].crossing[:-1])
+                                                          for j in range(2, len(layers))]
+    assert layers[2].carried_bytes > 0 and cifar_layers_carry_nothing()
+
+
+def cifar_layers_carry_nothing() -> bool:
+    net = to_auglocal(cifar_resnet(1), 2, input_size=SIZE, balance="memory")
+    return all(layer.carried_bytes == 0 for layer in net.plan.layers)
 
 
 def test_single_tensor_cuts_only_merge_and_say_why():

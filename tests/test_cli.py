@@ -117,3 +117,23 @@ def test_save_writes_a_checkpoint_load_auglocal_reads(capsys, tmp_path):
     assert all(a.params > 0 and a.flops > 0 for a in printed.aux)  # aux columns filled
     net = load_auglocal(dest)
     assert net.plan == printed and len(net.blocks) == 4 and len(net.aux) == 3
+
+
+def test_bundles_in_json_and_table(capsys):
+    rc, out, err = run(capsys, "--model", "densenet121", "--blocks", "4", "--input-size", "3", "64", "64",
+                       "--format", "json")
+    assert rc == 0 and "note:" not in err
+    layers = json.loads(out)["layers"]
+    assert max(len(layer["crossing"]) for layer in layers) > 1  # tensors handed on at each layer boundary
+    assert all(len(layer["crossing"]) == len(layer["crossing_dtypes"]) for layer in layers)
+    rc, out, _ = run(capsys, "--model", "densenet121", "--blocks", "4", "--input-size", "3", "64", "64")
+    assert rc == 0 and "tensors" in out
+
+
+def test_coarse_split_is_one_note_line_naming_the_flag(capsys):
+    rc, out, err = run(capsys, "--model", "densenet121", "--blocks", "2", "--max-bundle", "1",
+                       "--input-size", "3", "64", "64", "--format", "json")
+    assert rc == 0 and json.loads(out)["notes"]
+    notes = [line for line in err.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("auglocal-convert: note: densenet121 splits into only"), err
+    assert "tensors live across" in notes[0] and "--max-bundle 1" in notes[0] and "max_bundle=" not in notes[0]

@@ -86,3 +86,9 @@ def test_bench_accuracy_refuses_another_study_in_the_same_folder(capsys, tmp_pat
                                                        "overrides": [], "runs": []}))
     assert _tool("bench_accuracy").main([*bad, "--out", str(tmp_path)]) == 2
     assert "another recipe" in capsys.readouterr().err
+
+
+def test_granularity(capsys):
+    rows = _json_run(capsys, "granularity", ["resnet20_cifar"])
+    assert rows == [{"model": "resnet20_cifar", "layers": 10, "repeated_blocks": 9, "widest_cut": 1, "why": ""}]
+    assert _tool("granularity").main(["no_such_model"]) == 2

@@ -26,14 +26,12 @@ def build_aux(ctx: AuxContext) -> nn.Module:
     fed = [last, *steps[:-1]]  # the layer whose bundle each step is fed from
     needed = _needed_inputs(plan, steps, pieces, fed)
     mods: list[nn.Module] = []
-    shapes = plan.layers[last].bundle
     for j, piece, need, f in zip(steps, pieces, needed, fed):
-        adapter = make_bundle_adapter(shapes, plan.bundle_into(j), ctx.norm2d, _kinds(plan, f), _kinds(plan, j - 1), need)
+        adapter = make_bundle_adapter(plan.layers[f].bundle, plan.bundle_into(j), ctx.norm2d,
+                                      _kinds(plan, f), _kinds(plan, j - 1), need)
         if adapter is not None:
             mods.append(adapter)
         mods.append(copy.deepcopy(piece))
-        if j < len(plan.layers):
-            shapes = plan.layers[j].bundle
     return Chain(*mods)
 
 
