@@ -195,18 +195,28 @@ def bundle_sources(src: list[list[int]], dst: list[list[int]], src_kinds: list[s
                    needed: list[bool] | None = None) -> tuple[list[int], list[int], int]:
     """How a bundle adapter reads its input: ``(sources, extras, host)``.
 
-    Slot i feeds slot i when both bundles hold as many slots of the same kinds (tensor or size);
-    else every target is made from the largest source tensor (the newest of equals). Any other
+    A target is fed by a source of exactly its shape and kind if there is one (slot i first), else
+    by slot i when both bundles hold as many slots of the same kinds (tensor or size) and slot i has
+    the target's rank, else by the largest source tensor (the newest of equals). Any other
     floating-point source tensor that no ``needed`` target is made from is an *extra*: it is
     adapted to the ``host`` target (the largest needed floating-point one) and added to it, so
     every tensor a block hands on reaches the aux net's loss. Kinds are ``LayerInfo.crossing_dtypes``.
     """
     needed = needed or [True] * len(dst)
-    if len(src_kinds) == len(dst_kinds) and all(_is_size(a) == _is_size(b) for a, b in zip(src_kinds, dst_kinds)):
-        sources = list(range(len(dst_kinds)))
-    else:
-        tensors = [i for i, k in enumerate(src_kinds) if not _is_size(k)]
-        sources = [max(tensors, key=lambda i: (_numel(src[i]), i))] * len(dst_kinds)
+    pairwise = len(src_kinds) == len(dst_kinds) and all(_is_size(a) == _is_size(b) for a, b in zip(src_kinds, dst_kinds))
+    tensors = [i for i, k in enumerate(src_kinds) if not _is_size(k)]
+    largest = max(tensors, key=lambda i: (_numel(src[i]), i))
+    sources = []
+    for i, (shape, kind) in enumerate(zip(dst, dst_kinds)):
+        same = [j for j in range(len(src)) if src[j] == shape and src_kinds[j] == kind]
+        if pairwise and i in same:
+            sources.append(i)
+        elif same:  # the very tensor (a position table every block takes) sits in another slot
+            sources.append(same[-1])
+        elif pairwise and not _is_size(kind) and len(src[i]) == len(shape):
+            sources.append(i)
+        else:
+            sources.append(largest)
     floats = [i for i, k in enumerate(dst_kinds) if needed[i] and _is_float(k)]
     if not floats:
         return sources, [], 0
