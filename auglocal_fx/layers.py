@@ -309,4 +309,7 @@ def _no_cut_note(prev: list, nxt: list, gap: list[fx.Node], live) -> str:
         return f"no cut before {where}: the two layers' nodes interleave"
     fewest = min((live[n] for n in gap), key=len)
     names = ", ".join(t.name for t in fewest[:6]) + (", ..." if len(fewest) > 6 else "")
-    return f"{len(fewest)} tensors live across {where}: {names}"
+    tensors = sum(n.meta.get("shape") is not None for n in fewest)
+    others = len(fewest) - tensors  # values a cut cannot hand on: tuples, sizes computed from the batch
+    what = f"{tensors} tensor{'s' if tensors != 1 else ''}" + (f" and {others} other value{'s' if others > 1 else ''}" if others else "")
+    return f"{what} live across {where}: {names}"
