@@ -19,12 +19,14 @@ matches one process), a BatchNorm model's get BatchNorm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from timm.layers import LayerNorm2d
 from torch import nn
 
 from .errors import AugLocalError
+from .plan import is_size_kind
 
 __all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "TokenMean", "TokensToMap",
            "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool",
@@ -179,18 +181,6 @@ class Constant(nn.Module):
         return self.value
 
 
-def _is_size(kind: str) -> bool:
-    """A slot that holds no tensor: a batch size, a fixed size ("int=V") or None ("none")."""
-    return kind in ("batch", "none") or kind.startswith("int=")
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for v in shape:
-        n *= v
-    return n
-
-
 def bundle_sources(src: list[list[int]], dst: list[list[int]], src_kinds: list[str], dst_kinds: list[str],
                    needed: list[bool] | None = None) -> tuple[list[int], list[int], int]:
     """How a bundle adapter reads its input: ``(sources, extras, host)``.
@@ -203,9 +193,9 @@ def bundle_sources(src: list[list[int]], dst: list[list[int]], src_kinds: list[s
     every tensor a block hands on reaches the aux net's loss. Kinds are ``LayerInfo.crossing_dtypes``.
     """
     needed = needed or [True] * len(dst)
-    pairwise = len(src_kinds) == len(dst_kinds) and all(_is_size(a) == _is_size(b) for a, b in zip(src_kinds, dst_kinds))
-    tensors = [i for i, k in enumerate(src_kinds) if not _is_size(k)]
-    largest = max(tensors, key=lambda i: (_numel(src[i]), i))
+    pairwise = len(src_kinds) == len(dst_kinds) and all(is_size_kind(a) == is_size_kind(b) for a, b in zip(src_kinds, dst_kinds))
+    tensors = [i for i, k in enumerate(src_kinds) if not is_size_kind(k)]
+    largest = max(tensors, key=lambda i: (math.prod(src[i]), i))
     sources = []
     for i, (shape, kind) in enumerate(zip(dst, dst_kinds)):
         same = [j for j in range(len(src)) if src[j] == shape and src_kinds[j] == kind]
@@ -213,14 +203,14 @@ def bundle_sources(src: list[list[int]], dst: list[list[int]], src_kinds: list[s
             sources.append(i)
         elif same:  # the very tensor (a position table every block takes) sits in another slot
             sources.append(same[-1])
-        elif pairwise and not _is_size(kind) and len(src[i]) == len(shape):
+        elif pairwise and not is_size_kind(kind) and len(src[i]) == len(shape):
             sources.append(i)
         else:
             sources.append(largest)
     floats = [i for i, k in enumerate(dst_kinds) if needed[i] and _is_float(k)]
     if not floats:
         return sources, [], 0
-    host = max(floats, key=lambda i: (_numel(dst[i]), i))
+    host = max(floats, key=lambda i: (math.prod(dst[i]), i))
     used = {sources[i] for i in range(len(dst_kinds)) if needed[i]}
     extras = [i for i, k in enumerate(src_kinds) if _is_float(k) and i not in used]
     return sources, extras, host
@@ -252,7 +242,7 @@ def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callab
         want, have = dst_dtypes[i], src_dtypes[s]
         if not needed[i] or (want == have and src[s] == dst[i]):
             adapters.append(nn.Identity())
-        elif _is_size(want):
+        elif is_size_kind(want):
             adapters.append(BatchSize() if want == "batch" else
                             Constant(None if want == "none" else int(want.removeprefix("int="))))
         elif not _is_float(want) or not _is_float(have):

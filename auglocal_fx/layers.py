@@ -22,6 +22,7 @@ import torch.fx as fx
 from timm.models._manipulate import group_with_matcher  # timm re-exports only group_modules/parameters
 from torch import nn
 
+from .cuts import is_tensor
 from .errors import AugLocalError
 
 __all__ = ["LayerSpan", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
@@ -124,13 +125,8 @@ def repeated_blocks(model: nn.Module) -> int:
     densenet121: 58 dense layers + 3 transitions; vit_base: 12)."""
 
     def count(m: nn.Module) -> int:
-        total = 0
-        for name, child in m.named_children():
-            if name in _repeated_children(m):
-                total += max(1, count(child))
-            else:
-                total += count(child)
-        return total
+        blocks = set(_repeated_children(m))
+        return sum(max(1, count(child)) if name in blocks else count(child) for name, child in m.named_children())
 
     return count(model)
 
@@ -140,26 +136,24 @@ def _deepest_path(n: fx.Node) -> str:
     return max(paths, key=lambda p: p.count(".")) if paths else ""
 
 
-def _refine(model: nn.Module, group: list) -> list[list]:
+def _refine(modules: dict[str, nn.Module], group: list) -> list[list]:
     """Split one group (``[first pos, last pos, names, nodes]``) into the repeated blocks it runs,
-    if it runs two or more; else return it as is."""
+    if it runs two or more; else return it as is. ``modules``: the model's ``named_modules()``."""
     nodes = group[3]
-    paths = [_deepest_path(n).split(".") if _deepest_path(n) else [] for n in nodes]
-    modules = dict(model.named_modules())
+    paths = [path.split(".") if (path := _deepest_path(n)) else [] for n in nodes]
     touched: dict[tuple[int, str], set[str]] = {}  # (depth, module path) -> its children the group runs
     for parts in paths:
         for d in range(len(parts)):
             touched.setdefault((d, ".".join(parts[:d])), set()).add(parts[d])
     best = None  # the shallowest container of which the group runs two or more repeated blocks
     for d, prefix in sorted(touched, key=lambda k: k[0]):
-        container = modules.get(prefix) if d else model
-        if isinstance(container, _CONTAINERS) and len(touched[d, prefix] & set(_repeated_children(container))) >= 2:
+        blocks = set(_repeated_children(modules.get(prefix)))  # the root is modules[""]
+        if len(touched[d, prefix] & blocks) >= 2:
             best = (d, prefix)
             break
     if best is None:
         return [group]
     d, prefix = best
-    blocks = set(_repeated_children(modules[prefix] if d else model))
     prefix_parts = prefix.split(".") if d else []
     subs: dict[str, list] = {}
     prefix_nodes = []  # what the stage runs before its first block (a downsample, a global branch)
@@ -175,7 +169,7 @@ def _refine(model: nn.Module, group: list) -> list[list]:
             subs[current][1].append(n)
     out = [[None, None, [name], ns] for name, ns in subs.values()]
     if prefix_nodes:  # its own repeated blocks become layers too (gcvit's global branch), else it joins the first
-        before = _refine(model, [None, None, group[2], prefix_nodes])
+        before = _refine(modules, [None, None, group[2], prefix_nodes])
         if len(before) > 1:
             return before + out
         out[0][3] = prefix_nodes + out[0][3]
@@ -229,9 +223,9 @@ def find_layers(
         g[3].append(n)
         if path not in g[2]:
             g[2].append(path)
-    runs = []
+    runs, modules = [], dict(model.named_modules())
     for g in sorted(groups.values(), key=lambda g: g[0]):  # 1b. stages become their blocks
-        for sub in _refine(model, g):
+        for sub in _refine(modules, g):
             if sub[0] is None:
                 sub[0], sub[1] = pos[sub[3][0]], max(pos[n] for n in sub[3])
             runs.append(sub)
@@ -309,7 +303,7 @@ def _no_cut_note(prev: list, nxt: list, gap: list[fx.Node], live) -> str:
         return f"no cut before {where}: the two layers' nodes interleave"
     fewest = min((live[n] for n in gap), key=len)
     names = ", ".join(t.name for t in fewest[:6]) + (", ..." if len(fewest) > 6 else "")
-    tensors = sum(n.meta.get("shape") is not None for n in fewest)
+    tensors = sum(map(is_tensor, fewest))
     others = len(fewest) - tensors  # values a cut cannot hand on: tuples, sizes computed from the batch
     what = f"{tensors} tensor{'s' if tensors != 1 else ''}" + (f" and {others} other value{'s' if others > 1 else ''}" if others else "")
     return f"{what} live across {where}: {names}"

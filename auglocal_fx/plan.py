@@ -11,7 +11,13 @@ from rich.table import Table
 
 from .errors import AugLocalError, first_line
 
-__all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan"]
+__all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan", "is_size_kind"]
+
+
+def is_size_kind(kind: str) -> bool:
+    """A ``crossing_dtypes`` entry for a slot that holds no tensor: a batch size ("batch"), a fixed
+    size ("int=V") or None ("none")."""
+    return kind in ("batch", "none") or kind.startswith("int=")
 
 
 @dataclass
@@ -39,7 +45,7 @@ class LayerInfo:
     @property
     def tensors(self) -> int:
         """How many tensors leave the layer (sizes riding along not counted)."""
-        return sum(not (d in ("batch", "none") or d.startswith("int=")) for d in self.crossing_dtypes) or 1
+        return sum(not is_size_kind(d) for d in self.crossing_dtypes) or 1
 
 
 @dataclass

@@ -7,6 +7,7 @@ planning arguments, and turns the traced graph into the plain figures the plan c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from .layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .models import default_input_size, registered_name
 from .modes import eval_mode
 from .partition import Extra, aux_act_bytes, get_balance
-from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig
+from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig, is_size_kind
 from .profiler import profile_graph
 from .rules import Rule, get_rule
 from .selection import TAILS, apply_tail, pyramid_depths, select_layers
@@ -41,6 +42,11 @@ class Analysis:
     input_size: tuple[int, ...]
     notes: list[str] = dataclasses.field(default_factory=list)  # why groups were merged (no cut)
     max_bundle: int = MAX_BUNDLE
+
+    @property
+    def widest_cut(self) -> int:
+        """The most tensors one layer boundary hands on (sizes riding along not counted)."""
+        return max(sum(map(is_tensor, self.live.get(span.boundary, ()))) for span in self.layers)
 
 
 def check_input_size(size) -> tuple[int, ...]:
@@ -127,18 +133,9 @@ def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
     return infos, head
 
 
-_ITEMSIZE = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "bfloat16": 2, "bool": 1,
-             "uint8": 1, "int8": 1}
-
-
 def _nbytes(shape: list[int], kind: str) -> int:
     """Bytes of one sample of a tensor slot (0 for a size or None riding along)."""
-    if kind not in _ITEMSIZE:
-        return 0
-    n = _ITEMSIZE[kind]
-    for v in shape:
-        n *= v
-    return n
+    return 0 if is_size_kind(kind) else getattr(torch, kind).itemsize * math.prod(shape)
 
 
 def _aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from .compiler import to_auglocal
-from .cuts import is_tensor
 from .errors import AugLocalError, first_line
 from .export import export_onnx
 from .layers import repeated_blocks
@@ -139,7 +138,7 @@ def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0) ->
         analysis = analyze_model(model, size)
         result.layers = len(analysis.layers)
         result.repeated_blocks = repeated_blocks(model)
-        result.widest_cut = max(sum(map(is_tensor, analysis.live.get(span.boundary, ()))) for span in analysis.layers)
+        result.widest_cut = analysis.widest_cut
         k = min(blocks, result.layers)
         plan = build_plan(model, k, input_size=size, model_name=name, analysis=analysis)
         net = to_auglocal(model, plan=plan)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx.cli.common import run_cli  # noqa: E402
-from auglocal_fx.cuts import MAX_BUNDLE, is_tensor  # noqa: E402
+from auglocal_fx.cuts import MAX_BUNDLE  # noqa: E402
 from auglocal_fx.layers import repeated_blocks  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.planner import analyze_model  # noqa: E402
@@ -31,9 +31,8 @@ PROG = "granularity"
 def measure(name: str, max_bundle: int = MAX_BUNDLE) -> dict:
     model = create_model(name)
     a = analyze_model(model, max_bundle=max_bundle)
-    widest = max(sum(map(is_tensor, a.live.get(span.boundary, ()))) for span in a.layers)
     units = repeated_blocks(model)
-    return {"model": name, "layers": len(a.layers), "repeated_blocks": units, "widest_cut": widest,
+    return {"model": name, "layers": len(a.layers), "repeated_blocks": units, "widest_cut": a.widest_cut,
             "why": a.notes[0] if len(a.layers) < units and a.notes else ""}
 
 
