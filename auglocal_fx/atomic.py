@@ -10,7 +10,31 @@ from typing import IO
 
 from .errors import AugLocalError
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "check_output_path"]
+
+
+def check_output_path(path: str | os.PathLike, inputs=(), name: str = "path") -> Path:
+    """Refuse an output ``path`` that is a folder or one of the command's own ``inputs``.
+
+    Checked before any work is done, so a mistake costs nothing: writing onto an input would destroy it
+    (``auglocal-export c.pt --out c.pt``), and a folder fails only after minutes of work otherwise.
+    ``name`` is how the caller names the argument (``--out``, ``path=``, a recipe key).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise AugLocalError(f"{name} {path} is a folder; give a file path (for example one inside it)")
+    for other in inputs:
+        if other is not None and _same_file(path, Path(other)):
+            raise AugLocalError(f"{name} {path} is also this command's input {other}; writing it would destroy "
+                                "the input: choose another output path")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
