@@ -61,10 +61,14 @@ def _tree_key_fn(model: nn.Module) -> Callable[[str], Hashable | None]:
     def key(path: str):
         mod, parts = model, path.split(".")
         for i, part in enumerate(parts):
-            mod = getattr(mod, part, None)
+            parent, mod = mod, getattr(mod, part, None)
             if mod is None:
                 return None
-            if not isinstance(mod, _CONTAINERS):
+            # a container is descended into, unless it is one of its parent's repeated blocks and
+            # holds no repeated blocks itself: a ModuleList of Sequential(LayerNorm, Linear, GELU,
+            # Linear) blocks gives one group per block, not one per Linear
+            if not isinstance(mod, _CONTAINERS) or (
+                    part in _repeated_children(parent) and not _repeated_children(mod)):
                 return ".".join(parts[: i + 1])
         return None  # a container itself is not a group; its children are
 
@@ -101,16 +105,31 @@ def _norm_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     return bool(mods) and not has_other_params and all(isinstance(m, _NORMS) for m in mods)
 
 
+def _flat(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+    """Every parameterised op of ``nodes`` reads a flat vector per sample (shape (N, D))."""
+    weighted = [n for n in nodes if node_params(gm, n) or any(node_params(gm, a) for a in n.all_input_nodes)]
+    shapes = [a.meta.get("shape") for n in weighted for a in n.all_input_nodes[:1]]
+    return bool(shapes) and all(s is not None and len(s) <= 2 for s in shapes)
+
+
 def _repeated_children(container: nn.Module) -> list[str]:
     """Names of the children of ``container`` (a Sequential / ModuleList / ModuleDict) whose class
     occurs twice or more among them and is composite (``_is_block``): the blocks of a stage."""
     if not isinstance(container, _CONTAINERS):
         return []
-    kids = list(container.named_children())
-    count: dict[type, int] = {}
-    for _, m in kids:
-        count[type(m)] = count.get(type(m), 0) + 1
-    return [name for name, m in kids if count[type(m)] >= 2 and _is_block(m)]
+    kids = [(name, m, _signature(m)) for name, m in container.named_children()]
+    count: dict[Hashable, int] = {}
+    for _, _, sig in kids:
+        count[sig] = count.get(sig, 0) + 1
+    return [name for name, m, sig in kids if count[sig] >= 2 and _is_block(m)]
+
+
+def _signature(m: nn.Module) -> Hashable:
+    """What makes two siblings "the same block": their class, and for a container (every
+    ``Sequential`` is one class) the signatures of its children too."""
+    if isinstance(m, _CONTAINERS):
+        return type(m), tuple(_signature(c) for c in m.children())
+    return type(m)
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -261,6 +280,10 @@ def find_layers(
     if merged and len(merged) > 1 and not params_of(merged[0]):
         merged[1] = merge(merged[0], merged[1])
         merged.pop(0)
+    # 3b. layers on flat vectors after the last one on a feature map or tokens are the classifier's
+    #     hidden layers (VGG's, AlexNet's, MobileNetV3's): they join the head
+    while len(merged) > 1 and _flat(gm, merged[-1][3]) and not all(_flat(gm, g[3]) for g in merged):
+        merged.pop()
     if not merged:
         raise AugLocalError(
             f"found no layers in {type(model).__name__}: no module with parameters before the head; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 
 import torch.fx as fx
 from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrace_modules
@@ -19,7 +20,7 @@ from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
 from .errors import AugLocalError, first_line
 
-__all__ = ["make_tracer", "trace", "specialised_args"]
+__all__ = ["Tracer", "make_tracer", "trace", "specialised_args"]
 
 # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
 # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As leaves
@@ -32,12 +33,63 @@ _TRACE_ERRORS = (fx.proxy.TraceError, TypeError, RuntimeError, AttributeError, V
                  NotImplementedError, AssertionError, IndexError, KeyError)
 
 
-def make_tracer() -> LeafModuleAwareTracer:
+def _encoder_forward(enc: nn.TransformerEncoder, src):
+    """``nn.TransformerEncoder.forward`` without masks: its layers in turn, then its norm. The
+    original's fast-path checks branch on tensor properties, which fx cannot trace."""
+    for layer in enc.layers:
+        src = layer(src)
+    return enc.norm(src) if enc.norm is not None else src
+
+
+def _encoder_layer_forward(layer: nn.TransformerEncoderLayer, x):
+    """``nn.TransformerEncoderLayer.forward`` without masks: the documented slow path, which the
+    fast path (eval, no grad) matches to float tolerance."""
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), None, None)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, None, None))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+# torch.nn modules fx would keep whole (it treats all of torch.nn as leaves) whose layers we need to
+# see, with a traceable forward for the call without masks. Called with a mask, they stay leaves.
+_TRACE_THROUGH: dict[type, Callable] = {
+    nn.TransformerEncoder: _encoder_forward,
+    nn.TransformerEncoderLayer: _encoder_layer_forward,
+}
+
+
+def _plain_call(args: tuple, kwargs: dict) -> bool:
+    """One input tensor; every mask argument absent or None, and not causal."""
+    return len(args) == 1 and all(v is None or v is False for v in kwargs.values())
+
+
+class Tracer(LeafModuleAwareTracer):
+    """``LeafModuleAwareTracer`` that also traces through ``nn.TransformerEncoder`` (and its layers)
+    when called without masks, so each encoder layer can become a layer of the plan."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
+        if type(m) in _TRACE_THROUGH and getattr(self, "_plain", False):
+            return False
+        return super().is_leaf_module(m, module_qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        fn = _TRACE_THROUGH.get(type(m))
+        if fn is not None and _plain_call(args, kwargs):
+            outer, self._plain = getattr(self, "_plain", False), True
+            try:
+                return super().call_module(m, lambda x: fn(m, x), args, {})
+            finally:
+                self._plain = outer
+        return super().call_module(m, forward, args, kwargs)
+
+
+def make_tracer() -> Tracer:
     """A tracer that keeps timm's not-traced modules (and drop-path / drop-block) as leaves and
     wraps timm's not-traced functions."""
     functions = tuple(f for f in get_notrace_functions() if callable(f))
     leaves = tuple(get_notrace_modules()) + STOCHASTIC_LEAVES
-    return LeafModuleAwareTracer(leaf_modules=leaves, autowrap_functions=functions)
+    return Tracer(leaf_modules=leaves, autowrap_functions=functions)
 
 
 def specialised_args(model: nn.Module) -> dict:

@@ -1,7 +1,8 @@
-"""Check one timm model end to end: convert -> eval parity -> one training step -> ONNX parity.
+"""Check one timm or torchvision model end to end: convert -> eval parity -> one training step -> ONNX parity.
 
-``tools/zoo_check.py`` runs :func:`check_model` over one model per timm family (each in its own
-process, with a time limit); the default test suite runs it over a dozen diverse families.
+``tools/zoo_check.py`` runs :func:`check_model` over one model per timm family, or over every
+torchvision classification model (``--source torchvision``), each in its own process with a time
+limit; the default test suite runs it over a dozen diverse timm families and a few torchvision models.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torchvision
 from torch import nn
 
 from .compiler import to_auglocal
@@ -23,9 +25,10 @@ from .export import export_onnx
 from .layers import repeated_blocks
 from .planner import analyze_model, build_plan
 
-__all__ = ["STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
+__all__ = ["SOURCES", "STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
 
 STAGES = ("convert", "parity", "train", "onnx")
+SOURCES = ("timm", "torchvision")
 SIDES = (64, 96, 128, 160, 224)  # input sides tried, smallest first
 PARITY_ATOL = 1e-5
 ONNX_ATOL = 1e-4
@@ -62,8 +65,12 @@ class ZooResult:
         return {**asdict(self), "granular": self.granular}
 
 
-def families(pattern: str | None = None) -> dict[str, list[str]]:
-    """timm's model families (the module a model is defined in) -> its model names."""
+def families(pattern: str | None = None, source: str = "timm") -> dict[str, list[str]]:
+    """timm's model families (the module a model is defined in) -> its model names. For
+    torchvision: every classification model, each its own family."""
+    if source == "torchvision":
+        names = torchvision.models.list_models(module=torchvision.models)
+        return {n: [n] for n in names if not pattern or fnmatch.fnmatch(n, pattern)}
     out = {}
     for module in sorted(timm.list_modules()):
         if module == "cifar_resnet":  # ours (auglocal_fx.cifar_resnet), not one of timm's families
@@ -90,17 +97,35 @@ def smallest(names: list[str]) -> str:
     return min(names, key=lambda n: (_param_count(n), n))
 
 
-def create_small(name: str, num_classes: int = 10) -> tuple[nn.Module, tuple[int, ...]]:
+def _torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """A torchvision classifier with random weights; GoogLeNet / Inception without their auxiliary
+    classifiers (in train mode those return a tuple; see the README on ``output=``)."""
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def create_small(name: str, num_classes: int = 10, source: str = "timm") -> tuple[nn.Module, tuple[int, ...]]:
     """``name`` with random weights at the smallest square input side (from ``SIDES``, else its
-    default) that it builds and runs at. Models that take ``img_size`` are built for that side."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    native = tuple((cfg.input_size if cfg is not None else None) or (3, 224, 224))
+    default) that it builds and runs at. Models that take ``img_size`` (torchvision ViTs:
+    ``image_size``) are built for that side."""
+    if source == "torchvision":
+        native, size_kw = (3, 299, 299) if name == "inception_v3" else (3, 224, 224), "image_size"
+
+        def build(**kw):
+            return _torchvision_model(name, num_classes, **kw)
+    else:
+        cfg = timm.models.get_pretrained_cfg(name)
+        native, size_kw = tuple((cfg.input_size if cfg is not None else None) or (3, 224, 224)), "img_size"
+
+        def build(**kw):
+            return timm.create_model(name, num_classes=num_classes, **kw)
     sides = [s for s in SIDES if s < native[-1]] + [native[-1]]
     first_error = None
     for side in sides:
-        for kwargs in ({}, {"img_size": side}) if side != native[-1] else ({},):
+        for kwargs in ({}, {size_kw: side}) if side != native[-1] else ({},):
             try:
-                model = timm.create_model(name, num_classes=num_classes, **kwargs)
+                model = build(**kwargs)
                 size = (native[0], side, side)
                 with torch.no_grad():
                     model.eval()(torch.randn(1, *size))
@@ -120,14 +145,15 @@ def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
     return names
 
 
-def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0) -> ZooResult:
-    """Run the four stages on ``name``; the first failure is recorded (one line), never raised."""
+def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, source: str = "timm") -> ZooResult:
+    """Run the four stages on ``name`` (from ``source``: timm or torchvision); the first failure is
+    recorded (one line), never raised."""
     result = ZooResult(name, family)
     start = time.perf_counter()
     stage = "create"
     try:
         torch.manual_seed(seed)
-        model, size = create_small(name)
+        model, size = create_small(name, source=source)
         result.input_size = list(size)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(2, *size, generator=g)

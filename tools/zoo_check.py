@@ -3,6 +3,7 @@
     python tools/zoo_check.py                      # the smallest model of every timm family
     python tools/zoo_check.py --filter 'vit_*'     # models (or families) matching a glob
     python tools/zoo_check.py --all --timeout 600  # every name in timm.list_models()
+    python tools/zoo_check.py --source torchvision # every torchvision classification model
 
 Each model runs in its own process with a time limit, so a hang or crash costs one row, never the
 run. Results are written to --json after every model (atomically), and --resume skips models
@@ -28,20 +29,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx.atomic import atomic_write_text  # noqa: E402
-from auglocal_fx.zoo import STAGES, ZooResult, check_model, families, smallest  # noqa: E402
+from auglocal_fx.zoo import SOURCES, STAGES, ZooResult, check_model, families, smallest  # noqa: E402
 
 
-def _child(name: str, family: str, blocks: int, queue) -> None:
+def _child(name: str, family: str, blocks: int, source: str, queue) -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    queue.put(check_model(name, family, blocks).to_dict())
+    queue.put(check_model(name, family, blocks, source=source).to_dict())
 
 
-def run_one(name: str, family: str, blocks: int, timeout: float) -> dict:
+def run_one(name: str, family: str, blocks: int, timeout: float, source: str = "timm") -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, family, blocks, queue), daemon=True)
+    proc = ctx.Process(target=_child, args=(name, family, blocks, source, queue), daemon=True)
     start = time.perf_counter()
     proc.start()
     try:
@@ -61,6 +62,8 @@ def run_one(name: str, family: str, blocks: int, timeout: float) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", choices=SOURCES, default="timm",
+                   help="timm (default: one model per family) or torchvision (every classification model)")
     p.add_argument("--all", action="store_true", help="every model name, not one per family")
     p.add_argument("--filter", metavar="GLOB", help="only models or families matching GLOB")
     p.add_argument("--blocks", type=int, default=16, help="K = min(BLOCKS, layers) (default 16)")
@@ -70,11 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--rerun-failed", action="store_true", help="with --resume: run the failed models again")
     args = p.parse_args(argv)
 
-    fams = families(args.filter)
+    fams = families(args.filter, args.source)
     if not fams:
-        print(f"no timm model matches {args.filter!r}", file=sys.stderr)
+        print(f"no {args.source} model matches {args.filter!r}", file=sys.stderr)
         return 2
-    if args.all:
+    if args.all or args.source == "torchvision":
         todo = [(n, f) for f, names in fams.items() for n in names]
     else:
         print(f"choosing the smallest model of {len(fams)} families ...", file=sys.stderr, flush=True)
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
             results.append(done[name])
             continue
         print(f"[{i}/{len(todo)}] {family}: {name} ...", file=sys.stderr, flush=True)
-        r = run_one(name, family, args.blocks, args.timeout)
+        r = run_one(name, family, args.blocks, args.timeout, args.source)
         results.append(r)
         mark = "PASS" if len(r["passed"]) == len(STAGES) else f"fails at {r['failed']}: {r['error']}"
         print(f"    {r['seconds']:.0f}s  {mark}", file=sys.stderr, flush=True)
@@ -103,9 +106,12 @@ def main(argv=None) -> int:
 def _payload(results: list[dict], args) -> dict:
     import timm
     import torch
+    import torchvision
 
-    return {"timm": timm.__version__, "torch": torch.__version__, "blocks": args.blocks,
-            "mode": "all" if args.all else "smallest per family", "filter": args.filter,
+    return {"source": args.source, "timm": timm.__version__, "torchvision": torchvision.__version__,
+            "torch": torch.__version__, "blocks": args.blocks,
+            "mode": "all" if args.all or args.source == "torchvision" else "smallest per family",
+            "filter": args.filter,
             "totals": _totals(results), "results": results}
 
 
