@@ -46,12 +46,17 @@ class LocalUnit(nn.Module):
 
 
 def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,
-                   loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None) -> StepOutput:
+                   loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> StepOutput:
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
     ``loss_fn(logits, target)`` (default cross-entropy) is every unit's loss; the last unit's is
     the final loss. Gradients accumulate in the units' parameters; the caller steps its optimizer.
+    Forward passes and losses run under autocast when ``autocast_dtype`` is given, backward passes
+    outside it. With a ``scaler`` every loss is scaled before its backward (one scale for the whole
+    step, so ``scaler.step(opt)`` unscales every unit's gradients alike); the losses reported are
+    unscaled.
     """
     loss_fn = loss_fn or F.cross_entropy
     amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
@@ -63,7 +68,8 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
             out, logits = call(unit, h)
             loss = loss_fn(logits.float(), target)
         with record_function("auglocal.backward"):
-            loss.backward()  # frees this unit's graph before the next unit runs
+            # frees this unit's graph before the next unit runs
+            (loss if scaler is None else scaler.scale(loss)).backward()
         # kept as tensors: .item() here would make a GPU wait for every block in turn
         losses.append(loss.detach().float())
         accs.append(_accuracy(logits.detach(), target))

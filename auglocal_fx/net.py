@@ -4,13 +4,18 @@ The per-block backward itself is ``blockwise.blockwise_step``."""
 
 from __future__ import annotations
 
+import inspect
+import types
+
 import torch
 from torch import nn
 
 from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
+from .errors import AugLocalError
 from .plan import Plan
+from .trace import specialised_args
 
 __all__ = ["AugLocalNet"]
 
@@ -38,7 +43,11 @@ class AugLocalNet(nn.Module):
         self.options = dict(options)
 
     # -- inference -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The model's logits for ``x``. The model's other forward arguments were fixed at
+        conversion; passing one with another value is an ``AugLocalError``."""
+        if args or kwargs:
+            self._check_fixed_args(args, kwargs)
         h, last = x, len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             h = call(block, h)
@@ -58,6 +67,25 @@ class AugLocalNet(nn.Module):
                 outs.append(call(self.aux[i], h))
         return outs + [call(self.head, h)]
 
+    def _check_fixed_args(self, args: tuple, kwargs: dict) -> None:
+        """Accept arguments after the input only at the values they were fixed to at conversion."""
+        model = type(self.model).__name__
+        names = list(inspect.signature(self.model.forward).parameters)[1:]
+        if len(args) > len(names):
+            raise AugLocalError(f"net(x, ...) got {len(args) + 1} positional arguments but {model}.forward "
+                                f"takes {len(names) + 1}; pass the input only")
+        fixed = specialised_args(self.model)
+        for name, value in {**dict(zip(names, args)), **kwargs}.items():
+            if name not in fixed:
+                raise AugLocalError(f"net(x, {name}=...): {model}.forward has no argument {name!r}; "
+                                    "pass the input only")
+            if not _same_value(value, fixed[name]):
+                raise AugLocalError(
+                    f"net(x, {name}=...): {name} was fixed to {fixed[name]!r} when {model} was converted "
+                    "(torch.fx specialises the arguments after the input); to vary it, convert a subclass "
+                    f"whose forward(x) returns super().forward(x, {name}=self.{name}) and set that buffer "
+                    "before each call")
+
     # -- training ------------------------------------------------------------------------------
     def local_units(self) -> list[LocalUnit]:
         """The gradient-isolated units, in order: (block i, aux net i), ..., (last block, head).
@@ -71,15 +99,19 @@ class AugLocalNet(nn.Module):
         return [LocalUnit(block, top) for block, top in zip(self.blocks, tops)]
 
     def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
-                      autocast_dtype: torch.dtype | None = None, units=None) -> StepOutput:
+                      autocast_dtype: torch.dtype | None = None, units=None,
+                      scaler: torch.amp.GradScaler | None = None) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
 
         ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too.
-        ``autocast_dtype=torch.bfloat16`` runs forward passes under autocast. ``units`` replaces
-        ``local_units()``, e.g. with DDP-wrapped units.
+        ``autocast_dtype`` (``torch.bfloat16``, ``torch.float16``) runs every forward pass and loss
+        under autocast and every backward outside it. ``scaler`` (a ``torch.amp.GradScaler``, for
+        float16) scales each unit's loss before its backward; the losses returned are unscaled, and
+        the caller runs ``scaler.step(opt); scaler.update()``. ``units`` replaces ``local_units()``,
+        e.g. with DDP-wrapped units.
         """
         units = self.local_units() if units is None else units
-        return blockwise_step(units, x, target, loss_fn, autocast_dtype)
+        return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:
@@ -101,6 +133,22 @@ class AugLocalNet(nn.Module):
                     out.append(p)
         return out
 
+    # -- torch.compile -------------------------------------------------------------------------
+    def compile(self, *args, **kwargs) -> None:
+        """Compile every block, aux net and the head in place with ``torch.compile(*args, **kwargs)``.
+
+        ``training_step`` (and ``net(x)``) then run the compiled modules, each compiled on its
+        first call in each mode. ``torch.compile(net)`` instead returns a wrapper that compiles
+        ``net(x)`` only: its ``training_step`` is this net's and runs uncompiled.
+
+        Example:
+            >>> net.compile()  # torch.compile's arguments: mode=..., backend=..., dynamic=...
+            >>> out = net.training_step(x, y)
+        """
+        for module in [*self.blocks, *self.aux, self.head]:
+            _own_forward(module)
+            module.compile(*args, **kwargs)
+
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
@@ -109,3 +157,26 @@ class AugLocalNet(nn.Module):
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
         save_net(self, path)
 
+
+def _same_value(value, fixed) -> bool:
+    if value is fixed:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(fixed, torch.Tensor):
+        return False
+    try:
+        return bool(value == fixed)
+    except (TypeError, ValueError, RuntimeError):  # an == that gives no single truth value (arrays)
+        return False
+
+
+def _own_forward(module: nn.Module) -> None:
+    """Give ``module`` a forward with a code object of its own before it is compiled.
+
+    torch.compile keeps a code object's compiled graphs together, at most ``recompile_limit`` (8)
+    of them; every block runs ``DualModeGraph.forward`` and every aux net ``Chain.forward``, so from
+    the ninth block on the rest would fall back to eager, silently. A copy of the code is a cache of
+    its own.
+    """
+    fn = type(module).forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    module.forward = types.MethodType(own, module)

@@ -250,3 +250,130 @@ def test_aux_nets_normalise_like_the_model(rule, norm, expected):
     assert added and all(isinstance(m, expected) for m in added)
     if norm == "groupnorm1":
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+# -- your own loop: torch.compile, GradScaler, fixed forward arguments ----------------------------
+def _counting_backend(graphs: list):
+    """A torch.compile backend that records each graph dynamo captures and runs it as captured."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+def test_compile_compiles_every_unit_and_keeps_parity_and_isolation():
+    import torch._dynamo
+
+    model, net = _net("hand_resnet")  # 5 blocks, 4 aux nets, a head
+    twin = copy.deepcopy(net)
+    x, y = _batch(net, n=4)
+    torch._dynamo.reset()
+    graphs = []
+    net.compile(backend=_counting_backend(graphs))
+    # 6 modules run DualModeGraph.forward: each needs a compile cache of its own, or the ones past
+    # the limit would run eagerly (here: fail loudly)
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        out = net.train().training_step(x, y)
+        assert len(graphs) == len(net.blocks) + len(net.aux) + 1  # every block and aux net, the head
+        ref = twin.train().training_step(x, y)
+        assert out.loss == ref.loss and out.local_losses == ref.local_losses
+        for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        model.eval(), net.eval()
+        with torch.no_grad():
+            assert torch.equal(net(x), model(x))
+        assert_gradient_isolation(net, x, y)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_inductor_matches_eager():
+    """The default backend (inductor: generated C++ on CPU, minutes when its cache is cold)."""
+    import torch._dynamo
+
+    model, net = _net("hand_resnet", blocks=3)
+    twin = copy.deepcopy(net)
+    x, y = _batch(net, n=4)
+    torch._dynamo.reset()
+    net.compile()
+    out, ref = net.train().training_step(x, y), twin.train().training_step(x, y)
+    assert out.local_losses + [out.loss] == pytest.approx(ref.local_losses + [ref.loss], rel=1e-4)
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-3 * q.grad.norm() + 1e-6, name
+    model.eval(), net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-5)
+    assert_gradient_isolation(net, x, y)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.float16])
+def test_grad_scaler_scales_backward_and_reports_unscaled_losses(autocast_dtype):
+    _, net = _net("hand_resnet")
+    twin = copy.deepcopy(net)
+    x, y = _batch(net, n=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    out = net.train().training_step(x, y, autocast_dtype=autocast_dtype, scaler=scaler)
+    ref = twin.train().training_step(x, y, autocast_dtype=autocast_dtype)
+    assert out.loss == ref.loss and out.local_losses == ref.local_losses  # unscaled
+    scaler.unscale_(opt)
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        if autocast_dtype is None:  # scaling by a power of two is exact in float32
+            assert torch.equal(p.grad, q.grad), name
+        else:  # float16 backward rounds the scaled and the unscaled gradients differently
+            assert (p.grad - q.grad).norm() <= 2e-2 * q.grad.norm(), name
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+class _Masked(nn.Module):
+    """A forward argument after the input with a default: conversion fixes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        h = self.a(x)
+        if mask is not None:
+            h = h * mask
+        return self.fc(self.b(h)) * scale
+
+
+class _MaskAsBuffer(_Masked):
+    """What the error message advises: the argument as a buffer the caller sets."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(2, 8))
+
+    def forward(self, x):
+        return super().forward(x, mask=self.mask)
+
+
+def test_fixed_forward_argument_is_a_one_line_error():
+    torch.manual_seed(0)
+    model = _Masked()
+    net = to_auglocal(model, blocks=2, input_size=(4,)).eval()
+    x, mask = torch.randn(2, 4), torch.tensor([[0.0, 1.0] * 4] * 2)
+    with torch.no_grad():
+        assert torch.equal(net(x, mask=None, scale=1.0), model(x)) and torch.equal(net(x, None), model(x))
+        with pytest.raises(AugLocalError, match=r"^net\(x, mask=...\): mask was fixed to None when _Masked was "
+                                                r"converted .* super\(\).forward\(x, mask=self.mask\)") as exc:
+            net(x, mask=mask)
+        assert "\n" not in str(exc.value)
+        with pytest.raises(AugLocalError, match="scale was fixed to 1.0"):
+            net(x, None, 2.0)
+        with pytest.raises(AugLocalError, match="has no argument 'nope'"):
+            net(x, nope=1)
+        with pytest.raises(AugLocalError, match="positional arguments"):
+            net(x, None, 1.0, 3)
+        buffered = _MaskAsBuffer()
+        net = to_auglocal(buffered, blocks=2, input_size=(4,)).eval()
+        buffered.mask.copy_(mask)
+        assert torch.equal(net(x), _Masked.forward(buffered, x, mask=mask))
