@@ -20,7 +20,7 @@ import yaml
 from auglocal_fx import load_auglocal
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.errors import AugLocalError
-from auglocal_fx.training import load_recipe
+from auglocal_fx.training import load_recipe, train
 from auglocal_fx.training.datasets import IdxImages
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -113,6 +113,19 @@ BAD_RECIPES = [
     ({"conversion.pyramid": 1.5}, ["conversion.pyramid must lie in [0, 1]"]),
     ({"conversion.aux_depth": -1}, ["conversion.aux_depth must be 0 or more"]),
     ({"model": "resnet20_cifar"}, ["recipe key model must be a mapping"]),
+    # values that ran and meant something else, or failed deep in torch with a traceback
+    ({"data.train_limit": 0}, ["recipe key data.train_limit must be at least 1, got 0", "0 does not mean all",
+                               "leave the key out"]),
+    ({"data.train_limit": -3}, ["recipe key data.train_limit must be at least 1, got -3"]),
+    ({"data.test_limit": 0}, ["recipe key data.test_limit must be at least 1"]),
+    ({"eval_batch_size": 0}, ["recipe key eval_batch_size must be at least 1, got 0", "batch_size"]),
+    ({"optimizer.lr": -0.1}, ["recipe key optimizer.lr must be above 0, got -0.1"]),
+    ({"optimizer.lr": float("nan")}, ["recipe key optimizer.lr must be a finite number"]),
+    ({"data.num_workers": -1}, ["recipe key data.num_workers must be 0 or more, got -1"]),
+    ({"model.num_classes": 0}, ["recipe key model.num_classes must be at least 2, got 0"]),
+    ({"data.image_size": 0}, ["recipe key data.image_size must be at least 1"]),
+    ({"schedule.warmup_start_factor": 2}, ["recipe key schedule.warmup_start_factor must be at most 1"]),
+    ({"optimizer.betas": [0.9]}, ["recipe key optimizer.betas must be two numbers in [0, 1)"]),
 ]
 
 
@@ -186,6 +199,19 @@ def test_idx_reader_reads_fashion_mnist_layout(tmp_path):
     assert torch.equal(torch.as_tensor(img).reshape(28, 28), images[2])  # a 1 x 28 x 28 uint8 image
 
 
+def test_fewer_classes_than_the_dataset_is_refused(tmp_path, capsys):
+    """A label past the last logit made cross-entropy fail mid-epoch with a traceback."""
+    for split, n in (("train", 8), ("t10k", 4)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", torch.zeros(n, 28, 28))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", (torch.arange(n) + 6) % 10)  # labels 6..9 and 0..3
+    recipe = tiny_recipe(tmp_path, epochs=1, batch_size=4, **{
+        "data": {"dataset": "fashion_mnist", "root": str(tmp_path), "num_workers": 0},
+        "model.num_classes": 5, "model.in_chans": 1})
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "recipe key model.num_classes is 5 but fashion_mnist has 10 classes" in err and "\n" not in err
+
+
 def test_missing_fashion_mnist_says_how_to_install(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, **{"data": {"dataset": "fashion_mnist", "root": str(tmp_path / "nowhere")}})
     assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
@@ -242,6 +268,44 @@ def test_resume_refuses_another_conversion(tmp_path, capsys):
     last = str(Path(recipe["output"]) / "last.pt")
     assert train_main([str(write_recipe(tmp_path, recipe)), "--set", "conversion.blocks=3", "--resume", last]) == 2
     assert "conversion.blocks = 4, this recipe says 3" in capsys.readouterr().err
+
+
+def test_second_run_into_a_used_folder_is_refused(tmp_path, capsys):
+    """Another model, or the same recipe without --resume, would have replaced best.pt and last.pt."""
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    path = str(write_recipe(tmp_path, recipe))
+    out = Path(recipe["output"])
+    assert train_main([path]) == 0
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    for extra in ([], ["--set", "conversion.blocks=3"], ["--resume", str(tmp_path / "elsewhere.pt")]):
+        assert train_main([path, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert f"output folder {out} already holds a run (last.pt, best.pt)" in err, err
+        assert "--resume auto" in err and "--overwrite" in err and "\n" not in err
+    assert {name: (out / name).read_bytes() for name in before} == before  # untouched
+    # in Python, the same refusal in Python's words
+    with pytest.raises(AugLocalError, match=r"resume='.*last\.pt'.*overwrite=True"):
+        train(load_recipe(path))
+    # --resume auto continues the run (here: one more epoch)
+    assert train_main([path, "--resume", "auto", "--set", "epochs=2"]) == 0
+    assert [h["epoch"] for h in history(out)] == [1, 2]
+    # --overwrite replaces it: another conversion, its history starts again
+    assert train_main([path, "--overwrite", "--set", "conversion.blocks=3"]) == 0
+    assert [h["epoch"] for h in history(out)] == [1]
+    assert len(load_auglocal(out / "best.pt").blocks) == 3
+
+
+def test_overwrite_leaves_no_stale_checkpoint(tmp_path, capsys):
+    """--overwrite deletes the old run first: a new run that fails before its first checkpoint must not
+    leave the old last.pt for --resume auto to continue under the new recipe."""
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    path = str(write_recipe(tmp_path, recipe))
+    assert train_main([path]) == 0
+    nan = ["--set", "optimizer.lr=1e30", "--set", "schedule.name=constant", "--set", "schedule.warmup_epochs=0"]
+    assert train_main([path, "--overwrite", *nan]) == 2
+    assert "loss of block" in capsys.readouterr().err
+    assert not any((Path(recipe["output"]) / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl"))
 
 
 def test_same_seed_same_losses(tmp_path):

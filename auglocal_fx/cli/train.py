@@ -10,6 +10,7 @@ import yaml
 
 from ..errors import AugLocalError
 from ..training import load_recipe, train
+from ..training.loop import check_run_folder
 from .common import run_cli
 
 PROG = "auglocal-train"
@@ -28,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint (last.pt); 'auto': the output folder's last.pt if any")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch, keeping the full run's schedule (continue with --resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run the output folder holds (its checkpoints, metrics, plot); without it "
+                        "such a folder is refused unless --resume continues it")
     p.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
     return p
 
@@ -44,7 +48,11 @@ def _main(argv=None) -> int:
     if resume == "auto":
         last = Path(recipe.output) / "last.pt"
         resume = str(last) if last.is_file() else None
-    s = train(recipe, resume=resume, stop_after=args.stop_after)
+    if resume is not None and args.overwrite:
+        raise AugLocalError("--resume continues the run in the output folder and --overwrite replaces it; "
+                            "pass one of them")
+    check_run_folder(recipe.output, resume, args.overwrite, words="cli")  # train() checks too, in Python's words
+    s = train(recipe, resume=resume, stop_after=args.stop_after, overwrite=args.overwrite)
     if s is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
     if s["test_acc"] is None:

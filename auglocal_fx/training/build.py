@@ -56,6 +56,10 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
     if kwargs["in_chans"] != data.channels and not DATASETS[recipe.data.dataset].generated:
         raise AugLocalError(f"recipe key model.in_chans is {kwargs['in_chans']} but {recipe.data.dataset} "
                             f"images have {data.channels} channel(s); remove it or set it to {data.channels}")
+    classes = recipe.model.num_classes
+    if classes is not None and classes < data.classes:  # a label past the last logit fails mid-epoch
+        raise AugLocalError(f"recipe key model.num_classes is {classes} but {recipe.data.dataset} has "
+                            f"{data.classes} classes; remove it or set it to at least {data.classes}")
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts)
     model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
     c = recipe.conversion

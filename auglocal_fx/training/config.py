@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -39,12 +40,23 @@ def _choices(registry):
     return {"choices": lambda: tuple(registry)}
 
 
+def _at_least(low, hint: str = "", *, above: bool = False, most=None) -> dict:
+    """Field metadata: the range of valid values (``above``: ``low`` itself excluded; ``most``: an upper
+    bound), and a ``hint`` saying what to do instead. A value outside it would fail deep inside
+    torch with a traceback, or worse, run and mean something else (``train_limit: 0`` used all)."""
+    return {"low": low, "above": above, "most": most, "hint": hint}
+
+
+_DEFAULT = "leave the key out (null) to use {}"
+
+
 @dataclass
 class ModelSection:
     name: str  # a timm name (resnet32_cifar and friends included)
-    num_classes: int | None = None  # default: the dataset's classes
-    in_chans: int | None = None  # default: the dataset's channels
-    img_size: int | None = None  # for models that take it (ViTs); passed to timm only when set
+    # 0 would make timm drop the classifier (features taken as logits); cross-entropy needs 2 classes
+    num_classes: int | None = field(default=None, metadata=_at_least(2, _DEFAULT.format("the dataset's classes")))
+    in_chans: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("the dataset's channels")))
+    img_size: int | None = field(default=None, metadata=_at_least(1))  # for ViTs; passed to timm only when set
     pretrained: bool = False
     kwargs: dict = field(default_factory=dict)  # any other timm.create_model keyword
 
@@ -52,13 +64,13 @@ class ModelSection:
 @dataclass
 class ConversionSection:
     rule: str = field(default="auglocal", metadata=_choices(RULES))
-    blocks: int = 8
-    aux_depth: int = 2
+    blocks: int = field(default=8, metadata=_at_least(1))
+    aux_depth: int = field(default=2, metadata=_at_least(0))
     pyramid: float = 0.5
     balance: str = field(default="layers", metadata=_choices(BALANCERS))
     tail: str = field(default="exact", metadata=_choices(TAILS))
     aux_init: str = field(default="fresh", metadata=_choices(AUX_INITS))
-    max_bundle: int = MAX_BUNDLE  # the most tensors a cut between two layers may hand on
+    max_bundle: int = field(default=MAX_BUNDLE, metadata=_at_least(1))  # the most tensors a cut may hand on
 
 
 @dataclass
@@ -66,41 +78,45 @@ class DataSection:
     dataset: str = field(metadata=_choices(DATASETS))
     root: str | None = None  # default: the Debian path for fashion_mnist, ~/.cache/auglocal-fx/data else
     download: bool = False
-    image_size: int | None = None  # resize to this; default: the dataset's own size
+    image_size: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("the dataset's own size")))
     augment: bool = True
-    num_workers: int = 2
-    train_limit: int | None = None  # use only the first N training images (synthetic: the set size)
-    test_limit: int | None = None
+    num_workers: int = field(default=2, metadata=_at_least(0, "0 loads the data in the main process"))
+    # use only the first N training images (synthetic: the set size); null: all of them
+    train_limit: int | None = field(default=None, metadata=_at_least(
+        1, _DEFAULT.format("every training image") + " (0 does not mean all)"))
+    test_limit: int | None = field(default=None, metadata=_at_least(
+        1, _DEFAULT.format("every test image") + " (0 does not mean all)"))
 
 
 @dataclass
 class OptimizerSection:
     name: str = field(default="sgd", metadata=_choices(OPTIMIZERS))
-    lr: float = 0.1
-    momentum: float = 0.9  # sgd
+    lr: float = field(default=0.1, metadata=_at_least(0, above=True))
+    momentum: float = field(default=0.9, metadata=_at_least(0))  # sgd
     nesterov: bool = True  # sgd
-    weight_decay: float = 1e-4
+    weight_decay: float = field(default=1e-4, metadata=_at_least(0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
 
 
 @dataclass
 class ScheduleSection:
     name: str = field(default="cosine", metadata=_choices(SCHEDULES))
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.01  # lr multiplier at step 0 of the linear warmup
-    min_lr: float = 0.0  # cosine floor
+    warmup_epochs: float = field(default=0.0, metadata=_at_least(0))
+    # lr multiplier at step 0 of the linear warmup (torch's LinearLR takes (0, 1])
+    warmup_start_factor: float = field(default=0.01, metadata=_at_least(0, above=True, most=1))
+    min_lr: float = field(default=0.0, metadata=_at_least(0))  # cosine floor
 
 
 @dataclass
 class TrainRecipe:
     model: ModelSection
     data: DataSection
-    epochs: int
-    batch_size: int  # global: split across processes under torchrun
+    epochs: int = field(metadata=_at_least(1))
+    batch_size: int = field(metadata=_at_least(1))  # global: split across processes under torchrun
     conversion: ConversionSection = field(default_factory=ConversionSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    eval_batch_size: int | None = None  # default: batch_size
+    eval_batch_size: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("batch_size")))
     bf16: bool = False  # bf16 autocast for forward passes
     seed: int = 0
     device: str = field(default="auto", metadata=_choices(("auto", "cpu", "cuda")))
@@ -141,6 +157,8 @@ def _check(tp, value, path: str):
     elif origin is list and isinstance(value, list):
         return [_check(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else value
     elif tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # YAML's .nan and .inf are floats too
+            raise AugLocalError(f"recipe key {path} must be a finite number, got {value!r}")
         return float(value)
     elif tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         return float(value)  # PyYAML reads 1e-3 (no dot) as a string; users mean the number
@@ -171,8 +189,24 @@ def _build(cls, data, path: str):
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices():
             raise AugLocalError(f"recipe key {key} is {value!r}; choose one of {', '.join(choices())}")
+        if "low" in f.metadata and value is not None:
+            _check_range(key, value, f.metadata)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_range(key: str, value, meta: dict) -> None:
+    low, most = meta["low"], meta["most"]
+    if meta["above"] and value <= low:
+        wanted = f"above {low}"
+    elif value < low:
+        wanted = "0 or more" if low == 0 else f"at least {low}"
+    elif most is not None and value > most:
+        wanted = f"at most {most}"
+    else:
+        return
+    hint = f"; {meta['hint']}" if meta["hint"] else ""
+    raise AugLocalError(f"recipe key {key} must be {wanted}, got {value}{hint}")
 
 
 def _join(path: str, key) -> str:
@@ -182,14 +216,9 @@ def _join(path: str, key) -> str:
 def recipe_from_dict(data: dict) -> TrainRecipe:
     """Validate a parsed recipe; errors name the key path (``optimizer.lr``)."""
     recipe = _build(TrainRecipe, data, "")
-    for key in ("epochs", "batch_size", "conversion.blocks"):
-        value = recipe
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value < 1:
-            raise AugLocalError(f"recipe key {key} must be at least 1, got {value}")
-    if recipe.conversion.aux_depth < 0:
-        raise AugLocalError(f"recipe key conversion.aux_depth must be 0 or more, got {recipe.conversion.aux_depth}")
+    betas = recipe.optimizer.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise AugLocalError(f"recipe key optimizer.betas must be two numbers in [0, 1), got {betas}")
     if not 0.0 <= recipe.conversion.pyramid <= 1.0:
         raise AugLocalError(f"recipe key conversion.pyramid must lie in [0, 1], got {recipe.conversion.pyramid}")
     return recipe

@@ -26,7 +26,40 @@ from .distributed import Env, all_reduce_sum, gather_states, setup, teardown, wr
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 
-__all__ = ["train"]
+__all__ = ["train", "check_run_folder"]
+
+CHECKPOINTS = ("last.pt", "best.pt")
+# every file a run writes; --overwrite clears them so that the folder never mixes two runs
+RUN_FILES = (*CHECKPOINTS, "metrics.jsonl", "curves.png", "summary.json", "recipe.yaml")
+# how each caller asks to continue a run / write elsewhere / replace it: messages use the caller's words
+_WORDS = {"python": ("resume={last!r}", "another recipe.output", "overwrite=True"),
+          "cli": ("--resume auto", "another folder (--set output=DIR)", "--overwrite")}
+
+
+def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = "python") -> None:
+    """Refuse to start a run in ``out`` when it holds another run's checkpoint, unless ``overwrite``.
+
+    A second ``auglocal-train`` into the same folder (another model, or the same recipe without
+    ``--resume``) would replace that run's ``best.pt`` and ``last.pt``, hours of training, without a
+    word. Resuming from a checkpoint inside ``out`` continues its run, so that is allowed.
+    """
+    out = Path(out)
+    held = [name for name in CHECKPOINTS if (out / name).is_file()]
+    if overwrite or not held:
+        return
+    if resume is not None and Path(resume).resolve().parent == out.resolve():
+        return
+    cont, elsewhere, replace = _WORDS[words]
+    cont = cont.format(last=str(out / held[0]))
+    raise AugLocalError(f"output folder {out} already holds a run ({', '.join(held)}); continue it with {cont}, "
+                        f"write to {elsewhere}, or pass {replace} to replace it")
+
+
+def _clear_run(out: Path) -> None:
+    """Delete the files of the run ``out`` holds (``overwrite``): a crash in the new run's first epoch
+    must not leave the old ``last.pt`` for ``--resume auto`` to continue under the new recipe."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _check_writable(out: Path) -> None:
@@ -51,12 +84,14 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
 
 
 class Trainer:
-    def __init__(self, recipe: TrainRecipe, env: Env, resume=None, log=print):
+    def __init__(self, recipe: TrainRecipe, env: Env, resume=None, log=print, overwrite: bool = False):
         self.recipe, self.env = recipe, env
         self.log = log if env.is_main else (lambda *a, **k: None)
         self.out = Path(recipe.output)
         if env.is_main:
             _check_writable(self.out)
+            if overwrite and resume is None:
+                _clear_run(self.out)
         saved = read_training(resume) if resume else None
         if saved is not None:
             _check_same_model(saved["train"]["recipe"], recipe, resume)
@@ -197,15 +232,18 @@ def _yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print) -> dict | None:
+def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
+          overwrite: bool = False) -> dict | None:
     """Train ``recipe`` (resuming from checkpoint ``resume``); returns the summary dict.
 
-    Under torchrun each process calls this; process 0 prints, writes files and gets the summary
-    (the other ranks get None).
+    An output folder that holds another run's checkpoint is refused unless ``overwrite`` (which
+    deletes that run's files first) or ``resume`` continues it. Under torchrun each process calls
+    this; process 0 prints, writes files and gets the summary (the other ranks get None).
     """
+    check_run_folder(recipe.output, resume, overwrite)  # every rank, before any work: all refuse alike
     env = setup(recipe.device)
     try:
-        summary = Trainer(recipe, env, resume, log).fit(stop_after)
+        summary = Trainer(recipe, env, resume, log, overwrite).fit(stop_after)
         return summary if env.is_main else None
     except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
         if exc.param in RECIPE_KEYS:
