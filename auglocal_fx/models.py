@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import difflib
+import os
+import socket
+import threading
+from contextlib import contextmanager
+from urllib.parse import urlparse
 
 import timm
 from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["create_model", "default_input_size", "registered_name"]
+__all__ = ["check_num_classes", "create_model", "default_input_size", "registered_name"]
+
+# How long a reachability probe of the weights' host may take: the Hugging Face client, offline,
+# retries for about a minute before it gives up; a refused or unresolvable host answers at once.
+PROBE_TIMEOUT_S = 2.0
+
+
+def check_num_classes(num_classes, param: str = "num_classes") -> None:
+    """Refuse a class count below 1 (``None``: the model's own).
+
+    timm builds a model *without* its classifier for ``num_classes=0`` (a feature extractor), and
+    the converted net would silently treat its pooled features as logits. One class is allowed: a
+    single logit trained with a custom ``loss_fn`` (binary cross-entropy) is a real use.
+    """
+    if num_classes is None:
+        return
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise AugLocalError.bad_value(
+            param, num_classes, "is not an integer >= 1: with 0 timm drops the classifier and its features "
+                                "would be taken as logits; give the number of classes")
 
 
 def create_model(name: str, *, pretrained: bool = False, num_classes: int | None = None, **kwargs) -> nn.Module:
@@ -21,16 +45,73 @@ def create_model(name: str, *, pretrained: bool = False, num_classes: int | None
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('*pattern*')"
         raise AugLocalError(f"unknown model {name!r}: {hint}")
+    check_num_classes(num_classes)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if not pretrained:
+        return timm.create_model(name, **kwargs)
+    online = _hub_reachable()
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        # offline, read only the local cache: weights downloaded before still load, and a miss fails
+        # in a second instead of after the hub client's minute of retries
+        with _hub_offline(not online):
+            return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as exc:
-        if pretrained:
+        if not online:
             raise AugLocalError(
-                f"could not load pretrained weights for {name!r} ({type(exc).__name__}); "
-                "check the network, or use random weights (pretrained=False)") from exc
-        raise
+                f"pretrained weights for {name!r} are not in the local cache and {_hub_host()} cannot be "
+                "reached (no network); connect once to download them, or use random weights") from exc
+        raise AugLocalError(
+            f"could not load pretrained weights for {name!r} ({type(exc).__name__}); "
+            "check the network, or use random weights") from exc
+
+
+def _hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within ``PROBE_TIMEOUT_S``.
+
+    With ``HF_HUB_OFFLINE`` set the user has said no; behind a proxy a direct connect proves
+    nothing, so the client is left to try. The probe runs in a thread because name resolution
+    ignores socket timeouts.
+    """
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((_hub_host(), 443), timeout=PROBE_TIMEOUT_S).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return bool(answered)
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """The Hugging Face client in offline mode (cache only) while inside, when ``offline``.
+
+    ``HF_HUB_OFFLINE`` is read once at import, so the switch is the constant the client consults.
+    """
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from auglocal_fx import Plan
+import huggingface_hub.constants as hub
+import pytest
+import timm
+import torch
+
+from auglocal_fx import AugLocalError, Plan, models, to_auglocal
 from auglocal_fx.cli.convert import main
 
 
@@ -137,3 +143,69 @@ def test_coarse_split_is_one_note_line_naming_the_flag(capsys):
     notes = [line for line in err.splitlines() if line.strip()]
     assert len(notes) == 1 and notes[0].startswith("auglocal-convert: note: densenet121 splits into only"), err
     assert "tensors live across" in notes[0] and "--max-bundle 1" in notes[0] and "max_bundle=" not in notes[0]
+
+
+# -- arguments that used to give a traceback or a silently wrong model --------------------------
+def test_save_to_a_folder_is_refused_before_any_work(capsys, tmp_path):
+    for flag in ("--save", "--out"):
+        rc, out, err = run(capsys, "--model", "resnet18", "--blocks", "4", flag, str(tmp_path))
+        assert rc == 2
+        assert_one_line_error(err)
+        assert f"{flag} {tmp_path} is a folder" in err
+        assert out == ""  # refused before the table was printed
+
+
+def test_num_classes_below_1_is_refused(capsys):
+    """timm builds a model without its classifier for 0: its features would have been taken as logits."""
+    for value in ("0", "-5"):
+        rc, out, err = run(capsys, "--model", "resnet18", "--blocks", "4", "--num-classes", value)
+        assert rc == 2
+        assert_one_line_error(err)
+        assert f"--num-classes {value} is not an integer >= 1" in err and out == ""
+
+
+def test_to_auglocal_refuses_num_classes_0():
+    with pytest.raises(AugLocalError, match=r"num_classes=0 is not an integer >= 1"):
+        to_auglocal(timm.create_model("resnet18"), blocks=2, num_classes=0, input_size=(3, 32, 32))
+
+
+def test_input_size_beyond_memory_is_refused(capsys):
+    rc, out, err = run(capsys, "--model", "resnet18", "--blocks", "4", "--input-size", "3", "1000000", "1000000")
+    assert rc == 2
+    assert_one_line_error(err)
+    assert "--input-size (3, 1000000, 1000000) needs 11,175.9 GiB for one float32 sample" in err
+
+
+def _offline_hub(monkeypatch, cache: Path):
+    """No network (the probe says so, whatever this machine has) and an HF cache at ``cache``."""
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+
+
+def test_pretrained_offline_fails_fast_in_one_line(capsys, monkeypatch, tmp_path):
+    _offline_hub(monkeypatch, tmp_path)
+    start = time.perf_counter()
+    rc, out, err = run(capsys, "--model", "resnet18", "--blocks", "4", "--input-size", "3", "32", "32", "--pretrained")
+    assert rc == 2
+    assert_one_line_error(err)
+    assert "pretrained weights for 'resnet18' are not in the local cache and huggingface.co cannot be reached" in err
+    assert time.perf_counter() - start < 30  # was about a minute of hub retries
+
+
+def test_pretrained_offline_loads_cached_weights(capsys, monkeypatch, tmp_path):
+    """Weights in the local Hugging Face cache load without a network, as timm does online."""
+    from safetensors.torch import save_file
+
+    _offline_hub(monkeypatch, tmp_path)
+    state = {k: v.clone().contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}
+    state["fc.weight"].fill_(0.25)
+    commit = "0" * 40
+    repo = tmp_path / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(state, repo / "snapshots" / commit / "model.safetensors")
+    model = models.create_model("test_resnet", pretrained=True)
+    assert torch.all(model.fc.weight == 0.25)
+    rc, out, err = run(capsys, "--model", "test_resnet", "--blocks", "2", "--pretrained", "--format", "json")
+    assert rc == 0, err

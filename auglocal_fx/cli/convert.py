@@ -8,12 +8,13 @@ import warnings
 
 from rich.console import Console
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, check_output_path
 from ..compiler import to_auglocal
 from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalWarning, reword
 from ..models import create_model
 from ..partition import BALANCERS
+from ..planner import check_input_size
 from ..rules import RULES
 from ..selection import TAILS
 from ..synthesize import AUX_INITS
@@ -61,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
+    # a mistake in the arguments costs nothing: found before the model is built, traced and printed
+    for flag, path in (("--out", args.out), ("--save", args.save)):
+        if path is not None:
+            check_output_path(path, name=flag)
+    if args.input_size is not None:
+        check_input_size(args.input_size)
     err = Console(stderr=True)
     with err.status(f"creating {args.model}..."):
         model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
