@@ -50,44 +50,51 @@ def create_model(name: str, *, pretrained: bool = False, num_classes: int | None
         kwargs["num_classes"] = num_classes
     if not pretrained:
         return timm.create_model(name, **kwargs)
-    online = _hub_reachable()
+    offline = _why_offline()
     try:
         # offline, read only the local cache: weights downloaded before still load, and a miss fails
         # in a second instead of after the hub client's minute of retries
-        with _hub_offline(not online):
+        with _hub_offline(offline is not None):
             return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as exc:
-        if not online:
+        if offline is not None:
             raise AugLocalError(
-                f"pretrained weights for {name!r} are not in the local cache and {_hub_host()} cannot be "
-                "reached (no network); connect once to download them, or use random weights") from exc
+                f"pretrained weights for {name!r} are not in the local cache and {offline}; connect to the "
+                "network once to download them, or use random weights") from exc
         raise AugLocalError(
             f"could not load pretrained weights for {name!r} ({type(exc).__name__}); "
             "check the network, or use random weights") from exc
 
 
-def _hub_host() -> str:
-    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+def _hub_address() -> tuple[str, int]:
+    """Host and port of the Hugging Face hub, or of the mirror ``HF_ENDPOINT`` names."""
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _why_offline() -> str | None:
+    """Why the weights cannot be downloaded now (``HF_HUB_OFFLINE`` is set, or the hub does not
+    answer a TCP connect within ``PROBE_TIMEOUT_S``); None when the hub may be reachable."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return None if _hub_reachable() else f"{_hub_address()[0]} cannot be reached (no network)"
 
 
 def _hub_reachable() -> bool:
     """Whether the Hugging Face hub answers a TCP connect within ``PROBE_TIMEOUT_S``.
 
-    With ``HF_HUB_OFFLINE`` set the user has said no; behind a proxy a direct connect proves
-    nothing, so the client is left to try. The probe runs in a thread because name resolution
-    ignores socket timeouts.
+    Behind a proxy a direct connect proves nothing, so the client is left to try. The probe runs in
+    a thread because name resolution ignores socket timeouts.
     """
-    import huggingface_hub.constants as hub
-
-    if hub.HF_HUB_OFFLINE:
-        return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     answered: list[bool] = []
 
     def probe() -> None:
         try:
-            socket.create_connection((_hub_host(), 443), timeout=PROBE_TIMEOUT_S).close()
+            socket.create_connection(_hub_address(), timeout=PROBE_TIMEOUT_S).close()
             answered.append(True)
         except OSError:
             pass

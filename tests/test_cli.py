@@ -180,6 +180,7 @@ def _offline_hub(monkeypatch, cache: Path):
     """No network (the probe says so, whatever this machine has) and an HF cache at ``cache``."""
     monkeypatch.setattr(models, "_hub_reachable", lambda: False)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # as without the variable: the probe decides
 
 
 def test_pretrained_offline_fails_fast_in_one_line(capsys, monkeypatch, tmp_path):
