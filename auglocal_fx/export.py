@@ -17,7 +17,9 @@ dynamo path cannot capture.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import logging
 import os
 import re
 import warnings
@@ -33,16 +35,28 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import atomic_write, check_output_path
 from .errors import AugLocalError, first_line
 from .models import default_input_size
 from .modes import eval_mode
 from .net import AugLocalNet
 
-__all__ = ["EXPORTERS", "ExportReport", "export_onnx", "save_backbone_state"]
+__all__ = ["EXPORTERS", "OPSETS", "ExportReport", "check_opset", "export_onnx", "save_backbone_state"]
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 TORCHSCRIPT_OPSET = 17  # the tracing exporter's best-tested opset
+# The opsets each exporter writes as asked (torch 2.14, onnxscript 0.7, onnx 1.23, onnxruntime 1.32;
+# tests/test_export.py checks the ends). The dynamo exporter translates at 18 or above; asked for
+# less, it lets ONNX's version converter lower the graph, which works for some graphs (a ViT to 17)
+# and not others (a ResNet's ReduceMean): export_onnx then refuses rather than write opset 18. Above
+# 25 it writes graphs onnxruntime cannot load. The TorchScript exporter knows 7 to 23 (single ops may
+# need more, e.g. attention 14; it says so).
+OPSETS = {"dynamo": (7, 25), "torchscript": (7, 23)}
+DYNAMO_NATIVE_OPSET = 18  # the lowest opset the dynamo exporter translates to directly
+# Verification: float32 computes a well-conditioned network with outputs of order 1 to about this
+# absolute error (max |PyTorch float32 - float64|); ``atol`` is the tolerance for such a network and
+# grows in proportion for a network that float32 itself computes less precisely.
+FLOAT32_REFERENCE_ERROR = 1e-6
 
 
 @dataclass
@@ -56,10 +70,15 @@ class ExportReport:
     batches: tuple[int, ...] = ()  # batch sizes the check ran
     output_scale: float | None = None  # max |PyTorch output| over the check
     fallback: str | None = None  # exporter="auto": why dynamo was not used
+    float32_error: float | None = None  # max |PyTorch float32 - PyTorch float64| over the check
 
     @property
     def tolerance_scale(self) -> float:
-        """What ``atol`` is multiplied by: 1, or the output's magnitude when that exceeds 1."""
+        """What ``atol`` is multiplied by: how many times worse than ``FLOAT32_REFERENCE_ERROR`` float32
+        computes this network (at least 1); without a float64 run (a model that cannot run in float64),
+        the output's magnitude when that exceeds 1."""
+        if self.float32_error is not None:
+            return max(1.0, self.float32_error / FLOAT32_REFERENCE_ERROR)
         return max(1.0, self.output_scale or 0.0)
 
 
@@ -71,12 +90,38 @@ def _backbone(obj: nn.Module) -> tuple[nn.Module, tuple[int, ...] | None, str]:
     raise AugLocalError(f"export_onnx takes an AugLocalNet or an nn.Module, got {type(obj).__name__}")
 
 
+def check_opset(opset: int | None, exporter: str = "auto") -> None:
+    """Refuse an opset ``exporter`` cannot write (``OPSETS``), before any work is done."""
+    if opset is None:
+        return
+    if exporter not in EXPORTERS:
+        raise AugLocalError.bad_value("exporter", exporter, f"is not an exporter; choose one of {', '.join(EXPORTERS)}")
+    if exporter == "auto":
+        low, high = min(lo for lo, _ in OPSETS.values()), max(hi for _, hi in OPSETS.values())
+        what = "for ONNX export"
+    else:
+        low, high = OPSETS[exporter]
+        what = f"for the {exporter} exporter"
+    if not low <= opset <= high:
+        raise AugLocalError.bad_value("opset", opset, f"is out of range {what}: use {low} to {high}, "
+                                      "or leave it out for the default")
+
+
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and deprecation chatter; the report says what matters."""
+    """The exporters print progress and deprecation chatter, and log the version converter's failures
+    with a traceback; the report, or the error, says what matters."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        yield
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -103,6 +148,10 @@ def _export(model: nn.Module, example: torch.Tensor, tmp: Path, exporter: str, o
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                     verbose=False, **names)
         program.save(str(tmp), external_data=False)
+        written = _opset(onnx.load(str(tmp), load_external_data=False))
+        if opset is not None and written != opset:
+            raise RuntimeError(f"it wrote opset {written}, not {opset}: ONNX's version converter could not "
+                               f"lower this graph (the dynamo exporter translates to {DYNAMO_NATIVE_OPSET} and above)")
     else:
         axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
         torch.onnx.export(model, (example,), str(tmp), dynamo=False, dynamic_axes=axes,
@@ -125,13 +174,22 @@ def export_onnx(
 
     ``input_size`` is (C, H, W) without batch; default: the plan's, or the model's timm config.
     With ``verify`` (default) the file passes ``onnx.checker`` (full check) and onnxruntime's
-    outputs on random inputs at two batch sizes (one when ``dynamic_batch=False``) lie within
-    ``atol`` of PyTorch's eval outputs, or AugLocalError names the difference and nothing is written.
-    For outputs larger than 1 in magnitude (random-init networks without residuals reach 1e9),
-    ``atol`` scales with that magnitude: float32 cannot do better. The file appears atomically.
+    outputs on random inputs at two batch sizes (one when ``dynamic_batch=False``) lie within the
+    tolerance of PyTorch's float32 eval outputs, or AugLocalError names the difference and nothing is
+    written. The tolerance is ``atol`` times ``max(1, e / 1e-6)``, where ``e`` is PyTorch's own float32
+    error on those inputs (max |float32 - float64 output|): ``atol`` holds for a network float32
+    computes to 1e-6, and one float32 computes less precisely (large or ill-conditioned activations;
+    random-init networks reach outputs of 1e9, or amplify rounding errors a million-fold) gets a
+    tolerance in proportion, 100 times ``e`` at the default ``atol``; no file can do better than float32.
+    ``opset`` must be one ``OPSETS[exporter]`` allows, and is written as asked or refused.
+    The file appears atomically; ``path`` must not be a folder.
     """
     if exporter not in EXPORTERS:
         raise AugLocalError.bad_value("exporter", exporter, f"is not an exporter; choose one of {', '.join(EXPORTERS)}")
+    check_opset(opset, exporter)
+    if not atol >= 0:
+        raise AugLocalError.bad_value("atol", atol, "is not a number >= 0; give a tolerance such as 1e-4")
+    path = check_output_path(path, (), "path")
     model, planned, name = _backbone(net_or_model)
     if input_size is None:
         input_size = planned or default_input_size(model)
@@ -139,7 +197,6 @@ def export_onnx(
     if len(input_size) < 1 or any(v < 1 for v in input_size):
         raise AugLocalError.bad_value("input_size", input_size, "is not a shape: give positive integers "
                                       "without the batch, e.g. (3, 224, 224)")
-    path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -148,6 +205,8 @@ def export_onnx(
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    if opset is not None:  # auto: only the exporters that can write the opset asked for
+        order = [e for e in order if OPSETS[e][0] <= opset <= OPSETS[e][1]]
     try:
         fallback = None
         with eval_mode(model), torch.no_grad(), _quiet():
@@ -176,12 +235,15 @@ def export_onnx(
         report = ExportReport(str(path), used, _opset(proto), len(proto.graph.node), dims, None, fallback=fallback)
         if verify:
             batches = (1, 3) if dynamic_batch else (example.shape[0],)
-            report.max_abs_diff, report.output_scale = _verify(model, tmp, input_size, batches, gen, device)
+            report.max_abs_diff, report.output_scale, report.float32_error = _verify(
+                model, tmp, input_size, batches, gen, device)
             report.batches = batches
             limit = atol * report.tolerance_scale
             if not report.max_abs_diff <= limit:
+                own = ("" if report.float32_error is None else f"; PyTorch's own float32 error is "
+                       f"{report.float32_error:.3g} (float32 vs float64)")
                 raise AugLocalError(f"onnxruntime output of {path.name} differs from PyTorch by "
-                                    f"{report.max_abs_diff:.3g} (> {limit:g}); not written. Try --exporter "
+                                    f"{report.max_abs_diff:.3g} (> {limit:g}); not written{own}. Try --exporter "
                                     f"{'torchscript' if used == 'dynamo' else 'dynamo'}, or --no-verify to keep it")
         os.replace(tmp, path)
         return report
@@ -193,8 +255,19 @@ def _opset(proto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Generator, device) -> tuple[float, float]:
-    """Full ``onnx.checker`` check, then the largest |onnxruntime - PyTorch| and |PyTorch| over ``batches``."""
+def _float64_copy(model: nn.Module) -> nn.Module | None:
+    """``model`` in float64, to measure how precisely float32 computes it; None for a model that
+    cannot be copied (a layer that refuses deepcopy)."""
+    try:
+        return copy.deepcopy(model).double()
+    except Exception:  # any failure only means no float64 reference: the magnitude rule applies
+        return None
+
+
+def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Generator,
+            device) -> tuple[float, float, float | None]:
+    """Full ``onnx.checker`` check, then over ``batches`` the largest |onnxruntime - PyTorch|, |PyTorch|,
+    and |PyTorch float32 - PyTorch float64| (None when the model does not run in float64)."""
     try:
         onnx.checker.check_model(str(file), full_check=True)
     except (ValidationError, InferenceError) as exc:
@@ -202,10 +275,21 @@ def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Genera
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     feed = session.get_inputs()[0].name
     worst = scale = 0.0
+    model64 = _float64_copy(model)
+    own: float | None = 0.0 if model64 is not None else None
     with eval_mode(model), torch.no_grad():
         for b in batches:
             x = torch.randn(b, *input_size, generator=gen)
             ref = model(x.to(device)).float().cpu()
+            if model64 is not None:
+                try:
+                    with eval_mode(model64):
+                        exact = model64(x.double().to(device)).double().cpu()
+                    own = max(own, float((ref.double() - exact).abs().max()))
+                # A model that hard-codes float32 somewhere (a buffer made in forward) cannot run in
+                # float64: no reference, the magnitude rule applies.
+                except Exception:
+                    model64, own = None, None
             try:
                 out = torch.from_numpy(session.run(None, {feed: x.numpy()})[0])
             except (OrtFail, OrtInvalidArgument) as exc:
@@ -216,12 +300,13 @@ def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Genera
                                     f"{tuple(ref.shape)} at batch {b}")
             worst = max(worst, float((out - ref).abs().max()))
             scale = max(scale, float(ref.abs().max()))
-    return worst, scale
+    return worst, scale, own
 
 
 def save_backbone_state(net_or_model: nn.Module, path: str | os.PathLike) -> None:
     """The backbone's ``state_dict`` (aux nets stripped), loadable with ``strict=True`` into a fresh
     instance of the architecture (``timm.create_model(name, num_classes=...)``). Atomic."""
     model, _, _ = _backbone(net_or_model)
+    path = check_output_path(path, (), "path")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save(state, f))

@@ -8,13 +8,15 @@ import pytest
 import timm
 import torch
 import yaml
+from onnx import numpy_helper
 from torch import nn
 
+import auglocal_fx.export as export_module
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
 from auglocal_fx.cli.convert import main as convert_main
 from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
-from auglocal_fx.export import export_onnx, save_backbone_state
+from auglocal_fx.export import OPSETS, export_onnx, save_backbone_state
 
 from handwritten import cifar_resnet
 
@@ -124,6 +126,118 @@ def test_bad_arguments(tmp_path):
         export_onnx(cifar_resnet(), tmp_path / "m.onnx", input_size=(3, 0, 32))
     with pytest.raises(AugLocalError, match="does not exist"):
         export_onnx(cifar_resnet(), tmp_path / "nowhere" / "m.onnx", input_size=(3, 32, 32))
+    with pytest.raises(AugLocalError, match=r"atol=-1\.0 is not a number >= 0"):
+        export_onnx(cifar_resnet(), tmp_path / "m.onnx", input_size=(3, 32, 32), atol=-1.0)
+
+
+def test_a_folder_path_is_refused_in_one_line(tmp_path):
+    for call in (lambda: export_onnx(cifar_resnet(), tmp_path, input_size=(3, 32, 32)),
+                 lambda: save_backbone_state(cifar_resnet(), tmp_path)):
+        with pytest.raises(AugLocalError, match=r"^path .* is a folder; give a file path") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- opsets: written as asked, or refused ----------------------------------------------------------
+def _pooled_cnn():
+    """A global average pool: the dynamo exporter's ReduceMean, which ONNX's converter cannot lower to 17."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("exporter, opset", [("dynamo", OPSETS["dynamo"][1]), ("dynamo", 18),
+                                             ("torchscript", OPSETS["torchscript"][0]),
+                                             ("torchscript", OPSETS["torchscript"][1])])
+def test_opset_is_written_as_asked(tmp_path, exporter, opset):
+    report = export_onnx(_pooled_cnn(), tmp_path / "m.onnx", input_size=(3, 8, 8), opset=opset, exporter=exporter)
+    assert report.opset == opset == export_module._opset(onnx.load(str(tmp_path / "m.onnx")))
+    assert report.exporter == exporter and report.max_abs_diff <= 1e-4
+
+
+def test_opset_below_18_dynamo_lowers_it_or_refuses_and_auto_falls_back(tmp_path, capfd):
+    # a graph ONNX's version converter can lower: the dynamo exporter writes opset 17
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 4))
+    report = export_onnx(mlp, tmp_path / "mlp.onnx", input_size=(16,), opset=17, exporter="dynamo")
+    assert report.opset == 17 and report.exporter == "dynamo"
+    # one it cannot lower: refused (it used to write opset 18 and print the converter's traceback)
+    with pytest.raises(AugLocalError, match=r"failed with the dynamo exporter \(.*it wrote opset 18, not 17: "
+                                            r"ONNX's version converter could not lower this graph.*try --exporter torchscript"):
+        export_onnx(_pooled_cnn(), tmp_path / "cnn.onnx", input_size=(3, 8, 8), opset=17, exporter="dynamo")
+    assert not (tmp_path / "cnn.onnx").exists()
+    # auto: the torchscript exporter writes it, and the report says why
+    report = export_onnx(_pooled_cnn(), tmp_path / "cnn.onnx", input_size=(3, 8, 8), opset=17)
+    assert report.opset == 17 and report.exporter == "torchscript" and "it wrote opset 18" in report.fallback
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("exporter, opset, allowed", [("auto", 6, "7 to 25"), ("auto", 26, "7 to 25"),
+                                                      ("dynamo", 26, "7 to 25"), ("torchscript", 24, "7 to 23")])
+def test_opset_out_of_range_is_refused_with_the_true_range(tmp_path, exporter, opset, allowed):
+    with pytest.raises(AugLocalError, match=rf"^opset={opset} is out of range .*: use {allowed}, or leave it out"):
+        export_onnx(_pooled_cnn(), tmp_path / "m.onnx", input_size=(3, 8, 8), opset=opset, exporter=exporter)
+
+
+# -- the verification's tolerance: what float32 itself can promise --------------------------------
+class _IllConditioned(nn.Module):
+    """mobileone_s4's trouble in small: activations of 1e3 and a sigmoid gate driven by the difference of
+    two nearly equal ones (a twin convolution), so float32 rounding in the means moves the gate, and
+    the output misses float64's by ~5e-4 relative in PyTorch and in onnxruntime alike."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.twin = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.twin.weight.copy_(self.conv.weight * (1 + 1e-4 * torch.randn(self.conv.weight.shape)))
+            self.twin.bias.copy_(self.conv.bias)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3)) * 1e4
+        t = torch.relu(self.twin(x)).mean((2, 3)) * 1e4
+        return self.head(h * torch.sigmoid((h - t) * 3))
+
+
+def _perturbing(monkeypatch, name, factor):
+    """Make the exporter write a wrong graph: initializer ``name`` times ``factor``."""
+    export = export_module._export
+
+    def wrong(model, example, tmp, exporter, opset, dynamic):
+        export(model, example, tmp, exporter, opset, dynamic)
+        proto = onnx.load(str(tmp))
+        (init,) = [i for i in proto.graph.initializer if i.name == name]
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * factor, name))
+        onnx.save(proto, str(tmp))
+
+    monkeypatch.setattr(export_module, "_export", wrong)
+
+
+def test_ill_conditioned_network_is_judged_by_its_own_float32_error(tmp_path):
+    report = export_onnx(_IllConditioned(), tmp_path / "m.onnx", input_size=(3, 32, 32))
+    # the old rule (atol times the output magnitude) refused this file: float32 noise, not a wrong graph
+    assert report.max_abs_diff > 2 * 1e-4 * max(1.0, report.output_scale)
+    # PyTorch's own float32 result is as far from float64 as onnxruntime's is from PyTorch's
+    assert report.max_abs_diff < 10 * report.float32_error
+    assert report.tolerance_scale == pytest.approx(report.float32_error / 1e-6)
+    assert report.max_abs_diff <= 1e-4 * report.tolerance_scale
+
+
+def test_a_wrong_graph_is_still_caught_on_an_ill_conditioned_network(tmp_path, monkeypatch):
+    _perturbing(monkeypatch, "head.weight", 1.1)  # the classifier's weights 10% off
+    with pytest.raises(AugLocalError, match=r"differs from PyTorch by \S+ \(> \S+\); not written; PyTorch's own "
+                                            r"float32 error is \S+ \(float32 vs float64\)"):
+        export_onnx(_IllConditioned(), tmp_path / "m.onnx", input_size=(3, 32, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wrong_graph_is_caught_on_a_healthy_network(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = cifar_resnet()
+    _perturbing(monkeypatch, "fc.weight", 1.01)  # 1% off
+    with pytest.raises(AugLocalError, match="differs from PyTorch"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32))
 
 
 # -- the CLI -------------------------------------------------------------------------------------
@@ -132,9 +246,12 @@ def test_cli_convert_save_then_export(tmp_path, capsys):
     assert convert_main(["--model", "resnet18", "--blocks", "4", "--input-size", "3", "64", "64",
                          "--num-classes", "10", "--save", str(ckpt)]) == 0
     capsys.readouterr()
+    out.write_text("an older export")  # existing outputs are replaced, and the command says so first
     assert export_main([str(ckpt), "--out", str(out), "--state-dict", str(sd)]) == 0
     printed = capsys.readouterr().out
-    assert "max abs difference" in printed and "resnet18" in printed
+    assert printed.startswith(f"replacing existing {out} with the ONNX export if it passes verification\n")
+    assert f"replacing existing {sd}" not in printed
+    assert "max abs difference" in printed and "resnet18" in printed and "PyTorch's own float32 error" in printed
     diff = float(printed.split("max abs difference ")[1].split()[0])
     assert diff <= 1e-4
     fresh = timm.create_model("resnet18", num_classes=10)
@@ -162,6 +279,27 @@ def test_cli_exports_a_training_checkpoint(tmp_path, capsys):
         torch.testing.assert_close(_ort(tmp_path / "m.onnx", x), net.model.eval()(x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["out is the checkpoint", "state dict is the checkpoint", "out is a link to it",
+                                  "out is the state dict", "out is a folder", "state dict is a folder"])
+def test_cli_refuses_outputs_that_destroy_files_before_any_work(tmp_path, capsys, case):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"never read: the outputs are checked first")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    out, sd = {"out is the checkpoint": ("c.pt", None), "state dict is the checkpoint": ("m.onnx", "c.pt"),
+               "out is a link to it": ("link.pt", None), "out is the state dict": ("m.onnx", "./m.onnx"),
+               "out is a folder": ("d", None), "state dict is a folder": ("m.onnx", "d")}[case]
+    argv = [str(ckpt), "--out", str(tmp_path / out), *(["--state-dict", str(tmp_path / sd)] if sd else [])]
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("auglocal-export: error: --")
+    assert {"out is the checkpoint": "is also this command's input", "state dict is the checkpoint":
+            "--state-dict", "out is a link to it": "is also this command's input", "out is the state dict":
+            "is also --out", "out is a folder": "is a folder", "state dict is a folder": "is a folder"}[case] in err
+    assert ckpt.read_bytes() == b"never read: the outputs are checked first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "d", "link.pt"] and not any((tmp_path / "d").iterdir())
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not a checkpoint", "bad opset"])
 def test_cli_errors_are_one_line(tmp_path, capsys, case):
     path = tmp_path / "c.pt"
@@ -176,4 +314,5 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("auglocal-export: error:")
     assert {"missing": "does not exist", "corrupt": "unreadable or corrupt",
-            "not a checkpoint": "is not an auglocal-fx checkpoint", "bad opset": "out of range"}[case] in err
+            "not a checkpoint": "is not an auglocal-fx checkpoint",
+            "bad opset": "--opset 99 is out of range for ONNX export: use 7 to 25"}[case] in err

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from ..atomic import check_output_path
 from ..checkpoint import read_checkpoint
 from ..compiler import load_auglocal
 from ..errors import AugLocalError
-from ..export import EXPORTERS, export_onnx, save_backbone_state
+from ..export import EXPORTERS, OPSETS, check_opset, export_onnx, save_backbone_state
 from .common import run_cli
 
 PROG = "auglocal-export"
-FLAGS = {"input_size": "--input-size", "exporter": "--exporter"}
+FLAGS = {"input_size": "--input-size", "exporter": "--exporter", "opset": "--opset", "atol": "--atol"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +25,11 @@ def parser() -> argparse.ArgumentParser:
                     "check it against PyTorch in onnxruntime.")
     p.add_argument("checkpoint", help="a file from auglocal-train (last.pt, best.pt) or auglocal-convert --save")
     p.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20 for dynamo)")
+    p.add_argument("--opset", type=int,
+                   help="ONNX opset, written as asked or refused (default: 20 with the dynamo exporter, 17 with "
+                        f"torchscript); dynamo writes {OPSETS['dynamo'][0]}..{OPSETS['dynamo'][1]} (below 18 only "
+                        "where ONNX's version converter can lower the graph; auto then uses torchscript), "
+                        f"torchscript {OPSETS['torchscript'][0]}..{OPSETS['torchscript'][1]}")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size without batch (default: the size the model was converted at)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension at 1 (default: dynamic)")
@@ -30,16 +37,45 @@ def parser() -> argparse.ArgumentParser:
                    help="torch.onnx exporter; auto (default): dynamo, torchscript only if dynamo cannot "
                         "convert the model (see the README for why)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest |onnxruntime - PyTorch| accepted, times the output magnitude when above 1 (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest |onnxruntime - PyTorch| accepted (default 1e-4) for a network that float32 computes "
+                        "to 1e-6; it grows with PyTorch's own float32 error e (max |float32 - float64| on the check's "
+                        "inputs): the limit is atol * max(1, e / 1e-6), 100 * e at the default")
     p.add_argument("--state-dict", metavar="PATH",
                    help="also write the backbone's state dict (loads strictly into timm.create_model)")
     return p
 
 
+def _same_path(a: str, b: str) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_outputs(args) -> None:
+    """Before any work: no output is a folder or the checkpoint, the two outputs differ, and an
+    existing output is named with what it will become (outputs are replaced, as with cp or gcc -o)."""
+    if not args.atol >= 0:
+        raise AugLocalError(f"--atol {args.atol} is not a number >= 0; give a tolerance such as 1e-4")
+    check_opset(args.opset, args.exporter)
+    check_output_path(args.out, [args.checkpoint], "--out")
+    if args.state_dict is not None:
+        check_output_path(args.state_dict, [args.checkpoint], "--state-dict")
+        if _same_path(args.out, args.state_dict):
+            raise AugLocalError(f"--state-dict {args.state_dict} is also --out; the state dict would overwrite "
+                                "the ONNX file: give them different paths")
+    onnx_file = "the ONNX export" + ("" if args.no_verify else " if it passes verification")
+    for path, what in ((args.out, onnx_file), (args.state_dict, "the backbone's state dict")):
+        if path is not None and os.path.exists(path):
+            print(f"replacing existing {path} with {what}")
+
+
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.opset is not None and not 7 <= args.opset <= 25:
-        raise AugLocalError(f"--opset {args.opset} is out of range; use 17 to 23, or leave it out")
+    _check_outputs(args)
     read_checkpoint(args.checkpoint)  # a missing or corrupt file is reported before any model is built
     net = load_auglocal(args.checkpoint, exportable=True)  # timm: export-friendly layer variants
     report = export_onnx(net, args.out, input_size=args.input_size, opset=args.opset,
@@ -52,7 +88,9 @@ def _main(argv=None) -> int:
         print(f"note: {report.fallback}; used the torchscript exporter")
     if report.max_abs_diff is not None:
         print(f"onnxruntime vs PyTorch at batch {', '.join(map(str, report.batches))}: "
-              f"max abs difference {report.max_abs_diff:.2e} (<= {args.atol * report.tolerance_scale:g})")
+              f"max abs difference {report.max_abs_diff:.2e} (<= {args.atol * report.tolerance_scale:g}"
+              + ("" if report.float32_error is None else
+                 f"; PyTorch's own float32 error {report.float32_error:.2e}") + ")")
     if args.state_dict:
         save_backbone_state(net, args.state_dict)
         kwargs = net.options.get("model_kwargs") or {"num_classes": net.plan.head.out_shape[-1]}
