@@ -12,6 +12,10 @@ Rule (per sample shapes, batch dimension excluded):
 - (C, H, W) or (T, D) -> (D',): global average pooling, then linear;
 - bundles (several tensors handed on at once): per tensor, see ``make_bundle_adapter``.
 
+A channels-last map (N, H, W, C) (``layouts.layout_of``: Swin, torchvision's ``swin_t``) is moved to
+channels-first, adapted as above, and moved back where the target is channels-last too, so convs,
+norms and linears act on the channel axis, never on image rows.
+
 "norm" is the model's own kind of 2-d normalisation (``norm2d_like``), as in its downsample
 shortcuts: a GroupNorm model's aux nets stay free of batch statistics (so data-parallel training
 matches one process), a BatchNorm model's get BatchNorm.
@@ -26,11 +30,11 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from .errors import AugLocalError
+from .layouts import CHANNELS_LAST
 from .plan import is_size_kind
 
-__all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "TokenMean", "TokensToMap",
-           "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool",
-           "norm2d_like"]
+__all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "Permute", "TokenMean",
+           "TokensToMap", "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool", "norm2d_like"]
 
 
 class Adapter(nn.Sequential):
@@ -71,9 +75,39 @@ def norm2d_like(model: nn.Module) -> Callable[[int], nn.Module]:
     return nn.BatchNorm2d
 
 
-def make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> Adapter | None:
-    """An adapter from activations of per-sample shape ``src`` to ``dst``, or None if equal."""
-    adapter = _make_adapter(list(src), list(dst), norm)
+class Permute(nn.Module):
+    """``x.permute(*dims)``: between channels-last (N, H, W, C) and channels-first (N, C, H, W) maps."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+    def extra_repr(self) -> str:
+        return ", ".join(map(str, self.dims))
+
+
+def _channels_first(shape: list[int], layout: str) -> tuple[list[int], bool]:
+    if layout == CHANNELS_LAST and len(shape) == 3:
+        return [shape[2], shape[0], shape[1]], True
+    return list(shape), False
+
+
+def make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 layouts: tuple[str, str] = ("", "")) -> Adapter | None:
+    """An adapter from activations of per-sample shape ``src`` to ``dst``, or None if equal.
+
+    ``layouts`` (``layouts.layout_of`` of source and target) say where a 3-d shape is channels-last
+    (H, W, C): the adapter then works on the channels-first view and permutes in and out."""
+    (csrc, src_last), (cdst, dst_last) = _channels_first(src, layouts[0]), _channels_first(dst, layouts[1])
+    adapter = _make_adapter(csrc, cdst, norm)
+    if (src_last or dst_last) and (adapter is not None or src_last != dst_last):
+        mods = ([Permute(0, 3, 1, 2)] if src_last else []) + list(adapter or []) + \
+               ([Permute(0, 2, 3, 1)] if dst_last else [])
+        summary = f"{adapter.summary.split('->')[0] if adapter is not None else 'permute'}->{'x'.join(map(str, dst))} (channels last)"
+        adapter = Adapter(summary, *mods)
     if adapter is not None:
         adapter.in_shape = list(src)
     return adapter
@@ -218,7 +252,8 @@ def bundle_sources(src: list[list[int]], dst: list[list[int]], src_kinds: list[s
 
 def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
                         src_dtypes: list[str] | None = None, dst_dtypes: list[str] | None = None,
-                        needed: list[bool] | None = None) -> nn.Module | None:
+                        needed: list[bool] | None = None, src_layouts: list[str] | None = None,
+                        dst_layouts: list[str] | None = None) -> nn.Module | None:
     """The adapter from a bundle of per-sample shapes ``src`` to ``dst`` (oldest first), or None.
 
     Target i is made from source ``bundle_sources(...)[0][i]`` by the smallest ``make_adapter``;
@@ -227,20 +262,23 @@ def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callab
     the aux net drops) is the source tensor as is, with no weights that would never train.
     Tensors that are not floating point (masks, indices) pass through unchanged and must already
     have the target's shape. A size slot gets the batch size of its source tensor, or the fixed
-    value the target had at the converted input size.
+    value the target had at the converted input size. ``src_layouts`` / ``dst_layouts``: per slot,
+    whether a map is channels-last (``make_adapter``).
     """
     src_dtypes = src_dtypes or ["float32"] * len(src)
     dst_dtypes = dst_dtypes or ["float32"] * len(dst)
+    src_layouts = src_layouts or [""] * len(src)
+    dst_layouts = dst_layouts or [""] * len(dst)
     if len(src) == 1 and len(dst) == 1:
-        return make_adapter(src[0], dst[0], norm)
+        return make_adapter(src[0], dst[0], norm, (src_layouts[0], dst_layouts[0]))
     needed = needed or [True] * len(dst)
     sources, extras, host = bundle_sources(src, dst, src_dtypes, dst_dtypes, needed)
-    if src == dst and src_dtypes == dst_dtypes and not extras:
+    if src == dst and src_dtypes == dst_dtypes and src_layouts == dst_layouts and not extras:
         return None
     adapters: list[nn.Module] = []
     for i, s in enumerate(sources):
         want, have = dst_dtypes[i], src_dtypes[s]
-        if not needed[i] or (want == have and src[s] == dst[i]):
+        if not needed[i] or (want == have and src[s] == dst[i] and src_layouts[s] == dst_layouts[i]):
             adapters.append(nn.Identity())
         elif is_size_kind(want):
             adapters.append(BatchSize() if want == "batch" else
@@ -249,8 +287,9 @@ def make_bundle_adapter(src: list[list[int]], dst: list[list[int]], norm: Callab
             raise AugLocalError(f"no shape adapter from a {have} tensor {src[s]} to a {want} tensor {dst[i]} "
                                 "in a bundle; use an aux_depth large enough to copy every later layer, or rule='dgl'")
         else:
-            adapters.append(make_adapter(src[s], dst[i], norm) or nn.Identity())
-    extra = {s: make_adapter(src[s], dst[host], norm) or nn.Identity() for s in extras}
+            adapters.append(make_adapter(src[s], dst[i], norm, (src_layouts[s], dst_layouts[i])) or nn.Identity())
+    extra = {s: make_adapter(src[s], dst[host], norm, (src_layouts[s], dst_layouts[host])) or nn.Identity()
+             for s in extras}
     return BundleAdapter(adapters, sources, host, extra)
 
 

@@ -12,17 +12,19 @@ from .checkpoint import read_checkpoint
 from .cuts import MAX_BUNDLE
 from .emit import emit_pieces
 from .errors import AugLocalError, AugLocalWarning, first_line
-from .models import create_model
+from .models import check_num_classes, create_model
 from .net import AugLocalNet
 from .plan import Plan
 from .planner import build_plan
 from .rules import get_rule
+from .shapecheck import check_units
 from .synthesize import synthesize_aux
 
 __all__ = ["to_auglocal", "load_auglocal"]
 
 _PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
-                      "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE}
+                      "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE,
+                      "layers": None}
 
 
 def to_auglocal(
@@ -39,6 +41,7 @@ def to_auglocal(
     num_classes: int | None = None,
     model_name: str | None = None,
     max_bundle: int = MAX_BUNDLE,
+    layers=None,
     plan: Plan | None = None,
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
@@ -46,7 +49,8 @@ def to_auglocal(
     ``rule``: ``auglocal`` (aux nets copy downstream layers), ``dgl`` (small aux heads) or ``bp``
     (one block, plain backprop). ``aux_init="fresh"`` re-initialises the copied layers, as the
     paper's code builds new ones; ``"copy"`` keeps the backbone's current weights. A cut may hand
-    on up to ``max_bundle`` tensors. Pass ``plan`` instead of the planning arguments to rebuild a
+    on up to ``max_bundle`` tensors. ``layers`` (module-path globs, e.g. ``["encoder.layers.*"]``)
+    names the layers when the automatic grouping gets them wrong. Pass ``plan`` instead of the planning arguments to rebuild a
     net from a saved plan (no profiling). A plan's notes (e.g. far fewer layers than the model
     has blocks) are issued as ``AugLocalWarning``.
 
@@ -55,6 +59,7 @@ def to_auglocal(
         >>> len(net.blocks), len(net.aux)
         (16, 15)
     """
+    check_num_classes(num_classes)  # 0 would drop the classifier: features taken as logits
     if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
         if not hasattr(model, "reset_classifier"):
             raise AugLocalError(f"{type(model).__name__} has no reset_classifier; build it with {num_classes} classes")
@@ -64,19 +69,22 @@ def to_auglocal(
             raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
-                          num_classes=num_classes, rule=rule, max_bundle=max_bundle)
+                          num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers)
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
     else:
         given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
-                 "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle}
+                 "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle,
+                 "layers": layers}
         clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
         if clash:
             raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "
                                 f"{', '.join(f'{k}=' for k in clash)}")
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
     aux_nets = synthesize_aux(model, plan, layers, layer_head, aux_init)
-    return AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
+    net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
+    check_units(net, plan.config.input_size)  # a shape problem is an error here, not in the first step
+    return net
 
 
 def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **create_kwargs) -> AugLocalNet:

@@ -14,8 +14,9 @@ follows the last layer (pooling, norm, classifier).
 
 from __future__ import annotations
 
+import fnmatch
 import operator
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -25,7 +26,7 @@ from torch import nn
 from .cuts import is_tensor
 from .errors import AugLocalError
 
-__all__ = ["LayerSpan", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
+__all__ = ["LayerSpan", "check_patterns", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -71,6 +72,36 @@ def _tree_key_fn(model: nn.Module) -> Callable[[str], Hashable | None]:
                     part in _repeated_children(parent) and not _repeated_children(mod)):
                 return ".".join(parts[: i + 1])
         return None  # a container itself is not a group; its children are
+
+    return key
+
+
+def check_patterns(model: nn.Module, patterns) -> tuple[str, ...]:
+    """``patterns`` (module-path globs, e.g. ``["features.*", "classifier.1"]``) as a tuple, each
+    checked to match at least one module path of ``model``."""
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not patterns or \
+            not all(isinstance(p, str) and p for p in patterns):
+        raise AugLocalError.bad_value("layers", patterns, "is not a list of module-path patterns, "
+                                      "e.g. ['encoder.layers.*'] (fnmatch globs over model.named_modules())")
+    paths = [n for n, _ in model.named_modules() if n]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(p, pat) for p in paths):
+            near = [p for p in paths if "." not in p][:6]
+            raise AugLocalError.bad_value(
+                "layers", pat, f"matches no module of {type(model).__name__}; paths are dotted names "
+                f"from model.named_modules(), e.g. {', '.join(near)}", )
+    return tuple(patterns)
+
+
+def _pattern_key_fn(patterns: tuple[str, ...]) -> Callable[[str], Hashable | None]:
+    """A module path's group: its shallowest prefix that a pattern matches (None: no group)."""
+    def key(path: str):
+        parts = path.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if any(fnmatch.fnmatchcase(prefix, pat) for pat in patterns):
+                return prefix
+        return None
 
     return key
 
@@ -197,15 +228,22 @@ def _refine(modules: dict[str, nn.Module], group: list) -> list[list]:
 
 def find_layers(
     gm: fx.GraphModule, model: nn.Module, act: set[fx.Node], cuts: list[fx.Node],
-    live: dict[fx.Node, tuple[fx.Node, ...]] | None = None,
+    live: dict[fx.Node, tuple[fx.Node, ...]] | None = None, patterns: Sequence[str] | None = None,
 ) -> tuple[list[LayerSpan], LayerSpan, list[str]]:
     """Split the activation nodes of ``gm`` into layers and a head. Needs node meta from tracing.
 
     ``live`` (``cuts.live_sets``) says what each cut hands on: where several cuts are possible
     between two layers, the one handing on the fewest tensors (then the latest) is taken. Returns
     ``(layers, head, notes)``; a note says why two groups had to be merged (no cut between them).
+    ``patterns`` (module-path globs) name the layers instead of the automatic rules: each module
+    whose path matches is one layer, what follows the last is the head, and a boundary without a
+    valid cut is an error rather than a merge.
     """
-    key_of, from_timm = group_key_fn(model)
+    named = patterns is not None
+    if named:
+        key_of, from_timm = _pattern_key_fn(check_patterns(model, patterns)), False
+    else:
+        key_of, from_timm = group_key_fn(model)
     order = [n for n in gm.graph.nodes if n in act and n.op != "placeholder"]
     pos = {n: i for i, n in enumerate(order)}
     cut_set = set(cuts)
@@ -244,7 +282,7 @@ def find_layers(
             g[2].append(path)
     runs, modules = [], dict(model.named_modules())
     for g in sorted(groups.values(), key=lambda g: g[0]):  # 1b. stages become their blocks
-        for sub in _refine(modules, g):
+        for sub in ([g] if named else _refine(modules, g)):
             if sub[0] is None:
                 sub[0], sub[1] = pos[sub[3][0]], max(pos[n] for n in sub[3])
             runs.append(sub)
@@ -255,7 +293,7 @@ def find_layers(
 
     # 2. without timm, the classifier is the last group with parameters, plus parameter-free
     #    groups just before it (pooling, flatten): untag them so they fall to the head.
-    if not from_timm:
+    if not from_timm and not named:
         tail = len(runs)
         while tail > 1 and not params_of(runs[tail - 1]):
             tail -= 1
@@ -272,17 +310,20 @@ def find_layers(
     merged: list[list] = []
     for g in runs:
         if merged and g[0] <= merged[-1][1]:
+            if named:
+                raise AugLocalError.bad_value("layers", list(patterns), f"names layers {merged[-1][2][-1]} and "
+                                              f"{g[2][0]} whose computations interleave; name coarser layers")
             merged[-1] = merge(merged[-1], g)
-        elif merged and (not params_of(g) or _norm_only(gm, g[3])):
+        elif merged and not named and (not params_of(g) or _norm_only(gm, g[3])):
             merged[-1] = merge(merged[-1], g)  # activation / norm / pooling join the layer before
         else:
             merged.append(g)
-    if merged and len(merged) > 1 and not params_of(merged[0]):
+    if merged and len(merged) > 1 and not named and not params_of(merged[0]):
         merged[1] = merge(merged[0], merged[1])
         merged.pop(0)
     # 3b. layers on flat vectors after the last one on a feature map or tokens are the classifier's
     #     hidden layers (VGG's, AlexNet's, MobileNetV3's): they join the head
-    while len(merged) > 1 and _flat(gm, merged[-1][3]) and not all(_flat(gm, g[3]) for g in merged):
+    while len(merged) > 1 and not named and _flat(gm, merged[-1][3]) and not all(_flat(gm, g[3]) for g in merged):
         merged.pop()
     if not merged:
         raise AugLocalError(
@@ -297,6 +338,9 @@ def find_layers(
         prev = layers[-1]
         gap = [order[i] for i in range(g[0] - 1, prev[1] - 1, -1)]
         options = [n for n in gap if n in cut_set]
+        if not options and named:
+            raise AugLocalError.bad_value("layers", list(patterns), f"names a layer boundary without a valid cut: "
+                                          f"{_no_cut_note(prev, g, gap, live)}; name coarser layers")
         if not options:
             notes.append(_no_cut_note(prev, g, gap, live))
             layers[-1] = merge(prev, g)

@@ -36,6 +36,12 @@ class LayerInfo:
     crossing: list[list[int]] = field(default_factory=list)
     crossing_dtypes: list[str] = field(default_factory=list)  # e.g. "float32", "bool" (a mask)
     carried_bytes: int = 0  # per sample: the tensors the layer takes besides the newest (skips held while it runs)
+    crossing_layouts: list[str] = field(default_factory=list)  # per slot: "nhwc" for a channels-last map, else ""
+
+    @property
+    def layouts(self) -> list[str]:
+        """Per slot of ``bundle``: "nhwc" where a 3-d map is channels-last (H, W, C), else ""."""
+        return self.crossing_layouts or [""] * len(self.bundle)
 
     @property
     def bundle(self) -> list[list[int]]:
@@ -80,6 +86,7 @@ class PlanConfig:
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
     num_classes: int | None = None
     max_bundle: int = 8  # the most tensors a cut may hand on (cuts.MAX_BUNDLE)
+    layers: list[str] | None = None  # module-path globs naming the layers; None: automatic grouping
 
 
 @dataclass
@@ -134,6 +141,10 @@ class Plan:
     def bundle_into(self, j: int) -> list[list[int]]:
         """Shapes of the tensors layer ``j`` takes (``j == len(layers)``: the head), oldest first."""
         return self.layers[j - 1].bundle if j > 0 else [self.layers[0].in_shape]
+
+    def layouts_into(self, j: int) -> list[str]:
+        """``LayerInfo.layouts`` of the bundle layer ``j`` takes (the model's input: channels first)."""
+        return self.layers[j - 1].layouts if j > 0 else [""]
 
     def aux_for(self, block_index: int) -> AuxRecipe | None:
         return next((a for a in self.aux if a.block == block_index), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_none, is_tensor, live_sets, shape_read
 from .errors import AugLocalError
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
+from .layouts import CHANNELS_LAST, layout_of
 from .models import default_input_size, registered_name
 from .modes import eval_mode
 from .partition import Extra, aux_act_bytes, get_balance
@@ -55,13 +57,36 @@ def check_input_size(size) -> tuple[int, ...]:
     if not size or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in size):
         raise AugLocalError.bad_value("input_size", size, "is not a shape: give positive integers "
                                       "without the batch, e.g. (3, 224, 224)")
+    # profiling runs on fake tensors, but its one-sample input is real: refuse before allocating
+    # what cannot fit, rather than die with an allocator traceback (or the OOM killer)
+    need, have = 4 * math.prod(size), _available_memory()
+    if have is not None and need > have:
+        raise AugLocalError.bad_value("input_size", size, f"needs {need / 2**30:,.1f} GiB for one float32 sample, "
+                                      f"more than the {have / 2**30:,.1f} GiB of memory available; give a smaller size")
     return size
 
 
-def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE) -> Analysis:
+def _available_memory() -> int | None:
+    """Bytes of memory this process could still allocate: Linux's ``MemAvailable``, else the
+    physical memory (macOS), else None (unknown: no check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE, layers=None) -> Analysis:
     """Trace ``model`` (in eval mode), profile one sample, find cut points and layers.
 
-    A cut may hand on up to ``max_bundle`` tensors (1: single-tensor cuts only)."""
+    A cut may hand on up to ``max_bundle`` tensors (1: single-tensor cuts only). ``layers``
+    (module-path globs) names the layers instead of the automatic grouping."""
     size = check_input_size(input_size if input_size is not None else default_input_size(model))
     if not isinstance(max_bundle, int) or isinstance(max_bundle, bool) or max_bundle < 1:
         raise AugLocalError.bad_value("max_bundle", max_bundle, "is not an integer >= 1")
@@ -71,8 +96,8 @@ def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDL
     act = activation_nodes(gm.graph)
     live = live_sets(gm.graph, act)
     cuts = cut_points(gm.graph, act, max_bundle, live)
-    layers, head, notes = find_layers(gm, model, act, cuts, live)
-    return Analysis(gm, act, cuts, live, layers, head, size, notes, max_bundle)
+    spans, head, notes = find_layers(gm, model, act, cuts, live, patterns=layers)
+    return Analysis(gm, act, cuts, live, spans, head, size, notes, max_bundle)
 
 
 def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) -> LayerInfo:
@@ -104,7 +129,14 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
         act_bytes=int(sum(saved.values())),
         crossing=[list(t.meta["shape"])[1:] if is_tensor(t) else [] for t in crossing],
         crossing_dtypes=[_kind(t) for t in crossing],
+        crossing_layouts=_layouts(a, crossing),
     )
+
+
+def _layouts(a: Analysis, crossing) -> list[str]:
+    """Per crossing slot, "nhwc" for a channels-last map; empty when no slot is one (most models)."""
+    out = [CHANNELS_LAST if is_tensor(t) and layout_of(a.gm, t) == CHANNELS_LAST else "" for t in crossing]
+    return out if any(out) else []
 
 
 def _kind(n: fx.Node) -> str:
@@ -178,13 +210,15 @@ def build_plan(
     num_classes: int | None = None,
     rule: str = "auglocal",
     max_bundle: int = MAX_BUNDLE,
+    layers=None,
     analysis: Analysis | None = None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
 
     A cut between two layers may hand on up to ``max_bundle`` tensors (a class token beside the
     patch tokens, a CSP partial branch, U-Net skips). Pass ``analysis`` (from ``analyze_model``)
-    to plan the same model several ways without tracing it again.
+    to plan the same model several ways without tracing it again. ``layers`` (module-path globs
+    such as ``["stem", "blocks.*"]``) names the layers when the automatic grouping gets them wrong.
 
     Example:
         >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
@@ -193,7 +227,8 @@ def build_plan(
     """
     tau = _check_planning(aux_depth, pyramid, tail)
     policy, kind = get_balance(balance), get_rule(rule)
-    a = analysis or analyze_model(model, input_size, max_bundle)
+    a = analysis or analyze_model(model, input_size, max_bundle, layers)
+    patterns = list(layers) if layers is not None else None
     layers, head = layer_infos(a)
     if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
         blocks = 1
@@ -210,7 +245,7 @@ def build_plan(
     aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind)
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
                         tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
-                        max_bundle=a.max_bundle)
+                        max_bundle=a.max_bundle, layers=patterns)
     notes = _granularity_notes(name, model, a)
     return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
 

@@ -28,7 +28,8 @@ def build_aux(ctx: AuxContext) -> nn.Module:
     mods: list[nn.Module] = []
     for j, piece, need, f in zip(steps, pieces, needed, fed):
         adapter = make_bundle_adapter(plan.layers[f].bundle, plan.bundle_into(j), ctx.norm2d,
-                                      _kinds(plan, f), _kinds(plan, j - 1), need)
+                                      _kinds(plan, f), _kinds(plan, j - 1), need,
+                                      plan.layers[f].layouts, plan.layouts_into(j))
         if adapter is not None:
             mods.append(adapter)
         mods.append(copy.deepcopy(piece))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters import TokenMean
+from ..adapters import Permute, TokenMean
 from ..errors import AugLocalError
+from ..layouts import CHANNELS_LAST
 from .rule import AuxContext, Rule, register_rule
 
 __all__ = ["build_aux"]
@@ -17,9 +18,10 @@ HIDDEN = 256  # width of the classifier MLP
 def build_aux(ctx: AuxContext) -> nn.Module:
     shape, classes = ctx.in_shape, ctx.num_classes
     if len(shape) == 3:
-        c = shape[0]
+        last = ctx.in_layout == CHANNELS_LAST  # (H, W, C): convs need the channels first
+        c = shape[2] if last else shape[0]
         return nn.Sequential(
-            nn.Conv2d(c, c, 1, bias=False), ctx.norm2d(c), nn.ReLU(inplace=True),
+            *([Permute(0, 3, 1, 2)] if last else []), nn.Conv2d(c, c, 1, bias=False), ctx.norm2d(c), nn.ReLU(inplace=True),
             nn.Conv2d(c, c, 1, bias=False), ctx.norm2d(c), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
             nn.Linear(4 * c, HIDDEN), nn.ReLU(inplace=True), nn.Linear(HIDDEN, classes))

@@ -34,6 +34,11 @@ class AuxContext:
         """Per-sample shape of the block's output, which the aux net takes."""
         return self.plan.layers[self.plan.blocks[self.recipe.block].layers[-1]].out_shape
 
+    @property
+    def in_layout(self) -> str:
+        """"nhwc" when the block's output is a channels-last map (``in_shape`` is then H, W, C), else ""."""
+        return self.plan.layers[self.plan.blocks[self.recipe.block].layers[-1]].layouts[-1]
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -1,0 +1,49 @@
+"""Run every local unit (block + aux net, last block + head) once on fake tensors.
+
+At conversion this turns a shape problem in a synthesized aux net into a one-line error there,
+instead of a RuntimeError deep inside the first training step; before the first step at another
+input size than the plan's, it tells whether the net can train at that size. Fake tensors
+(``FakeTensorMode``) propagate shapes without computing or allocating anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .bundles import call, detach
+from .errors import AugLocalError, first_line
+from .modes import eval_mode
+
+__all__ = ["check_units"]
+
+
+def check_units(net: nn.Module, input_size, batch: int = 2) -> None:
+    """Raise a one-line ``AugLocalError`` naming the first unit whose forward fails on an input of
+    per-sample shape ``input_size``, or (at the planned size) whose logits differ in shape from the
+    model's head's."""
+    size = tuple(input_size)
+    planned = tuple(net.plan.config.input_size)
+    want = (batch, *net.plan.head.out_shape)  # what the model's head gives (a dense map for a U-Net)
+    units = net.local_units()
+    with eval_mode(net), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        h = fake.from_tensor(torch.zeros(batch, *size))
+        for i, unit in enumerate(units):
+            what = f"block {i}" if i == len(units) - 1 else f"block {i} or its aux net"
+            try:
+                out, logits = call(unit, h)
+            except Exception as exc:  # any op may refuse a shape: report it as the user's size problem
+                raise AugLocalError(_message(what, size, planned, first_line(exc, 200))) from exc
+            if isinstance(logits, torch.Tensor) and size == planned and tuple(logits.shape) != want:
+                raise AugLocalError(_message(what, size, planned, f"it gives logits of shape "
+                                             f"{tuple(logits.shape)}, not {want} as the model's head"))
+            h = detach(out)
+
+
+def _message(what: str, size: tuple, planned: tuple, why: str) -> str:
+    at = "x".join(map(str, size))
+    if size != planned:
+        return (f"the net was planned for input {'x'.join(map(str, planned))} and cannot run at {at} ({what}: "
+                f"{why}); convert it at the size you train at (input_size=...)")
+    return f"{what} fails on fake tensors at input {at}: {why}; please report this with the model"
