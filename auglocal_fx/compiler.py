@@ -24,7 +24,7 @@ __all__ = ["to_auglocal", "load_auglocal"]
 
 _PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
                       "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE,
-                      "layers": None}
+                      "layers": None, "output": None}
 
 
 def to_auglocal(
@@ -42,6 +42,7 @@ def to_auglocal(
     model_name: str | None = None,
     max_bundle: int = MAX_BUNDLE,
     layers=None,
+    output: str | int | None = None,
     plan: Plan | None = None,
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
@@ -50,7 +51,9 @@ def to_auglocal(
     (one block, plain backprop). ``aux_init="fresh"`` re-initialises the copied layers, as the
     paper's code builds new ones; ``"copy"`` keeps the backbone's current weights. A cut may hand
     on up to ``max_bundle`` tensors. ``layers`` (module-path globs, e.g. ``["encoder.layers.*"]``)
-    names the layers when the automatic grouping gets them wrong. Pass ``plan`` instead of the planning arguments to rebuild a
+    names the layers when the automatic grouping gets them wrong. A model returning a dict, tuple
+    or dataclass trains on (and ``net(x)`` returns) its ``output`` entry: a key, index or field name
+    (default ``"logits"``, else the first, with a note). Pass ``plan`` instead of the planning arguments to rebuild a
     net from a saved plan (no profiling). A plan's notes (e.g. far fewer layers than the model
     has blocks) are issued as ``AugLocalWarning``.
 
@@ -69,13 +72,14 @@ def to_auglocal(
             raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
-                          num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers)
+                          num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers, output=output)
+        _check_head_classes(model, plan, num_classes)
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
     else:
         given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
                  "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle,
-                 "layers": layers}
+                 "layers": layers, "output": output}
         clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
         if clash:
             raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "
@@ -85,6 +89,16 @@ def to_auglocal(
     net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
     check_units(net, plan.config.input_size)  # a shape problem is an error here, not in the first step
     return net
+
+
+def _check_head_classes(model: nn.Module, plan: Plan, num_classes: int | None) -> None:
+    """``num_classes`` can only be set on a model that knows how (timm's ``reset_classifier``); any
+    other model must already give that many outputs, or the plan and the net would disagree."""
+    out = plan.head.out_shape
+    if num_classes is not None and out and out[-1] != num_classes:
+        raise AugLocalError.bad_value("num_classes", num_classes, f"differs from the {out[-1]} outputs "
+                                      f"{type(model).__name__} gives, and it has no reset_classifier to change "
+                                      f"them: build the model with {num_classes} outputs, or leave num_classes out")
 
 
 def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **create_kwargs) -> AugLocalNet:

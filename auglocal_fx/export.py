@@ -34,6 +34,7 @@ from onnx.shape_inference import InferenceError
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .atomic import atomic_write, check_output_path
 from .errors import AugLocalError, first_line
@@ -280,26 +281,27 @@ def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Genera
     with eval_mode(model), torch.no_grad():
         for b in batches:
             x = torch.randn(b, *input_size, generator=gen)
-            ref = model(x.to(device)).float().cpu()
+            # every output, in order: a model returning a dict / tuple exports one ONNX output per tensor
+            refs = [t.float().cpu() for t in tree_leaves(model(x.to(device)))]
             if model64 is not None:
                 try:
                     with eval_mode(model64):
-                        exact = model64(x.double().to(device)).double().cpu()
-                    own = max(own, float((ref.double() - exact).abs().max()))
+                        exact = [t.double().cpu() for t in tree_leaves(model64(x.double().to(device)))]
+                    own = max(own, *(float((r.double() - e).abs().max()) for r, e in zip(refs, exact)))
                 # A model that hard-codes float32 somewhere (a buffer made in forward) cannot run in
                 # float64: no reference, the magnitude rule applies.
                 except Exception:
                     model64, own = None, None
             try:
-                out = torch.from_numpy(session.run(None, {feed: x.numpy()})[0])
+                outs = [torch.from_numpy(o) for o in session.run(None, {feed: x.numpy()})]
             except (OrtFail, OrtInvalidArgument) as exc:
                 raise AugLocalError(f"onnxruntime cannot run the exported graph at batch {b} "
                                     f"({_exporter_message(exc)})") from exc
-            if out.shape != ref.shape:
-                raise AugLocalError(f"onnxruntime output shape {tuple(out.shape)} differs from PyTorch's "
-                                    f"{tuple(ref.shape)} at batch {b}")
-            worst = max(worst, float((out - ref).abs().max()))
-            scale = max(scale, float(ref.abs().max()))
+            if [o.shape for o in outs] != [r.shape for r in refs]:
+                raise AugLocalError(f"onnxruntime output shapes {[tuple(o.shape) for o in outs]} differ from "
+                                    f"PyTorch's {[tuple(r.shape) for r in refs]} at batch {b}")
+            worst = max(worst, *(float((o - r).abs().max()) for o, r in zip(outs, refs)))
+            scale = max(scale, *(float(r.abs().max()) for r in refs))
     return worst, scale, own
 
 

@@ -87,6 +87,7 @@ class PlanConfig:
     num_classes: int | None = None
     max_bundle: int = 8  # the most tensors a cut may hand on (cuts.MAX_BUNDLE)
     layers: list[str] | None = None  # module-path globs naming the layers; None: automatic grouping
+    output: str | int | None = None  # the entry of a dict / tuple / dataclass output that trains; None: a tensor
 
 
 @dataclass

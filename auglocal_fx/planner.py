@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class Analysis:
     input_size: tuple[int, ...]
     notes: list[str] = dataclasses.field(default_factory=list)  # why groups were merged (no cut)
     max_bundle: int = MAX_BUNDLE
+    output: str | int | None = None  # which of the model's outputs the graph returns (trace.select_output)
+    output_notes: list[str] = dataclasses.field(default_factory=list)  # which output was picked by default
 
     @property
     def widest_cut(self) -> int:
@@ -53,10 +56,15 @@ class Analysis:
 
 def check_input_size(size) -> tuple[int, ...]:
     """``size`` as a tuple of positive ints (per sample, no batch), or a one-line error."""
-    size = tuple(size)
-    if not size or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in size):
+    try:
+        size = tuple(size)
+    except TypeError:
+        size = (size,)
+    # any integer type (NumPy's, a 0-d tensor's .item()) is fine; bools and floats are not
+    if not size or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 1 for s in size):
         raise AugLocalError.bad_value("input_size", size, "is not a shape: give positive integers "
                                       "without the batch, e.g. (3, 224, 224)")
+    size = tuple(int(s) for s in size)
     # profiling runs on fake tensors, but its one-sample input is real: refuse before allocating
     # what cannot fit, rather than die with an allocator traceback (or the OOM killer)
     need, have = 4 * math.prod(size), _available_memory()
@@ -82,22 +90,25 @@ def _available_memory() -> int | None:
         return None
 
 
-def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE, layers=None) -> Analysis:
+def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE, layers=None,
+                  output: str | int | None = None) -> Analysis:
     """Trace ``model`` (in eval mode), profile one sample, find cut points and layers.
 
     A cut may hand on up to ``max_bundle`` tensors (1: single-tensor cuts only). ``layers``
-    (module-path globs) names the layers instead of the automatic grouping."""
+    (module-path globs) names the layers instead of the automatic grouping; ``output`` picks one
+    of a model's several outputs (``trace.select_output``)."""
     size = check_input_size(input_size if input_size is not None else default_input_size(model))
     if not isinstance(max_bundle, int) or isinstance(max_bundle, bool) or max_bundle < 1:
         raise AugLocalError.bad_value("max_bundle", max_bundle, "is not an integer >= 1")
     with eval_mode(model):
-        gm = trace(model)
+        gm = trace(model, output)
         profile_graph(gm, torch.randn(1, *size))
     act = activation_nodes(gm.graph)
     live = live_sets(gm.graph, act)
     cuts = cut_points(gm.graph, act, max_bundle, live)
     spans, head, notes = find_layers(gm, model, act, cuts, live, patterns=layers)
-    return Analysis(gm, act, cuts, live, spans, head, size, notes, max_bundle)
+    return Analysis(gm, act, cuts, live, spans, head, size, notes, max_bundle, gm.meta["output"],
+                    [gm.meta["output_note"]] if gm.meta["output_note"] else [])
 
 
 def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) -> LayerInfo:
@@ -211,6 +222,7 @@ def build_plan(
     rule: str = "auglocal",
     max_bundle: int = MAX_BUNDLE,
     layers=None,
+    output: str | int | None = None,
     analysis: Analysis | None = None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
@@ -227,14 +239,17 @@ def build_plan(
     """
     tau = _check_planning(aux_depth, pyramid, tail)
     policy, kind = get_balance(balance), get_rule(rule)
-    a = analysis or analyze_model(model, input_size, max_bundle, layers)
+    a = analysis or analyze_model(model, input_size, max_bundle, layers, output)
     patterns = list(layers) if layers is not None else None
     layers, head = layer_infos(a)
     if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
         blocks = 1
     name = model_name or registered_name(model)
     n = len(layers)
-    if not isinstance(blocks, int) or isinstance(blocks, bool) or not 1 <= blocks <= n:
+    if not isinstance(blocks, numbers.Integral) or isinstance(blocks, bool):
+        raise AugLocalError.bad_value("blocks", blocks, f"is not a number of blocks: give an integer in 1..{n}")
+    blocks = int(blocks)
+    if not 1 <= blocks <= n:
         raise AugLocalError.bad_value("blocks", blocks, f"is out of range for {name} (it has {n} layers): "
                                       f"use 1..{n}")
     # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
@@ -245,8 +260,8 @@ def build_plan(
     aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind)
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
                         tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
-                        max_bundle=a.max_bundle, layers=patterns)
-    notes = _granularity_notes(name, model, a)
+                        max_bundle=a.max_bundle, layers=patterns, output=a.output)
+    notes = a.output_notes + _granularity_notes(name, model, a)
     return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
 
 

@@ -9,6 +9,7 @@ extra live values that would hide a cut.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
 from .errors import AugLocalError, first_line
 
-__all__ = ["Tracer", "make_tracer", "trace", "specialised_args"]
+__all__ = ["Tracer", "make_tracer", "select_output", "trace", "specialised_args"]
 
 # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
 # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As leaves
@@ -110,10 +111,13 @@ def specialised_args(model: nn.Module) -> dict:
     return concrete
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, output: str | int | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` in its current train/eval mode.
 
-    The returned GraphModule shares every parameter and buffer with ``model``.
+    The returned GraphModule shares every parameter and buffer with ``model``. A model returning
+    several values (a dict, a tuple, a dataclass) gets the one ``output`` names (a key, an index or
+    a field; default: ``"logits"``, else the first) as the graph's output: ``select_output``. The
+    choice is ``gm.meta["output"]``, with a one-line note in ``gm.meta["output_note"]``.
 
     Example:
         >>> gm = trace(timm.create_model("resnet18"))
@@ -132,8 +136,71 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"'{where or '<root>'}' ({culprit}): {first_line(exc, 200, with_type=False)}. Hint: register "
             "that module class with timm.layers.register_notrace_module so it stays a leaf, or remove "
             "data-dependent control flow from its forward") from exc
+    _check_aux_logits(model)
+    chosen, note = select_output(graph, output, type(model).__name__)
     _drop_unused_unpacking(graph)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["output"], gm.meta["output_note"] = chosen, note
+    return gm
+
+
+def _check_aux_logits(model: nn.Module) -> None:
+    """torchvision's GoogLeNet / Inception3 return auxiliary logits in train mode only: their train
+    and eval graphs cannot be cut alike, and the extra heads are a training trick of their own."""
+    if model.training and getattr(model, "aux_logits", False) is True:
+        name = type(model).__name__
+        raise AugLocalError(f"{name} returns auxiliary logits in train mode; build it without them, e.g. "
+                            f"torchvision.models.{name.lower().replace('inception3', 'inception_v3')}"
+                            "(aux_logits=False, init_weights=True)")
+
+
+def _candidates(graph: fx.Graph, value) -> dict | None:
+    """What a non-tensor output holds, by name or index: a dict's items, a (named) tuple's
+    elements, a dataclass's fields (fx records its construction as one call); None for a tensor."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, tuple | list):
+        items = dict(enumerate(value))
+        if hasattr(value, "_fields"):  # a namedtuple: reachable by field name too
+            items.update(zip(value._fields, value))
+        return items
+    if isinstance(value, fx.Node) and value.op == "call_function" and dataclasses.is_dataclass(value.target):
+        names = [f.name for f in dataclasses.fields(value.target)]
+        return {**dict(zip(names, value.args)), **value.kwargs}
+    return None
+
+
+def select_output(graph: fx.Graph, output: str | int | None, model_name: str = "the model") -> tuple:
+    """Make ``graph`` return one tensor: the output's entry ``output`` (``None``: ``"logits"`` if
+    there is one, else the first tensor). Returns ``(chosen, note)``; both None when the graph
+    already returns a single value and ``output`` is None."""
+    node = next(n for n in graph.nodes if n.op == "output")
+    items = _candidates(graph, node.args[0])
+    if items is None:
+        if output is not None:
+            raise AugLocalError.bad_value("output", output, f"picks from a model output with several values, "
+                                          f"but {model_name} returns one; leave output out")
+        return None, None
+    value = node.args[0]
+    what = ("dict" if isinstance(value, dict) else value.target.__name__ if isinstance(value, fx.Node)
+            else type(value).__name__)
+    nodes = {k: v for k, v in items.items() if isinstance(v, fx.Node)}
+    if output is None:
+        if not nodes:
+            raise AugLocalError(f"{model_name} returns a {what} without tensors; return the logits")
+        chosen = "logits" if "logits" in nodes else next(iter(nodes))
+        note = (f"{model_name} returns several values ({what}); its {'element ' if isinstance(chosen, int) else ''}{chosen!r} is what trains and what net(x) returns "
+                f"(output=... picks another of {', '.join(map(repr, nodes))})")
+    else:
+        if output not in nodes:
+            raise AugLocalError.bad_value("output", output, f"is not in the {what} {model_name} returns; "
+                                          f"choose one of {', '.join(map(repr, nodes))}")
+        chosen, note = output, None
+    old = node.args[0]
+    node.args = (nodes[chosen],)
+    if isinstance(old, fx.Node) and not old.users:  # the dataclass built from the values: gone
+        graph.erase_node(old)
+    return chosen, note
 
 
 def _drop_unused_unpacking(graph: fx.Graph) -> None:
