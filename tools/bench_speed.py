@@ -2,6 +2,7 @@
 
     python tools/bench_speed.py --model resnet50 --blocks 16 --batch 8 --size 224 [--json]
     python tools/bench_speed.py --model resnet32_cifar --blocks 16 --batch 128 --size 32
+    python tools/bench_speed.py --model resnet32_cifar --blocks 8 --batch 32 --size 32 --compile --threads 2
 
 One step is ``training_step`` (every block's forward and backward) plus the SGD update. The rules
 share one batch and the same thread count, and their steps alternate (bp, dgl, auglocal, bp, ...)
@@ -12,6 +13,10 @@ from the plan (backward costs about twice the forward for both, so the ratio car
 time follows FLOPs (a CPU), the measured ratio lands near it. ``--profile`` runs one more step per
 rule under torch.profiler and splits it into block forward, aux net (or head) forward, backward
 and optimizer step, from the labels ``training_step`` sets.
+
+``--compile`` times bp and auglocal eagerly and after ``net.compile(backend=...)`` (every block,
+aux net and head compiled), all four interleaved, and reports compiled / eager per rule; the first
+compiled step (where compilation happens) is a warm-up step, its time reported apart.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 
 RULES = ("bp", "dgl", "auglocal")
+COMPILE_RULES = ("bp", "auglocal")  # --compile: each eager and compiled
 PHASES = {"auglocal.block": "block forward", "auglocal.top": "aux/head forward",
           "auglocal.backward": "backward", "bench.optimizer": "optimizer"}
 
@@ -68,41 +74,53 @@ def profile_phases(net, opt, x, y) -> dict[str, float]:
 
 def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, warmup: int,
             aux_depth: int = 2, pyramid: float = 0.5, device: str = "cpu", channels_last: bool = False,
-            profile_steps: bool = False) -> dict:
+            profile_steps: bool = False, compile_backend: str | None = None) -> dict:
+    """Figures per variant: a rule's name, and with ``compile_backend`` also ``{rule}+compiled``."""
     torch.manual_seed(0)
     base = create_model(model_name, num_classes=10)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    variants = {r: (r, False) for r in (COMPILE_RULES if compile_backend else RULES)}
+    if compile_backend:
+        variants.update({f"{r}+compiled": (r, True) for r in COMPILE_RULES})
     nets, opts = {}, {}
-    for rule in RULES:
+    for name, (rule, compiled) in variants.items():
         net = to_auglocal(copy.deepcopy(base), blocks, rule=rule, aux_depth=aux_depth, pyramid=pyramid,
                           input_size=(3, size, size)).to(device, memory_format=fmt).train()
-        nets[rule], opts[rule] = net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        if compiled:
+            net.compile(backend=compile_backend)
+        nets[name], opts[name] = net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    times: dict[str, list[float]] = {r: [] for r in RULES}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    first: dict[str, float] = {}
     for i in range(warmup + steps):
-        for rule in RULES:
+        for v in variants:
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            _step(nets[rule], opts[rule], x, y)
+            _step(nets[v], opts[v], x, y)
             if device == "cuda":
                 torch.cuda.synchronize()
+            first.setdefault(v, time.perf_counter() - start)
             if i >= warmup:
-                times[rule].append(time.perf_counter() - start)
-    med = {r: statistics.median(t) for r, t in times.items()}
+                times[v].append(time.perf_counter() - start)
+    med = {v: statistics.median(t) for v, t in times.items()}
     rows = {}
-    for r in RULES:
-        backbone, aux = forward_flops(nets[r])
-        rows[r] = {"median_step_s": med[r], "ratio_to_bp": med[r] / med["bp"], "blocks": len(nets[r].blocks),
+    for v, (rule, compiled) in variants.items():
+        backbone, aux = forward_flops(nets[v])
+        bp = "bp+compiled" if compiled else "bp"
+        rows[v] = {"median_step_s": med[v], "ratio_to_bp": med[v] / med[bp], "blocks": len(nets[v].blocks),
                    "backbone_gflops": backbone / 1e9, "aux_gflops": aux / 1e9, "flops_ratio": (backbone + aux) / backbone}
+        if compiled:
+            rows[v]["compiled_over_eager"] = med[v] / med[rule]
+            rows[v]["first_step_s"] = first[v]  # compilation included
         if profile_steps:
-            rows[r]["phases_s"] = profile_phases(nets[r], opts[r], x, y)
+            rows[v]["phases_s"] = profile_phases(nets[v], opts[v], x, y)
     return {"model": model_name, "blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "batch": batch,
             "size": size, "steps": steps, "threads": torch.get_num_threads(), "device": device,
-            "channels_last": channels_last, "machine": platform.machine(), "torch": torch.__version__,
-            "rules": rows}
+            "channels_last": channels_last, "compile_backend": compile_backend, "machine": platform.machine(),
+            "torch": torch.__version__, "rules": rows}
 
 
 def main(argv=None) -> int:
@@ -118,20 +136,34 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and input for every rule")
     p.add_argument("--profile", action="store_true", help="also split one step per rule into its phases")
+    p.add_argument("--compile", action="store_true",
+                   help="time bp and auglocal eager and compiled (net.compile), report compiled / eager")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup 1 or more: the first compiled step compiles")
     res = measure(args.model, args.blocks, args.batch, args.size, args.steps, args.warmup, args.aux_depth,
-                  args.pyramid, args.device, args.channels_last, args.profile)
+                  args.pyramid, args.device, args.channels_last, args.profile,
+                  args.backend if args.compile else None)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"{res['model']} K={res['blocks']} d={res['aux_depth']} batch {res['batch']} at {res['size']}px on "
           f"{res['device']}{' channels-last' if res['channels_last'] else ''}, {res['threads']} threads, "
-          f"median of {res['steps']} interleaved steps")
+          f"median of {res['steps']} interleaved steps"
+          f"{', compiled with ' + res['compile_backend'] if res['compile_backend'] else ''}")
+    width = max(map(len, res["rules"]))
     for rule, r in res["rules"].items():
-        line = (f"  {rule:9s} {1000 * r['median_step_s']:9.1f} ms/step  x{r['ratio_to_bp']:.2f} of bp   "
+        bp = "bp+compiled" if rule.endswith("+compiled") else "bp"
+        line = (f"  {rule:{width}s} {1000 * r['median_step_s']:9.1f} ms/step  x{r['ratio_to_bp']:.2f} of {bp}   "
                 f"flops x{r['flops_ratio']:.2f} (backbone {r['backbone_gflops']:.2f} + aux {r['aux_gflops']:.2f} "
                 f"GFLOPs/sample)")
+        if "compiled_over_eager" in r:
+            line += f"  compiled/eager x{r['compiled_over_eager']:.2f} (first step {r['first_step_s']:.1f} s)"
         print(line)
         if "phases_s" in r:
             total = sum(r["phases_s"].values()) or 1.0
