@@ -70,7 +70,8 @@ class AugLocalNet(nn.Module):
     def _check_fixed_args(self, args: tuple, kwargs: dict) -> None:
         """Accept arguments after the input only at the values they were fixed to at conversion."""
         model = type(self.model).__name__
-        names = list(inspect.signature(self.model.forward).parameters)[1:]
+        params = list(inspect.signature(self.model.forward).parameters.values())[1:]
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(args) > len(names):
             raise AugLocalError(f"net(x, ...) got {len(args) + 1} positional arguments but {model}.forward "
                                 f"takes {len(names) + 1}; pass the input only")
