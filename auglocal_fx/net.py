@@ -82,7 +82,7 @@ class AugLocalNet(nn.Module):
                                     "pass the input only")
             if not _same_value(value, fixed[name]):
                 raise AugLocalError(
-                    f"net(x, {name}=...): {name} was fixed to {fixed[name]!r} when {model} was converted "
+                    f"net(x, {name}=...): {name} was fixed to {_short(fixed[name])} when {model} was converted "
                     "(torch.fx specialises the arguments after the input); to vary it, convert a subclass "
                     f"whose forward(x) returns super().forward(x, {name}=self.{name}) and set that buffer "
                     "before each call")
@@ -168,6 +168,14 @@ def _same_value(value, fixed) -> bool:
         return bool(value == fixed)
     except (TypeError, ValueError, RuntimeError):  # an == that gives no single truth value (arrays)
         return False
+
+
+def _short(value) -> str:
+    """A default as one short line (a tensor's repr spans lines)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _own_forward(module: nn.Module) -> None:
