@@ -15,6 +15,7 @@ from .bundles import call, detach
 from .checkpoint import save_net
 from .errors import AugLocalError
 from .plan import Plan
+from .shapecheck import check_units
 from .trace import specialised_args
 
 __all__ = ["AugLocalNet"]
@@ -111,8 +112,18 @@ class AugLocalNet(nn.Module):
         the caller runs ``scaler.step(opt); scaler.update()``. ``units`` replaces ``local_units()``,
         e.g. with DDP-wrapped units.
         """
+        self._check_size(tuple(x.shape[1:]))
         units = self.local_units() if units is None else units
         return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler)
+
+    def _check_size(self, size: tuple) -> None:
+        """Before the first step at an input size other than the plan's, run every unit on fake
+        tensors at that size: it either works (adapters scale as the backbone does) or fails now in
+        one line naming the planned size, not with a RuntimeError inside some aux net."""
+        checked = self.__dict__.setdefault("_sizes_checked", {tuple(self.plan.config.input_size)})
+        if size not in checked:
+            check_units(self, size)
+            checked.add(size)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:

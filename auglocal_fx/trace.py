@@ -14,6 +14,7 @@ import inspect
 import operator
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrace_modules
 from torch import nn
@@ -103,6 +104,10 @@ def specialised_args(model: nn.Module) -> dict:
     for p in params[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        if isinstance(p.default, torch.Tensor):  # fx cannot make a constant of it (NameError deep inside)
+            raise AugLocalError(
+                f"{type(model).__name__}.forward argument {p.name!r} has a tensor default; make it a buffer "
+                "the forward reads instead, or give it a default of None")
         if p.default is inspect.Parameter.empty:
             raise AugLocalError(
                 f"{type(model).__name__}.forward needs argument {p.name!r} besides the input; "

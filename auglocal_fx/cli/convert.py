@@ -24,7 +24,7 @@ PROG = "auglocal-convert"
 # the flag of each to_auglocal parameter, so library errors name what the user typed
 FLAGS = {"blocks": "--blocks", "aux_depth": "--aux-depth", "pyramid": "--pyramid", "balance": "--balance",
          "tail": "--tail", "rule": "--rule", "aux_init": "--aux-init", "input_size": "--input-size",
-         "num_classes": "--num-classes", "max_bundle": "--max-bundle"}
+         "num_classes": "--num-classes", "max_bundle": "--max-bundle", "layers": "--layers"}
 
 
 def _listing(registry) -> str:
@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="classifier classes (default: the model's)")
     p.add_argument("--max-bundle", type=int, default=MAX_BUNDLE,
                    help=f"the most tensors a cut between two layers may hand on (default {MAX_BUNDLE})")
+    p.add_argument("--layers", nargs="+", metavar="GLOB",
+                   help="name the layers yourself: module paths as globs, e.g. --layers stem 'stages.*.blocks.*' "
+                        "(default: timm's group_matcher / the module tree, refined to repeated blocks)")
     p.add_argument("--rule", choices=list(RULES), default="auglocal",
                    help=f"what trains each block ({_listing(RULES)})")
     p.add_argument("--aux-init", choices=AUX_INITS, default="fresh",
@@ -76,7 +79,7 @@ def _main(argv=None) -> int:
         net = to_auglocal(model, args.blocks, aux_depth=args.aux_depth, pyramid=args.pyramid,
                           balance=args.balance, tail=args.tail, aux_init=args.aux_init, rule=args.rule,
                           input_size=args.input_size, model_name=args.model, num_classes=args.num_classes,
-                          max_bundle=args.max_bundle)
+                          max_bundle=args.max_bundle, layers=args.layers)
     plan = net.plan
     for note in plan.notes:
         print(f"{PROG}: note: {reword(note, FLAGS)}", file=sys.stderr)

@@ -67,7 +67,7 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
     if plan is None:
         net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance,
                           tail=c.tail, aux_init=c.aux_init, rule=c.rule, input_size=size,
-                          model_name=recipe.model.name, max_bundle=c.max_bundle)
+                          model_name=recipe.model.name, max_bundle=c.max_bundle, layers=c.layers)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets, no profiling
         net = to_auglocal(model, plan=plan, aux_init=c.aux_init)
     net.to(env.device)

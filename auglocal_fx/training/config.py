@@ -31,7 +31,7 @@ __all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides", 
 
 # How a recipe names the library's parameters, for errors the library raises while building a run
 RECIPE_KEYS = {name: f"recipe key conversion.{name} =" for name in
-               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle")}
+               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle", "layers")}
 
 
 def _choices(registry):
@@ -71,6 +71,7 @@ class ConversionSection:
     tail: str = field(default="exact", metadata=_choices(TAILS))
     aux_init: str = field(default="fresh", metadata=_choices(AUX_INITS))
     max_bundle: int = field(default=MAX_BUNDLE, metadata=_at_least(1))  # the most tensors a cut may hand on
+    layers: list[str] | None = None  # module-path globs naming the layers (to_auglocal's layers=)
 
 
 @dataclass
