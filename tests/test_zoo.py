@@ -1,4 +1,4 @@
-"""A dozen diverse timm families through the zoo check's four stages (the whole zoo: tools/zoo_check.py).
+"""A dozen diverse timm families and three torchvision models through the zoo check's four stages (the whole zoo: tools/zoo_check.py).
 
 convert (K = min(16, L)) -> eval parity -> one training step in which every parameter that backprop
 trains gets a gradient -> ONNX export with onnxruntime parity.
@@ -33,3 +33,17 @@ def test_family_passes_all_four_stages(name):
     assert result.passed == list(STAGES)
     assert result.blocks == min(16, result.layers) and result.blocks >= 2
     assert result.parity_diff <= 1e-5 and result.onnx_diff <= 1e-4
+
+
+TORCHVISION = {
+    "squeezenet1_1": "Fire modules, classifier conv",
+    "shufflenet_v2_x0_5": "channel shuffle, split and concatenate",
+    "swin_t": "channels-last maps (N, H, W, C)",
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION))
+def test_torchvision_model_passes_all_four_stages(name):
+    result = check_model(name, name, source="torchvision")
+    assert result.ok, f"{name} ({TORCHVISION[name]}) fails at {result.failed}: {result.error}"
+    assert result.blocks == min(16, result.layers) and result.blocks >= 2
