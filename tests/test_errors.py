@@ -106,6 +106,12 @@ def _nan_loss(tmp: Path, monkeypatch) -> list[str]:
     return [recipe, "--resume", str(tmp / "run" / "last.pt")]
 
 
+def _second_run(tmp: Path, monkeypatch) -> list[str]:
+    """A finished run in the output folder, then another recipe pointed at the same folder."""
+    assert train_main([_recipe(tmp)]) == 0
+    return [_recipe(tmp, **{"conversion.blocks": 3})]
+
+
 # (id, CLI main, argv builder(tmp, monkeypatch), words the message must contain)
 CLI_CASES = [
     ("unknown-model", convert_main, lambda t, m: ["--model", "resnet5O", "--blocks", "4"],
@@ -159,6 +165,24 @@ CLI_CASES = [
     ("export-out-folder-missing", export_main,
      lambda t, m: [str(_checkpoint(t)), "--out", str(t / "none" / "m.onnx")],
      ["folder", "does not exist"]),
+    ("output-holds-run", train_main, _second_run,
+     ["already holds a run", "--resume auto", "--overwrite"]),
+    ("recipe-out-of-range", train_main, lambda t, m: [_recipe(t, **{"data.train_limit": 0})],
+     ["recipe key data.train_limit", "leave the key out"]),
+    ("num-classes-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--num-classes", "0"],
+     ["--num-classes 0"]),
+    ("input-size-beyond-memory", convert_main,
+     lambda t, m: ["--model", "resnet18", "--blocks", "4", "--input-size", "3", "100000", "100000"],
+     ["GiB for one float32 sample"]),
+    ("save-is-folder", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--save", str(t)],
+     ["--save", "is a folder"]),
+    ("layers-match-nothing", convert_main,
+     lambda t, m: ["--model", "resnet18", "--blocks", "2", *SMALL, "--layers", "stage*"],
+     ["--layers 'stage*' matches no module of ResNet"]),
+    ("export-out-is-input", export_main, lambda t, m: [str(_checkpoint(t)), "--out", str(t / "c.pt")],
+     ["is also this command's input", "choose another output path"]),
+    ("opset-out-of-range", export_main, lambda t, m: [str(_checkpoint(t)), "--out", str(t / "m.onnx"), "--opset", "26"],
+     ["--opset 26 is out of range"]),
 ]
 
 
