@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,22 @@ def run_one(name: str, family: str, blocks: int, timeout: float, source: str = "
     start = time.perf_counter()
     proc.start()
     try:
-        return queue.get(timeout=timeout)
-    except queue.Empty:  # the time limit passed, or the child died without a result
+        while True:  # poll, so a child killed for memory costs seconds, not the whole time limit
+            try:
+                return queue.get(timeout=2)
+            except queue_module.Empty:
+                if time.perf_counter() - start > timeout:
+                    break
+                if not proc.is_alive():  # a result sent just before exiting may still be in the pipe
+                    try:
+                        return queue.get(timeout=1)
+                    except queue_module.Empty:
+                        break
         proc.kill()
-        why = f"time limit of {timeout:.0f}s" if proc.is_alive() or proc.exitcode is None else \
-            f"process died (exit code {proc.exitcode})"
+        proc.join(5)
+        code = proc.exitcode
+        why = f"time limit of {timeout:.0f}s" if code in (None, -9) and time.perf_counter() - start > timeout else \
+            "killed (out of memory?)" if code == -9 else f"process died (exit code {code})"
         res = ZooResult(name, family, failed="timeout", error=why)
         res.seconds = round(time.perf_counter() - start, 1)
         return res.to_dict()
