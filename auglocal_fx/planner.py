@@ -29,7 +29,7 @@ from .rules import Rule, get_rule
 from .selection import TAILS, apply_tail, pyramid_depths, select_layers
 from .trace import trace
 
-__all__ = ["Analysis", "analyze_model", "build_plan", "check_input_size"]
+__all__ = ["Analysis", "analyze_model", "available_memory", "build_plan", "check_input_size"]
 
 
 @dataclass
@@ -67,14 +67,14 @@ def check_input_size(size) -> tuple[int, ...]:
     size = tuple(int(s) for s in size)
     # profiling runs on fake tensors, but its one-sample input is real: refuse before allocating
     # what cannot fit, rather than die with an allocator traceback (or the OOM killer)
-    need, have = 4 * math.prod(size), _available_memory()
+    need, have = 4 * math.prod(size), available_memory()
     if have is not None and need > have:
         raise AugLocalError.bad_value("input_size", size, f"needs {need / 2**30:,.1f} GiB for one float32 sample, "
                                       f"more than the {have / 2**30:,.1f} GiB of memory available; give a smaller size")
     return size
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes of memory this process could still allocate: Linux's ``MemAvailable``, else the
     physical memory (macOS), else None (unknown: no check)."""
     try:

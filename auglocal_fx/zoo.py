@@ -23,7 +23,7 @@ from .compiler import to_auglocal
 from .errors import AugLocalError, first_line
 from .export import export_onnx
 from .layers import repeated_blocks
-from .planner import analyze_model, build_plan
+from .planner import analyze_model, available_memory, build_plan
 
 __all__ = ["SOURCES", "STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
 
@@ -145,6 +145,19 @@ def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
     return names
 
 
+def _check_memory(model: nn.Module, plan) -> None:
+    """Refuse, in one line, a model whose check would not fit in memory, before building its aux
+    nets: weights and gradients of the backbone and of every aux net's copies, and the float64
+    copy the ONNX check runs (640M-parameter models need over 30 GiB)."""
+    backbone = sum(p.numel() for p in model.parameters())
+    aux = sum(sum(plan.layers[j].params for j in r.selected_layers) + plan.head.params for r in plan.aux)
+    need, have = 8 * (backbone + aux) + 8 * backbone, available_memory()
+    if have is not None and need > have:
+        raise AugLocalError(f"needs about {need / 2**30:.0f} GiB (weights and gradients of {backbone / 1e6:.0f}M "
+                            f"backbone and {aux / 1e6:.0f}M aux-net parameters, a float64 copy for the ONNX "
+                            f"check), more than the {have / 2**30:.0f} GiB available")
+
+
 def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, source: str = "timm") -> ZooResult:
     """Run the four stages on ``name`` (from ``source``: timm or torchvision); the first failure is
     recorded (one line), never raised."""
@@ -167,6 +180,7 @@ def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, so
         result.widest_cut = analysis.widest_cut
         k = min(blocks, result.layers)
         plan = build_plan(model, k, input_size=size, model_name=name, analysis=analysis)
+        _check_memory(model, plan)
         net = to_auglocal(model, plan=plan)
         result.blocks = len(net.blocks)
         result.passed.append(stage)
