@@ -22,13 +22,23 @@ __all__ = ["check_units"]
 def check_units(net: nn.Module, input_size, batch: int = 2) -> None:
     """Raise a one-line ``AugLocalError`` naming the first unit whose forward fails on an input of
     per-sample shape ``input_size``, or (at the planned size) whose logits differ in shape from the
-    model's head's."""
+    model's head's. Runs on fake tensors; a model with an op fake tensors cannot run (no meta
+    kernel, data-dependent shapes) is run for real instead, at batch ``batch``, without gradients."""
     size = tuple(input_size)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            _run_units(net, fake.from_tensor(torch.zeros(batch, *size)), size)
+        return
+    except AugLocalError:
+        pass  # a shape problem, or an op fake tensors cannot run: the real run tells which
+    _run_units(net, torch.zeros(batch, *size), size)
+
+
+def _run_units(net: nn.Module, h: torch.Tensor, size: tuple) -> None:
     planned = tuple(net.plan.config.input_size)
-    want = (batch, *net.plan.head.out_shape)  # what the model's head gives (a dense map for a U-Net)
+    want = (h.shape[0], *net.plan.head.out_shape)  # what the model's head gives (a dense map for a U-Net)
     units = net.local_units()
-    with eval_mode(net), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        h = fake.from_tensor(torch.zeros(batch, *size))
+    with eval_mode(net), torch.no_grad():
         for i, unit in enumerate(units):
             what = f"block {i}" if i == len(units) - 1 else f"block {i} or its aux net"
             try:
@@ -46,4 +56,4 @@ def _message(what: str, size: tuple, planned: tuple, why: str) -> str:
     if size != planned:
         return (f"the net was planned for input {'x'.join(map(str, planned))} and cannot run at {at} ({what}: "
                 f"{why}); convert it at the size you train at (input_size=...)")
-    return f"{what} fails on fake tensors at input {at}: {why}; please report this with the model"
+    return f"{what} fails at input {at}: {why}; please report this with the model"
