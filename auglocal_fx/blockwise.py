@@ -13,6 +13,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .bundles import Bundle, call, detach
+from .errors import AugLocalError
 
 __all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
 
@@ -47,7 +48,8 @@ class LocalUnit(nn.Module):
 
 def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,
                    loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None,
-                   scaler: torch.amp.GradScaler | None = None) -> StepOutput:
+                   scaler: torch.amp.GradScaler | None = None,
+                   optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
@@ -57,7 +59,16 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     outside it. With a ``scaler`` every loss is scaled before its backward (one scale for the whole
     step, so ``scaler.step(opt)`` unscales every unit's gradients alike); the losses reported are
     unscaled.
+
+    With an ``optimizer`` (over any or all of the units' parameters), it is stepped right after each
+    unit's backward and its gradients freed, so at most one unit's gradients are alive: the unit's
+    parameters are final once its backward is done, and optimizers skip parameters without a
+    gradient, so each step updates exactly that unit. For per-parameter optimizers (SGD, Adam,
+    AdamW, ...) the updates equal one ``optimizer.step()`` after the whole step.
     """
+    if optimizer is not None and scaler is not None:
+        raise AugLocalError("training_step(optimizer=..., scaler=...): a GradScaler steps once per update; "
+                            "pass optimizer=None and call scaler.step(opt) after the step")
     loss_fn = loss_fn or F.cross_entropy
     amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else nullcontext())
@@ -70,6 +81,10 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
         with record_function("auglocal.backward"):
             # frees this unit's graph before the next unit runs
             (loss if scaler is None else scaler.scale(loss)).backward()
+        if optimizer is not None:
+            with record_function("auglocal.optimizer"):
+                optimizer.step()  # only this unit's parameters hold gradients now
+                optimizer.zero_grad(set_to_none=True)
         # kept as tensors: .item() here would make a GPU wait for every block in turn
         losses.append(loss.detach().float())
         accs.append(_accuracy(logits.detach(), target))

@@ -102,7 +102,8 @@ class AugLocalNet(nn.Module):
 
     def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
                       autocast_dtype: torch.dtype | None = None, units=None,
-                      scaler: torch.amp.GradScaler | None = None) -> StepOutput:
+                      scaler: torch.amp.GradScaler | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
 
         ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too.
@@ -110,11 +111,14 @@ class AugLocalNet(nn.Module):
         under autocast and every backward outside it. ``scaler`` (a ``torch.amp.GradScaler``, for
         float16) scales each unit's loss before its backward; the losses returned are unscaled, and
         the caller runs ``scaler.step(opt); scaler.update()``. ``units`` replaces ``local_units()``,
-        e.g. with DDP-wrapped units.
+        e.g. with DDP-wrapped units. ``optimizer``: stepped after each unit's backward, its gradients
+        freed at once (at most one unit's gradients alive); the updates equal one ``optimizer.step()``
+        after the step for per-parameter optimizers (SGD, Adam, AdamW), and you then call only your
+        scheduler.
         """
         self._check_size(tuple(x.shape[1:]))
         units = self.local_units() if units is None else units
-        return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler)
+        return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler, optimizer)
 
     def _check_size(self, size: tuple) -> None:
         """Before the first step at an input size other than the plan's, run every unit on fake

@@ -97,6 +97,9 @@ class OptimizerSection:
     nesterov: bool = True  # sgd
     weight_decay: float = field(default=1e-4, metadata=_at_least(0))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    # step each unit's parameters right after its backward and free its gradients (same updates,
+    # at most one unit's gradients alive); false: one step after the whole training step
+    per_unit: bool = True
 
 
 @dataclass

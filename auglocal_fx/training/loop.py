@@ -134,7 +134,9 @@ class Trainer:
         try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
             for step, (x, y) in enumerate(r.train_loader, 1):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                out = net.training_step(x, y, units=self.units, **self.amp)
+                # per unit: the optimizer steps inside, after each unit's backward (its step below is a no-op)
+                per_unit = dict(optimizer=r.optimizer) if self.recipe.optimizer.per_unit else {}
+                out = net.training_step(x, y, units=self.units, **self.amp, **per_unit)
                 n = len(y)
                 correct = (out.logits.argmax(1) == y).sum().item()
                 vals = all_reduce_sum([v * n for v in [*out.local_losses, out.loss]] + [correct, n], env)
