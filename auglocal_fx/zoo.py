@@ -147,16 +147,17 @@ def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
 
 def _check_memory(model: nn.Module, plan) -> None:
     """Refuse, in one line, a model whose check would not fit in memory, before building its aux
-    nets: weights and gradients of the backbone and of every aux net's copies, and the float64
-    copy the ONNX check runs (640M-parameter models need over 30 GiB)."""
+    nets: the weights of the backbone and of every aux net's copies, plus the larger of the
+    largest unit's gradients (per-unit steps) and the float64 copy the ONNX check runs."""
     backbone = sum(p.numel() for p in model.parameters())
-    aux = sum(sum(plan.layers[j].params for j in r.selected_layers) + plan.head.params for r in plan.aux)
-    # the peak: weights + gradients in the training step, or weights + the float64 copy in the export
-    need, have = max(8 * (backbone + aux), 4 * (backbone + aux) + 8 * backbone), available_memory()
+    aux = [sum(plan.layers[j].params for j in r.selected_layers) + plan.head.params for r in plan.aux]
+    units = [plan.block_sum(b, "params") + (aux[b.index] if b.index < len(aux) else plan.head.params)
+             for b in plan.blocks]
+    need, have = 4 * (backbone + sum(aux)) + max(4 * max(units), 8 * backbone), available_memory()
     if have is not None and need > have:
-        raise AugLocalError(f"needs about {need / 2**30:.0f} GiB (weights and gradients of {backbone / 1e6:.0f}M "
-                            f"backbone and {aux / 1e6:.0f}M aux-net parameters, or their weights and a float64 "
-                            f"copy for the ONNX check), more than the {have / 2**30:.0f} GiB available")
+        raise AugLocalError(f"needs about {need / 2**30:.0f} GiB (weights of {backbone / 1e6:.0f}M backbone and "
+                            f"{sum(aux) / 1e6:.0f}M aux-net parameters, a float64 copy for the ONNX check), more "
+                            f"than the {have / 2**30:.0f} GiB available")
 
 
 def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, source: str = "timm") -> ZooResult:
@@ -197,22 +198,28 @@ def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, so
         stage = "train"
         net.train()
         model.zero_grad(set_to_none=True)
-        step = net.training_step(x, y)
+        # per-unit optimizer steps (at most one unit's gradients alive: 640M-parameter models fit);
+        # which parameters got a gradient is recorded as it accumulates, before the step frees it
+        got: set[int] = set()
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: got.add(id(p))) for p in net.parameters()]
+        try:  # the step also moves the weights before the export (zero-init heads included)
+            step = net.training_step(x, y, optimizer=torch.optim.SGD(net.parameters(), lr=1e-3, foreach=False))
+        finally:
+            for h in hooks:
+                h.remove()
         losses = [step.loss, *step.local_losses]
         if not all(v == v and abs(v) != float("inf") for v in losses):
             raise AugLocalError(f"non-finite loss {losses}")
-        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n for n, p in model.named_parameters() if id(p) in got}
         missing = sorted(trained_by_bp - grads)
         if missing:
             raise AugLocalError(f"{len(missing)} parameters get no gradient, e.g. {missing[0]}")
-        aux_missing = [n for n, p in net.aux.named_parameters() if p.grad is None]
+        aux_missing = [n for n, p in net.aux.named_parameters() if id(p) not in got]
         if aux_missing:
             raise AugLocalError(f"{len(aux_missing)} aux-net parameters get no gradient, e.g. {aux_missing[0]}")
         result.passed.append(stage)
 
         stage = "onnx"
-        torch.optim.SGD(net.parameters(), lr=1e-3, foreach=False).step()  # trained weights (zero-init heads move)
-        net.zero_grad(set_to_none=True)  # the export check's float64 copy needs the room
         with tempfile.TemporaryDirectory() as tmp:
             report = export_onnx(net, Path(tmp) / f"{name}.onnx", atol=ONNX_ATOL)
         result.onnx_diff = report.max_abs_diff / report.tolerance_scale  # relative above magnitude 1
