@@ -92,3 +92,16 @@ def test_granularity(capsys):
     rows = _json_run(capsys, "granularity", ["resnet20_cifar"])
     assert rows == [{"model": "resnet20_cifar", "layers": 10, "repeated_blocks": 9, "widest_cut": 1, "why": ""}]
     assert _tool("granularity").main(["no_such_model"]) == 2
+
+
+def test_bench_total_memory(capsys):
+    res = _json_run(capsys, "bench_total_memory", ["--model", "resnet20_cifar", "--blocks", "4", "--batch", "4",
+                                                   "--size", "32", "--threads", "1"])
+    (setting,) = res["settings"]
+    rows = setting["rows"]
+    assert set(rows) == {"bp", "dgl", "auglocal", "auglocal (one step at the end)"}
+    for r in rows.values():
+        assert r["measured"] >= r["base"] > 0
+    per_unit, at_end = rows["auglocal"]["estimate"], rows["auglocal (one step at the end)"]["estimate"]
+    assert per_unit["gradients"] < at_end["gradients"] and per_unit["weights"] == at_end["weights"]
+    assert rows["bp"]["estimate"]["total"] > 0 and rows["dgl"]["estimate"]["total"] is None

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -41,7 +41,7 @@ def _rss() -> int:
 
 
 def _child(model_name: str, blocks: int, size: int, batch: int, rule: str, per_unit: bool, device: str,
-           threads: int, queue) -> None:
+           threads: int) -> dict:
     import torch
 
     from auglocal_fx import to_auglocal
@@ -64,7 +64,7 @@ def _child(model_name: str, blocks: int, size: int, batch: int, rule: str, per_u
         opt.step()
         opt.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated() if device == "cuda" else _rss()
-    queue.put({"measured": measured, "base": base, "estimate": _estimate(net, batch, per_unit)})
+    return {"measured": measured, "base": base, "estimate": _estimate(net, batch, per_unit)}
 
 
 def _estimate(net, batch: int, per_unit: bool) -> dict:
@@ -84,14 +84,13 @@ def _estimate(net, batch: int, per_unit: bool) -> dict:
 
 
 def run(model: str, blocks: int, size: int, batch: int, rule: str, per_unit: bool, device: str, threads: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(model, blocks, size, batch, rule, per_unit, device, threads, queue))
-    proc.start()
-    try:
-        return queue.get(timeout=3600)
-    finally:
-        proc.join(10)
+    """One measurement in a fresh interpreter (this file with ``--child``), so no run's peak or
+    allocator state leaks into another's."""
+    spec = json.dumps([model, blocks, size, batch, rule, per_unit, device, threads])
+    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"measuring {rule} at batch {batch} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -102,14 +101,22 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", metavar="PATH", help="also write the figures here")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of the table")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, in the process run() starts
     args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(*json.loads(args.child))))
+        return 0
     settings = [(args.model, args.blocks, args.size, tuple(args.batch))] if args.model else SETTINGS
     results = []
     for model, k, size, batches in settings:
         for batch in batches:
             rows = {label: run(model, k, size, batch, rule, per_unit, args.device, args.threads)
                     for label, rule, per_unit in RULES}
+            results.append({"model": model, "blocks": k, "size": size, "batch": batch, "rows": rows,
+                            "crossover": None})
+            if args.json:
+                continue
             bp = rows["bp"]
             print(f"{model} K={k} {size}px batch {batch} ({args.device}; process before the model: "
                   f"{bp['base'] / 2**20:.0f} MiB)")
@@ -121,27 +128,30 @@ def main(argv=None) -> int:
                 own, bp_own = r["measured"] - r["base"], bp["measured"] - bp["base"]
                 print(f"  {label:32s} measured {r['measured'] / 2**20:7.0f} MiB  x{r['measured'] / bp['measured']:.2f}"
                       f"  above imports {own / 2**20:6.0f} MiB  x{own / bp_own:.2f}   {est}")
-            results.append({"model": model, "blocks": k, "size": size, "batch": batch, "rows": rows})
-        _crossover(results, model)
+        crossover = _crossover(results, model)
+        for r in results:
+            r["crossover"] = crossover if r["model"] == model else r["crossover"]
+        if not args.json:
+            print(f"  crossover (estimate): auglocal's total falls below bp's from batch {crossover}"
+                  if crossover else "  crossover: none (auglocal's activations per sample are not below bp's)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps({"settings": results}, indent=1))
     return 0
 
 
-def _crossover(results: list[dict], model: str) -> None:
+def _crossover(results: list[dict], model: str) -> int | None:
     """The smallest batch at which auglocal's estimated total is below bp's (from the plan's
-    per-sample figures: fixed bytes + batch x per-sample bytes, for each rule)."""
-    r = next((x for x in results if x["model"] == model), None)
-    if r is None:
-        return
+    figures: fixed bytes + batch x per-sample bytes, for each rule); None if never."""
+    r = next(x for x in results if x["model"] == model)
     a, b = r["rows"]["auglocal"]["estimate"], r["rows"]["bp"]["estimate"]
-    fixed = lambda e: e["weights"] + e["gradients"] + e["optimizer"]  # noqa: E731
+
+    def fixed(e):
+        return e["weights"] + e["gradients"] + e["optimizer"]
+
     per_a, per_b = a["activations"] / r["batch"], b["activations"] / r["batch"]
     if per_a >= per_b:
-        print("  crossover: none (auglocal's activations per sample are not below bp's)")
-        return
-    batch = max(1, int((fixed(a) - fixed(b)) / (per_b - per_a)) + 1)
-    print(f"  crossover (estimate): auglocal's total falls below bp's from batch {batch}")
+        return None
+    return max(1, int((fixed(a) - fixed(b)) / (per_b - per_a)) + 1)
 
 
 if __name__ == "__main__":
