@@ -9,7 +9,10 @@ blocks, whatever the matcher said; what the stage runs outside them (a downsampl
 transition) joins the nearest block before it (the first block for what comes first). Groups
 whose boundary is not a valid cut are merged, and the reason is kept as a note; groups without
 parameters, or with only normalisation parameters, join the group before them. The head is what
-follows the last layer (pooling, norm, classifier).
+follows the last layer (pooling, norm, classifier); layers on flat vectors after the last layer on
+a feature map or tokens (a classifier MLP) belong to it. A repeated container with no repeated
+blocks inside (a ``Sequential(LayerNorm, Linear, GELU, Linear)`` block) is one group.
+``find_layers(patterns=...)`` replaces all of this with the user's module-path globs.
 """
 
 from __future__ import annotations
