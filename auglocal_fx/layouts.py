@@ -9,6 +9,7 @@ drop-path) are looked through. Nothing decisive: channels first, as timm's and t
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import deque
 
@@ -51,16 +52,9 @@ def _reshaped(map_shape: tuple, other: tuple | None) -> str | None:
     if other is None or len(other) < 3 or other == map_shape:
         return None
     n = map_shape
-    last = other[-1] == n[-1] and _prod(other[1:-1]) == n[1] * n[2]
-    first = other[1] == n[1] and _prod(other[2:]) == n[2] * n[3]
+    last = other[-1] == n[-1] and math.prod(other[1:-1]) == n[1] * n[2]
+    first = other[1] == n[1] and math.prod(other[2:]) == n[2] * n[3]
     return CHANNELS_LAST if last and not first else CHANNELS_FIRST if first and not last else None
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
 
 
 def _reads(gm: fx.GraphModule, user: fx.Node, t: fx.Node) -> str | None:

@@ -42,6 +42,7 @@ class AugLocalNet(nn.Module):
         self.aux = nn.ModuleList(aux)
         self.plan = plan
         self.options = dict(options)
+        self._sizes_checked = {tuple(plan.config.input_size)}  # input sizes the units are known to run at
 
     # -- inference -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -124,10 +125,9 @@ class AugLocalNet(nn.Module):
         """Before the first step at an input size other than the plan's, run every unit on fake
         tensors at that size: it either works (adapters scale as the backbone does) or fails now in
         one line naming the planned size, not with a RuntimeError inside some aux net."""
-        checked = self.__dict__.setdefault("_sizes_checked", {tuple(self.plan.config.input_size)})
-        if size not in checked:
+        if size not in self._sizes_checked:
             check_units(self, size)
-            checked.add(size)
+            self._sizes_checked.add(size)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:

@@ -159,7 +159,7 @@ def _check_aux_logits(model: nn.Module) -> None:
                             "(aux_logits=False, init_weights=True)")
 
 
-def _candidates(graph: fx.Graph, value) -> dict | None:
+def _candidates(value) -> dict | None:
     """What a non-tensor output holds, by name or index: a dict's items, a (named) tuple's
     elements, a dataclass's fields (fx records its construction as one call); None for a tensor."""
     if isinstance(value, dict):
@@ -180,7 +180,7 @@ def select_output(graph: fx.Graph, output: str | int | None, model_name: str = "
     there is one, else the first tensor). Returns ``(chosen, note)``; both None when the graph
     already returns a single value and ``output`` is None."""
     node = next(n for n in graph.nodes if n.op == "output")
-    items = _candidates(graph, node.args[0])
+    items = _candidates(node.args[0])
     if items is None:
         if output is not None:
             raise AugLocalError.bad_value("output", output, f"picks from a model output with several values, "
