@@ -14,6 +14,7 @@ from torch.profiler import record_function
 
 from .bundles import Bundle, call, detach
 from .errors import AugLocalError
+from .recompute import run_maybe_recomputed
 
 __all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
 
@@ -32,18 +33,20 @@ class LocalUnit(nn.Module):
     """One gradient-isolated unit: a block and the net its loss is computed on (aux net or head).
 
     ``unit(h)`` (``unit(*h)`` for a bundle) returns ``(block output, logits)``; the caller detaches
-    the output before it feeds the next unit.
+    the output before it feeds the next unit. ``recompute`` ("block" or "aux", see ``recompute.py``)
+    recomputes that part's forward during the unit's backward instead of saving its activations.
     """
 
-    def __init__(self, block: nn.Module, top: nn.Module):
+    def __init__(self, block: nn.Module, top: nn.Module, recompute: str = "none"):
         super().__init__()
-        self.block, self.top = block, top
+        self.block, self.top, self.recompute = block, top, recompute
 
     def forward(self, *h: torch.Tensor) -> tuple[Bundle, torch.Tensor]:
         with record_function("auglocal.block"):
-            out = self.block(*h)
+            out = run_maybe_recomputed(self.block, h, self.recompute == "block")
         with record_function("auglocal.top"):
-            return out, call(self.top, out)
+            args = out if isinstance(out, tuple) else (out,)
+            return out, run_maybe_recomputed(self.top, args, self.recompute == "aux")
 
 
 def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,

@@ -24,7 +24,8 @@ __all__ = ["to_auglocal", "load_auglocal"]
 
 _PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
                       "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE,
-                      "layers": None, "output": None}
+                      "layers": None, "output": None, "batch": 32,
+                      "recompute": "none", "aux_dtype": "float32"}
 
 
 def to_auglocal(
@@ -43,6 +44,9 @@ def to_auglocal(
     max_bundle: int = MAX_BUNDLE,
     layers=None,
     output: str | int | None = None,
+    batch: int = 32,
+    recompute: str = "none",
+    aux_dtype: str = "float32",
     plan: Plan | None = None,
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
@@ -53,7 +57,13 @@ def to_auglocal(
     on up to ``max_bundle`` tensors. ``layers`` (module-path globs, e.g. ``["encoder.layers.*"]``)
     names the layers when the automatic grouping gets them wrong. A model returning a dict, tuple
     or dataclass trains on (and ``net(x)`` returns) its ``output`` entry: a key, index or field name
-    (default ``"logits"``, else the first, with a note). Pass ``plan`` instead of the planning arguments to rebuild a
+    (default ``"logits"``, else the first, with a note). ``batch`` is the batch size the plan's
+    memory estimate assumes and ``balance="memory"`` minimises the peak at. Two options lower the
+    memory of training (both off by default, faithful to the method): ``recompute="block"`` recomputes
+    each block's forward during its backward, so a block's activations and its aux net's are never
+    alive together (one more block forward per step); ``aux_dtype="bfloat16"`` holds the aux nets'
+    weights, gradients and optimizer state in bfloat16 (half their bytes; coarser aux updates).
+    Pass ``plan`` instead of the planning arguments to rebuild a
     net from a saved plan (no profiling). A plan's notes (e.g. far fewer layers than the model
     has blocks) are issued as ``AugLocalWarning``.
 
@@ -72,14 +82,15 @@ def to_auglocal(
             raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
-                          num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers, output=output)
+                          num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers, output=output,
+                          batch=batch, recompute=recompute, aux_dtype=aux_dtype)
         _check_head_classes(model, plan, num_classes)
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
     else:
         given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
                  "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle,
-                 "layers": layers, "output": output}
+                 "layers": layers, "output": output, "batch": batch, "recompute": recompute, "aux_dtype": aux_dtype}
         clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
         if clash:
             raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "

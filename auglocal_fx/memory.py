@@ -1,4 +1,5 @@
-"""Activation memory on any device: bytes of tensors saved for backward that are alive at once.
+"""Memory on any device: bytes of tensors saved for backward that are alive at once
+(``SavedTensorMeter``), and the allocator's peak over a piece of code (``allocated_peak``).
 
 Each saved tensor is counted once per storage (views share storage) from the moment autograd
 saves it until the graph that holds it is freed; ``peak`` is the maximum over the measured code.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SavedTensorMeter", "storage_key"]
+__all__ = ["SavedTensorMeter", "allocated_peak", "storage_key"]
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -38,10 +39,10 @@ class SavedTensorMeter:
         >>> meter.peak, meter.peak_all  # bytes: activations only; with saved weights too
     """
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), exclude_keys=()):
         self.current = self.peak = 0  # without excluded storages
         self.current_all = self.peak_all = 0  # everything saved
-        self._excluded = {storage_key(t) for t in exclude}
+        self._excluded = {storage_key(t) for t in exclude} | set(exclude_keys)  # keys: ``storage_key``
         self._refs: dict[int, list[int]] = {}  # storage key -> [refcount, nbytes]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
@@ -85,3 +86,33 @@ class SavedTensorMeter:
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
         return False
+
+
+def allocated_peak(fn, device: str = "cpu") -> int:
+    """Peak bytes live in PyTorch's allocator while ``fn()`` runs, beyond what was live before.
+
+    On a GPU, ``torch.cuda.max_memory_allocated``. On CPU, the running total the profiler records
+    with every allocation (``torch.profiler`` with ``profile_memory=True``; it counts only what is
+    allocated while it runs). Unlike ``SavedTensorMeter`` it sees everything: gradients in flight,
+    optimizer state, workspace, and tensors ``torch.utils.checkpoint`` recomputes (which it keeps
+    out of the saved-tensor hooks).
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            peak = max(peak, node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return peak

@@ -10,6 +10,7 @@ import types
 import torch
 from torch import nn
 
+from .aux_precision import hold_in
 from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
@@ -39,8 +40,9 @@ class AugLocalNet(nn.Module):
         self.model = model  # the backbone, trained in place
         self.blocks = nn.ModuleList(blocks)
         self.head = head
-        self.aux = nn.ModuleList(aux)
+        self.aux = nn.ModuleList(hold_in(a, plan.config.aux_dtype) for a in aux)  # aux_precision.py
         self.plan = plan
+        self.recompute = plan.config.recompute  # what each unit recomputes in its backward (recompute.py)
         self.options = dict(options)
         self._sizes_checked = {tuple(plan.config.input_size)}  # input sizes the units are known to run at
 
@@ -99,7 +101,7 @@ class AugLocalNet(nn.Module):
         its own backward, while the next block computes.
         """
         tops = list(self.aux) + [self.head]
-        return [LocalUnit(block, top) for block, top in zip(self.blocks, tops)]
+        return [LocalUnit(block, top, self.recompute) for block, top in zip(self.blocks, tops)]
 
     def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
                       autocast_dtype: torch.dtype | None = None, units=None,

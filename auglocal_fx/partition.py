@@ -19,10 +19,12 @@ from .plan import LayerInfo, Plan
 from .registry import Registry
 
 __all__ = ["Balance", "BALANCERS", "register_balance", "get_balance", "partition", "equal_counts",
-           "min_max_partition", "aux_act_bytes", "unit_act_bytes"]
+           "min_max_partition", "min_total_partition", "aux_act_bytes", "aux_params", "unit_act_bytes"]
 
 Extra = Callable[[int, int], float]  # (block index, its last layer) -> cost added to that block
 Split = Callable[[Sequence[float], int, Extra | None], list[list[int]]]
+# (block index, its first layer, its last layer) -> (bytes held all step, bytes held only while it runs)
+UnitCost = Callable[[int, int, int], tuple[float, float]]
 
 
 def equal_counts(n: int, k: int) -> list[list[int]]:
@@ -65,11 +67,52 @@ def min_max_partition(costs: Sequence[float], k: int, extra: Extra | None = None
     return blocks[::-1]
 
 
+def min_total_partition(n: int, k: int, unit: UnitCost) -> list[list[int]]:
+    """Exact contiguous split of ``n`` layers into ``k`` blocks minimising ``sum(held) + max(running)``,
+    where ``unit(j, first, last)`` gives block j's ``(held, running)`` bytes.
+
+    That is a training step's peak memory under block-wise training with per-unit optimizer steps:
+    every unit's weights and optimizer state are held all step (a sum), one unit's gradients and
+    activations at a time (a max). The two terms pull apart, so the DP keeps, per prefix, the Pareto
+    front of (sum, max) pairs rather than one best value.
+    """
+    # front[j][i]: non-dominated (held sum, running max, start of the last block, index in front[j-1][start])
+    front: list[list[list[tuple[float, float, int, int]]]] = [[[] for _ in range(n + 1)] for _ in range(k + 1)]
+    front[0][0] = [(0.0, 0.0, 0, 0)]
+    for j in range(1, k + 1):
+        for i in range(j, n - (k - j) + 1):
+            cands = []
+            for s in range(j - 1, i):
+                if not front[j - 1][s]:
+                    continue
+                held, running = unit(j - 1, s, i - 1)
+                cands += [(h + held, max(r, running), s, x) for x, (h, r, _, _) in enumerate(front[j - 1][s])]
+            front[j][i] = _pareto(cands)
+    best = min(range(len(front[k][n])), key=lambda x: sum(front[k][n][x][:2]))
+    blocks, i, j, x = [], n, k, best
+    while j > 0:
+        _, _, s, x = front[j][i][x]
+        blocks.append(list(range(s, i)))
+        i, j = s, j - 1
+    return blocks[::-1]
+
+
+def _pareto(cands: list[tuple[float, float, int, int]]) -> list[tuple[float, float, int, int]]:
+    """The candidates no other beats on both the sum and the max (ties: the first kept)."""
+    out: list[tuple[float, float, int, int]] = []
+    for c in sorted(cands, key=lambda c: (c[0], c[1])):
+        if not out or c[1] < out[-1][1]:
+            out.append(c)
+    return out
+
+
 @dataclass(frozen=True)
 class Balance:
     """A balance policy: the cost of one layer, and how blocks are cut from the costs.
 
     ``weighs_aux``: a block's cost also counts its aux net's (``extra``), as activation memory must.
+    ``split_units``: given a whole-unit cost model (``UnitCost``: what a block and its aux net hold
+    all step and while they run), the planner calls this instead of ``split``.
     """
 
     name: str
@@ -77,6 +120,7 @@ class Balance:
     layer_cost: Callable[[LayerInfo], float]
     split: Split
     weighs_aux: bool = False
+    split_units: Callable[[int, int, UnitCost], list[list[int]]] | None = None
 
 
 BALANCERS: Registry[Balance] = Registry("balance", "a balance")
@@ -96,8 +140,10 @@ register_balance(Balance("layers", "equal layer counts (the paper)", lambda laye
                          lambda costs, k, extra=None: equal_counts(len(costs), k)))
 register_balance(Balance("flops", "minimise the largest block's forward FLOPs", lambda layer: layer.flops,
                          min_max_partition))
-register_balance(Balance("memory", "minimise the largest block + aux net activation memory",
-                         lambda layer: layer.act_bytes + layer.carried_bytes, min_max_partition, weighs_aux=True))
+register_balance(Balance("memory", "minimise the step's peak memory: weights + optimizer state of every "
+                         "unit, and the largest unit's gradients + activations at the plan's batch",
+                         lambda layer: layer.act_bytes + layer.carried_bytes, min_max_partition, weighs_aux=True,
+                         split_units=min_total_partition))
 
 
 def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Extra | None = None) -> list[list[int]]:
@@ -131,14 +177,35 @@ def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected:
     return total + sum(layers[j].act_bytes for j in selected)
 
 
+def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int]) -> int:
+    """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
+    profiled, plus a 1x1 conv (or linear) and norm per adapter where the channels change."""
+    total, bundle = head.params, layers[last].bundle
+    for j in [*selected, len(layers)]:
+        into = layers[j - 1].bundle
+        if into != bundle:
+            total += sum(_adapter_params(a, b) for a, b in zip(bundle[-len(into):], into))
+        bundle = layers[j].bundle if j < len(layers) else into
+    return total + sum(layers[j].params for j in selected)
+
+
+def _adapter_params(src: list[int], dst: list[int]) -> int:
+    """A (C, H, W) map's 1x1 conv + norm, or a (T, D) sequence's linear, where the channels change."""
+    c, c2 = (src[0] if len(src) == 3 else src[-1] if src else 0), (dst[0] if len(dst) == 3 else dst[-1] if dst else 0)
+    if c == c2:
+        return 0
+    return c * c2 + (2 * c2 if len(dst) == 3 else c2)
+
+
 def unit_act_bytes(plan: Plan) -> list[int]:
     """Estimated activation bytes per sample alive at each block's peak: block + aux net (the last:
     block + head). Under block-wise training the largest of these is the step's activation peak."""
     out = []
     for b in plan.blocks:  # skips riding along into the block are held while it runs
         own = plan.block_sum(b, "act_bytes") + plan.layers[b.layers[0]].carried_bytes
-        if b.index < len(plan.aux):
-            own += aux_act_bytes(plan.layers, plan.head, b.layers[-1], plan.aux[b.index].selected_layers)
+        if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
+            recipe = plan.aux[b.index]
+            own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers)
         else:
             own += plan.head.act_bytes
         out.append(own)

@@ -72,6 +72,7 @@ class AuxRecipe:
     adapters: list[str] = field(default_factory=list)  # filled when the aux net is built
     params: int = 0
     flops: int = 0  # forward FLOPs for one sample
+    act_bytes: int = 0  # bytes saved for backward, one sample (filled when built)
 
 
 @dataclass
@@ -88,6 +89,9 @@ class PlanConfig:
     max_bundle: int = 8  # the most tensors a cut may hand on (cuts.MAX_BUNDLE)
     layers: list[str] | None = None  # module-path globs naming the layers; None: automatic grouping
     output: str | int | None = None  # the entry of a dict / tuple / dataclass output that trains; None: a tensor
+    batch: int = 32  # the batch the memory estimate (and balance="memory") assumes; auglocal-train: the recipe's
+    recompute: str = "none"  # what each unit recomputes in its backward: "none", "block", "aux" (recompute.py)
+    aux_dtype: str = "float32"  # the aux nets' weights, gradients and optimizer state: "float32", "bfloat16"
 
 
 @dataclass
@@ -119,11 +123,16 @@ class Plan:
         except (KeyError, TypeError) as exc:
             raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from exc
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_json(self, memory: dict | None = None) -> str:
+        """JSON of ``to_dict()``; with ``memory`` (``footprint.memory_summary``) under that key too
+        (derived: ``from_dict`` ignores it)."""
+        return json.dumps(self._document(memory), indent=2)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, memory: dict | None = None) -> str:
+        return yaml.safe_dump(self._document(memory), sort_keys=False)
+
+    def _document(self, memory: dict | None) -> dict:
+        return self.to_dict() if memory is None else {**self.to_dict(), "memory": memory}
 
     @classmethod
     def from_yaml(cls, text: str) -> Plan:
@@ -155,8 +164,9 @@ class Plan:
         return len(self.layers)
 
     # -- display --------------------------------------------------------------------------------
-    def table(self):
-        """A ``rich`` renderable: one row per block, with its aux recipe."""
+    def table(self, memory: dict | None = None):
+        """A ``rich`` renderable: one row per block, with its aux recipe; with ``memory``
+        (``footprint.memory_summary``) also each unit's bytes and the step's estimated peak."""
         c = self.config
         title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
                  f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "
@@ -168,11 +178,19 @@ class Plan:
                           ("aux depth", "right"), ("aux copies", "left"), ("adapters", "left"),
                           ("aux params", "right"), ("aux MFLOPs", "right")]:
             t.add_column(col, justify=just)
-        for b in self.blocks:
+        units = memory["units"] if memory else [None] * len(self.blocks)
+        if memory:
+            t.add_column("unit act MiB", justify="right")
+            t.add_column("w+g+opt MiB", justify="right")
+            t.caption, t.caption_justify = _memory_caption(memory), "left"
+        for b, unit in zip(self.blocks, units):
             first, last = self.layers[b.layers[0]], self.layers[b.layers[-1]]
             span = f"{b.layers[0]}" if len(b.layers) == 1 else f"{b.layers[0]}-{b.layers[-1]}"
             names = first.name if first is last else f"{first.name} .. {last.name}"
             aux = self.aux_for(b.index)
+            extra = [] if unit is None else [
+                f"{unit['act_per_sample'] / 2**20:,.2f}",
+                f"{(unit['weights'] + unit['gradients'] + unit['optimizer']) / 2**20:,.0f}"]
             t.add_row(
                 str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)), str(last.tensors),
                 _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
@@ -180,14 +198,32 @@ class Plan:
                 str(aux.depth) if aux else "-",
                 (", ".join(map(str, aux.selected_layers)) or "head only") if aux else "final head",
                 ", ".join(aux.adapters) if aux and aux.adapters else "",
-                _si(aux.params) if aux else "", f"{aux.flops / 1e6:,.1f}" if aux else "",
+                _si(aux.params) if aux else "", f"{aux.flops / 1e6:,.1f}" if aux else "", *extra,
             )
         h = self.head
         t.add_section()
         t.add_row("head", h.name if h.name != "head" else "(pooling, classifier)",
                   "x".join(map(str, h.out_shape)), "", _si(h.params), f"{h.flops / 1e6:,.1f}",
-                  f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "")
+                  f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "", *([""] * (2 * bool(memory))))
         return t
+
+
+def _memory_caption(m: dict) -> str:
+    """The estimated peak of a training step, in one sentence under the table."""
+    t = m["total"]
+    text = (f"Estimated peak of a training step at batch {m['batch']} ({m['assumes']}): "
+            f"{_bytes(t['total'])} = weights {_bytes(t['weights'])} + optimizer {_bytes(t['optimizer'])} "
+            f"+ gradients {_bytes(t['gradients'])} (one unit's) + activations {_bytes(t['activations'])} "
+            f"(the largest unit's); bp {_bytes(m['bp_total'])} ({t['total'] / m['bp_total']:.2f}x).")
+    if len(m["units"]) > 1:
+        c = m["crossover_batch"]
+        text += (f" Below bp's from batch {c}." if c else " Never below bp's: the aux nets' activations per sample "
+                 "are not smaller than the backbone's.")
+    return text
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _si(n: int) -> str:

@@ -7,6 +7,7 @@ planning arguments, and turns the traced graph into the plain figures the plan c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -16,15 +17,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .aux_precision import check_aux_dtype
 from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_none, is_tensor, live_sets, shape_read
 from .errors import AugLocalError
+from .footprint import unit_bytes
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .layouts import CHANNELS_LAST, layout_of
 from .models import default_input_size, registered_name
 from .modes import eval_mode
-from .partition import Extra, aux_act_bytes, get_balance
+from .partition import Extra, UnitCost, aux_act_bytes, aux_params, get_balance
 from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig, is_size_kind
 from .profiler import profile_graph
+from .recompute import check_recompute
 from .rules import Rule, get_rule
 from .selection import TAILS, apply_tail, pyramid_depths, select_layers
 from .trace import trace
@@ -185,16 +189,55 @@ def _aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth:
                tail: str) -> Extra:
     """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
     block that trains with the model's head, the head) holds alive beside the block's own activations."""
+    aux = _aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True)
+    return lambda j, last: aux(j, last)[1]
+
+
+def _aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
+                 tail: str, copies: bool):
+    """``(j, last) -> (params, activation bytes per sample)`` of what block j trains with beside its
+    own layers: its aux net (estimated from the copies; nothing for a rule whose aux nets copy no
+    layers) or, for the block that trains with the model's head, the head. Memoised."""
     kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))  # blocks left after the tail
     depths = pyramid_depths(kept - 1, aux_depth, pyramid)
     n = len(layers)
 
-    def extra(j: int, last: int) -> float:
+    @functools.cache
+    def figures(j: int, last: int) -> tuple[int, int]:
         if j >= kept - 1:  # merged into (or is) the last block, trained by the model's head
-            return head.act_bytes if j == blocks - 1 else 0.0
-        return aux_act_bytes(layers, head, last, select_layers(last, n, depths[j]))
+            return (head.params, head.act_bytes) if j == blocks - 1 else (0, 0)
+        if not copies:
+            return 0, 0
+        selected = select_layers(last, n, depths[j])
+        return aux_params(layers, head, last, selected), aux_act_bytes(layers, head, last, selected)
 
-    return extra
+    return figures
+
+
+def _unit_cost(layers: list[LayerInfo], aux, batch: int, has_aux, **options) -> UnitCost:
+    """``(j, first, last) -> (held, running)`` bytes of block j over layers first..last with its aux
+    net, by ``footprint.unit_bytes``: weights and optimizer state held all step; gradients and
+    ``batch`` samples of activations while the unit runs (per-unit optimizer steps)."""
+    params, acts = [0], [0]
+    for x in layers:
+        params.append(params[-1] + x.params)
+        acts.append(acts[-1] + x.act_bytes)
+
+    def unit(j: int, first: int, last: int) -> tuple[float, float]:
+        aux_p, aux_a = aux(j, last)
+        own_p = params[last + 1] - params[first]
+        own_a = acts[last + 1] - acts[first] + layers[first].carried_bytes
+        opts = options if has_aux(j) else {**options, "aux_dtype": "float32"}  # the head is the model's
+        weights, opt, running = unit_bytes(own_p + aux_p, aux_p if has_aux(j) else 0, own_a, aux_a, batch, **opts)
+        return weights + opt, running
+
+    return unit
+
+
+def _check_batch(batch) -> int:
+    if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+        raise AugLocalError.bad_value("batch", batch, "is not a batch size: give an integer >= 1")
+    return int(batch)
 
 
 def _check_planning(aux_depth, pyramid, tail) -> float:
@@ -223,6 +266,9 @@ def build_plan(
     max_bundle: int = MAX_BUNDLE,
     layers=None,
     output: str | int | None = None,
+    batch: int = 32,
+    recompute: str = "none",
+    aux_dtype: str = "float32",
     analysis: Analysis | None = None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
@@ -231,6 +277,9 @@ def build_plan(
     patch tokens, a CSP partial branch, U-Net skips). Pass ``analysis`` (from ``analyze_model``)
     to plan the same model several ways without tracing it again. ``layers`` (module-path globs
     such as ``["stem", "blocks.*"]``) names the layers when the automatic grouping gets them wrong.
+    ``batch`` is the batch size the memory estimate assumes, and ``balance="memory"`` minimises
+    the step's peak at (``footprint.estimate_footprint``), for the net's ``recompute`` and
+    ``aux_dtype`` (``AugLocalNet``).
 
     Example:
         >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
@@ -238,6 +287,7 @@ def build_plan(
         (17, 16, 15)
     """
     tau = _check_planning(aux_depth, pyramid, tail)
+    batch, recompute, aux_dtype = _check_batch(batch), check_recompute(recompute), check_aux_dtype(aux_dtype)
     policy, kind = get_balance(balance), get_rule(rule)
     a = analysis or analyze_model(model, input_size, max_bundle, layers, output)
     patterns = list(layers) if layers is not None else None
@@ -252,15 +302,21 @@ def build_plan(
     if not 1 <= blocks <= n:
         raise AugLocalError.bad_value("blocks", blocks, f"is out of range for {name} (it has {n} layers): "
                                       f"use 1..{n}")
-    # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
-    extra = (_aux_extra(layers, head, blocks, aux_depth, tau, tail)
-             if policy.weighs_aux and kind.copies_layers else None)
-    costs = [policy.layer_cost(x) for x in layers]
-    groups = apply_tail(policy.split(costs, blocks, extra), aux_depth, tail)
+    if policy.split_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
+        aux = _aux_figures(layers, head, blocks, aux_depth, tau, tail, copies=kind.copies_layers)
+        kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))
+        unit = _unit_cost(layers, aux, batch, lambda j: j < kept - 1, recompute=recompute, aux_dtype=aux_dtype)
+        groups = policy.split_units(n, blocks, unit)
+    else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
+        extra = (_aux_extra(layers, head, blocks, aux_depth, tau, tail)
+                 if policy.weighs_aux and kind.copies_layers else None)
+        groups = policy.split([policy.layer_cost(x) for x in layers], blocks, extra)
+    groups = apply_tail(groups, aux_depth, tail)
     aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind)
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
                         tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
-                        max_bundle=a.max_bundle, layers=patterns, output=a.output)
+                        max_bundle=a.max_bundle, layers=patterns, output=a.output, batch=batch,
+                        recompute=recompute, aux_dtype=aux_dtype)
     notes = a.output_notes + _granularity_notes(name, model, a)
     return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
 

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import AugLocalError, first_line
 from .memory import storage_key
 
-__all__ = ["profile_graph"]
+__all__ = ["profile_graph", "fake_state"]
 
 
 class _Profiler(ShapeProp):
@@ -74,7 +74,7 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor, fake: bool = True):
     profiler = _Profiler(gm)
     if fake:
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, _fake_state(gm, mode) as resident:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, fake_state(gm, mode) as resident:
                 profiler.resident = resident
                 return _run(profiler, mode.from_tensor(example))
         except RuntimeError:  # what ShapeProp raises for any failing node: the real run reports it
@@ -101,7 +101,7 @@ def _run(profiler: _Profiler, example: torch.Tensor):
 
 
 @contextmanager
-def _fake_state(gm: fx.GraphModule, mode: FakeTensorMode):
+def fake_state(gm: fx.GraphModule, mode: FakeTensorMode):
     """Swap every parameter and buffer of ``gm`` for a fake one (tied ones stay tied) while the
     graph runs; yields the fakes' storage keys, which the profiler leaves out of ``saved``."""
     slots = [(store, name, t) for m in gm.modules() for store in (m._parameters, m._buffers)

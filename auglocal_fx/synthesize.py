@@ -1,7 +1,8 @@
 """Pass 4b — synthesize: build every block's aux net from the plan, with the plan's rule.
 
 The rule (``rules/``) builds the module; this pass initialises it (``AUX_INITS``), and records
-in the plan's aux recipes what was built: adapters, parameter count and forward FLOPs.
+in the plan's aux recipes what was built: adapters, parameter count, forward FLOPs and the bytes
+it saves for backward.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Adapter, norm2d_like
 from .bundles import Chain, PickLast
+from .memory import SavedTensorMeter
 from .modes import eval_mode
+from .partition import aux_act_bytes
 from .plan import AuxRecipe, Plan
+from .profiler import fake_state
 from .registry import Registry
 from .rules import AuxContext, get_rule
 
@@ -56,7 +60,12 @@ def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_
             aux = Chain(PickLast(), aux)  # a head of its own takes the bundle's newest tensor
         recipe.adapters = [m.summary for m in aux.modules() if isinstance(m, Adapter)]
         recipe.params = sum(p.numel() for p in aux.parameters())
-        recipe.flops = _copied_flops(aux, recipe, plan) if rule.copies_layers else _flops(aux, _in_shape(plan, recipe))
+        if rule.copies_layers:  # copies save what the profiled layers do
+            recipe.flops = _copied_flops(aux, recipe, plan)
+            recipe.act_bytes = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
+                                             recipe.selected_layers)
+        else:
+            recipe.flops, recipe.act_bytes = _profile(aux, _in_shape(plan, recipe))
         nets.append(aux)
     return nets
 
@@ -73,12 +82,18 @@ def _copied_flops(aux: nn.Module, recipe: AuxRecipe, plan: Plan) -> int:
 
 
 def _flops(module: nn.Module, shape: list[int]) -> int:
-    """Forward FLOPs of ``module`` for one sample of ``shape`` (eval mode, so batch-norm can take 1).
+    return _profile(module, shape)[0]
+
+
+def _profile(module: nn.Module, shape: list[int]) -> tuple[int, int]:
+    """Forward FLOPs of ``module`` for one sample of ``shape``, and the bytes it saves for backward
+    (its own parameters left out; eval mode, so batch-norm can take one sample).
 
     Counted on fake tensors: shapes propagate and the counter sees every op, but nothing is
     computed (running real aux nets was most of ``to_auglocal``'s time).
     """
     counter = FlopCounterMode(display=False)
-    with eval_mode(module), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake, counter:
+    with (eval_mode(module), FakeTensorMode(allow_non_fake_inputs=True) as fake,
+          fake_state(module, fake) as resident, counter, SavedTensorMeter(exclude_keys=resident) as meter):
         module(fake.from_tensor(torch.zeros(1, *shape)))
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()), meter.peak

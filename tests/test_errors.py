@@ -183,6 +183,8 @@ CLI_CASES = [
      ["is also this command's input", "choose another output path"]),
     ("opset-out-of-range", export_main, lambda t, m: [str(_checkpoint(t)), "--out", str(t / "m.onnx"), "--opset", "26"],
      ["--opset 26 is out of range"]),
+    ("batch-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--batch", "0"],
+     ["--batch 0 is not a batch size: give an integer >= 1"]),
 ]
 
 

@@ -9,12 +9,15 @@ import warnings
 from rich.console import Console
 
 from ..atomic import atomic_write_text, check_output_path
+from ..aux_precision import AUX_DTYPES
 from ..compiler import to_auglocal
 from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalWarning, reword
+from ..footprint import memory_summary
 from ..models import create_model
 from ..partition import BALANCERS
 from ..planner import check_input_size
+from ..recompute import RECOMPUTE
 from ..rules import RULES
 from ..selection import TAILS
 from ..synthesize import AUX_INITS
@@ -24,7 +27,8 @@ PROG = "auglocal-convert"
 # the flag of each to_auglocal parameter, so library errors name what the user typed
 FLAGS = {"blocks": "--blocks", "aux_depth": "--aux-depth", "pyramid": "--pyramid", "balance": "--balance",
          "tail": "--tail", "rule": "--rule", "aux_init": "--aux-init", "input_size": "--input-size",
-         "num_classes": "--num-classes", "max_bundle": "--max-bundle", "layers": "--layers"}
+         "num_classes": "--num-classes", "max_bundle": "--max-bundle", "layers": "--layers", "batch": "--batch",
+         "recompute": "--recompute", "aux_dtype": "--aux-dtype"}
 
 
 def _listing(registry) -> str:
@@ -56,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
                    help=f"what trains each block ({_listing(RULES)})")
     p.add_argument("--aux-init", choices=AUX_INITS, default="fresh",
                    help="fresh: re-initialise copied layers (paper); copy: keep the backbone's weights")
+    p.add_argument("--batch", type=int, default=32,
+                   help="the batch size the memory estimate and --balance memory assume (default 32)")
+    p.add_argument("--recompute", choices=RECOMPUTE, default="none",
+                   help="lower memory: block recomputes each block's forward in its backward (one more block "
+                        "forward per step); none: the method as published")
+    p.add_argument("--aux-dtype", choices=list(AUX_DTYPES), default="float32",
+                   help="lower memory: bfloat16 holds aux nets' weights, gradients and optimizer state in half the bytes")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs the network)")
     p.add_argument("--format", choices=("table", "json", "yaml"), default="table", help="stdout format")
     p.add_argument("--out", help="also write the plan here (.json: JSON, else YAML)")
@@ -79,18 +90,20 @@ def _main(argv=None) -> int:
         net = to_auglocal(model, args.blocks, aux_depth=args.aux_depth, pyramid=args.pyramid,
                           balance=args.balance, tail=args.tail, aux_init=args.aux_init, rule=args.rule,
                           input_size=args.input_size, model_name=args.model, num_classes=args.num_classes,
-                          max_bundle=args.max_bundle, layers=args.layers)
+                          max_bundle=args.max_bundle, layers=args.layers, batch=args.batch,
+                          recompute=args.recompute, aux_dtype=args.aux_dtype)
     plan = net.plan
+    memory = memory_summary(plan)  # derived figures: printed and written beside the plan, not part of it
     for note in plan.notes:
         print(f"{PROG}: note: {reword(note, FLAGS)}", file=sys.stderr)
     if args.format == "json":
-        print(plan.to_json())
+        print(plan.to_json(memory))
     elif args.format == "yaml":
-        print(plan.to_yaml(), end="")
+        print(plan.to_yaml(memory), end="")
     else:
-        Console(width=max(Console().width, 170)).print(plan.table())
+        Console(width=max(Console().width, 190)).print(plan.table(memory))
     if args.out:
-        text = plan.to_json() + "\n" if args.out.endswith(".json") else plan.to_yaml()
+        text = plan.to_json(memory) + "\n" if args.out.endswith(".json") else plan.to_yaml(memory)
         atomic_write_text(args.out, text)
         err.print(f"wrote plan to {args.out}")
     if args.save:

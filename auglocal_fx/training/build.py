@@ -64,14 +64,15 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
     model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
     c = recipe.conversion
     size = (kwargs["in_chans"], data.size, data.size)
-    if plan is None:
+    batch = _per_rank(recipe.batch_size, env, "batch_size")
+    if plan is None:  # the memory estimate and balance=memory at the batch each process trains on
         net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance,
                           tail=c.tail, aux_init=c.aux_init, rule=c.rule, input_size=size,
-                          model_name=recipe.model.name, max_bundle=c.max_bundle, layers=c.layers)
+                          model_name=recipe.model.name, max_bundle=c.max_bundle, layers=c.layers,
+                          batch=batch, recompute=c.recompute, aux_dtype=c.aux_dtype)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets, no profiling
         net = to_auglocal(model, plan=plan, aux_init=c.aux_init)
     net.to(env.device)
-    batch = _per_rank(recipe.batch_size, env, "batch_size")
     eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")
     pin = env.device.type == "cuda"
     workers = recipe.data.num_workers

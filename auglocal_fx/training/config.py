@@ -18,9 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from ..aux_precision import AUX_DTYPES
 from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalError
 from ..partition import BALANCERS
+from ..recompute import RECOMPUTE
 from ..rules import RULES
 from ..selection import TAILS
 from ..synthesize import AUX_INITS
@@ -31,7 +33,8 @@ __all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides", 
 
 # How a recipe names the library's parameters, for errors the library raises while building a run
 RECIPE_KEYS = {name: f"recipe key conversion.{name} =" for name in
-               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle", "layers")}
+               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle", "layers",
+                "recompute", "aux_dtype")}
 
 
 def _choices(registry):
@@ -72,6 +75,8 @@ class ConversionSection:
     aux_init: str = field(default="fresh", metadata=_choices(AUX_INITS))
     max_bundle: int = field(default=MAX_BUNDLE, metadata=_at_least(1))  # the most tensors a cut may hand on
     layers: list[str] | None = None  # module-path globs naming the layers (to_auglocal's layers=)
+    recompute: str = field(default="none", metadata=_choices(RECOMPUTE))  # lower memory: recompute.py
+    aux_dtype: str = field(default="float32", metadata=_choices(AUX_DTYPES))  # lower memory: aux_precision.py
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""Aux nets held in a lower precision (``aux_dtype="bfloat16"``): their weights, gradients and
+optimizer state take half the bytes, which matters because the method's aux nets can hold several
+times the backbone's parameters (resnet50 K=16: 125M beside 23.5M).
+
+The aux net takes the block's float32 output cast to its dtype (the cast is differentiable, so the
+block still gets its gradient in float32) and hands float32 logits to the loss. Hooks, not a
+wrapper module, do the casts, so state-dict keys stay those of a float32 net. The cost is coarser
+aux updates: a bfloat16 weight keeps 8 bits of mantissa, and updates far below that are lost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import AugLocalError
+
+__all__ = ["AUX_DTYPES", "check_aux_dtype", "hold_in"]
+
+AUX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_aux_dtype(value) -> str:
+    if value not in AUX_DTYPES:
+        raise AugLocalError.bad_value("aux_dtype", value, f"is not an aux dtype; choose one of {', '.join(AUX_DTYPES)}")
+    return value
+
+
+def hold_in(aux: nn.Module, name: str) -> nn.Module:
+    """Cast ``aux``'s parameters and buffers to dtype ``name`` and make it take and give float32."""
+    dtype = AUX_DTYPES[name]
+    if dtype is torch.float32:
+        return aux
+    aux.to(dtype)
+
+    def cast_inputs(module, args):
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    def float_output(module, args, out):
+        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    aux.register_forward_pre_hook(cast_inputs)
+    aux.register_forward_hook(float_output)
+    return aux
