@@ -29,8 +29,8 @@ def _json_run(capsys, name: str, argv: list[str]) -> dict:
 
 
 def test_bench_memory(capsys):
-    res = _json_run(capsys, "bench_memory", ["--model", "resnet20_cifar", "--blocks", "4", "--batch", "4",
-                                             "--size", "32"])
+    res = _json_run(capsys, "bench_memory", ["--part", "activations", "--model", "resnet20_cifar", "--blocks", "4",
+                                             "--batch", "4", "--size", "32"])
     (setting,) = res["settings"]
     rules = setting["rules"]
     assert set(rules) == {"bp", "dgl", "auglocal", "auglocal/memory"}
@@ -42,10 +42,27 @@ def test_bench_memory(capsys):
     assert "estimate" not in rules["dgl"]
 
 
+def test_bench_memory_total(capsys):
+    rows = ["bp", "dgl", "auglocal", "auglocal, one step at the end", "auglocal, recompute=block"]
+    res = _json_run(capsys, "bench_memory", ["--part", "total", "--model", "resnet20_cifar", "--blocks", "4",
+                                             "--batch", "4", "--size", "32", "--threads", "1", "--rows", *rows])
+    (setting,) = res["total"]
+    got = setting["rows"]
+    assert list(got) == rows and setting["crossover"] is not None
+    for r in got.values():
+        assert r["rss"] >= r["base"] > 0 and r["allocated"] > 0 and r["estimate"]["total"] > 0
+    assert got["bp"]["allocated_ratio"] == got["bp"]["estimate_ratio"] == 1.0
+    per_unit, at_end = got["auglocal"]["estimate"], got["auglocal, one step at the end"]["estimate"]
+    assert per_unit["gradients"] < at_end["gradients"] and per_unit["weights"] == at_end["weights"]
+    assert got["auglocal"]["allocated"] <= got["auglocal, one step at the end"]["allocated"]
+
+
 def test_bench_speed(capsys):
     res = _json_run(capsys, "bench_speed", ["--model", "resnet20_cifar", "--blocks", "4", "--batch", "4",
-                                            "--size", "32", "--steps", "1", "--warmup", "0", "--profile"])
+                                            "--size", "32", "--steps", "1", "--warmup", "0", "--profile",
+                                            "--memory-options"])
     rules = res["rules"]
+    assert all(rules[f"auglocal+{o}"]["ratio_to_auglocal"] > 0 for o in ("recompute=block", "bf16 aux"))
     assert rules["bp"]["ratio_to_bp"] == 1.0 and rules["bp"]["flops_ratio"] == 1.0
     assert rules["auglocal"]["flops_ratio"] > 1.0 and rules["auglocal"]["blocks"] == 4
     phases = rules["auglocal"]["phases_s"]
@@ -94,14 +111,3 @@ def test_granularity(capsys):
     assert _tool("granularity").main(["no_such_model"]) == 2
 
 
-def test_bench_total_memory(capsys):
-    res = _json_run(capsys, "bench_total_memory", ["--model", "resnet20_cifar", "--blocks", "4", "--batch", "4",
-                                                   "--size", "32", "--threads", "1"])
-    (setting,) = res["settings"]
-    rows = setting["rows"]
-    assert set(rows) == {"bp", "dgl", "auglocal", "auglocal (one step at the end)"}
-    for r in rows.values():
-        assert r["measured"] >= r["base"] > 0
-    per_unit, at_end = rows["auglocal"]["estimate"], rows["auglocal (one step at the end)"]["estimate"]
-    assert per_unit["gradients"] < at_end["gradients"] and per_unit["weights"] == at_end["weights"]
-    assert rows["bp"]["estimate"]["total"] > 0 and rows["dgl"]["estimate"]["total"] is None

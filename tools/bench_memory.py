@@ -1,19 +1,33 @@
-"""Peak activation memory of one training step: bp vs dgl vs auglocal, as ratios to bp.
+"""Memory of training, bp vs dgl vs auglocal as ratios to bp: the activations autograd saves, and
+the whole step's total (weights + gradients + optimizer state + activations).
 
-    python tools/bench_memory.py [--json]          # the issue's three settings, below
-    python tools/bench_memory.py --model resnet50 --blocks 16 --aux-depth 2 --batch 8 --size 224
+    python tools/bench_memory.py                       # both parts, on the default settings below
+    python tools/bench_memory.py --part total --model resnet50 --blocks 16 --size 224 --batch 8 32
+    python tools/bench_memory.py --part activations --model resnet50 --blocks 16 --size 224 --batch 8
 
-Default settings: timm resnet50 (K=16, d=2, tau=0.5, 224 px, batch 8), CIFAR ResNet-32 (K=16, d=2,
-32 px, batch 128) and ResNet-110 (K=55, d=3, batch 128), the paper's splits. Rows: bp, dgl, and
-auglocal partitioned by equal layer counts (the paper's ``balance=layers``) and by activation
-memory (``balance=memory``: the largest block + aux net, estimated from the profile, is minimised).
+Part ``activations`` (in this process; timm resnet50 K=16 d=2 224 px batch 8, CIFAR ResNet-32 K=16
+batch 128, ResNet-110 K=55 d=3 batch 128, the paper's splits): the bytes autograd saves for backward,
+alive at once, deduplicated by storage, the network's parameters left out ("with weights" counts
+them too); for auglocal also the planner's estimate (``unit_act_bytes`` x batch). Rows: bp, dgl,
+auglocal by equal layer counts (the paper) and by ``balance=memory``.
 
-"activations" are the bytes autograd saves for backward, alive at once, deduplicated by storage,
-with the network's parameters left out (a conv saves its weight, but weights are resident under
-every rule); "with weights" counts them too. For auglocal, ``estimate`` is what the planner
-predicts for the step's peak (``unit_act_bytes`` x batch), which the memory balancer minimises.
-On a GPU the tool also reports ``torch.cuda.max_memory_allocated`` over the step (weights, grads
-and workspace included).
+Part ``total`` (resnet50 K=16 at batches 8, 32, 128; ResNet-32 K=16 at the paper's batch 1024):
+what a user watches. Each row runs in a fresh process that builds the model, converts it and runs
+two training steps with SGD + momentum, measured three ways:
+
+- ``allocated``: the peak of bytes live in PyTorch's allocator (weights, gradients, optimizer
+  state, activations, workspace): on a GPU ``torch.cuda.max_memory_allocated``; on CPU the bytes
+  resident before the steps plus the peak of the CPU allocator's running total during them, as
+  ``torch.profiler`` (``profile_memory=True``) reports it with every allocation;
+- ``peak RSS``: the whole process (``getrusage``: allocator caches and the Python runtime too),
+  beside the RSS of the imports alone;
+- ``estimate``: ``footprint.estimate_footprint``, the planner's figure (what ``balance=memory``
+  minimises), with its breakdown.
+
+Rows: bp; dgl; auglocal with one optimizer step at the end; auglocal with per-unit steps (the
+trainer's default) and, on top, ``balance=memory``, ``recompute=block``, ``recompute=aux``,
+``aux_dtype=bfloat16``, and recompute=block with bfloat16 aux nets. The crossover batch is the
+smallest batch at which auglocal's estimated total (per-unit steps) falls below bp's.
 """
 
 from __future__ import annotations
@@ -21,7 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,20 +46,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import to_auglocal  # noqa: E402
-from auglocal_fx.memory import SavedTensorMeter  # noqa: E402
+from auglocal_fx.footprint import bp_footprint, crossover_batch, estimate_footprint  # noqa: E402
+from auglocal_fx.memory import SavedTensorMeter, allocated_peak  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.partition import unit_act_bytes  # noqa: E402
 from auglocal_fx.rules import get_rule  # noqa: E402
 
-SETTINGS = (  # model, K, d, size, batch
+SETTINGS = (  # part "activations": model, K, d, size, batch
     ("resnet50", 16, 2, 224, 8),
     ("resnet32_cifar", 16, 2, 32, 128),
     ("resnet110_cifar", 55, 3, 32, 128),
 )
 VARIANTS = (("bp", "bp", "layers"), ("dgl", "dgl", "layers"), ("auglocal", "auglocal", "layers"),
             ("auglocal/memory", "auglocal", "memory"))
+TOTAL_SETTINGS = (("resnet50", 16, 224, (8, 32, 128)), ("resnet32_cifar", 16, 32, (1024,)))
+# part "total": label -> rule, optimizer step per unit, and to_auglocal's memory options
+TOTAL_ROWS = {
+    "bp": ("bp", True, {}),
+    "dgl": ("dgl", True, {}),
+    "auglocal, one step at the end": ("auglocal", False, {}),
+    "auglocal": ("auglocal", True, {}),
+    "auglocal, balance=memory": ("auglocal", True, {"balance": "memory"}),
+    "auglocal, recompute=block": ("auglocal", True, {"recompute": "block"}),
+    "auglocal, recompute=aux": ("auglocal", True, {"recompute": "aux"}),
+    "auglocal, bf16 aux": ("auglocal", True, {"aux_dtype": "bfloat16"}),
+    "auglocal, recompute=block + bf16 aux": ("auglocal", True, {"recompute": "block", "aux_dtype": "bfloat16"}),
+}
 
 
+# -- part "activations" ---------------------------------------------------------------------------
 def measure(model_name: str, blocks: int, aux_depth: int, size: int, batch: int, pyramid: float = 0.5,
             device: str = "cpu") -> dict:
     torch.manual_seed(0)
@@ -52,7 +84,7 @@ def measure(model_name: str, blocks: int, aux_depth: int, size: int, batch: int,
     rows = {}
     for label, rule, balance in VARIANTS:
         net = to_auglocal(model, blocks=blocks, rule=rule, aux_depth=aux_depth, pyramid=pyramid,
-                          balance=balance, input_size=(3, size, size)).to(device).train()
+                          balance=balance, input_size=(3, size, size), batch=batch).to(device).train()
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -75,9 +107,9 @@ def measure(model_name: str, blocks: int, aux_depth: int, size: int, batch: int,
             "batch": batch, "device": device, "rules": rows}
 
 
-def _print(res: dict) -> None:
-    print(f"{res['model']} K={res['blocks']} d={res['aux_depth']} tau={res['pyramid']} batch {res['batch']} "
-          f"at {res['size']}px on {res['device']}")
+def _print_activations(res: dict) -> None:
+    print(f"activations: {res['model']} K={res['blocks']} d={res['aux_depth']} tau={res['pyramid']} "
+          f"batch {res['batch']} at {res['size']}px on {res['device']}")
     for label, r in res["rules"].items():
         line = (f"  {label:16s} activations {r['activations'] / 2**20:8.1f} MiB  x{r['activations_ratio']:.3f}   "
                 f"with weights x{r['with_weights_ratio']:.3f}")
@@ -88,25 +120,122 @@ def _print(res: dict) -> None:
         print(line)
 
 
+# -- part "total" ----------------------------------------------------------------------------------
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _child(model_name: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    rule, per_unit, options = TOTAL_ROWS[label]
+    base = _rss()
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = to_auglocal(model, blocks=blocks, rule=rule, input_size=(3, size, size), batch=batch,
+                          **options).to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*net.parameters(), *net.buffers(), x, y)}
+    resident = sum(storages.values())
+
+    def steps():
+        for _ in range(2):
+            net.training_step(x, y, optimizer=opt if per_unit else None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    allocated = resident + allocated_peak(steps, device)
+    est = estimate_footprint(net.plan, batch, per_unit_steps=per_unit)
+    return {"allocated": allocated, "rss": _rss(), "base": base, "estimate": est.to_dict(),
+            "bp_estimate": bp_footprint(net.plan, batch).total,
+            "crossover": crossover_batch(net.plan) if rule == "auglocal" and per_unit and not options else None}
+
+
+def run_total(model: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int) -> dict:
+    """One row in a fresh interpreter (this file with ``--child``): no run's peak or allocator state
+    leaks into another's."""
+    spec = json.dumps([model, blocks, size, batch, label, device, threads])
+    out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"measuring {label} at batch {batch} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_total(model: str, blocks: int, size: int, batch: int, labels, device: str, threads: int) -> dict:
+    rows = {label: run_total(model, blocks, size, batch, label, device, threads) for label in labels}
+    bp = rows.get("bp")
+    for r in rows.values():
+        if bp:
+            r["allocated_ratio"] = r["allocated"] / bp["allocated"]
+            r["rss_ratio"] = r["rss"] / bp["rss"]
+        r["estimate_ratio"] = r["estimate"]["total"] / r["bp_estimate"]
+    crossover = next((r["crossover"] for r in rows.values() if r["crossover"] is not None), None)
+    return {"model": model, "blocks": blocks, "size": size, "batch": batch, "device": device, "rows": rows,
+            "crossover": crossover}
+
+
+def _print_total(res: dict) -> None:
+    rows = res["rows"]
+    base = next(iter(rows.values()))["base"]
+    print(f"total: {res['model']} K={res['blocks']} {res['size']}px batch {res['batch']} on {res['device']} "
+          f"(MiB; peak RSS of the imports alone: {base / 2**20:.0f})")
+    for label, r in rows.items():
+        e = r["estimate"]
+        print(f"  {label:38s} allocated {r['allocated'] / 2**20:6.0f}{_ratio(r, 'allocated_ratio')}"
+              f"   peak RSS {r['rss'] / 2**20:6.0f}{_ratio(r, 'rss_ratio')}"
+              f"   estimate {e['total'] / 2**20:6.0f} x{r['estimate_ratio']:.2f} (weights {e['weights'] / 2**20:.0f}, "
+              f"gradients {e['gradients'] / 2**20:.0f}, optimizer {e['optimizer'] / 2**20:.0f}, "
+              f"activations {e['activations'] / 2**20:.0f})")
+    if res["crossover"]:
+        print(f"  crossover (estimate): auglocal's total falls below bp's from batch {res['crossover']}")
+
+
+def _ratio(row: dict, key: str) -> str:
+    return f" x{row[key]:.2f}" if key in row else ""  # no bp row measured: no ratio
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="one model instead of the default three settings")
+    p.add_argument("--part", choices=("activations", "total", "both"), default="both")
+    p.add_argument("--model", help="one model instead of the default settings")
     p.add_argument("--blocks", type=int, default=16)
-    p.add_argument("--aux-depth", type=int, default=2)
-    p.add_argument("--pyramid", type=float, default=0.5)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--aux-depth", type=int, default=2, help="part activations")
+    p.add_argument("--pyramid", type=float, default=0.5, help="part activations")
+    p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rows", nargs="+", choices=list(TOTAL_ROWS), default=list(TOTAL_ROWS), metavar="ROW",
+                   help=f"part total: which rows ({', '.join(TOTAL_ROWS)})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2, help="part total: torch threads per process")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # one row of part total, in the process run_total starts
     args = p.parse_args(argv)
-    settings = [(args.model, args.blocks, args.aux_depth, args.size, args.batch)] if args.model else SETTINGS
-    results = []
-    for model, k, d, size, batch in settings:
-        results.append(measure(model, k, d, size, batch, args.pyramid, args.device))
-        if not args.json:
-            _print(results[-1])
+    if args.child:
+        print(json.dumps(_child(*json.loads(args.child))))
+        return 0
+    out: dict = {"machine": platform.machine(), "torch": torch.__version__}
+    if args.part in ("activations", "both"):
+        settings = ([(args.model, args.blocks, args.aux_depth, args.size, b) for b in args.batch]
+                    if args.model else SETTINGS)
+        out["settings"] = []
+        for model, k, d, size, batch in settings:
+            out["settings"].append(measure(model, k, d, size, batch, args.pyramid, args.device))
+            if not args.json:
+                _print_activations(out["settings"][-1])
+    if args.part in ("total", "both"):
+        settings = [(args.model, args.blocks, args.size, tuple(args.batch))] if args.model else TOTAL_SETTINGS
+        out["total"] = []
+        for model, k, size, batches in settings:
+            for batch in batches:
+                out["total"].append(measure_total(model, k, size, batch, args.rows, args.device, args.threads))
+                if not args.json:
+                    _print_total(out["total"][-1])
     if args.json:
-        print(json.dumps({"machine": platform.machine(), "torch": torch.__version__, "settings": results}, indent=2))
+        print(json.dumps(out, indent=1))
     return 0
 
 

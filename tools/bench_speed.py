@@ -17,6 +17,10 @@ and optimizer step, from the labels ``training_step`` sets.
 ``--compile`` times bp and auglocal eagerly and after ``net.compile(backend=...)`` (every block,
 aux net and head compiled), all four interleaved, and reports compiled / eager per rule; the first
 compiled step (where compilation happens) is a warm-up step, its time reported apart.
+
+``--memory-options`` adds auglocal with each option that lowers its memory (``recompute=block``,
+``aux_dtype=bfloat16``, both): what each costs in step time, beside what ``bench_memory.py``
+says it saves.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from auglocal_fx.models import create_model  # noqa: E402
 
 RULES = ("bp", "dgl", "auglocal")
 COMPILE_RULES = ("bp", "auglocal")  # --compile: each eager and compiled
+MEMORY_OPTIONS = {"auglocal+recompute=block": {"recompute": "block"},  # --memory-options
+                  "auglocal+bf16 aux": {"aux_dtype": "bfloat16"},
+                  "auglocal+recompute=block+bf16 aux": {"recompute": "block", "aux_dtype": "bfloat16"}}
 PHASES = {"auglocal.block": "block forward", "auglocal.top": "aux/head forward",
           "auglocal.backward": "backward", "bench.optimizer": "optimizer"}
 
@@ -74,18 +81,21 @@ def profile_phases(net, opt, x, y) -> dict[str, float]:
 
 def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, warmup: int,
             aux_depth: int = 2, pyramid: float = 0.5, device: str = "cpu", channels_last: bool = False,
-            profile_steps: bool = False, compile_backend: str | None = None) -> dict:
-    """Figures per variant: a rule's name, and with ``compile_backend`` also ``{rule}+compiled``."""
+            profile_steps: bool = False, compile_backend: str | None = None, memory_options: bool = False) -> dict:
+    """Figures per variant: a rule's name, with ``compile_backend`` also ``{rule}+compiled``, with
+    ``memory_options`` also auglocal with each of ``MEMORY_OPTIONS``."""
     torch.manual_seed(0)
     base = create_model(model_name, num_classes=10)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    variants = {r: (r, False) for r in (COMPILE_RULES if compile_backend else RULES)}
+    variants = {r: (r, False, {}) for r in (COMPILE_RULES if compile_backend else RULES)}
     if compile_backend:
-        variants.update({f"{r}+compiled": (r, True) for r in COMPILE_RULES})
+        variants.update({f"{r}+compiled": (r, True, {}) for r in COMPILE_RULES})
+    if memory_options:
+        variants.update({name: ("auglocal", False, o) for name, o in MEMORY_OPTIONS.items()})
     nets, opts = {}, {}
-    for name, (rule, compiled) in variants.items():
+    for name, (rule, compiled, options) in variants.items():
         net = to_auglocal(copy.deepcopy(base), blocks, rule=rule, aux_depth=aux_depth, pyramid=pyramid,
-                          input_size=(3, size, size)).to(device, memory_format=fmt).train()
+                          input_size=(3, size, size), **options).to(device, memory_format=fmt).train()
         if compiled:
             net.compile(backend=compile_backend)
         nets[name], opts[name] = net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
@@ -107,11 +117,13 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
                 times[v].append(time.perf_counter() - start)
     med = {v: statistics.median(t) for v, t in times.items()}
     rows = {}
-    for v, (rule, compiled) in variants.items():
+    for v, (rule, compiled, options) in variants.items():
         backbone, aux = forward_flops(nets[v])
         bp = "bp+compiled" if compiled else "bp"
         rows[v] = {"median_step_s": med[v], "ratio_to_bp": med[v] / med[bp], "blocks": len(nets[v].blocks),
                    "backbone_gflops": backbone / 1e9, "aux_gflops": aux / 1e9, "flops_ratio": (backbone + aux) / backbone}
+        if options:
+            rows[v]["ratio_to_auglocal"] = med[v] / med["auglocal"]
         if compiled:
             rows[v]["compiled_over_eager"] = med[v] / med[rule]
             rows[v]["first_step_s"] = first[v]  # compilation included
@@ -139,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="time bp and auglocal eager and compiled (net.compile), report compiled / eager")
     p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile (default inductor)")
+    p.add_argument("--memory-options", action="store_true",
+                   help="also time auglocal with recompute=block, bf16 aux nets, and both")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
@@ -148,7 +162,7 @@ def main(argv=None) -> int:
         p.error("--compile needs --warmup 1 or more: the first compiled step compiles")
     res = measure(args.model, args.blocks, args.batch, args.size, args.steps, args.warmup, args.aux_depth,
                   args.pyramid, args.device, args.channels_last, args.profile,
-                  args.backend if args.compile else None)
+                  args.backend if args.compile else None, args.memory_options)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -162,6 +176,8 @@ def main(argv=None) -> int:
         line = (f"  {rule:{width}s} {1000 * r['median_step_s']:9.1f} ms/step  x{r['ratio_to_bp']:.2f} of {bp}   "
                 f"flops x{r['flops_ratio']:.2f} (backbone {r['backbone_gflops']:.2f} + aux {r['aux_gflops']:.2f} "
                 f"GFLOPs/sample)")
+        if "ratio_to_auglocal" in r:
+            line += f"  x{r['ratio_to_auglocal']:.2f} of auglocal"
         if "compiled_over_eager" in r:
             line += f"  compiled/eager x{r['compiled_over_eager']:.2f} (first step {r['first_step_s']:.1f} s)"
         print(line)
