@@ -119,7 +119,8 @@ def bp_footprint(plan: Plan, batch: int | None = None, *, optimizer_slots: int =
     """The same model trained end to end (one block, no aux nets): every layer's activations at once."""
     batch = plan.config.batch if batch is None else batch
     params = sum(x.params for x in plan.layers) + plan.head.params
-    act = sum(x.act_bytes for x in plan.layers) + plan.head.act_bytes
+    act = (sum(x.act_bytes - x.shared_bytes for x in plan.layers) + plan.layers[0].shared_bytes
+           + plan.head.act_bytes - plan.head.shared_bytes)  # each storage once
     weights = 4 * params
     unit = UnitFootprint(params, 0, weights, weights, optimizer_slots * weights, act)
     return Footprint(batch, weights, weights, optimizer_slots * weights, batch * act, [unit])
@@ -128,10 +129,10 @@ def bp_footprint(plan: Plan, batch: int | None = None, *, optimizer_slots: int =
 def _unit_acts(plan: Plan) -> list[tuple[int, int]]:
     """Per unit, activation bytes per sample of its block and of what it trains with (aux net or head)."""
     if len(plan.blocks) == 1:
-        return [(sum(x.act_bytes for x in plan.layers), plan.head.act_bytes)]
+        return [(plan.block_act_bytes(plan.blocks[0]), plan.head.act_bytes - plan.head.shared_bytes)]
     out = []
     for b, total in zip(plan.blocks, unit_act_bytes(plan)):
-        own = plan.block_sum(b, "act_bytes") + plan.layers[b.layers[0]].carried_bytes
+        own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
         out.append((own, total - own))
     return out
 

@@ -202,11 +202,11 @@ def unit_act_bytes(plan: Plan) -> list[int]:
     block + head). Under block-wise training the largest of these is the step's activation peak."""
     out = []
     for b in plan.blocks:  # skips riding along into the block are held while it runs
-        own = plan.block_sum(b, "act_bytes") + plan.layers[b.layers[0]].carried_bytes
+        own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
         if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
             recipe = plan.aux[b.index]
             own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers)
-        else:
-            own += plan.head.act_bytes
+        else:  # the head runs in the same unit: what it shares with the last layer counts once
+            own += plan.head.act_bytes - plan.head.shared_bytes
         out.append(own)
     return out

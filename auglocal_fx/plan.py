@@ -37,6 +37,9 @@ class LayerInfo:
     crossing_dtypes: list[str] = field(default_factory=list)  # e.g. "float32", "bool" (a mask)
     carried_bytes: int = 0  # per sample: the tensors the layer takes besides the newest (skips held while it runs)
     crossing_layouts: list[str] = field(default_factory=list)  # per slot: "nhwc" for a channels-last map, else ""
+    # per sample: bytes of what this layer saves for backward that the layer before saves too (the
+    # tensor handed between them, saved on both sides): counted once when both run in one block
+    shared_bytes: int = 0
 
     @property
     def layouts(self) -> list[str]:
@@ -147,6 +150,10 @@ class Plan:
     # -- derived figures ----------------------------------------------------------------------
     def block_sum(self, block: BlockInfo, attr: str) -> int:
         return sum(getattr(self.layers[i], attr) for i in block.layers)
+
+    def block_act_bytes(self, block: BlockInfo) -> int:
+        """Activation bytes per sample the block's layers save, each storage once."""
+        return self.block_sum(block, "act_bytes") - sum(self.layers[i].shared_bytes for i in block.layers[1:])
 
     def bundle_into(self, j: int) -> list[list[int]]:
         """Shapes of the tensors layer ``j`` takes (``j == len(layers)``: the head), oldest first."""

@@ -129,9 +129,7 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
                 seen.add(id(p))
                 params += p.numel()
         stack.extend(x for x in n.all_input_nodes if x not in a.act)
-    saved: dict[int, int] = {}
-    for n in span.nodes:
-        saved.update(n.meta.get("saved", {}))
+    saved = _saved(span)
     out = span.boundary if span.boundary.op != "output" else (span.nodes[-1] if span.nodes else in_node)
     crossing = a.live.get(span.boundary, ()) if span.boundary.op != "output" else ()
     return LayerInfo(
@@ -177,7 +175,18 @@ def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
     for info, before in zip([*infos[1:], head], infos):  # what rides along into each layer
         info.carried_bytes = sum(_nbytes(shape, kind) for shape, kind in
                                  zip(before.crossing[:-1], before.crossing_dtypes[:-1]))
+    saved = [_saved(span) for span in [*a.layers, a.head]]
+    for info, mine, before in zip([*infos[1:], head], saved[1:], saved):  # saved on both sides of a cut
+        info.shared_bytes = sum(mine[k] for k in mine.keys() & before.keys())
     return infos, head
+
+
+def _saved(span: LayerSpan) -> dict[int, int]:
+    """Storage key -> bytes of what the span's nodes save for backward (one fake run: keys agree)."""
+    saved: dict[int, int] = {}
+    for n in span.nodes:
+        saved.update(n.meta.get("saved", {}))
+    return saved
 
 
 def _nbytes(shape: list[int], kind: str) -> int:
@@ -205,7 +214,7 @@ def _aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_dept
     @functools.cache
     def figures(j: int, last: int) -> tuple[int, int]:
         if j >= kept - 1:  # merged into (or is) the last block, trained by the model's head
-            return (head.params, head.act_bytes) if j == blocks - 1 else (0, 0)
+            return (head.params, head.act_bytes - head.shared_bytes) if j == blocks - 1 else (0, 0)
         if not copies:
             return 0, 0
         selected = select_layers(last, n, depths[j])
@@ -218,15 +227,17 @@ def _unit_cost(layers: list[LayerInfo], aux, batch: int, has_aux, **options) -> 
     """``(j, first, last) -> (held, running)`` bytes of block j over layers first..last with its aux
     net, by ``footprint.unit_bytes``: weights and optimizer state held all step; gradients and
     ``batch`` samples of activations while the unit runs (per-unit optimizer steps)."""
-    params, acts = [0], [0]
+    params, acts, shared = [0], [0], [0]
     for x in layers:
         params.append(params[-1] + x.params)
         acts.append(acts[-1] + x.act_bytes)
+        shared.append(shared[-1] + x.shared_bytes)
 
     def unit(j: int, first: int, last: int) -> tuple[float, float]:
         aux_p, aux_a = aux(j, last)
         own_p = params[last + 1] - params[first]
-        own_a = acts[last + 1] - acts[first] + layers[first].carried_bytes
+        # each storage once: what a layer shares with the one before counts only inside the block
+        own_a = acts[last + 1] - acts[first] - (shared[last + 1] - shared[first + 1]) + layers[first].carried_bytes
         opts = options if has_aux(j) else {**options, "aux_dtype": "float32"}  # the head is the model's
         weights, opt, running = unit_bytes(own_p + aux_p, aux_p if has_aux(j) else 0, own_a, aux_a, batch, **opts)
         return weights + opt, running
