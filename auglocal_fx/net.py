@@ -88,6 +88,7 @@ class AugLocalNet(nn.Module):
         Example:
             >>> net.image_stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # CIFAR-10
         """
+        self._apply_image_stats()  # a loaded net's, from its checkpoint's options
         return self._image_stats
 
     @image_stats.setter

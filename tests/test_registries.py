@@ -36,7 +36,7 @@ def _field_choices(section, name: str) -> tuple:
 
 
 def test_cli_and_recipe_choices_come_from_the_registries():
-    assert _choices(convert_parser, "--rule") == list(RULES) == ["auglocal", "bp", "dgl"]
+    assert _choices(convert_parser, "--rule") == list(RULES) == ["auglocal", "bp", "dgl", "infopro", "predsim"]
     assert _choices(convert_parser, "--balance") == list(BALANCERS)
     assert _choices(convert_parser, "--tail") == list(TAILS)
     assert _choices(convert_parser, "--aux-init") == list(AUX_INITS)
@@ -87,7 +87,7 @@ def test_a_registered_balance_is_selectable():
 
 
 def test_unknown_names_list_the_registered_choices():
-    with pytest.raises(AugLocalError, match=r"^rule='hebbian' is not a rule; choose one of auglocal, bp, dgl$"):
+    with pytest.raises(AugLocalError, match=r"^rule='hebbian' is not a rule; choose one of auglocal, bp, dgl, infopro, predsim$"):
         to_auglocal(cifar_resnet(1), 2, rule="hebbian", input_size=SIZE)
     with pytest.raises(AugLocalError, match=r"^aux_init='warm' is not an aux init; choose one of fresh, copy$"):
         to_auglocal(cifar_resnet(1), 2, aux_init="warm", input_size=SIZE)

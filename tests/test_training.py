@@ -107,7 +107,7 @@ BAD_RECIPES = [
     ({"epochs": "ten"}, ["recipe key epochs must be an integer", "'ten'"]),
     ({"optimizer.lr": "fast"}, ["recipe key optimizer.lr must be a number"]),
     ({"bf16": "yes"}, ["recipe key bf16 must be true or false"]),
-    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, bp, dgl"]),
+    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, bp, dgl, infopro, predsim"]),
     ({"data.dataset": "mnist"}, ["recipe key data.dataset", "fashion_mnist"]),
     ({"conversion.blocks": 0}, ["conversion.blocks must be at least 1"]),
     ({"conversion.pyramid": 1.5}, ["conversion.pyramid must lie in [0, 1]"]),
