@@ -72,6 +72,9 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
                           batch=batch, recompute=c.recompute, aux_dtype=c.aux_dtype)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets, no profiling
         net = to_auglocal(model, plan=plan, aux_init=c.aux_init)
+    mean, std = DATASETS[recipe.data.dataset].stats
+    if len(mean) == kwargs["in_chans"]:  # what the loader normalises with: infopro restores the images with it
+        net.image_stats = (mean, std)
     net.to(env.device)
     eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")
     pin = env.device.type == "cuda"
