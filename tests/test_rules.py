@@ -285,6 +285,20 @@ def test_scaler_autocast_wrapped_units_and_per_unit_steps(rule):
     assert all(p.grad is None for p in c.parameters())
 
 
+@pytest.mark.parametrize("rule", ["infopro", "predsim"])
+def test_memory_options_work_with_tuple_outputs(rule):
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    ref = _convert(cifar_resnet(1), 4, (3, 16, 16), rule).train().training_step(x, y)
+    torch.manual_seed(0)
+    net = _convert(cifar_resnet(1), 4, (3, 16, 16), rule, recompute="block")
+    assert net.train().training_step(x, y).local_losses == pytest.approx(ref.local_losses, rel=1e-5)
+    net = _convert(cifar_resnet(1), 4, (3, 16, 16), rule, aux_dtype="bfloat16")
+    assert all(math.isfinite(v) for v in net.train().training_step(x, y).local_losses)
+    with torch.no_grad():
+        assert all(o.dtype == torch.float32 for o in net.eval().head_outputs(x))  # tuples handed on in float32
+
+
 def test_shapes_a_rule_cannot_handle_are_one_line_errors():
     mlp = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     with pytest.raises(AugLocalError, match=r"^the infopro rule reconstructs an image.*use rule='dgl'") as info:
