@@ -86,11 +86,11 @@ def to_auglocal(
         if not hasattr(model, "reset_classifier"):
             raise AugLocalError(f"{type(model).__name__} has no reset_classifier; build it with {num_classes} classes")
         model.reset_classifier(num_classes)
+    if plan is None and blocks is None and not get_rule(rule).one_block:
+        raise AugLocalError("pass blocks=K, the number of local blocks")
     # before planning draws random numbers (aux_init="model" builds a fresh model: same seed, same weights)
     init = None if get_rule(plan.config.rule if plan else rule).one_block else found.prepare(model, model_kwargs)
     if plan is None:
-        if blocks is None and not get_rule(rule).one_block:
-            raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
                           num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers, output=output,

@@ -102,13 +102,13 @@ def light_head(bundle: list[list[int]], layouts: list[str], classes: int) -> nn.
 def light_head_info(in_shape: list[int], layout: str, classes: int) -> LayerInfo:
     """The light head's figures, as a ``LayerInfo`` for the cost model: parameters exactly, FLOPs as
     ``torch.utils.flop_counter`` counts them (matmuls), and the bytes it saves for backward per sample
-    estimated (each linear's input, each norm's input and output)."""
+    as measured with ``SavedTensorMeter`` (a linear's input, each norm's input and output; the pooling saves none)."""
     kind, c = _kind(in_shape, layout)
     w, k = LIGHT_WIDTH, classes
     if kind == "map":
         params = (c * w + w) + 2 * w + (w * w + w) + 2 * w + (w * k + k)
         flops = 2 * (c * w + w * w + w * k)
-        act = 4 * (c + 4 * w)
+        act = 4 * (c + 5 * w)
     else:
         params, flops, act = c * k + k, 2 * c * k, 4 * c
     return LayerInfo(name="light head", boundary="output", in_shape=list(in_shape), out_shape=[k], params=params,

@@ -207,8 +207,11 @@ def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: lis
 
 
 def _adapter_params(src: list[int], dst: list[int]) -> int:
-    """A (C, H, W) map's 1x1 conv + norm, or a (T, D) sequence's linear, where the channels change."""
+    """A (C, H, W) map's 1x1 conv + norm wherever the shape changes (a strided conv when only the
+    resolution does), or a (T, D) sequence's linear where the channels change."""
     c, c2 = (src[0] if len(src) == 3 else src[-1] if src else 0), (dst[0] if len(dst) == 3 else dst[-1] if dst else 0)
+    if len(src) == len(dst) == 3 and src != dst:
+        return c * c2 + 2 * c2
     if c == c2:
         return 0
     return c * c2 + (2 * c2 if len(dst) == 3 else c2)
