@@ -53,8 +53,9 @@ def to_auglocal(
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
 
-    ``rule``: ``auglocal`` (aux nets copy downstream layers), ``dgl`` (small aux heads) or ``bp``
-    (one block, plain backprop). ``aux_init="model"`` initialises the aux nets as the model
+    ``rule``: ``auglocal`` (aux nets copy downstream layers), the baselines ``dgl`` (small aux heads),
+    ``infopro`` (a classifier and an image decoder) and ``predsim`` (similarity matching), each as
+    its authors built it (``rules/``), or ``bp`` (one block, plain backprop). ``aux_init="model"`` initialises the aux nets as the model
     initialises itself (the copies from a fresh ``timm.create_model`` of the same architecture, made
     with ``model_kwargs`` when given, else with keywords read off the model; other models and layers:
     kaiming-normal convs, norms 1/0; ``aux_init.py``); ``"fresh"`` runs PyTorch's
