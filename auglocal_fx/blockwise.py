@@ -32,21 +32,43 @@ class StepOutput:
 class LocalUnit(nn.Module):
     """One gradient-isolated unit: a block and the net its loss is computed on (aux net or head).
 
-    ``unit(h)`` (``unit(*h)`` for a bundle) returns ``(block output, logits)``; the caller detaches
-    the output before it feeds the next unit. ``recompute`` ("block" or "aux", see ``recompute.py``)
-    recomputes that part's forward during the unit's backward instead of saving its activations.
+    ``unit(h)`` (``unit(*h)`` for a bundle) returns ``(block output, top output)``; the caller
+    detaches the output before it feeds the next unit. ``recompute`` ("block" or "aux", see
+    ``recompute.py``) recomputes that part's forward during the unit's backward instead of saving
+    its activations. ``loss``: the rule's ``LocalLoss`` for the aux net (parameter-free); None
+    when the top's output is the logits and the step's ``loss_fn`` is the loss.
     """
 
-    def __init__(self, block: nn.Module, top: nn.Module, recompute: str = "none"):
+    def __init__(self, block: nn.Module, top: nn.Module, recompute: str = "none", loss: nn.Module | None = None):
         super().__init__()
         self.block, self.top, self.recompute = block, top, recompute
+        self.loss = loss
 
-    def forward(self, *h: torch.Tensor) -> tuple[Bundle, torch.Tensor]:
+    def forward(self, *h: torch.Tensor) -> tuple[Bundle, torch.Tensor | tuple]:
         with record_function("auglocal.block"):
             out = run_maybe_recomputed(self.block, h, self.recompute == "block")
         with record_function("auglocal.top"):
             args = out if isinstance(out, tuple) else (out,)
             return out, run_maybe_recomputed(self.top, args, self.recompute == "aux")
+
+    def local_loss(self, top: torch.Tensor | tuple, target: torch.Tensor, image: torch.Tensor,
+                   loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, logits)`` of the top's output ``top``. A rule's own loss runs in float32 outside
+        autocast (a similarity matrix or a reconstruction loss in bfloat16 would be too coarse)."""
+        if self.loss is None:
+            return loss_fn(top.float(), target), top
+        with torch.autocast(image.device.type, enabled=False):
+            return self.loss(_float(top), target, image.float(), loss_fn)
+
+    def logits(self, top: torch.Tensor | tuple) -> torch.Tensor:
+        """The logits part of the top's output (what accuracy is measured on)."""
+        return top if self.loss is None else self.loss.logits(top)
+
+
+def _float(out):
+    if isinstance(out, tuple):
+        return tuple(_float(t) for t in out)
+    return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
 def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,
@@ -56,8 +78,9 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
-    ``loss_fn(logits, target)`` (default cross-entropy) is every unit's loss; the last unit's is
-    the final loss. Gradients accumulate in the units' parameters; the caller steps its optimizer.
+    ``loss_fn(logits, target)`` (default cross-entropy) is the final loss and every unit's loss,
+    except where a unit holds its rule's own loss (``LocalUnit.loss``, which gets ``loss_fn``, the
+    targets and ``x`` the input batch). Gradients accumulate in the units' parameters; the caller steps its optimizer.
     Forward passes and losses run under autocast when ``autocast_dtype`` is given, backward passes
     outside it. With a ``scaler`` every loss is scaled before its backward (one scale for the whole
     step, so ``scaler.step(opt)`` unscales every unit's gradients alike); the losses reported are
@@ -78,9 +101,10 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     losses, accs = [], []
     h = x
     for unit in units:
+        local = getattr(unit, "module", unit)  # the LocalUnit inside a DistributedDataParallel
         with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
-            out, logits = call(unit, h)
-            loss = loss_fn(logits.float(), target)
+            out, top = call(unit, h)
+            loss, logits = local.local_loss(top, target, x, loss_fn)
         with record_function("auglocal.backward"):
             # frees this unit's graph before the next unit runs
             (loss if scaler is None else scaler.scale(loss)).backward()
@@ -92,7 +116,7 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
         losses.append(loss.detach().float())
         accs.append(_accuracy(logits.detach(), target))
         h = detach(out)
-        del out, loss
+        del out, top, loss
     losses, accs = torch.stack(losses).tolist(), torch.stack(accs).tolist()  # one sync per step
     return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
 

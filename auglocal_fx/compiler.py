@@ -18,14 +18,14 @@ from .plan import Plan
 from .planner import build_plan
 from .rules import get_rule
 from .shapecheck import check_units
-from .synthesize import synthesize_aux
+from .synthesize import AUX_INITS, synthesize_aux
 
 __all__ = ["to_auglocal", "load_auglocal"]
 
 _PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
                       "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE,
                       "layers": None, "output": None, "batch": 32,
-                      "recompute": "none", "aux_dtype": "float32"}
+                      "recompute": "none", "aux_dtype": "float32", "aux_head": "auto"}
 
 
 def to_auglocal(
@@ -36,7 +36,7 @@ def to_auglocal(
     pyramid: float = 0.5,
     balance: str = "layers",
     tail: str = "exact",
-    aux_init: str = "fresh",
+    aux_init: str = "model",
     rule: str = "auglocal",
     input_size=None,
     num_classes: int | None = None,
@@ -47,13 +47,22 @@ def to_auglocal(
     batch: int = 32,
     recompute: str = "none",
     aux_dtype: str = "float32",
+    aux_head: str = "auto",
+    model_kwargs: dict | None = None,
     plan: Plan | None = None,
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
 
-    ``rule``: ``auglocal`` (aux nets copy downstream layers), ``dgl`` (small aux heads) or ``bp``
-    (one block, plain backprop). ``aux_init="fresh"`` re-initialises the copied layers, as the
-    paper's code builds new ones; ``"copy"`` keeps the backbone's current weights. A cut may hand
+    ``rule``: ``auglocal`` (aux nets copy downstream layers), the baselines ``dgl`` (small aux heads),
+    ``infopro`` (a classifier and an image decoder) and ``predsim`` (similarity matching), each as
+    its authors built it (``rules/``), or ``bp`` (one block, plain backprop). ``aux_init="model"`` initialises the aux nets as the model
+    initialises itself (the copies from a fresh ``timm.create_model`` of the same architecture, made
+    with ``model_kwargs`` when given, else with keywords read off the model; other models and layers:
+    kaiming-normal convs, norms 1/0; ``aux_init.py``); ``"fresh"`` runs PyTorch's
+    ``reset_parameters`` on every aux layer; ``"copy"`` keeps the backbone's current weights.
+    ``aux_head="auto"`` ends each aux net with a copy of the model's head unless that head holds
+    more than a quarter of the model's parameters (VGG's ConvMlp), then with a light head (global
+    pool + a small MLP; ``light_head.py``); ``"copy"`` / ``"light"`` force one. A cut may hand
     on up to ``max_bundle`` tensors. ``layers`` (module-path globs, e.g. ``["encoder.layers.*"]``)
     names the layers when the automatic grouping gets them wrong. A model returning a dict, tuple
     or dataclass trains on (and ``net(x)`` returns) its ``output`` entry: a key, index or field name
@@ -73,30 +82,34 @@ def to_auglocal(
         (16, 15)
     """
     check_num_classes(num_classes)  # 0 would drop the classifier: features taken as logits
+    found = AUX_INITS.lookup(aux_init)
     if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
         if not hasattr(model, "reset_classifier"):
             raise AugLocalError(f"{type(model).__name__} has no reset_classifier; build it with {num_classes} classes")
         model.reset_classifier(num_classes)
+    if plan is None and blocks is None and not get_rule(rule).one_block:
+        raise AugLocalError("pass blocks=K, the number of local blocks")
+    # before planning draws random numbers (aux_init="model" builds a fresh model: same seed, same weights)
+    init = None if get_rule(plan.config.rule if plan else rule).one_block else found.prepare(model, model_kwargs)
     if plan is None:
-        if blocks is None and not get_rule(rule).one_block:
-            raise AugLocalError("pass blocks=K, the number of local blocks")
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
                           num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers, output=output,
-                          batch=batch, recompute=recompute, aux_dtype=aux_dtype)
+                          batch=batch, recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head)
         _check_head_classes(model, plan, num_classes)
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
     else:
         given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
                  "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle,
-                 "layers": layers, "output": output, "batch": batch, "recompute": recompute, "aux_dtype": aux_dtype}
+                 "layers": layers, "output": output, "batch": batch, "recompute": recompute, "aux_dtype": aux_dtype,
+                 "aux_head": aux_head}
         clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
         if clash:
             raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "
                                 f"{', '.join(f'{k}=' for k in clash)}")
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
-    aux_nets = synthesize_aux(model, plan, layers, layer_head, aux_init)
+    aux_nets = synthesize_aux(model, plan, layers, layer_head, init or aux_init)
     net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
     check_units(net, plan.config.input_size)  # a shape problem is an error here, not in the first step
     return net

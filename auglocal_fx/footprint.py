@@ -67,7 +67,8 @@ def unit_params(plan: Plan) -> list[tuple[int, int]]:
         if recipe is None:
             out.append((own + plan.head.params, 0))
             continue
-        aux = recipe.params or aux_params(plan.layers, plan.head, b.layers[-1], recipe.selected_layers)
+        aux = recipe.params or aux_params(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
+                                          recipe.light_head)
         out.append((own + aux, aux))
     return out
 

@@ -16,6 +16,7 @@ from .bundles import call, detach
 from .checkpoint import save_net
 from .errors import AugLocalError
 from .plan import Plan
+from .rules import IMAGENET_MEAN, IMAGENET_STD, AuxContext, get_rule
 from .shapecheck import check_units
 from .trace import specialised_args
 
@@ -45,6 +46,10 @@ class AugLocalNet(nn.Module):
         self.recompute = plan.config.recompute  # what each unit recomputes in its backward (recompute.py)
         self.options = dict(options)
         self._sizes_checked = {tuple(plan.config.input_size)}  # input sizes the units are known to run at
+        self._image_stats = _model_image_stats(model, plan.config.input_size[0] if plan.config.input_size else 0)
+        # the rule's local loss per aux net (parameter-free: no state-dict keys); empty when the
+        # aux nets' outputs are logits for the step's loss_fn
+        self.aux_losses = nn.ModuleList(_build_losses(plan, head, *self._image_stats) if aux else [])
 
     # -- inference -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -68,8 +73,40 @@ class AugLocalNet(nn.Module):
         for i, block in enumerate(self.blocks):
             h = call(block, h)
             if i < len(self.aux):
-                outs.append(call(self.aux[i], h))
+                out = call(self.aux[i], h)
+                outs.append(self.aux_losses[i].logits(out) if self.aux_losses else out)
         return outs + [call(self.head, h)]
+
+    # -- the input's normalisation -------------------------------------------------------------
+    @property
+    def image_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` per channel that the input images are normalised with; losses that
+        compare with the image itself (``infopro``) restore it with these. Defaults to the timm
+        model's ``pretrained_cfg`` mean/std, else ImageNet's; set it when your data is normalised
+        otherwise (``auglocal-train`` sets the dataset's). Saved with the net (``options``).
+
+        Example:
+            >>> net.image_stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # CIFAR-10
+        """
+        self._apply_image_stats()  # a loaded net's, from its checkpoint's options
+        return self._image_stats
+
+    @image_stats.setter
+    def image_stats(self, stats) -> None:
+        mean, std = (tuple(float(v) for v in s) for s in stats)
+        self.options["image_stats"] = [list(mean), list(std)]
+        self._apply_image_stats()
+
+    def _apply_image_stats(self) -> None:
+        """Hand ``options["image_stats"]`` (set above, or restored from a checkpoint) to the losses."""
+        saved = self.options.get("image_stats")
+        if saved is None:
+            return
+        stats = tuple(tuple(v) for v in saved)
+        if stats != self._image_stats:
+            self._image_stats = stats
+            for loss in self.aux_losses:
+                loss.set_image_stats(*stats)
 
     def _check_fixed_args(self, args: tuple, kwargs: dict) -> None:
         """Accept arguments after the input only at the values they were fixed to at conversion."""
@@ -101,7 +138,9 @@ class AugLocalNet(nn.Module):
         its own backward, while the next block computes.
         """
         tops = list(self.aux) + [self.head]
-        return [LocalUnit(block, top, self.recompute) for block, top in zip(self.blocks, tops)]
+        losses = list(self.aux_losses) or [None] * len(self.aux)
+        return [LocalUnit(block, top, self.recompute, loss)
+                for block, top, loss in zip(self.blocks, tops, [*losses, None])]
 
     def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
                       autocast_dtype: torch.dtype | None = None, units=None,
@@ -109,7 +148,8 @@ class AugLocalNet(nn.Module):
                       optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
 
-        ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too.
+        ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too, or,
+        where the rule brings its own local loss (``infopro``, ``predsim``), is handed to it.
         ``autocast_dtype`` (``torch.bfloat16``, ``torch.float16``) runs every forward pass and loss
         under autocast and every backward outside it. ``scaler`` (a ``torch.amp.GradScaler``, for
         float16) scales each unit's loss before its backward; the losses returned are unscaled, and
@@ -120,6 +160,7 @@ class AugLocalNet(nn.Module):
         scheduler.
         """
         self._check_size(tuple(x.shape[1:]))
+        self._apply_image_stats()  # a loaded net's saved stats reach its losses before the first step
         units = self.local_units() if units is None else units
         return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler, optimizer)
 
@@ -174,6 +215,28 @@ class AugLocalNet(nn.Module):
     def save(self, path) -> None:
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
         save_net(self, path)
+
+
+def _model_image_stats(model: nn.Module, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """timm's ``pretrained_cfg`` mean/std when they fit the input's channels, else ImageNet's (one
+    channel: their average)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != channels or len(std) != channels:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if channels != len(mean):
+            mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _build_losses(plan: Plan, head: nn.Module, mean: tuple, std: tuple) -> list[nn.Module]:
+    """The rule's ``LocalLoss`` for every aux net, or none when the rule has no loss of its own."""
+    rule = get_rule(plan.config.rule)
+    if rule.build_loss is None:
+        return []
+    classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
+    return [rule.build_loss(AuxContext(plan, recipe, [], head, classes, image_mean=mean, image_std=std))
+            for recipe in plan.aux]
 
 
 def _same_value(value, fixed) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import AugLocalError
+from .light_head import light_head_info
 from .plan import LayerInfo, Plan
 from .registry import Registry
 
@@ -160,38 +161,57 @@ def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Ex
 
 
 # -- the cost model ---------------------------------------------------------------------------------
-def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int]) -> int:
+def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int],
+                  light: bool = False) -> int:
     """Estimated activation bytes (per sample) of an aux net that copies layers ``selected`` after a
-    block ending at layer ``last``.
+    block ending at layer ``last`` (``light``: then a light head instead of the model's head).
 
     Copied layers see the shapes they see in the backbone, so they save what they save there; a
     (C, H, W) adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
-    the head copy saves what the head does.
+    the head copy saves what the head does, a light head what ``light_head_info`` estimates.
     """
-    total, bundle = head.act_bytes, layers[last].bundle
-    for j in [*selected, len(layers)]:
+    total, bundle = 0, layers[last].bundle
+    for j in _copy_steps(layers, selected, light):
         into = layers[j - 1].bundle  # what layer j (or the head) takes
         if into != bundle:
             total += sum(4 * math.prod(t) for t in into if len(t) == 3)  # float32, as profiled
         bundle = layers[j].bundle if j < len(layers) else into
-    return total + sum(layers[j].act_bytes for j in selected)
+    return total + _aux_head(layers, head, last, selected, light).act_bytes + sum(layers[j].act_bytes for j in selected)
 
 
-def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int]) -> int:
+def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool = False) -> int:
     """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
-    profiled, plus a 1x1 conv (or linear) and norm per adapter where the channels change."""
-    total, bundle = head.params, layers[last].bundle
-    for j in [*selected, len(layers)]:
+    profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
+    channels change."""
+    total, bundle = 0, layers[last].bundle
+    for j in _copy_steps(layers, selected, light):
         into = layers[j - 1].bundle
         if into != bundle:
             total += sum(_adapter_params(a, b) for a, b in zip(bundle[-len(into):], into))
         bundle = layers[j].bundle if j < len(layers) else into
-    return total + sum(layers[j].params for j in selected)
+    return total + _aux_head(layers, head, last, selected, light).params + sum(layers[j].params for j in selected)
+
+
+def _copy_steps(layers: list[LayerInfo], selected: list[int], light: bool) -> list[int]:
+    """The steps of an aux net an adapter may precede: its copies, and the head unless light
+    (a light head takes whatever it is handed)."""
+    return list(selected) if light else [*selected, len(layers)]
+
+
+def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool) -> LayerInfo:
+    """What an aux net ends with: the model's head, or a light head on the newest tensor it is handed."""
+    if not light:
+        return head
+    fed = layers[selected[-1] if selected else last]
+    return light_head_info(fed.bundle[-1], fed.layouts[-1], head.out_shape[-1] if head.out_shape else 0)
 
 
 def _adapter_params(src: list[int], dst: list[int]) -> int:
-    """A (C, H, W) map's 1x1 conv + norm, or a (T, D) sequence's linear, where the channels change."""
+    """A (C, H, W) map's 1x1 conv + norm wherever the shape changes (a strided conv when only the
+    resolution does), or a (T, D) sequence's linear where the channels change."""
     c, c2 = (src[0] if len(src) == 3 else src[-1] if src else 0), (dst[0] if len(dst) == 3 else dst[-1] if dst else 0)
+    if len(src) == len(dst) == 3 and src != dst:
+        return c * c2 + 2 * c2
     if c == c2:
         return 0
     return c * c2 + (2 * c2 if len(dst) == 3 else c2)
@@ -205,7 +225,8 @@ def unit_act_bytes(plan: Plan) -> list[int]:
         own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
         if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
             recipe = plan.aux[b.index]
-            own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers)
+            own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
+                                                     recipe.light_head)
         else:  # the head runs in the same unit: what it shares with the last layer counts once
             own += plan.head.act_bytes - plan.head.shared_bytes
         out.append(own)

@@ -67,11 +67,13 @@ class BlockInfo:
 
 @dataclass
 class AuxRecipe:
-    """Aux net of one block: copies of ``selected_layers`` (pyramid ``depth``) then the head."""
+    """Aux net of one block: copies of ``selected_layers`` (pyramid ``depth``) then the head, or a
+    light head (``light_head``: the plan's ``aux_head`` policy found the model's head too heavy to copy)."""
 
     block: int
     selected_layers: list[int]
     depth: int
+    light_head: bool = False
     adapters: list[str] = field(default_factory=list)  # filled when the aux net is built
     params: int = 0
     flops: int = 0  # forward FLOPs for one sample
@@ -95,6 +97,7 @@ class PlanConfig:
     batch: int = 32  # the batch the memory estimate (and balance="memory") assumes; auglocal-train: the recipe's
     recompute: str = "none"  # what each unit recomputes in its backward: "none", "block", "aux" (recompute.py)
     aux_dtype: str = "float32"  # the aux nets' weights, gradients and optimizer state: "float32", "bfloat16"
+    aux_head: str = "auto"  # what aux nets end with: "copy" (the head), "light", "auto" (light_head.py)
 
 
 @dataclass
@@ -177,7 +180,8 @@ class Plan:
         c = self.config
         title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
                  f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "
-                 f"rule={c.rule}, aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail}; "
+                 f"rule={c.rule}, aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail}, "
+                 f"aux_head={c.aux_head}; "
                  "FLOPs and activation memory per sample)")
         t = Table(title=title, title_justify="left")
         for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"), ("tensors", "right"),
@@ -203,7 +207,7 @@ class Plan:
                 _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
                 f"{self.block_sum(b, 'act_bytes') / 2**20:,.2f}",
                 str(aux.depth) if aux else "-",
-                (", ".join(map(str, aux.selected_layers)) or "head only") if aux else "final head",
+                _copies(aux) if aux else "final head",
                 ", ".join(aux.adapters) if aux and aux.adapters else "",
                 _si(aux.params) if aux else "", f"{aux.flops / 1e6:,.1f}" if aux else "", *extra,
             )
@@ -213,6 +217,14 @@ class Plan:
                   "x".join(map(str, h.out_shape)), "", _si(h.params), f"{h.flops / 1e6:,.1f}",
                   f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "", *([""] * (2 * bool(memory))))
         return t
+
+
+def _copies(aux: AuxRecipe) -> str:
+    """The plan table's ``aux copies`` cell: the copied layers, and "light head" where the head is not copied."""
+    copied = ", ".join(map(str, aux.selected_layers))
+    if aux.light_head:
+        return f"{copied} + light head" if copied else "light head only"
+    return copied or "head only"
 
 
 def _memory_caption(m: dict) -> str:

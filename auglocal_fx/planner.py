@@ -23,6 +23,7 @@ from .errors import AugLocalError
 from .footprint import unit_bytes
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .layouts import CHANNELS_LAST, layout_of
+from .light_head import check_aux_head, wants_light_head
 from .models import default_input_size, registered_name
 from .modes import eval_mode
 from .partition import Extra, UnitCost, aux_act_bytes, aux_params, get_balance
@@ -195,18 +196,19 @@ def _nbytes(shape: list[int], kind: str) -> int:
 
 
 def _aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-               tail: str) -> Extra:
+               tail: str, light: bool) -> Extra:
     """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
     block that trains with the model's head, the head) holds alive beside the block's own activations."""
-    aux = _aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True)
+    aux = _aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light)
     return lambda j, last: aux(j, last)[1]
 
 
 def _aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-                 tail: str, copies: bool):
+                 tail: str, copies: bool, light: bool = False):
     """``(j, last) -> (params, activation bytes per sample)`` of what block j trains with beside its
-    own layers: its aux net (estimated from the copies; nothing for a rule whose aux nets copy no
-    layers) or, for the block that trains with the model's head, the head. Memoised."""
+    own layers: its aux net (estimated from the copies, ending with a light head when ``light``;
+    nothing for a rule whose aux nets copy no layers) or, for the block that trains with the model's
+    head, the head. Memoised."""
     kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))  # blocks left after the tail
     depths = pyramid_depths(kept - 1, aux_depth, pyramid)
     n = len(layers)
@@ -218,7 +220,8 @@ def _aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_dept
         if not copies:
             return 0, 0
         selected = select_layers(last, n, depths[j])
-        return aux_params(layers, head, last, selected), aux_act_bytes(layers, head, last, selected)
+        return (aux_params(layers, head, last, selected, light),
+                aux_act_bytes(layers, head, last, selected, light))
 
     return figures
 
@@ -280,6 +283,7 @@ def build_plan(
     batch: int = 32,
     recompute: str = "none",
     aux_dtype: str = "float32",
+    aux_head: str = "auto",
     analysis: Analysis | None = None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
@@ -290,7 +294,8 @@ def build_plan(
     such as ``["stem", "blocks.*"]``) names the layers when the automatic grouping gets them wrong.
     ``batch`` is the batch size the memory estimate assumes, and ``balance="memory"`` minimises
     the step's peak at (``footprint.estimate_footprint``), for the net's ``recompute`` and
-    ``aux_dtype`` (``AugLocalNet``).
+    ``aux_dtype`` (``AugLocalNet``). ``aux_head`` says whether aux nets end with a copy of the
+    model's head or a light head (``light_head.wants_light_head``).
 
     Example:
         >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
@@ -299,10 +304,12 @@ def build_plan(
     """
     tau = _check_planning(aux_depth, pyramid, tail)
     batch, recompute, aux_dtype = _check_batch(batch), check_recompute(recompute), check_aux_dtype(aux_dtype)
+    aux_head = check_aux_head(aux_head)
     policy, kind = get_balance(balance), get_rule(rule)
     a = analysis or analyze_model(model, input_size, max_bundle, layers, output)
     patterns = list(layers) if layers is not None else None
     layers, head = layer_infos(a)
+    light = kind.copies_layers and wants_light_head(aux_head, head.params, sum(x.params for x in layers) + head.params)
     if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
         blocks = 1
     name = model_name or registered_name(model)
@@ -314,20 +321,20 @@ def build_plan(
         raise AugLocalError.bad_value("blocks", blocks, f"is out of range for {name} (it has {n} layers): "
                                       f"use 1..{n}")
     if policy.split_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
-        aux = _aux_figures(layers, head, blocks, aux_depth, tau, tail, copies=kind.copies_layers)
+        aux = _aux_figures(layers, head, blocks, aux_depth, tau, tail, copies=kind.copies_layers, light=light)
         kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))
         unit = _unit_cost(layers, aux, batch, lambda j: j < kept - 1, recompute=recompute, aux_dtype=aux_dtype)
         groups = policy.split_units(n, blocks, unit)
     else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
-        extra = (_aux_extra(layers, head, blocks, aux_depth, tau, tail)
+        extra = (_aux_extra(layers, head, blocks, aux_depth, tau, tail, light)
                  if policy.weighs_aux and kind.copies_layers else None)
         groups = policy.split([policy.layer_cost(x) for x in layers], blocks, extra)
     groups = apply_tail(groups, aux_depth, tail)
-    aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind)
+    aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind, light)
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
                         tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
                         max_bundle=a.max_bundle, layers=patterns, output=a.output, batch=batch,
-                        recompute=recompute, aux_dtype=aux_dtype)
+                        recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head)
     notes = a.output_notes + _granularity_notes(name, model, a)
     return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
 
@@ -344,11 +351,12 @@ def _granularity_notes(name: str, model: nn.Module, a: Analysis) -> list[str]:
     return [f"{what}: {why} (a cut may hand on at most max_bundle={a.max_bundle} tensors)"]
 
 
-def _aux_recipes(groups: list[list[int]], n: int, aux_depth: int, tau: float, kind: Rule) -> list[AuxRecipe]:
+def _aux_recipes(groups: list[list[int]], n: int, aux_depth: int, tau: float, kind: Rule,
+                 light: bool) -> list[AuxRecipe]:
     depths = pyramid_depths(len(groups) - 1, aux_depth, tau)
     aux = []
     for i, (g, d) in enumerate(zip(groups[:-1], depths)):
         selected = select_layers(g[-1], n, d) if kind.copies_layers else []  # other rules copy nothing
-        aux.append(AuxRecipe(block=i, selected_layers=selected, depth=len(selected)))  # near the output fewer remain
+        aux.append(AuxRecipe(block=i, selected_layers=selected, depth=len(selected), light_head=light))  # near the output fewer remain
     return aux
 

@@ -42,7 +42,8 @@ def _run_units(net: nn.Module, h: torch.Tensor, size: tuple) -> None:
         for i, unit in enumerate(units):
             what = f"block {i}" if i == len(units) - 1 else f"block {i} or its aux net"
             try:
-                out, logits = call(unit, h)
+                out, top = call(unit, h)
+                logits = unit.logits(top)
             except Exception as exc:  # any op may refuse a shape: report it as the user's size problem
                 raise AugLocalError(_message(what, size, planned, first_line(exc, 200))) from exc
             if isinstance(logits, torch.Tensor) and size == planned and tuple(logits.shape) != want:

@@ -1,8 +1,8 @@
 """Pass 4b — synthesize: build every block's aux net from the plan, with the plan's rule.
 
-The rule (``rules/``) builds the module; this pass initialises it (``AUX_INITS``), and records
-in the plan's aux recipes what was built: adapters, parameter count, forward FLOPs and the bytes
-it saves for backward.
+The rule (``rules/``) builds the module; this pass initialises it (``aux_init.AUX_INITS``), and
+records in the plan's aux recipes what was built: adapters, parameter count, forward FLOPs and the
+bytes it saves for backward.
 """
 
 from __future__ import annotations
@@ -15,42 +15,31 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import Adapter, norm2d_like
+from .aux_init import AUX_INITS, reset_parameters
 from .bundles import Chain, PickLast
+from .light_head import LightHead
 from .memory import SavedTensorMeter
 from .modes import eval_mode
 from .partition import aux_act_bytes
 from .plan import AuxRecipe, Plan
 from .profiler import fake_state
-from .registry import Registry
 from .rules import AuxContext, get_rule
 
 __all__ = ["AUX_INITS", "reset_parameters", "synthesize_aux"]
 
 
-def reset_parameters(module: nn.Module) -> nn.Module:
-    """Re-initialise every submodule that knows how (``reset_parameters``), as a fresh layer would be."""
-    for m in module.modules():
-        fn = getattr(m, "reset_parameters", None)
-        if callable(fn) and m is not module:
-            fn()
-    return module
-
-
-# How a freshly built aux net's weights start: what each name does to the module.
-AUX_INITS: Registry[Callable[[nn.Module], nn.Module]] = Registry("aux_init", "an aux init")
-AUX_INITS.register("fresh", reset_parameters)  # new layers, as the paper's code builds them
-AUX_INITS.register("copy", lambda aux: aux)  # the copied layers keep the backbone's current weights
-
-
 def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_head: nn.Module,
-                   aux_init: str = "fresh") -> list[nn.Module]:
+                   aux_init: str | Callable[[nn.Module], nn.Module] = "model",
+                   model_kwargs: dict | None = None) -> list[nn.Module]:
     """One aux net per ``plan.aux`` recipe (none for a rule without aux nets); fills each recipe's
     ``adapters``, ``params`` and ``flops``. ``layers`` / ``layer_head`` are the per-layer graph
-    pieces from ``emit_pieces`` that copying rules copy."""
-    init = AUX_INITS.lookup(aux_init)
+    pieces from ``emit_pieces`` that copying rules copy. ``aux_init`` is a name in ``AUX_INITS``
+    (prepared here, with ``model_kwargs``) or an init already prepared (``AuxInit.prepare``)."""
     rule = get_rule(plan.config.rule)
+    found = AUX_INITS.lookup(aux_init) if isinstance(aux_init, str) else None
     if rule.one_block:
         return []
+    init = found.prepare(model, model_kwargs) if found is not None else aux_init
     classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
     norm2d = norm2d_like(model)
     nets = []
@@ -63,7 +52,7 @@ def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_
         if rule.copies_layers:  # copies save what the profiled layers do
             recipe.flops = _copied_flops(aux, recipe, plan)
             recipe.act_bytes = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
-                                             recipe.selected_layers)
+                                             recipe.selected_layers, recipe.light_head)
         else:
             recipe.flops, recipe.act_bytes = _profile(aux, _in_shape(plan, recipe))
         nets.append(aux)
@@ -76,9 +65,12 @@ def _in_shape(plan: Plan, recipe: AuxRecipe) -> list[int]:
 
 def _copied_flops(aux: nn.Module, recipe: AuxRecipe, plan: Plan) -> int:
     """Forward FLOPs per sample of an aux net made of copied layers: they see the shapes they see
-    in the backbone, so their FLOPs are the profiled ones; only adapters are counted anew."""
-    copied = sum(plan.layers[j].flops for j in recipe.selected_layers) + plan.head.flops
-    return copied + sum(_flops(a, a.in_shape) for a in aux.modules() if isinstance(a, Adapter))
+    in the backbone, so their FLOPs are the profiled ones; only adapters and a light head are
+    counted anew."""
+    copied = sum(plan.layers[j].flops for j in recipe.selected_layers)
+    if not recipe.light_head:
+        copied += plan.head.flops
+    return copied + sum(_flops(a, a.in_shape) for a in aux.modules() if isinstance(a, Adapter | LightHead))
 
 
 def _flops(module: nn.Module, shape: list[int]) -> int:

@@ -14,7 +14,8 @@ __all__ = ["assert_gradient_isolation"]
 
 def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor) -> None:
     """No parameter is trained by two losses, and each block's gradient in a joint ``training_step``
-    equals the gradient of its own local loss alone (blocks before it run without a graph)."""
+    equals the gradient of its own local loss alone (blocks before it run without a graph); the
+    local loss is the rule's own where it brings one."""
     net.train()
     state = copy.deepcopy(net.state_dict())
     net.zero_grad(set_to_none=True)
@@ -34,8 +35,9 @@ def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor) -> None:
             for j in range(i):
                 h = call(net.blocks[j], h)
         out = call(net.blocks[i], h)
-        logits = call(net.aux[i], out) if i < k - 1 else call(net.head, out)
-        F.cross_entropy(logits, y).backward()
+        unit = net.local_units()[i]  # the rule's own loss where it has one, else cross-entropy
+        loss, _ = unit.local_loss(call(unit.top, out), y, x, F.cross_entropy)
+        loss.backward()
         for p, g in zip(groups[i], together[i]):
             if g is None:
                 assert p.grad is None

@@ -240,10 +240,10 @@ def test_bad_arguments():
         to_auglocal(model, input_size=(3, 32, 32))
 
 
-@pytest.mark.parametrize("rule", ["auglocal", "dgl"])
+@pytest.mark.parametrize("rule", ["auglocal", "dgl", "infopro"])
 @pytest.mark.parametrize("norm,expected", [("batchnorm2d", nn.BatchNorm2d), ("groupnorm1", nn.GroupNorm)])
 def test_aux_nets_normalise_like_the_model(rule, norm, expected):
-    """Adapters and DGL heads use the model's own kind of norm: a GroupNorm model gets no batch statistics."""
+    """Adapters, DGL and InfoPro heads use the model's own kind of norm: a GroupNorm model gets no batch statistics."""
     model = timm.create_model("resnet20_cifar", norm_layer=norm)
     net = to_auglocal(model, 4, rule=rule, input_size=(3, 16, 16))
     added = [m for m in net.aux.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]

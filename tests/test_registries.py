@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from auglocal_fx import AugLocalError, to_auglocal
+from auglocal_fx.aux_init import AUX_INITS
 from auglocal_fx.cli.convert import parser as convert_parser
 from auglocal_fx.cli.export import parser as export_parser
 from auglocal_fx.export import EXPORTERS
+from auglocal_fx.light_head import AUX_HEADS
 from auglocal_fx.partition import BALANCERS, Balance, min_max_partition, register_balance
 from auglocal_fx.rules import RULES, Rule, auglocal, register_rule
 from auglocal_fx.selection import TAILS
-from auglocal_fx.synthesize import AUX_INITS
 from auglocal_fx.training import recipe_from_dict
 from auglocal_fx.training.config import ConversionSection, DataSection, OptimizerSection, ScheduleSection
 from auglocal_fx.training.data import DATASETS
@@ -36,15 +37,17 @@ def _field_choices(section, name: str) -> tuple:
 
 
 def test_cli_and_recipe_choices_come_from_the_registries():
-    assert _choices(convert_parser, "--rule") == list(RULES) == ["auglocal", "bp", "dgl"]
+    assert _choices(convert_parser, "--rule") == list(RULES) == ["auglocal", "bp", "dgl", "infopro", "predsim"]
     assert _choices(convert_parser, "--balance") == list(BALANCERS)
     assert _choices(convert_parser, "--tail") == list(TAILS)
-    assert _choices(convert_parser, "--aux-init") == list(AUX_INITS)
+    assert _choices(convert_parser, "--aux-init") == list(AUX_INITS) == ["model", "fresh", "copy"]
+    assert _choices(convert_parser, "--aux-head") == list(AUX_HEADS) == ["copy", "light", "auto"]
     assert _choices(export_parser, "--exporter") == list(EXPORTERS)
     assert _field_choices(ConversionSection, "rule") == tuple(RULES)
     assert _field_choices(ConversionSection, "balance") == tuple(BALANCERS)
     assert _field_choices(ConversionSection, "tail") == tuple(TAILS)
     assert _field_choices(ConversionSection, "aux_init") == tuple(AUX_INITS)
+    assert _field_choices(ConversionSection, "aux_head") == tuple(AUX_HEADS)
     assert _field_choices(DataSection, "dataset") == tuple(DATASETS)
     assert _field_choices(OptimizerSection, "name") == tuple(OPTIMIZERS)
     assert _field_choices(ScheduleSection, "name") == tuple(SCHEDULES)
@@ -87,9 +90,9 @@ def test_a_registered_balance_is_selectable():
 
 
 def test_unknown_names_list_the_registered_choices():
-    with pytest.raises(AugLocalError, match=r"^rule='hebbian' is not a rule; choose one of auglocal, bp, dgl$"):
+    with pytest.raises(AugLocalError, match=r"^rule='hebbian' is not a rule; choose one of auglocal, bp, dgl, infopro, predsim$"):
         to_auglocal(cifar_resnet(1), 2, rule="hebbian", input_size=SIZE)
-    with pytest.raises(AugLocalError, match=r"^aux_init='warm' is not an aux init; choose one of fresh, copy$"):
+    with pytest.raises(AugLocalError, match=r"^aux_init='warm' is not an aux init; choose one of model, fresh, copy$"):
         to_auglocal(cifar_resnet(1), 2, aux_init="warm", input_size=SIZE)
 
 

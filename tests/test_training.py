@@ -21,6 +21,7 @@ from auglocal_fx import load_auglocal
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.errors import AugLocalError
 from auglocal_fx.training import load_recipe, train
+from auglocal_fx.training.data import DATASETS
 from auglocal_fx.training.datasets import IdxImages
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -107,7 +108,7 @@ BAD_RECIPES = [
     ({"epochs": "ten"}, ["recipe key epochs must be an integer", "'ten'"]),
     ({"optimizer.lr": "fast"}, ["recipe key optimizer.lr must be a number"]),
     ({"bf16": "yes"}, ["recipe key bf16 must be true or false"]),
-    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, bp, dgl"]),
+    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, bp, dgl, infopro, predsim"]),
     ({"data.dataset": "mnist"}, ["recipe key data.dataset", "fashion_mnist"]),
     ({"conversion.blocks": 0}, ["conversion.blocks must be at least 1"]),
     ({"conversion.pyramid": 1.5}, ["conversion.pyramid must lie in [0, 1]"]),
@@ -221,7 +222,7 @@ def test_missing_fashion_mnist_says_how_to_install(tmp_path, capsys):
 
 
 # -- training runs -------------------------------------------------------------------------------
-@pytest.mark.parametrize("rule", ["auglocal", "dgl", "bp"])
+@pytest.mark.parametrize("rule", ["auglocal", "dgl", "bp", "infopro", "predsim"])
 def test_short_run_per_rule(tmp_path, capsys, rule):
     recipe = tiny_recipe(tmp_path, rule, epochs=1)
     assert train_main([str(write_recipe(tmp_path, recipe))]) == 0
@@ -239,6 +240,7 @@ def test_short_run_per_rule(tmp_path, capsys, rule):
     # the checkpoint rebuilds the trained net (bp: the whole model is one block) with the trained weights
     net = load_auglocal(out / "last.pt")
     assert (len(net.blocks), len(net.aux)) == (1 if rule == "bp" else 4, n_aux)
+    assert net.image_stats == DATASETS["synthetic"].stats  # what the loader normalised with (infopro restores it)
     saved = torch.load(out / "last.pt", weights_only=False)["model_state"]
     assert all(torch.equal(v, saved[k]) for k, v in net.model.state_dict().items())
     x = torch.randn(2, 3, 16, 16)

@@ -14,6 +14,7 @@ from ..compiler import to_auglocal
 from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalWarning, reword
 from ..footprint import memory_summary
+from ..light_head import AUX_HEADS
 from ..models import create_model
 from ..partition import BALANCERS
 from ..planner import check_input_size
@@ -28,7 +29,8 @@ PROG = "auglocal-convert"
 FLAGS = {"blocks": "--blocks", "aux_depth": "--aux-depth", "pyramid": "--pyramid", "balance": "--balance",
          "tail": "--tail", "rule": "--rule", "aux_init": "--aux-init", "input_size": "--input-size",
          "num_classes": "--num-classes", "max_bundle": "--max-bundle", "layers": "--layers", "batch": "--batch",
-         "recompute": "--recompute", "aux_dtype": "--aux-dtype"}
+         "recompute": "--recompute", "aux_dtype": "--aux-dtype",
+         "aux_head": "--aux-head"}
 
 
 def _listing(registry) -> str:
@@ -58,8 +60,11 @@ def parser() -> argparse.ArgumentParser:
                         "(default: timm's group_matcher / the module tree, refined to repeated blocks)")
     p.add_argument("--rule", choices=list(RULES), default="auglocal",
                    help=f"what trains each block ({_listing(RULES)})")
-    p.add_argument("--aux-init", choices=AUX_INITS, default="fresh",
-                   help="fresh: re-initialise copied layers (paper); copy: keep the backbone's weights")
+    p.add_argument("--aux-init", choices=list(AUX_INITS), default="model",
+                   help=f"how aux nets' weights start ({_listing(AUX_INITS)})")
+    p.add_argument("--aux-head", choices=AUX_HEADS, default="auto",
+                   help="what aux nets end with: copy: the model's head; light: global pool + small MLP; auto: "
+                        "light when the head holds over 25%% of the model's parameters (VGG), else copy")
     p.add_argument("--batch", type=int, default=32,
                    help="the batch size the memory estimate and --balance memory assume (default 32)")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none",
@@ -91,7 +96,7 @@ def _main(argv=None) -> int:
                           balance=args.balance, tail=args.tail, aux_init=args.aux_init, rule=args.rule,
                           input_size=args.input_size, model_name=args.model, num_classes=args.num_classes,
                           max_bundle=args.max_bundle, layers=args.layers, batch=args.batch,
-                          recompute=args.recompute, aux_dtype=args.aux_dtype)
+                          recompute=args.recompute, aux_dtype=args.aux_dtype, aux_head=args.aux_head)
     plan = net.plan
     memory = memory_summary(plan)  # derived figures: printed and written beside the plan, not part of it
     for note in plan.notes:

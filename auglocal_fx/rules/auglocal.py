@@ -1,5 +1,6 @@
 """The AugLocal rule: each aux net is copies of the plan's selected downstream layers (a shape
-adapter wherever a copy would see another shape than in the backbone), then a copy of the head.
+adapter wherever a copy would see another shape than in the backbone), then a copy of the head,
+or a light head where the plan says so (``AuxRecipe.light_head``; ``light_head.py``).
 
 Copied layers are graph pieces of the same model, so where the backbone hands a bundle (several
 tensors) into a layer, its copy takes a bundle too; adapters act per tensor
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..adapters import bundle_sources, make_bundle_adapter
 from ..bundles import Chain
+from ..light_head import light_head
 from .rule import AuxContext, Rule, register_rule
 
 __all__ = ["build_aux"]
@@ -24,9 +26,13 @@ def build_aux(ctx: AuxContext) -> nn.Module:
     steps = [*ctx.recipe.selected_layers, len(plan.layers)]  # the copied layers, then the head
     pieces = [ctx.layers[j] if j < len(plan.layers) else ctx.head for j in steps]
     fed = [last, *steps[:-1]]  # the layer whose bundle each step is fed from
-    needed = _needed_inputs(plan, steps, pieces, fed)
+    light = ctx.recipe.light_head
+    needed = _needed_inputs(plan, steps, pieces, fed, light)
     mods: list[nn.Module] = []
     for j, piece, need, f in zip(steps, pieces, needed, fed):
+        if light and j == len(plan.layers):  # takes what it is handed: no adapter
+            mods.append(light_head(plan.layers[f].bundle, plan.layers[f].layouts, ctx.num_classes))
+            break
         adapter = make_bundle_adapter(plan.layers[f].bundle, plan.bundle_into(j), ctx.norm2d,
                                       _kinds(plan, f), _kinds(plan, j - 1), need,
                                       plan.layers[f].layouts, plan.layouts_into(j))
@@ -42,12 +48,16 @@ def _kinds(plan, j: int) -> list[str]:
     return layer.crossing_dtypes or ["float32"] * len(layer.bundle)
 
 
-def _needed_inputs(plan, steps: list[int], pieces: list, fed: list[int]) -> list[list[bool]]:
+def _needed_inputs(plan, steps: list[int], pieces: list, fed: list[int], light: bool = False) -> list[list[bool]]:
     """For each step, which tensors of the bundle it takes are read downstream: by the step itself,
-    or handed on to a later step that reads them. The head reads whatever it takes."""
+    or handed on to a later step that reads them. The head reads whatever it takes; a light head,
+    the newest tensor it is handed."""
     needed: list[list[bool]] = [[]] * len(steps)
     read_after: set[int] = set()  # output slots of the current step that later steps read
     for i in range(len(steps) - 1, -1, -1):
+        if light and i == len(steps) - 1:
+            read_after = {len(plan.layers[fed[i]].bundle) - 1}
+            continue
         slots = len(plan.bundle_into(steps[i]))
         if i == len(steps) - 1:
             need = [True] * slots

@@ -1,8 +1,10 @@
-"""What a rule is: what trains each block besides the block itself — its aux net — and the registry.
+"""What a rule is: what trains each block besides the block itself — its aux net and its local
+loss — and the registry.
 
 Each rule lives in a module of its own in this package and registers a ``Rule``; callers ask the
-rule what they need to know (does it build aux nets, are they copies of later layers) instead of
-comparing names, and every list of choices (CLI flags, recipe keys) comes from ``RULES``.
+rule what they need to know (does it build aux nets, are they copies of later layers, does it
+bring its own loss) instead of comparing names, and every list of choices (CLI flags, recipe keys)
+comes from ``RULES``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from torch import nn
 from ..plan import AuxRecipe, Plan
 from ..registry import Registry
 
-__all__ = ["AuxContext", "Rule", "RULES", "register_rule", "get_rule"]
+__all__ = ["AuxContext", "IMAGENET_MEAN", "IMAGENET_STD", "LocalLoss", "Rule", "RULES", "register_rule", "get_rule"]
+
+# what the input is normalised with when the model says nothing (timm's default, torchvision's too)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -28,6 +34,10 @@ class AuxContext:
     head: nn.Module  # the model's head as a graph piece
     num_classes: int
     norm2d: Callable[[int], nn.Module] = nn.BatchNorm2d  # the model's kind of 2-d norm (norm2d_like)
+    # what the input images were normalised with (per channel), so a loss can restore them;
+    # ``AugLocalNet.image_stats`` changes them after conversion (the trainer sets the dataset's)
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
 
     @property
     def in_shape(self) -> list[int]:
@@ -39,6 +49,49 @@ class AuxContext:
         """"nhwc" when the block's output is a channels-last map (``in_shape`` is then H, W, C), else ""."""
         return self.plan.layers[self.plan.blocks[self.recipe.block].layers[-1]].layouts[-1]
 
+    @property
+    def index(self) -> int:
+        """Which aux net this is: 0 .. ``num_aux`` - 1, in block order."""
+        return next(i for i, r in enumerate(self.plan.aux) if r.block == self.recipe.block)
+
+    @property
+    def num_aux(self) -> int:
+        """How many aux nets the net has (M - 1 for M blocks)."""
+        return len(self.plan.aux)
+
+    @property
+    def image_shape(self) -> list[int]:
+        """Per-sample shape of the model's input, e.g. [3, 32, 32]."""
+        return list(self.plan.config.input_size)
+
+    @property
+    def max_channels(self) -> int:
+        """The widest activation any layer hands on (channels of a map, D of tokens)."""
+        return max((_channels(layer.out_shape, layer.layouts[-1]) for layer in self.plan.layers), default=0)
+
+
+def _channels(shape: list[int], layout: str) -> int:
+    if not shape:
+        return 0
+    return shape[-1] if len(shape) != 3 or layout == "nhwc" else shape[0]
+
+
+class LocalLoss(nn.Module):
+    """A rule's local loss for one aux net: parameter-free (buffers may hold constants).
+
+    ``loss(out, target, image, criterion)`` returns ``(loss, logits)``: ``out`` is what the aux
+    net returned (a tensor or a tuple), ``target`` the labels, ``image`` the model's input batch
+    (normalised, as the model sees it), ``criterion`` the step's ``loss_fn`` (cross-entropy by
+    default). ``logits`` is what aux accuracy is measured on; ``logits(out)`` gives it without a
+    loss (test accuracy). It runs in float32, outside autocast.
+    """
+
+    def logits(self, out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def set_image_stats(self, mean, std) -> None:
+        """The per-channel mean and std the input is normalised with (for losses that restore it)."""
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -47,13 +100,19 @@ class Rule:
     ``build_aux(ctx)`` returns block ``ctx.recipe.block``'s aux net; a rule without one (``bp``)
     trains the whole model as one block. ``copies_layers``: the aux nets are copies of the
     uniformly selected downstream layers, so selection and pyramid depths apply, and their cost is
-    known from the backbone's profile.
+    known from the backbone's profile. ``build_loss(ctx)`` returns that aux net's ``LocalLoss``;
+    without one, an aux net's loss is the step's ``loss_fn`` on its output (cross-entropy).
+
+    Example:
+        >>> register_rule(Rule("infopro_r110", "InfoPro with ResNet-110's weights", infopro.build_aux,
+        ...                    build_loss=functools.partial(infopro.build_loss, rec=(5, 0.5), cls=(0, 1))))
     """
 
     name: str
     summary: str  # one line, for --help and the README
     build_aux: Callable[[AuxContext], nn.Module] | None = None
     copies_layers: bool = False
+    build_loss: Callable[[AuxContext], LocalLoss] | None = None
 
     @property
     def one_block(self) -> bool:

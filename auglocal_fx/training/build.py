@@ -69,9 +69,14 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
         net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance,
                           tail=c.tail, aux_init=c.aux_init, rule=c.rule, input_size=size,
                           model_name=recipe.model.name, max_bundle=c.max_bundle, layers=c.layers,
-                          batch=batch, recompute=c.recompute, aux_dtype=c.aux_dtype)
-    else:  # resuming: the saved plan rebuilds the same blocks and aux nets, no profiling
-        net = to_auglocal(model, plan=plan, aux_init=c.aux_init)
+                          batch=batch, recompute=c.recompute, aux_dtype=c.aux_dtype, aux_head=c.aux_head,
+                          model_kwargs=kwargs)
+    else:  # resuming: the saved plan rebuilds the same blocks and aux nets (no profiling), whose
+        # weights the checkpoint then replaces: nothing to initialise
+        net = to_auglocal(model, plan=plan, aux_init="copy")
+    mean, std = DATASETS[recipe.data.dataset].stats
+    if len(mean) == kwargs["in_chans"]:  # what the loader normalises with: infopro restores the images with it
+        net.image_stats = (mean, std)
     net.to(env.device)
     eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")
     pin = env.device.type == "cuda"

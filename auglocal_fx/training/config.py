@@ -21,6 +21,7 @@ import yaml
 from ..aux_precision import AUX_DTYPES
 from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalError
+from ..light_head import AUX_HEADS
 from ..partition import BALANCERS
 from ..recompute import RECOMPUTE
 from ..rules import RULES
@@ -34,7 +35,7 @@ __all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides", 
 # How a recipe names the library's parameters, for errors the library raises while building a run
 RECIPE_KEYS = {name: f"recipe key conversion.{name} =" for name in
                ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle", "layers",
-                "recompute", "aux_dtype")}
+                "recompute", "aux_dtype", "aux_head")}
 
 
 def _choices(registry):
@@ -72,7 +73,8 @@ class ConversionSection:
     pyramid: float = 0.5
     balance: str = field(default="layers", metadata=_choices(BALANCERS))
     tail: str = field(default="exact", metadata=_choices(TAILS))
-    aux_init: str = field(default="fresh", metadata=_choices(AUX_INITS))
+    aux_init: str = field(default="model", metadata=_choices(AUX_INITS))
+    aux_head: str = field(default="auto", metadata=_choices(AUX_HEADS))  # light_head.py
     max_bundle: int = field(default=MAX_BUNDLE, metadata=_at_least(1))  # the most tensors a cut may hand on
     layers: list[str] | None = None  # module-path globs naming the layers (to_auglocal's layers=)
     recompute: str = field(default="none", metadata=_choices(RECOMPUTE))  # lower memory: recompute.py

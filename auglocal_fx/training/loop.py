@@ -77,6 +77,8 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
     now = recipe.to_dict()
     for section in ("model", "conversion"):
         for key, value in now[section].items():
+            if (section, key) == ("conversion", "aux_init"):  # only the start of a run: resuming loads the weights
+                continue
             if key in saved.get(section, {}) and saved[section][key] != value:  # keys added since: defaults
                 raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
                                     f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "

@@ -1,0 +1,115 @@
+"""Light aux heads (``aux_head``): what an aux net ends with when copying the model's head costs too much.
+
+AugLocal's aux nets end with a copy of the model's head. For most models that is a pooling and a
+linear classifier, a few percent of the parameters; VGG's head is a ConvMlp (a 7x7 conv to 4096
+channels, a 1x1 conv, then the classifier): about 93% of vgg11's parameters, so fifteen copies
+would hold fifteen models. The reference code gives its VGG aux nets a small head instead
+(``exp_imagenet/networks/auxiliary_nets.py``: the flat map pooled to 512, then Linear 512-512,
+BN, ReLU, Linear 512-512, BN, ReLU, Linear to the classes).
+
+Policy (``aux_head``): ``copy`` always copies the head; ``light`` always ends with a light head;
+``auto`` (default) uses a light head when the model's head holds more than ``HEAVY_HEAD_SHARE``
+(a quarter) of the model's parameters: VGG's heads (over 80%) and a few mobile nets' (mobilenetv3's
+conv head + classifier), while ResNets (8%), ViTs and ConvNeXts (a few %) keep their copies.
+
+A light head takes the newest tensor the aux net hands it, with no shape adapter:
+- a map (C, H, W) (or channels-last (H, W, C)): global average pool, then the reference's MLP:
+  Linear(C, 512), BatchNorm1d, ReLU, Linear(512, 512), BatchNorm1d, ReLU, Linear(512, classes)
+  (the reference pools the flat C*H*W vector to 512 numbers; pooling per channel keeps channels
+  apart and does not depend on the resolution);
+- tokens (T, D): the mean over tokens, then Linear(D, classes);
+- a vector (D,): Linear(D, classes).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapters import TokenMean
+from .bundles import Chain, PickLast
+from .errors import AugLocalError
+from .layouts import CHANNELS_LAST
+from .plan import LayerInfo
+
+__all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "check_aux_head", "light_head",
+           "light_head_info", "wants_light_head"]
+
+AUX_HEADS = ("copy", "light", "auto")
+HEAVY_HEAD_SHARE = 0.25  # auto: a head above this share of the model's parameters is not copied
+LIGHT_WIDTH = 512  # the reference's VGG aux head width
+
+
+def check_aux_head(value) -> str:
+    if value not in AUX_HEADS:
+        raise AugLocalError.bad_value("aux_head", value, f"is not an aux head policy; choose one of {', '.join(AUX_HEADS)}")
+    return value
+
+
+def wants_light_head(policy: str, head_params: int, total_params: int) -> bool:
+    """Whether aux nets end with a light head under ``policy`` for a model of ``total_params``
+    parameters of which its head holds ``head_params``."""
+    if policy == "auto":
+        return head_params > HEAVY_HEAD_SHARE * total_params
+    return policy == "light"
+
+
+class _SpatialMean(nn.Module):
+    """(N, C, H, W) -> (N, C), or (N, H, W, C) -> (N, C): the mean over the spatial axes."""
+
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.mean(dim=self.dims)
+
+
+class LightHead(nn.Sequential):
+    """A light head for per-sample input ``in_shape`` (``layout`` "nhwc": a channels-last map)."""
+
+    def __init__(self, in_shape: list[int], layout: str, classes: int):
+        kind, width = _kind(in_shape, layout)
+        if kind == "map":
+            dims = (1, 2) if layout == CHANNELS_LAST else tuple(range(2, len(in_shape) + 1))
+            w = LIGHT_WIDTH
+            mods = [_SpatialMean(dims), nn.Linear(width, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
+                    nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True), nn.Linear(w, classes)]
+        else:
+            mods = ([TokenMean()] if kind == "tokens" else []) + [nn.Linear(width, classes)]
+        super().__init__(*mods)
+        self.in_shape = list(in_shape)  # per sample, for FLOP counts
+        self.summary = f"light head ({'pool, MLP ' + str(LIGHT_WIDTH) if kind == 'map' else 'mean, linear' if kind == 'tokens' else 'linear'})"
+
+
+def _kind(shape: list[int], layout: str) -> tuple[str, int]:
+    """("map" | "tokens" | "vector", channels) of a per-sample shape."""
+    if len(shape) >= 3:
+        return "map", shape[-1] if layout == CHANNELS_LAST else shape[0]
+    if len(shape) == 2:
+        return "tokens", shape[-1]
+    if len(shape) == 1:
+        return "vector", shape[0]
+    raise AugLocalError("a light aux head needs a map, tokens or a vector, not a scalar per sample; "
+                        "use aux_head='copy'")
+
+
+def light_head(bundle: list[list[int]], layouts: list[str], classes: int) -> nn.Module:
+    """The light head for an aux net handing on ``bundle`` (oldest first): it takes the newest tensor."""
+    head = LightHead(bundle[-1], layouts[-1], classes)
+    return head if len(bundle) == 1 else Chain(PickLast(), head)
+
+
+def light_head_info(in_shape: list[int], layout: str, classes: int) -> LayerInfo:
+    """The light head's figures, as a ``LayerInfo`` for the cost model: parameters exactly, FLOPs as
+    ``torch.utils.flop_counter`` counts them (matmuls), and the bytes it saves for backward per sample
+    as measured with ``SavedTensorMeter`` (a linear's input, each norm's input and output; the pooling saves none)."""
+    kind, c = _kind(in_shape, layout)
+    w, k = LIGHT_WIDTH, classes
+    if kind == "map":
+        params = (c * w + w) + 2 * w + (w * w + w) + 2 * w + (w * k + k)
+        flops = 2 * (c * w + w * w + w * k)
+        act = 4 * (c + 5 * w)
+    else:
+        params, flops, act = c * k + k, 2 * c * k, 4 * c
+    return LayerInfo(name="light head", boundary="output", in_shape=list(in_shape), out_shape=[k], params=params,
+                     flops=flops, act_bytes=act)
