@@ -183,6 +183,10 @@ class Plan:
                  f"rule={c.rule}, aux_depth={c.aux_depth}, pyramid={c.pyramid}, tail={c.tail}, "
                  f"aux_head={c.aux_head}; "
                  "FLOPs and activation memory per sample)")
+        backbone = sum(x.flops for x in self.layers) + self.head.flops
+        if self.aux and backbone:  # the rule's price in one figure: aux nets' FLOPs beside the backbone's
+            title += (f"; aux nets: {sum(a.flops for a in self.aux) / backbone:.3g}x the backbone's FLOPs, "
+                      f"{_si(sum(a.params for a in self.aux))} parameters")
         t = Table(title=title, title_justify="left")
         for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"), ("tensors", "right"),
                           ("params", "right"), ("MFLOPs", "right"), ("act MiB", "right"),

@@ -98,6 +98,8 @@ def test_table_renders(plan):
     rows = [line for line in text.splitlines() if line.startswith("│")]
     assert len(rows) >= len(plan.blocks) + 1
     assert plan.layers[-1].name in text
+    if plan.aux:
+        assert "the backbone's FLOPs" in text
 
 
 def test_table_renders_narrow(plan):
