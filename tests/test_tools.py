@@ -88,6 +88,8 @@ def test_bench_accuracy_runs_resumes_and_rejects_overrides(capsys, tmp_path, mon
     summary = res["summary"]
     assert summary["rules"]["bp"]["time_ratio_to_bp"] == 1.0
     assert set(summary["gaps_points"]) == {"auglocal_minus_bp", "auglocal_minus_dgl"}
+    with pytest.raises(SystemExit, match="2"):  # argparse: --rules takes the registered rules
+        _tool("bench_accuracy").main([*argv, "--rules", "nope"])
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     mtime = (tmp_path / "auglocal-seed1" / "last.pt").stat().st_mtime_ns
     assert _json_run(capsys, "bench_accuracy", argv)["runs"] == res["runs"]  # nothing retrained

@@ -1,6 +1,7 @@
-"""Test accuracy of bp vs dgl vs auglocal: one recipe, only the rule differs, over several seeds.
+"""Test accuracy of the rules (bp, auglocal and the baselines): one recipe, only the rule differs, over seeds.
 
     python tools/bench_accuracy.py --set epochs=1 --seeds 0 1 2 [--json]
+    python tools/bench_accuracy.py --recipe recipes/fashion_mnist_resnet32.yaml --rules bp auglocal dgl infopro predsim
     python tools/bench_accuracy.py --recipe recipes/fashion_mnist_auglocal.yaml --set conversion.blocks=10
 
 Every (seed, rule) run is an ordinary ``auglocal-train`` run of ``--recipe`` with
@@ -29,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auglocal_fx.atomic import atomic_write, atomic_write_text  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.errors import AugLocalError  # noqa: E402
+from auglocal_fx.rules import RULES as REGISTERED  # noqa: E402
 
-RULES = ("bp", "dgl", "auglocal")
+RULES = ("bp", "dgl", "auglocal")  # the default study; --rules takes any registered rule
 PROG = "bench_accuracy"
+COLORS = {"bp": "tab:gray", "dgl": "tab:orange", "auglocal": "tab:blue", "infopro": "tab:green", "predsim": "tab:red"}
 
 
 def _log(*args, **kwargs) -> None:
@@ -70,7 +73,7 @@ def summarise(runs: list[dict]) -> dict:
             row["time_ratio_to_bp"] = row["epoch_time_s"] / table["bp"]["epoch_time_s"]
     gaps = {}
     if "auglocal" in table:
-        for other in ("bp", "dgl"):
+        for other in (r for r in table if r != "auglocal"):
             if other in table:  # points of accuracy, auglocal minus the other rule
                 gaps[f"auglocal_minus_{other}"] = 100 * (table["auglocal"]["mean"] - table[other]["mean"])
     return {"rules": table, "gaps_points": gaps}
@@ -88,7 +91,7 @@ def plot(path: Path, summary: dict, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 4))
     xs = range(len(rules))
     ax.bar(xs, [100 * r["mean"] for r in rows], yerr=[100 * r["std"] for r in rows], capsize=6,
-           color=["tab:gray", "tab:orange", "tab:blue"][: len(rules)], alpha=0.8)
+           color=[COLORS.get(r, "tab:purple") for r in rules], alpha=0.8)
     for x, r in zip(xs, rows):
         ax.scatter([x] * len(r["accs"]), [100 * a for a in r["accs"]], color="black", s=12, zorder=3)
         ax.annotate(f"{100 * r['mean']:.2f}", (x, 100 * r["mean"]), textcoords="offset points",
@@ -122,7 +125,7 @@ def _table(res: dict) -> str:
 def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/fashion_mnist_auglocal.yaml")
-    p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(REGISTERED))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override shared by every run, e.g. --set epochs=1 (repeatable)")
