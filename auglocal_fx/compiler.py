@@ -149,6 +149,8 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **cre
                                 f"to load {path}") from exc
     net = to_auglocal(model, plan=plan, aux_init="copy")
     net.options.update(options)
+    if "image_stats" in options:  # what the losses that restore the input (infopro) were trained with
+        net.image_stats = options["image_stats"]
     try:
         net.model.load_state_dict(payload["model_state"])
         net.aux.load_state_dict(payload["aux_state"])

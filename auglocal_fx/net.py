@@ -88,25 +88,15 @@ class AugLocalNet(nn.Module):
         Example:
             >>> net.image_stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # CIFAR-10
         """
-        self._apply_image_stats()  # a loaded net's, from its checkpoint's options
         return self._image_stats
 
     @image_stats.setter
     def image_stats(self, stats) -> None:
         mean, std = (tuple(float(v) for v in s) for s in stats)
-        self.options["image_stats"] = [list(mean), list(std)]
-        self._apply_image_stats()
-
-    def _apply_image_stats(self) -> None:
-        """Hand ``options["image_stats"]`` (set above, or restored from a checkpoint) to the losses."""
-        saved = self.options.get("image_stats")
-        if saved is None:
-            return
-        stats = tuple(tuple(v) for v in saved)
-        if stats != self._image_stats:
-            self._image_stats = stats
-            for loss in self.aux_losses:
-                loss.set_image_stats(*stats)
+        self.options["image_stats"] = [list(mean), list(std)]  # saved with the net; load_auglocal sets it back
+        self._image_stats = (mean, std)
+        for loss in self.aux_losses:
+            loss.set_image_stats(mean, std)
 
     def _check_fixed_args(self, args: tuple, kwargs: dict) -> None:
         """Accept arguments after the input only at the values they were fixed to at conversion."""
@@ -160,7 +150,6 @@ class AugLocalNet(nn.Module):
         scheduler.
         """
         self._check_size(tuple(x.shape[1:]))
-        self._apply_image_stats()  # a loaded net's saved stats reach its losses before the first step
         units = self.local_units() if units is None else units
         return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler, optimizer)
 
