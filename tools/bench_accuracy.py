@@ -10,14 +10,21 @@ Every (seed, rule) run is an ordinary ``auglocal-train`` run of ``--recipe`` wit
 already compares all three. ``OUT/results.json`` is rewritten atomically after each run; running
 the same command again skips finished runs and resumes an interrupted one from its ``last.pt``.
 The table gives the final head's test accuracy as mean ± std (sample std over seeds), the gaps
-the issue's targets are about, and the epoch time relative to bp; ``OUT/accuracy.png`` plots it.
+the issue's targets are about, and the epoch time relative to bp; ``OUT/accuracy.png`` plots it and
+``OUT/curves.png`` the test accuracy after every epoch (mean over seeds), to see whether bp has
+flattened. ``--jobs N`` trains N runs at once in child processes with ``--threads`` each (on a
+small model two one-thread runs finish sooner than two two-thread runs one after the other); each
+child's training log then goes to ``OUT/<rule>-seed<k>/train.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
+import contextlib
 import io
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -26,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # --jobs children unpickle _run_in_child from this module
 
 from auglocal_fx.atomic import atomic_write, atomic_write_text  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
@@ -42,7 +50,7 @@ def _log(*args, **kwargs) -> None:
     print(*args, **{**kwargs, "file": sys.stderr})
 
 
-def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
+def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path, log=_log) -> dict:
     """Train one (rule, seed) run, resuming its last.pt when an earlier attempt was cut off."""
     from auglocal_fx.training import load_recipe, train  # heavy: only when a run trains
 
@@ -50,13 +58,23 @@ def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: 
     recipe = load_recipe(recipe_path, [*overrides, f"conversion.rule={rule}", f"seed={seed}",
                                        f"output={run_dir}"])
     last = run_dir / "last.pt"
-    summary = train(recipe, resume=str(last) if last.is_file() else None, log=_log)
+    summary = train(recipe, resume=str(last) if last.is_file() else None, log=log)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"rule": rule, "seed": seed, "blocks": summary["blocks"], "epochs": recipe.epochs,
             "test_acc": history[-1]["test_acc"], "aux_test_acc": history[-1].get("aux_test_acc") or [],
+            "test_acc_per_epoch": [h["test_acc"] for h in history],
             "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
             "images_per_s": statistics.mean(h["images_per_s"] for h in history),
             "aux_params": summary["aux_params"], "backbone_params": summary["backbone_params"]}
+
+
+def _run_in_child(threads: int, recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
+    """One run in a worker process: its own thread count, its log in its folder (not interleaved)."""
+    torch.set_num_threads(threads)
+    log_path = out / f"{rule}-seed{seed}" / "train.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as f, contextlib.redirect_stderr(f):  # progress lines too
+        return _run_one(recipe_path, overrides, rule, seed, out, log=lambda *a, **k: print(*a, **{**k, "file": f, "flush": True}))
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -109,6 +127,32 @@ def plot(path: Path, summary: dict, title: str) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def plot_curves(path: Path, runs: list[dict], title: str) -> None:
+    """Test accuracy after every epoch, mean over seeds, one line per rule."""
+    import matplotlib  # heavy: only for the plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for rule in dict.fromkeys(r["rule"] for r in runs):
+        curves = [r["test_acc_per_epoch"] for r in runs if r["rule"] == rule and r.get("test_acc_per_epoch")]
+        if curves:
+            n = min(map(len, curves))
+            ax.plot(range(1, n + 1), [100 * statistics.mean(c[e] for c in curves) for e in range(n)],
+                    marker="o", ms=3, label=rule, color=COLORS.get(rule, "tab:purple"))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
 def _table(res: dict) -> str:
     lines = [f"{res['recipe']} {' '.join('--set ' + o for o in res['overrides'])}".rstrip(),
              f"{'rule':9s} {'seeds':>5s}  {'test acc (mean ± std)':>22s}  {'per seed':24s} {'time vs bp':>10s}"]
@@ -131,7 +175,12 @@ def _main(argv=None) -> int:
                    help="recipe override shared by every run, e.g. --set epochs=1 (repeatable)")
     p.add_argument("--out", default="runs/bench_accuracy", help="folder for the runs, results.json and the plot")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a child process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per child with --jobs > 1 (default: this process's threads / jobs)")
     args = p.parse_args(argv)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        raise AugLocalError(f"--jobs {args.jobs} --threads {args.threads}: both must be at least 1")
     for o in args.overrides:
         if o.split("=", 1)[0] in ("conversion.rule", "seed", "output"):
             raise AugLocalError(f"--set {o}: the benchmark sets rule, seed and output itself; use --rules/--seeds/--out")
@@ -146,26 +195,43 @@ def _main(argv=None) -> int:
         done = {(r["rule"], r["seed"]): r for r in old["runs"]}
     res = {**key, "machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "runs": list(done.values())}
-    for seed in args.seeds:
-        for rule in args.rules:
-            if (rule, seed) in done:
-                continue
+    todo = [(rule, seed) for seed in args.seeds for rule in args.rules if (rule, seed) not in done]
+
+    def record(run: dict) -> None:
+        res["runs"].append(run)
+        res["summary"] = summarise(res["runs"])
+        atomic_write_text(results_path, json.dumps(res, indent=2) + "\n")
+
+    if args.jobs == 1:
+        for rule, seed in todo:
             print(f"== {rule} seed {seed}", file=sys.stderr, flush=True)
-            run = _run_one(args.recipe, args.overrides, rule, seed, out)
-            res["runs"].append(run)
-            res["summary"] = summarise(res["runs"])
-            atomic_write_text(results_path, json.dumps(res, indent=2) + "\n")
+            record(_run_one(args.recipe, args.overrides, rule, seed, out))
+    elif todo:
+        threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
+        res["threads"] = threads
+        # spawn: a forked child would inherit this process's torch thread pool state
+        with futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(_run_in_child, threads, args.recipe, args.overrides, rule, seed, out): (rule, seed)
+                       for rule, seed in todo}
+            print(f"== {len(todo)} runs, {args.jobs} at once with {threads} thread(s) each; logs in "
+                  f"{out}/<rule>-seed<k>/train.log", file=sys.stderr, flush=True)
+            for fut in futures.as_completed(pending):
+                rule, seed = pending[fut]
+                run = fut.result()
+                print(f"== {rule} seed {seed}: test accuracy {100 * run['test_acc']:.2f}%", file=sys.stderr, flush=True)
+                record(run)
     wanted = [r for r in res["runs"] if r["rule"] in args.rules and r["seed"] in args.seeds]
     if not wanted:
         raise AugLocalError("no runs to report; give --rules and --seeds")
     res["summary"] = summarise(wanted)
-    plot(out / "accuracy.png", res["summary"], f"{Path(args.recipe).name} {' '.join(args.overrides)}, "
-         f"seeds {' '.join(map(str, args.seeds))}")
+    title = f"{Path(args.recipe).name} {' '.join(args.overrides)}, seeds {' '.join(map(str, args.seeds))}"
+    plot(out / "accuracy.png", res["summary"], title)
+    plot_curves(out / "curves.png", wanted, title)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(_table(res))
-        print(f"wrote {results_path} and {out / 'accuracy.png'}")
+        print(f"wrote {results_path}, {out / 'accuracy.png'} and {out / 'curves.png'}")
     return 0
 
 
