@@ -9,8 +9,11 @@ BN, ReLU, Linear 512-512, BN, ReLU, Linear to the classes).
 
 Policy (``aux_head``): ``copy`` always copies the head; ``light`` always ends with a light head;
 ``auto`` (default) uses a light head when the model's head holds more than ``HEAVY_HEAD_SHARE``
-(a quarter) of the model's parameters: VGG's heads (over 80%) and a few mobile nets' (mobilenetv3's
-conv head + classifier), while ResNets (8%), ViTs and ConvNeXts (a few %) keep their copies.
+(a quarter) of the model's parameters *and* every light head an aux net could end with (one per
+layer's output) is smaller than the head: VGG's heads (over 80%, 100M+ against at most 0.5M),
+while ResNets (8%), ViTs and ConvNeXts (a few %) keep their copies, and so do small mobile nets
+whose conv head is a large share of a small model but still smaller than a 512-wide MLP
+(``mobilenetv3_small_050`` at 10 classes: a 306k head, 53%, against light heads of up to 417k).
 
 A light head takes the newest tensor the aux net hands it, with no shape adapter:
 - a map (C, H, W) (or channels-last (H, W, C)): global average pool, then the reference's MLP:
@@ -45,12 +48,17 @@ def check_aux_head(value) -> str:
     return value
 
 
-def wants_light_head(policy: str, head_params: int, total_params: int) -> bool:
-    """Whether aux nets end with a light head under ``policy`` for a model of ``total_params``
-    parameters of which its head holds ``head_params``."""
-    if policy == "auto":
-        return head_params > HEAVY_HEAD_SHARE * total_params
-    return policy == "light"
+def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> bool:
+    """Whether aux nets end with a light head under ``policy`` for a model of ``layers`` and ``head``
+    (auto: the head is heavy and larger than any light head that could replace it)."""
+    if policy != "auto":
+        return policy == "light"
+    total = head.params + sum(x.params for x in layers)
+    if head.params <= HEAVY_HEAD_SHARE * total:
+        return False
+    classes = head.out_shape[-1] if head.out_shape else 0
+    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes).params for x in layers if x.bundle[-1])
+    return largest < head.params
 
 
 class _SpatialMean(nn.Module):

@@ -309,7 +309,7 @@ def build_plan(
     a = analysis or analyze_model(model, input_size, max_bundle, layers, output)
     patterns = list(layers) if layers is not None else None
     layers, head = layer_infos(a)
-    light = kind.copies_layers and wants_light_head(aux_head, head.params, sum(x.params for x in layers) + head.params)
+    light = kind.copies_layers and wants_light_head(aux_head, head, layers)
     if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
         blocks = 1
     name = model_name or registered_name(model)

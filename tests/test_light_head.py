@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from auglocal_fx import AugLocalError, Plan, to_auglocal
 from auglocal_fx.cli.convert import main
 from auglocal_fx.footprint import unit_params
-from auglocal_fx.light_head import LightHead, light_head_info
+from auglocal_fx.light_head import LightHead, light_head_info, wants_light_head
 from auglocal_fx.modes import eval_mode
 from auglocal_fx.partition import aux_act_bytes, aux_params
 from auglocal_fx.planner import build_plan
@@ -87,3 +87,30 @@ def test_light_heads_on_a_vit_train_every_parameter():
     net.zero_grad(set_to_none=True)
     net.training_step(x, y)
     assert all(p.grad is not None for p in net.parameters())
+
+
+def _info(shape, params):
+    from auglocal_fx.plan import LayerInfo
+    return LayerInfo(name="x", boundary="", in_shape=[], out_shape=list(shape), params=params, flops=0, act_bytes=0,
+                     crossing=[list(shape)], crossing_layouts=[""])
+
+
+def test_auto_keeps_a_heavy_head_smaller_than_a_light_head():
+    """auto replaces a head only when it is heavy (> 25% of the model) and larger than every light
+    head that could replace it; copy and light are forced whatever the sizes."""
+    layers = [_info([64, 8, 8], 1000), _info([256, 4, 4], 1000)]
+    largest = light_head_info([256, 4, 4], "", 10).params  # 256 * 512 + 512 * 512 + 512 * 10 + ...
+    def head(params):
+        return _info([10], params)
+    assert wants_light_head("auto", head(largest + 1), layers)
+    assert not wants_light_head("auto", head(largest), layers)  # heavy (99%), but no smaller than a light head
+    assert not wants_light_head("auto", head(600), layers)  # small: 23%
+    assert wants_light_head("light", head(600), layers) and not wants_light_head("copy", head(10 ** 9), layers)
+
+
+def test_mobilenetv3_small_keeps_its_head_copies():
+    """Its conv head + classifier is half the model at 10 classes, yet smaller than a 512-wide light head."""
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    plan = build_plan(model, 8, input_size=(3, 64, 64))
+    assert plan.head.params > 0.25 * (plan.head.params + sum(x.params for x in plan.layers))
+    assert not any(a.light_head for a in plan.aux)
