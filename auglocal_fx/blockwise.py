@@ -74,7 +74,8 @@ def _float(out):
 def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Tensor,
                    loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None,
                    scaler: torch.amp.GradScaler | None = None,
-                   optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
+                   optimizer: torch.optim.Optimizer | None = None, image: torch.Tensor | None = None,
+                   hand_on: Callable[[Bundle], None] | None = None) -> StepOutput:
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
@@ -91,20 +92,29 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     parameters are final once its backward is done, and optimizers skip parameters without a
     gradient, so each step updates exactly that unit. For per-parameter optimizers (SGD, Adam,
     AdamW, ...) the updates equal one ``optimizer.step()`` after the whole step.
+
+    A pipeline stage runs some of the units on a boundary tensor ``x`` another stage sent: then
+    ``image`` is the model's input batch (for rules whose loss compares with it; default ``x``), and
+    ``hand_on(h)`` receives the last unit's detached output as soon as its forward is done, before
+    its backward, so the next stage can start on it while this one finishes.
     """
     if optimizer is not None and scaler is not None:
         raise AugLocalError("training_step(optimizer=..., scaler=...): a GradScaler steps once per update; "
                             "pass optimizer=None and call scaler.step(opt) after the step")
     loss_fn = loss_fn or F.cross_entropy
-    amp = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+    h, image = x, x if image is None else image
+    amp = (torch.autocast(device_type=image.device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else nullcontext())
     losses, accs = [], []
-    h = x
-    for unit in units:
+    last = len(units) - 1
+    for i, unit in enumerate(units):
         local = getattr(unit, "module", unit)  # the LocalUnit inside a DistributedDataParallel
         with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
             out, top = call(unit, h)
-            loss, logits = local.local_loss(top, target, x, loss_fn)
+            loss, logits = local.local_loss(top, target, image, loss_fn)
+        if hand_on is not None and i == last:
+            with record_function("auglocal.hand_on"):
+                hand_on(detach(out))
         with record_function("auglocal.backward"):
             # frees this unit's graph before the next unit runs
             (loss if scaler is None else scaler.scale(loss)).backward()

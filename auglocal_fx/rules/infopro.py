@@ -114,6 +114,8 @@ def interpolate(i: int, count: int, weights: tuple[float, float]) -> float:
 class InfoProLoss(LocalLoss):
     """``rec_weight * BCE(reconstruction, restored image) + cls_weight * criterion(logits, target)``."""
 
+    needs_image = True
+
     def __init__(self, rec_weight: float, cls_weight: float, mean, std):
         super().__init__()
         self.rec_weight, self.cls_weight = rec_weight, cls_weight

@@ -86,6 +86,9 @@ class LocalLoss(nn.Module):
     loss (test accuracy). It runs in float32, outside autocast.
     """
 
+    # whether the loss reads ``image`` (a pipeline then sends the input batch to every stage)
+    needs_image = False
+
     def logits(self, out):
         return out[0] if isinstance(out, tuple) else out
 

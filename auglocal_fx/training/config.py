@@ -26,6 +26,7 @@ from ..partition import BALANCERS
 from ..recompute import RECOMPUTE
 from ..rules import RULES
 from ..selection import TAILS
+from ..stages import STAGE_BALANCES
 from ..synthesize import AUX_INITS
 from .data import DATASETS
 from .optim import OPTIMIZERS, SCHEDULES
@@ -119,6 +120,14 @@ class ScheduleSection:
 
 
 @dataclass
+class ParallelSection:
+    # pipeline stages: contiguous groups of blocks, one per process, streaming activations forward
+    # (training/pipeline.py); torchrun starts pipeline x data-parallel replicas processes
+    pipeline: int = field(default=1, metadata=_at_least(1))
+    balance: str = field(default="cost", metadata=_choices(STAGE_BALANCES))  # split stages by training FLOPs or unit count
+
+
+@dataclass
 class TrainRecipe:
     model: ModelSection
     data: DataSection
@@ -127,6 +136,7 @@ class TrainRecipe:
     conversion: ConversionSection = field(default_factory=ConversionSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     eval_batch_size: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("batch_size")))
     bf16: bool = False  # bf16 autocast for forward passes
     seed: int = 0

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import AugLocalError
 
-__all__ = ["Env", "setup", "teardown", "wrap_units", "all_reduce_sum", "gather_states"]
+__all__ = ["Env", "setup", "teardown", "wrap_units", "all_reduce_sum", "gather_states", "gather_to_main"]
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,13 @@ def teardown(env: Env) -> None:
         dist.destroy_process_group()
 
 
-def wrap_units(units: list, env: Env) -> list:
-    """Each unit in its own DDP (parameters broadcast from rank 0 here); unchanged in one process."""
-    if not env.distributed:
+def wrap_units(units: list, env: Env, group=None, size: int | None = None) -> list:
+    """Each unit in its own DDP (parameters broadcast from the group's first rank); unchanged in one
+    process. ``group`` (of ``size`` processes): the data-parallel group, default every process."""
+    if (env.world if size is None else size) <= 1:
         return units
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return [DistributedDataParallel(u, device_ids=ids) for u in units]
+    return [DistributedDataParallel(u, device_ids=ids, process_group=group) for u in units]
 
 
 def all_reduce_sum(values: list[float], env: Env) -> list[float]:
@@ -92,3 +93,14 @@ def gather_states(state: dict, env: Env) -> list[dict]:
     gathered = [None] * env.world
     dist.all_gather_object(gathered, buf.getvalue())
     return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
+
+
+def gather_to_main(state, env: Env) -> list | None:
+    """Every rank's ``state`` in rank order on rank 0 (None elsewhere); sent as ``torch.save`` bytes."""
+    if not env.distributed:
+        return [state]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    gathered = [None] * env.world if env.is_main else None
+    dist.gather_object(buf.getvalue(), gathered, dst=0)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered] if env.is_main else None

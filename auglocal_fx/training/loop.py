@@ -100,11 +100,11 @@ class Trainer:
         self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are logged below, as recipe keys
-            self.run: Run = build_run(recipe, env, Plan.from_dict(saved["plan"]) if saved else None)
+            self.run: Run = build_run(recipe, self._data_env(), Plan.from_dict(saved["plan"]) if saved else None)
         net = self.run.net
         for note in net.plan.notes:
             self.log(f"note: {reword(note, RECIPE_KEYS)}")
-        self.units = wrap_units(net.local_units(), env)
+        self.units = self._make_units()
         self.amp = dict(autocast_dtype=torch.bfloat16) if recipe.bf16 else {}
         self.epoch, self.history, self.best = 0, [], -1.0
         if saved is not None:
@@ -114,8 +114,21 @@ class Trainer:
         if env.is_main:
             atomic_write_text(self.out / "recipe.yaml", _yaml(recipe.to_dict()))
 
+    def _data_env(self) -> Env:
+        """How the data is split: across all processes here (a pipeline: across its data replicas)."""
+        return self.env
+
+    def _make_units(self) -> list:
+        """The units this process trains: all of them, each in its own DDP under torchrun."""
+        return wrap_units(self.run.net.local_units(), self.env)
+
     def _restore(self, saved: dict) -> None:
         r, t = self.run, saved["train"]
+        if "pipeline" in t:
+            p = t["pipeline"]
+            raise AugLocalError(f"cannot resume from a {p['stages']}-stage pipeline checkpoint in one pipeline stage; "
+                                f"launch {p['stages'] * p['replicas']} processes with --set "
+                                f"parallel.pipeline={p['stages']}")
         r.net.model.load_state_dict(saved["model_state"])
         r.net.aux.load_state_dict(saved["aux_state"])
         r.optimizer.load_state_dict(t["optimizer"])
@@ -160,8 +173,9 @@ class Trainer:
                 "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": images / seconds,
                 "epoch_time_s": seconds}
 
-    def _check_finite(self, losses: list[float], epoch: int, step: int) -> None:
-        for i, value in enumerate(losses):
+    def _check_finite(self, losses: list[float], epoch: int, step: int, first: int = 0) -> None:
+        """``losses`` of blocks ``first``, ``first + 1``, ...: stop at the first that is not finite."""
+        for i, value in enumerate(losses, first):
             if not math.isfinite(value):
                 kept = f"{self.out / 'last.pt'} holds epoch {self.epoch}" if self.epoch else "no checkpoint yet"
                 raise AugLocalError(f"loss of block {i} became {value} at epoch {epoch} step {step}; stopped "
@@ -202,8 +216,12 @@ class Trainer:
             self.log(epoch_line(record, self.recipe.epochs), flush=True)
         return self._summary()
 
+    @staticmethod
+    def _rng() -> dict:
+        return rng_state()
+
     def _save(self, improved: bool) -> None:
-        states = gather_states(rng_state(), self.env)  # every rank's, so a resumed run draws the same
+        states = gather_states(self._rng(), self.env)  # every rank's, so a resumed run draws the same
         if not self.env.is_main:
             return
         r = self.run
@@ -212,9 +230,12 @@ class Trainer:
         save_training(r.net, self.out / "last.pt", train, r.model_kwargs)
         if improved:
             copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
+        self._write_reports()
+
+    def _write_reports(self) -> None:
         write_metrics(self.out / "metrics.jsonl", self.history)
         plot_curves(self.out / "curves.png", self.history,
-                    f"{self.recipe.model.name} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
+                    f"{self.recipe.model.name} · {self.recipe.conversion.rule} · {len(self.run.net.blocks)} blocks")
 
     def _summary(self) -> dict:
         net, last = self.run.net, self.history[-1] if self.history else {}
@@ -247,7 +268,13 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
     check_run_folder(recipe.output, resume, overwrite)  # every rank, before any work: all refuse alike
     env = setup(recipe.device)
     try:
-        summary = Trainer(recipe, env, resume, log, overwrite).fit(stop_after)
+        if recipe.parallel.pipeline > 1:
+            from .pipeline import PipelineTrainer  # imports this module
+
+            trainer = PipelineTrainer(recipe, env, resume, log, overwrite)
+        else:
+            trainer = Trainer(recipe, env, resume, log, overwrite)
+        summary = trainer.fit(stop_after)
         return summary if env.is_main else None
     except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
         if exc.param in RECIPE_KEYS:

@@ -1,0 +1,86 @@
+"""Pipeline stages: the local units grouped into P contiguous stages, one per process, by cost.
+
+A unit is a block with its aux net (the last: the last block with the model's head). Under a
+pipeline each stage runs its units' forward, local losses, backwards and optimizer steps on one
+batch while the stage before it already works on the next batch, so throughput is set by the
+slowest stage. A stage's cost per sample is therefore what its units compute in training: the
+blocks' and tops' forward FLOPs and their backwards, counted as twice the forward (the usual
+estimate: a gradient for the input and one for the weights); ``balance="cost"`` splits the units
+so that the largest stage cost is as small as it can be (the exact linear partition,
+``partition.min_max_partition``), ``"units"`` by count as the prototype did.
+
+What crosses between stages per sample is the boundary's tensors (the bundle the last block of
+the stage hands on) plus the labels, and the input image for rules whose loss compares with it
+(``infopro``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import AugLocalError
+from .partition import equal_counts, min_max_partition
+from .plan import Plan
+
+__all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages"]
+
+STAGE_BALANCES = ("cost", "units")
+BACKWARD_FACTOR = 2.0  # backward FLOPs as a multiple of forward (input and weight gradients)
+_ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """``units[s]``: the unit indices stage ``s`` trains; ``costs[s]``: its training FLOPs per sample;
+    ``sent[s]``: bytes per sample stage ``s`` sends to stage ``s + 1`` (the last stage sends none)."""
+
+    units: list[list[int]]
+    costs: list[float]
+    sent: list[int]
+
+    @property
+    def stages(self) -> int:
+        return len(self.units)
+
+    def stage_of(self, unit: int) -> int:
+        return next(s for s, us in enumerate(self.units) if unit in us)
+
+    @property
+    def imbalance(self) -> float:
+        """The slowest stage's cost over the mean: 1.0 is perfect, throughput scales with P / this."""
+        return max(self.costs) / (sum(self.costs) / len(self.costs)) if sum(self.costs) else 1.0
+
+
+def unit_costs(plan: Plan) -> list[float]:
+    """Training FLOPs per sample of each unit: (1 + BACKWARD_FACTOR) x (its block's forward + its
+    aux net's or, for the last unit, the head's forward)."""
+    tops = [a.flops for a in plan.aux] + [plan.head.flops]
+    return [(1 + BACKWARD_FACTOR) * (plan.block_sum(b, "flops") + top) for b, top in zip(plan.blocks, tops)]
+
+
+def check_stages(stages, units: int, where: str = "stages") -> int:
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise AugLocalError(f"{where} = {stages!r} is not a number of pipeline stages; give an integer from 1")
+    if stages > units:
+        raise AugLocalError(f"{where} = {stages} is more pipeline stages than the {units} block(s) the plan has; "
+                            f"use at most {units}, or convert into more blocks")
+    return stages
+
+
+def split_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: int = 0,
+                 where: str = "stages") -> StagePlan:
+    """Group ``plan``'s units into ``stages`` contiguous stages (``balance``: "cost" or "units").
+    ``image_bytes``: per-sample bytes of the input when the rule's loss needs it at every stage."""
+    if balance not in STAGE_BALANCES:
+        raise AugLocalError(f"stage balance {balance!r} is not one of {', '.join(STAGE_BALANCES)}")
+    costs = unit_costs(plan)
+    check_stages(stages, len(costs), where)
+    groups = min_max_partition(costs, stages) if balance == "cost" else equal_counts(len(costs), stages)
+    sent = []
+    for g in groups[:-1]:
+        layer = plan.layers[plan.blocks[g[-1]].layers[-1]]
+        dtypes = layer.crossing_dtypes or ["float32"] * len(layer.bundle)
+        sent.append(sum(_ITEMSIZE.get(d, 4) * math.prod(t) for t, d in zip(layer.bundle, dtypes))
+                    + 8 + image_bytes)  # + the int64 label
+    return StagePlan(groups, [sum(costs[u] for u in g) for g in groups], sent + [0])

@@ -1,0 +1,121 @@
+"""Pipeline stages (parallel.pipeline): the stage split, and the proof that streaming the blocks over
+P processes computes the sequential trainer's run (CPU, gloo, torchrun)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import history, tiny_recipe, write_recipe
+
+from auglocal_fx import AugLocalError, build_plan
+from auglocal_fx.cifar_resnet import CifarResNet
+from auglocal_fx.cli.train import main as train_main
+from auglocal_fx.stages import split_stages, unit_costs
+from auglocal_fx.training import load_recipe, train
+
+# GroupNorm: no batch statistics, so nothing but floating-point order may differ
+GN = {"model.kwargs": {"norm_layer": "groupnorm1"}, "conversion.blocks": 5}
+
+
+def _torchrun(procs: int, recipe: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "-m", "auglocal_fx.cli.train", str(recipe), *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _weights(run: Path) -> dict:
+    saved = torch.load(run / "last.pt", weights_only=True)
+    return {**{f"model.{k}": v for k, v in saved["model_state"].items()},
+            **{f"aux.{k}": v for k, v in saved["aux_state"].items()}}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Every step's loss, every block's epoch loss and every weight and buffer agree to 1e-5."""
+    ha, hb = history(a), history(b)
+    assert len(ha) == len(hb)
+    for ea, eb in zip(ha, hb):
+        torch.testing.assert_close(torch.tensor(eb["step_losses"]), torch.tensor(ea["step_losses"]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(eb["local_losses"]), torch.tensor(ea["local_losses"]), rtol=0, atol=1e-5)
+        assert eb["test_acc"] == ea["test_acc"] and eb["aux_test_acc"] == ea["aux_test_acc"]
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=0, atol=1e-5, msg=k)
+
+
+# -- the stage split --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plan():
+    return build_plan(CifarResNet(20, num_classes=10), 10, input_size=(3, 32, 32))
+
+
+def test_stages_balance_training_flops_and_count_what_crosses(plan):
+    costs = unit_costs(plan)
+    assert len(costs) == 10 and costs[-1] == 3 * (plan.block_sum(plan.blocks[-1], "flops") + plan.head.flops)
+    for p in (2, 3, 4):
+        sp = split_stages(plan, p)
+        assert [u for us in sp.units for u in us] == list(range(10)) and sp.stages == p
+        by_count = split_stages(plan, p, "units")
+        assert max(sp.costs) <= max(by_count.costs)  # the exact min-max split is never worse
+        assert [len(us) for us in by_count.units] in ([4, 3, 3], [5, 5], [3, 3, 2, 2])
+        for s, us in enumerate(sp.units[:-1]):  # the boundary tensor (float32) and an int64 label per sample
+            layer = plan.layers[plan.blocks[us[-1]].layers[-1]]
+            assert sp.sent[s] == 4 * sum(torch.Size(t).numel() for t in layer.bundle) + 8
+        assert sp.sent[-1] == 0 and sp.imbalance >= 1.0
+    with pytest.raises(AugLocalError, match=r"^stages = 11 is more pipeline stages than the 10 block\(s\) the plan "
+                                            r"has; use at most 10, or convert into more blocks$"):
+        split_stages(plan, 11)
+
+
+# -- exactness ----------------------------------------------------------------------------------------
+def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tmp_path):
+    """Stage k computes batch n with its parameters before their step-n update and sends that output
+    on, so stage k+1 gets what the sequential loop hands it: same losses, same weights; a run cut
+    after epoch 1 and resumed is that run too."""
+    seq = tiny_recipe(tmp_path / "seq", **GN)
+    assert train_main([str(write_recipe(tmp_path, seq, "seq.yaml"))]) == 0
+    for p in (2, 3):
+        pipe = tiny_recipe(tmp_path / f"p{p}", **GN, **{"parallel.pipeline": p})
+        proc = _torchrun(p, write_recipe(tmp_path, pipe, f"p{p}.yaml"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("test accuracy") == 1  # rank 0 reports
+        _assert_same_run(Path(seq["output"]), Path(pipe["output"]))
+        busy = history(Path(pipe["output"]))[-1]["stage_busy"]
+        assert len(busy) == p and all(0 < b <= 1 for b in busy)
+    cut = tiny_recipe(tmp_path / "cut", **GN, **{"parallel.pipeline": 2})
+    path = write_recipe(tmp_path, cut, "cut.yaml")
+    assert _torchrun(2, path, "--stop-after", "1").returncode == 0
+    assert len(history(Path(cut["output"]))) == 1
+    proc = _torchrun(2, path, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(Path(seq["output"]), Path(cut["output"]))
+    # another number of stages, or none, cannot continue it: one line each, what to launch instead
+    proc = _torchrun(3, path, "--resume", "auto", "--set", "parallel.pipeline=3")
+    assert proc.returncode != 0 and ("cannot resume: the checkpoint was trained as 2 stages x 1 replicas (2 processes), "
+                                     "this launch is 3 x 1; launch torchrun --nproc_per_node 2 with --set "
+                                     "parallel.pipeline=2") in proc.stderr  # torchrun exits 1 when a process exits 2
+    with pytest.raises(AugLocalError, match="2-stage pipeline checkpoint"):
+        train(load_recipe(path, ["parallel.pipeline=1"]), resume=str(Path(cut["output"]) / "last.pt"))
+
+
+def test_pipeline_sends_the_image_to_rules_that_read_it(tmp_path):
+    """infopro's loss reconstructs the input: every stage gets the batch with the boundary tensor."""
+    seq = tiny_recipe(tmp_path / "seq", "infopro", **GN, epochs=1)
+    assert train_main([str(write_recipe(tmp_path, seq, "seq.yaml"))]) == 0
+    pipe = tiny_recipe(tmp_path / "p2", "infopro", **GN, epochs=1, **{"parallel.pipeline": 2})
+    proc = _torchrun(2, write_recipe(tmp_path, pipe, "p2.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(Path(seq["output"]), Path(pipe["output"]))
+
+
+def test_pipeline_needs_its_processes(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, **{"parallel.pipeline": 2})
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe key parallel.pipeline is 2 but 1 process(es) were started" in err[0]
