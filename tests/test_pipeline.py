@@ -119,3 +119,17 @@ def test_pipeline_needs_its_processes(tmp_path, capsys):
     assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "recipe key parallel.pipeline is 2 but 1 process(es) were started" in err[0]
+
+
+def test_pipeline_of_data_parallel_stages_is_the_data_parallel_run(tmp_path):
+    """2 stages x 2 replicas (4 processes, every stage's units in DDP over its replicas) trains
+    what plain DDP over 2 processes does at the same global batch."""
+    common = {**GN, "data.augment": False, "epochs": 1}
+    ddp = tiny_recipe(tmp_path / "ddp", **common)
+    proc = _torchrun(2, write_recipe(tmp_path, ddp, "ddp.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grid = tiny_recipe(tmp_path / "grid", **common, **{"parallel.pipeline": 2})
+    proc = _torchrun(4, write_recipe(tmp_path, grid, "grid.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(Path(ddp["output"]), Path(grid["output"]))
+    assert torch.load(Path(grid["output"]) / "last.pt", weights_only=True)["train"]["pipeline"]["replicas"] == 2

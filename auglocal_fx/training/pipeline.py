@@ -139,7 +139,9 @@ class PipelineTrainer(Trainer):
         return (tuple(ts) if len(ts) > 1 else ts[0]), y, image
 
     def _send(self, h, y, image) -> None:
+        t0 = time.perf_counter()
         self.sender.send([*(h if isinstance(h, tuple) else (h,)), y, *([image] if self.needs_image else [])])
+        self._send_s += time.perf_counter() - t0  # blocked only while the next stage is `depth` batches behind
 
     def _batches(self, loader):
         """This stage's inputs, one per step: loaded on the first stage, received on the others."""
@@ -159,12 +161,13 @@ class PipelineTrainer(Trainer):
         net.train()
         m, steps, p = len(net.blocks), len(r.train_loader), lay.stages
         # one all-reduce at the end: per unit loss sums, correct, images, per step (loss sum, images),
-        # per stage busy and total seconds
-        vec = [0.0] * (m + 2 + 2 * steps + 2 * p)
+        # per stage seconds computing, blocked in sends, in all
+        vec = [0.0] * (m + 2 + 2 * steps + 3 * p)
         per_unit = dict(optimizer=r.optimizer) if self.recipe.optimizer.per_unit else {}
         bar = EpochProgress(f"epoch {epoch}/{self.recipe.epochs} (stage {lay.stage})", steps,
                             lay.last and lay.replica == 0)
         busy, images, start = 0.0, 0, time.perf_counter()
+        self._send_s = 0.0
         try:
             for step, (h, y, image) in enumerate(self._batches(r.train_loader), 1):
                 t0 = time.perf_counter()
@@ -192,16 +195,19 @@ class PipelineTrainer(Trainer):
         if self.sender is not None:
             self.sender.flush()
         at = m + 2 + 2 * steps
-        vec[at + lay.stage] = busy
-        vec[at + p + lay.stage] = time.perf_counter() - start
+        vec[at + lay.stage] = busy - self._send_s
+        vec[at + p + lay.stage] = self._send_s
+        vec[at + 2 * p + lay.stage] = time.perf_counter() - start
         vec = all_reduce_sum(vec, self.env)
         n = vec[m + 1]
-        seconds = vec[at + 2 * p - 1] / lay.replicas  # the last stage ends the epoch
+        seconds = vec[at + 3 * p - 1] / lay.replicas  # the last stage ends the epoch
         return {"epoch": epoch, "train_loss": vec[m - 1] / n, "train_acc": vec[m] / n,
                 "local_losses": [v / n for v in vec[:m - 1]],
                 "step_losses": [vec[m + 2 + 2 * k] / vec[m + 3 + 2 * k] for k in range(steps)],
                 "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": n / seconds, "epoch_time_s": seconds,
-                "stage_busy": [vec[at + s] / vec[at + p + s] for s in range(p)]}
+                # per stage, shares of its epoch: computing, and blocked sending (the rest it waited for input)
+                "stage_busy": [vec[at + s] / vec[at + 2 * p + s] for s in range(p)],
+                "stage_send": [vec[at + p + s] / vec[at + 2 * p + s] for s in range(p)]}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
