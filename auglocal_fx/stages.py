@@ -23,7 +23,7 @@ from .errors import AugLocalError
 from .partition import equal_counts, min_max_partition
 from .plan import Plan
 
-__all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages"]
+__all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages", "stages_summary", "stage_table"]
 
 STAGE_BALANCES = ("cost", "units")
 BACKWARD_FACTOR = 2.0  # backward FLOPs as a multiple of forward (input and weight gradients)
@@ -84,3 +84,28 @@ def split_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: in
         sent.append(sum(_ITEMSIZE.get(d, 4) * math.prod(t) for t, d in zip(layer.bundle, dtypes))
                     + 8 + image_bytes)  # + the int64 label
     return StagePlan(groups, [sum(costs[u] for u in g) for g in groups], sent + [0])
+
+
+def stages_summary(plan: Plan, sp: StagePlan) -> dict:
+    """The stage split as data (``auglocal-convert --stages --format json``)."""
+    total = sum(sp.costs) or 1.0
+    return {"stages": [{"stage": s, "blocks": us, "train_flops": c, "share": c / total, "sent_bytes": b}
+                       for s, (us, c, b) in enumerate(zip(sp.units, sp.costs, sp.sent))],
+            "imbalance": sp.imbalance, "speedup_bound": sp.stages / sp.imbalance}
+
+
+def stage_table(plan: Plan, sp: StagePlan):
+    """A ``rich`` table: per stage its blocks, training FLOPs per sample and share, bytes sent per sample."""
+    from rich.table import Table  # only where a table is printed
+
+    t = Table(title=f"{sp.stages} pipeline stages", title_justify="left",
+              caption=f"Training FLOPs per sample: forward + backward of the blocks and their aux nets (the last: the "
+                      f"head). Slowest stage / mean {sp.imbalance:.2f}: at most {sp.stages / sp.imbalance:.2f}x one "
+                      "process's throughput.", caption_justify="left")
+    for col in ("stage", "blocks", "train MFLOPs", "share", "sends KiB"):
+        t.add_column(col, justify="left" if col == "blocks" else "right")
+    total = sum(sp.costs) or 1.0
+    for s, (us, c, b) in enumerate(zip(sp.units, sp.costs, sp.sent)):
+        t.add_row(str(s), f"{us[0]}" if len(us) == 1 else f"{us[0]}-{us[-1]}", f"{c / 1e6:,.1f}",
+                  f"{100 * c / total:.1f}%", f"{b / 1024:,.1f}" if b else "-")
+    return t

@@ -133,3 +133,25 @@ def test_pipeline_of_data_parallel_stages_is_the_data_parallel_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(Path(ddp["output"]), Path(grid["output"]))
     assert torch.load(Path(grid["output"]) / "last.pt", weights_only=True)["train"]["pipeline"]["replicas"] == 2
+
+
+# -- auglocal-convert --stages / --plot -----------------------------------------------------------------
+def test_convert_prints_stages_and_draws_the_plan(capsys, tmp_path):
+    from auglocal_fx.cli.convert import main as convert_main
+
+    argv = ["--model", "resnet20_cifar", "--input-size", "3", "32", "32", "--blocks", "8", "--stages", "3"]
+    assert convert_main([*argv, "--plot", str(tmp_path / "plan.png")]) == 0
+    out = capsys.readouterr().out
+    assert "3 pipeline stages" in out and "Slowest stage / mean" in out
+    assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert convert_main([*argv, "--format", "json"]) == 0
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    stages = doc["memory"]["pipeline"]["stages"]
+    assert [s["blocks"] for s in stages][0][0] == 0 and sum(len(s["blocks"]) for s in stages) == 8
+    assert abs(sum(s["share"] for s in stages) - 1) < 1e-9 and stages[-1]["sent_bytes"] == 0
+    assert convert_main([*argv[:-1], "9"]) == 2  # more stages than blocks: refused before any work
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["auglocal-convert: error: --stages = 9 is more pipeline stages than the 8 block(s) the plan has; "
+                   "use at most 8, or convert into more blocks"]

@@ -17,10 +17,12 @@ from ..footprint import memory_summary
 from ..light_head import AUX_HEADS
 from ..models import create_model
 from ..partition import BALANCERS
+from ..plan_plot import plot_plan
 from ..planner import check_input_size
 from ..recompute import RECOMPUTE
 from ..rules import RULES
 from ..selection import TAILS
+from ..stages import STAGE_BALANCES, check_stages, split_stages, stage_table, stages_summary
 from ..synthesize import AUX_INITS
 from .common import run_cli
 
@@ -30,7 +32,7 @@ FLAGS = {"blocks": "--blocks", "aux_depth": "--aux-depth", "pyramid": "--pyramid
          "tail": "--tail", "rule": "--rule", "aux_init": "--aux-init", "input_size": "--input-size",
          "num_classes": "--num-classes", "max_bundle": "--max-bundle", "layers": "--layers", "batch": "--batch",
          "recompute": "--recompute", "aux_dtype": "--aux-dtype",
-         "aux_head": "--aux-head"}
+         "aux_head": "--aux-head", "stages": "--stages"}
 
 
 def _listing(registry) -> str:
@@ -72,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
                         "forward per step); none: the method as published")
     p.add_argument("--aux-dtype", choices=list(AUX_DTYPES), default="float32",
                    help="lower memory: bfloat16 holds aux nets' weights, gradients and optimizer state in half the bytes")
+    p.add_argument("--stages", type=int, metavar="P",
+                   help="also split the blocks into P pipeline stages (auglocal-train's parallel.pipeline) and "
+                        "print each stage's training FLOPs and what it sends on")
+    p.add_argument("--stage-balance", choices=STAGE_BALANCES, default="cost",
+                   help="cost: stages of equal training FLOPs as far as the blocks allow; units: equal block counts")
+    p.add_argument("--plot", metavar="PNG", help="draw per-block forward FLOPs, aux-net FLOPs and activation memory "
+                                                 "(stages shaded with --stages) to this PNG file")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs the network)")
     p.add_argument("--format", choices=("table", "json", "yaml"), default="table", help="stdout format")
     p.add_argument("--out", help="also write the plan here (.json: JSON, else YAML)")
@@ -82,11 +91,13 @@ def parser() -> argparse.ArgumentParser:
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
     # a mistake in the arguments costs nothing: found before the model is built, traced and printed
-    for flag, path in (("--out", args.out), ("--save", args.save)):
+    for flag, path in (("--out", args.out), ("--save", args.save), ("--plot", args.plot)):
         if path is not None:
             check_output_path(path, name=flag)
     if args.input_size is not None:
         check_input_size(args.input_size)
+    if args.stages is not None:
+        check_stages(args.stages, args.blocks if args.blocks > 0 else args.stages, "--stages")
     err = Console(stderr=True)
     with err.status(f"creating {args.model}..."):
         model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
@@ -99,6 +110,12 @@ def _main(argv=None) -> int:
                           recompute=args.recompute, aux_dtype=args.aux_dtype, aux_head=args.aux_head)
     plan = net.plan
     memory = memory_summary(plan)  # derived figures: printed and written beside the plan, not part of it
+    stages = None
+    if args.stages is not None:
+        image = 4 * plan.config.input_size[0] * plan.config.input_size[1] * plan.config.input_size[2]
+        needs_image = any(getattr(loss, "needs_image", False) for loss in net.aux_losses)
+        stages = split_stages(plan, args.stages, args.stage_balance, image if needs_image else 0, "--stages")
+        memory = {**memory, "pipeline": stages_summary(plan, stages)}
     for note in plan.notes:
         print(f"{PROG}: note: {reword(note, FLAGS)}", file=sys.stderr)
     if args.format == "json":
@@ -106,7 +123,13 @@ def _main(argv=None) -> int:
     elif args.format == "yaml":
         print(plan.to_yaml(memory), end="")
     else:
-        Console(width=max(Console().width, 190)).print(plan.table(memory))
+        console = Console(width=max(Console().width, 190))
+        console.print(plan.table(memory))
+        if stages is not None:
+            console.print(stage_table(plan, stages))
+    if args.plot:
+        plot_plan(plan, args.plot, stages)
+        err.print(f"wrote picture to {args.plot}")
     if args.out:
         text = plan.to_json(memory) + "\n" if args.out.endswith(".json") else plan.to_yaml(memory)
         atomic_write_text(args.out, text)
