@@ -7,7 +7,10 @@ slowest stage. A stage's cost per sample is therefore what its units compute in 
 blocks' and tops' forward FLOPs and their backwards, counted as twice the forward (the usual
 estimate: a gradient for the input and one for the weights); ``balance="cost"`` splits the units
 so that the largest stage cost is as small as it can be (the exact linear partition,
-``partition.min_max_partition``), ``"units"`` by count as the prototype did.
+``partition.min_max_partition``), ``"units"`` by count as the prototype did. FLOPs are not time:
+on a CPU the early blocks' large, thin maps run at a fraction of the late blocks' FLOP rate, so
+``auglocal-train`` defaults to ``"time"``: each unit's forward + local loss + backward timed on
+a copy of the net before training (``training/stage_timing.py``), split the same way.
 
 What crosses between stages per sample is the boundary's tensors (the bundle the last block of
 the stage hands on) plus the labels, and the input image for rules whose loss compares with it
@@ -25,14 +28,15 @@ from .plan import Plan
 
 __all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages", "stages_summary", "stage_table"]
 
-STAGE_BALANCES = ("cost", "units")
+STAGE_BALANCES = ("time", "cost", "units")  # "time": measured seconds per unit (auglocal-train only)
 BACKWARD_FACTOR = 2.0  # backward FLOPs as a multiple of forward (input and weight gradients)
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1}
 
 
 @dataclass(frozen=True)
 class StagePlan:
-    """``units[s]``: the unit indices stage ``s`` trains; ``costs[s]``: its training FLOPs per sample;
+    """``units[s]``: the unit indices stage ``s`` trains; ``costs[s]``: its cost (training FLOPs per
+    sample, or measured seconds per step);
     ``sent[s]``: bytes per sample stage ``s`` sends to stage ``s + 1`` (the last stage sends none)."""
 
     units: list[list[int]]
@@ -69,14 +73,20 @@ def check_stages(stages, units: int, where: str = "stages") -> int:
 
 
 def split_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: int = 0,
-                 where: str = "stages") -> StagePlan:
-    """Group ``plan``'s units into ``stages`` contiguous stages (``balance``: "cost" or "units").
-    ``image_bytes``: per-sample bytes of the input when the rule's loss needs it at every stage."""
+                 where: str = "stages", costs: list[float] | None = None,
+                 groups: list[list[int]] | None = None) -> StagePlan:
+    """Group ``plan``'s units into ``stages`` contiguous stages (``balance``: "cost" or "units"; with
+    measured ``costs`` per unit, "time"). ``image_bytes``: per-sample bytes of the input when the
+    rule's loss needs it at every stage. ``groups``: a split already made (a resumed run's)."""
     if balance not in STAGE_BALANCES:
         raise AugLocalError(f"stage balance {balance!r} is not one of {', '.join(STAGE_BALANCES)}")
-    costs = unit_costs(plan)
+    if balance == "time" and costs is None and groups is None:
+        raise AugLocalError("stage balance 'time' needs measured costs per unit (auglocal-train measures them); "
+                            "use 'cost' to split by FLOPs")
+    costs = unit_costs(plan) if costs is None else list(costs)
     check_stages(stages, len(costs), where)
-    groups = min_max_partition(costs, stages) if balance == "cost" else equal_counts(len(costs), stages)
+    if groups is None:
+        groups = equal_counts(len(costs), stages) if balance == "units" else min_max_partition(costs, stages)
     sent = []
     for g in groups[:-1]:
         layer = plan.layers[plan.blocks[g[-1]].layers[-1]]

@@ -155,3 +155,23 @@ def test_convert_prints_stages_and_draws_the_plan(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["auglocal-convert: error: --stages = 9 is more pipeline stages than the 8 block(s) the plan has; "
                    "use at most 8, or convert into more blocks"]
+
+
+def test_unit_timing_leaves_the_run_untouched():
+    """parallel.balance=time times the units on copies: weights, statistics and the random stream stay."""
+    from auglocal_fx import to_auglocal
+    from auglocal_fx.training.stage_timing import unit_seconds
+
+    torch.manual_seed(0)
+    net = to_auglocal(CifarResNet(20, num_classes=10), 4, input_size=(3, 16, 16))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = unit_seconds(net.local_units(), [3, 16, 16], 10, 8, torch.device("cpu"), repeats=2)
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    sp = split_stages(net.plan, 2, "time", costs=seconds)
+    assert sp.costs == [sum(seconds[u] for u in us) for us in sp.units]
+    with pytest.raises(AugLocalError, match="needs measured costs"):
+        split_stages(net.plan, 2, "time")

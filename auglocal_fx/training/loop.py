@@ -94,7 +94,7 @@ class Trainer:
             _check_writable(self.out)
             if overwrite and resume is None:
                 _clear_run(self.out)
-        saved = read_training(resume) if resume else None
+        saved = self._saved = read_training(resume) if resume else None
         if saved is not None:
             _check_same_model(saved["train"]["recipe"], recipe, resume)
         self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)

@@ -48,6 +48,7 @@ from .loop import Trainer
 from .optim import build_optimizer, build_scheduler
 from .p2p import Sender, recv_tensors
 from .report import EpochProgress
+from .stage_timing import unit_seconds
 from .state import copy_checkpoint, save_training, set_rng_state
 
 __all__ = ["Layout", "PipelineTrainer"]
@@ -107,8 +108,13 @@ class PipelineTrainer(Trainer):
         self.needs_image = any(getattr(u.loss, "needs_image", False) for u in units)
         size = net.plan.config.input_size
         image_bytes = 4 * int(torch.tensor(size).prod()) if self.needs_image else 0
-        self.stage_plan = split_stages(net.plan, lay.stages, recipe.parallel.balance, image_bytes,
-                                       where="recipe key parallel.pipeline")
+        saved = (self._saved or {}).get("train", {}).get("pipeline")
+        groups = saved["units"] if saved and (saved["stages"], saved["replicas"]) == (lay.stages, lay.replicas) \
+            else None  # resuming: the split the run was trained with
+        balance = recipe.parallel.balance
+        costs = self._measure(units) if balance == "time" and groups is None else None
+        self.stage_plan = split_stages(net.plan, lay.stages, balance, image_bytes,
+                                       where="recipe key parallel.pipeline", costs=costs, groups=groups)
         self.mine = self.stage_plan.units[lay.stage]
         own = [units[i] for i in self.mine]
         seen, params = set(), []
@@ -124,11 +130,25 @@ class PipelineTrainer(Trainer):
         self.sender = Sender(lay.rank_of(lay.stage + 1), self.env.device) if not lay.last else None
         sp = self.stage_plan
         total = sum(sp.costs)
+        what = "the measured step time" if costs is not None else "the training FLOPs"
         for s, (us, cost, sent) in enumerate(zip(sp.units, sp.costs, sp.sent)):
             span = f"{us[0]}" if len(us) == 1 else f"{us[0]}-{us[-1]}"
-            self.log(f"stage {s}: blocks {span}, {100 * cost / total:.1f}% of the training FLOPs"
+            self.log(f"stage {s}: blocks {span}, {100 * cost / total:.1f}% of {what}"
                      + (f", sends {sent / 1024:,.1f} KiB per sample" if sent else ""))
         return wrap_units(own, self.env, self.group, lay.replicas)
+
+    def _measure(self, units: list) -> list[float]:
+        """Seconds per step of every unit, timed once on rank 0 and shared, so every process
+        splits the stages alike."""
+        net, lay = self.run.net, self.layout
+        found = [None]
+        if self.env.is_main:
+            classes = net.plan.head.out_shape[-1] if net.plan.head.out_shape else 0
+            self.log("timing every block for the stage split ...", flush=True)
+            found = [unit_seconds(units, net.plan.config.input_size, classes,
+                                  self.recipe.batch_size // lay.replicas, self.env.device)]
+        dist.broadcast_object_list(found, src=0)
+        return found[0]
 
     # -- moving batches between stages ----------------------------------------------------------------
     def _receive(self):
