@@ -64,10 +64,13 @@ def unit_costs(plan: Plan) -> list[float]:
 
 
 def check_stages(stages, units: int, where: str = "stages") -> int:
+    """``stages`` if it is a number of stages for ``units`` units; ``where`` names it in errors (a flag
+    such as ``--stages``, a recipe key, a parameter)."""
+    said = f"{where} {stages!r}" if where.startswith("--") else f"{where} = {stages!r}"
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
-        raise AugLocalError(f"{where} = {stages!r} is not a number of pipeline stages; give an integer from 1")
+        raise AugLocalError(f"{said} is not a number of pipeline stages; give an integer from 1")
     if stages > units:
-        raise AugLocalError(f"{where} = {stages} is more pipeline stages than the {units} block(s) the plan has; "
+        raise AugLocalError(f"{said} is more pipeline stages than the {units} block(s) the plan has; "
                             f"use at most {units}, or convert into more blocks")
     return stages
 

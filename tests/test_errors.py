@@ -185,6 +185,11 @@ CLI_CASES = [
      ["--opset 26 is out of range"]),
     ("batch-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--batch", "0"],
      ["--batch 0 is not a batch size: give an integer >= 1"]),
+    ("pipeline-without-processes", train_main, lambda t, m: [_recipe(t), "--set", "parallel.pipeline=2"],
+     ["recipe key parallel.pipeline is 2 but 1 process(es) were started; launch a multiple of 2: torchrun "
+      "--nproc_per_node 2"]),
+    ("stages-above-blocks", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--stages", "5"],
+     ["--stages 5 is more pipeline stages than the 4 block(s) the plan has; use at most 4"]),
 ]
 
 

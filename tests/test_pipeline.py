@@ -153,7 +153,7 @@ def test_convert_prints_stages_and_draws_the_plan(capsys, tmp_path):
     assert abs(sum(s["share"] for s in stages) - 1) < 1e-9 and stages[-1]["sent_bytes"] == 0
     assert convert_main([*argv[:-1], "9"]) == 2  # more stages than blocks: refused before any work
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["auglocal-convert: error: --stages = 9 is more pipeline stages than the 8 block(s) the plan has; "
+    assert err == ["auglocal-convert: error: --stages 9 is more pipeline stages than the 8 block(s) the plan has; "
                    "use at most 8, or convert into more blocks"]
 
 
