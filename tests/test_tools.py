@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # what pickle finds: --jobs children run functions of the module by name
     spec.loader.exec_module(module)
     return module
 
@@ -113,3 +115,36 @@ def test_granularity(capsys):
     assert _tool("granularity").main(["no_such_model"]) == 2
 
 
+
+
+def test_bench_accuracy_jobs_run_in_children_with_their_own_logs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["--set", "epochs=2", "--set", "data.dataset=synthetic", "--set", "data.train_limit=64",
+            "--set", "data.test_limit=32", "--set", "batch_size=32", "--set", "conversion.blocks=4",
+            "--rules", "bp", "auglocal", "--seeds", "0", "--out", str(tmp_path), "--jobs", "2", "--threads", "1"]
+    res = _json_run(capsys, "bench_accuracy", argv)
+    assert sorted(r["rule"] for r in res["runs"]) == ["auglocal", "bp"] and res["threads"] == 1
+    for r in res["runs"]:
+        assert len(r["test_acc_per_epoch"]) == 2 and r["test_acc_per_epoch"][-1] == r["test_acc"]
+        assert "epoch 2/2" in (tmp_path / f"{r['rule']}-seed0" / "train.log").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_bench_pipeline_reports_every_way_to_use_two_processors(capsys, tmp_path):
+    res = _json_run(capsys, "bench_pipeline", ["--set", "data.dataset=synthetic", "--set", "batch_size=32",
+                                               "--set", "conversion.blocks=4", "--steps", "2", "--test-limit", "32",
+                                               "--only", "sequential x1", "pipeline 2", "--out", str(tmp_path)])
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"sequential x1", "pipeline 2"} and rows["sequential x1"]["vs_sequential_x1"] == 1.0
+    pipe = rows["pipeline 2"]
+    assert pipe["processes"] == 2 and len(pipe["stage_busy"]) == 2 and pipe["images_per_s"] > 0
+    assert pipe["compute_over_sequential"] > 0
+
+
+def test_pipeline_model_compares_the_three_schemes(capsys):
+    res = _json_run(capsys, "pipeline_model", ["--models", "resnet20_cifar:8", "--stages", "2", "4", "--rules", "dgl"])
+    (model,) = res["models"]
+    assert [r["stages"] for r in model["rows"]] == [2, 4]
+    for r in model["rows"]:
+        assert 0 < r["local_pipeline_speedup"] <= r["stages"] and r["ddp_speedup"] <= r["stages"] + 1e-9
+        assert r["onef1b_speedup"] <= r["stages"] and r["local_send_mb"] > 0

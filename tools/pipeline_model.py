@@ -37,20 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
+from auglocal_fx.errors import AugLocalError  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.partition import min_max_partition  # noqa: E402
 from auglocal_fx.stages import BACKWARD_FACTOR, split_stages, unit_costs  # noqa: E402
 
 PROG = "pipeline_model"
-MODELS = (("resnet50", 16, (3, 224, 224)), ("vit_base_patch16_224", 12, (3, 224, 224)))
+MODELS = ("resnet50:16", "vit_base_patch16_224:12")  # name:K, each at its default input size
 TRAIN = 1 + BACKWARD_FACTOR
 
 
-def _plan(name: str, blocks: int, size, rule: str):
+def _plan(name: str, blocks: int, rule: str):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return to_auglocal(create_model(name), blocks, input_size=size, rule=rule).plan
+        return to_auglocal(create_model(name), blocks, rule=rule).plan
 
 
 def _boundary_bytes(plan, layer: int) -> int:
@@ -92,6 +93,8 @@ def model_rows(plan, ps: list[int], batch: int, tflops: float, link: float, micr
 
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME:K",
+                    help="timm models and their blocks, e.g. resnet50:16 (default: resnet50:16 vit_base_patch16_224:12)")
     ap.add_argument("--stages", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--batch", type=int, default=256, help="images per training step (default 256)")
     ap.add_argument("--tflops", type=float, default=200.0, help="sustained TFLOP/s per GPU (default 200)")
@@ -102,10 +105,14 @@ def _main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = {"assumptions": {"batch": args.batch, "tflops": args.tflops, "link_gbs": args.link_gbs,
                            "microbatches": args.microbatches or "4 x stages"}, "models": []}
-    for name, k, size in MODELS:
+    for entry in args.models:
+        name, _, k = entry.partition(":")
+        if not k.isdigit():
+            raise AugLocalError(f"--models {entry}: give NAME:K, e.g. resnet50:16")
+        k = int(k)
         for rule in args.rules:
             print(f"== {name} K={k} {rule}", file=sys.stderr, flush=True)
-            plan = _plan(name, k, size, rule)
+            plan = _plan(name, k, rule)
             res["models"].append({"model": name, "blocks": k, "rule": rule,
                                   "rows": model_rows(plan, args.stages, args.batch, args.tflops, args.link_gbs,
                                                      args.microbatches)})
