@@ -130,6 +130,7 @@ def test_bench_accuracy_jobs_run_in_children_with_their_own_logs(capsys, tmp_pat
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # two torchrun launches; the pipeline itself is proven in test_pipeline.py
 def test_bench_pipeline_reports_every_way_to_use_two_processors(capsys, tmp_path):
     res = _json_run(capsys, "bench_pipeline", ["--set", "data.dataset=synthetic", "--set", "batch_size=32",
                                                "--set", "conversion.blocks=4", "--steps", "2", "--test-limit", "32",
