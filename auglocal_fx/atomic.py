@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import IO
 
 from .errors import AugLocalError
 
-__all__ = ["atomic_write", "atomic_write_text", "check_output_path"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_savefig", "check_output_path"]
 
 
 def check_output_path(path: str | os.PathLike, inputs=(), name: str = "path") -> Path:
@@ -66,3 +67,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """``atomic_write`` for UTF-8 text."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Render a matplotlib figure to PNG, write it with ``atomic_write`` and close the figure."""
+    import matplotlib.pyplot as plt  # only where a figure exists
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -20,7 +20,7 @@ from .rules import IMAGENET_MEAN, IMAGENET_STD, AuxContext, get_rule
 from .shapecheck import check_units
 from .trace import specialised_args
 
-__all__ = ["AugLocalNet"]
+__all__ = ["AugLocalNet", "unique_parameters"]
 
 
 class AugLocalNet(nn.Module):
@@ -172,14 +172,7 @@ class AugLocalNet(nn.Module):
 
     def block_parameters(self, i: int) -> list[nn.Parameter]:
         """Parameters trained by block ``i``'s loss: the block's own (the last block: plus the head)."""
-        mods = [self.blocks[i]] + ([self.head] if i == len(self.blocks) - 1 else [])
-        seen, out = set(), []
-        for m in mods:
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        return unique_parameters([self.blocks[i]] + ([self.head] if i == len(self.blocks) - 1 else []))
 
     # -- torch.compile -------------------------------------------------------------------------
     def compile(self, *args, **kwargs) -> None:
@@ -204,6 +197,17 @@ class AugLocalNet(nn.Module):
     def save(self, path) -> None:
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
         save_net(self, path)
+
+
+def unique_parameters(modules) -> list[nn.Parameter]:
+    """The parameters of ``modules``, each once (blocks, aux nets and heads may share some)."""
+    seen, out = set(), []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def _model_image_stats(model: nn.Module, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

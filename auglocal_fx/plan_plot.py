@@ -8,10 +8,9 @@ unbalanced split or one heavy aux net shows at a glance.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from .atomic import atomic_write
+from .atomic import atomic_savefig
 from .plan import Plan
 from .stages import StagePlan
 
@@ -54,7 +53,4 @@ def plot_plan(plan: Plan, path: str | Path, stages: StagePlan | None = None) -> 
     for ax in (top, bottom):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_savefig(fig, path)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import contextlib
-import io
 import json
 import multiprocessing
 import platform
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # --jobs children unpickle _run_in_child from this module
 
-from auglocal_fx.atomic import atomic_write, atomic_write_text  # noqa: E402
+from auglocal_fx.atomic import atomic_savefig, atomic_write_text  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.errors import AugLocalError  # noqa: E402
 from auglocal_fx.rules import RULES as REGISTERED  # noqa: E402
@@ -121,10 +120,7 @@ def plot(path: Path, summary: dict, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_savefig(fig, path)
 
 
 def plot_curves(path: Path, runs: list[dict], title: str) -> None:
@@ -147,10 +143,7 @@ def plot_curves(path: Path, runs: list[dict], title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_savefig(fig, path)
 
 
 def _table(res: dict) -> str:

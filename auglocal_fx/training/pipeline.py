@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ..blockwise import blockwise_step
 from ..bundles import call
 from ..errors import AugLocalError
+from ..net import unique_parameters
 from ..stages import split_stages
 from .distributed import Env, all_reduce_sum, gather_states, gather_to_main, wrap_units
 from .loop import Trainer
@@ -117,14 +118,8 @@ class PipelineTrainer(Trainer):
                                        where="recipe key parallel.pipeline", costs=costs, groups=groups)
         self.mine = self.stage_plan.units[lay.stage]
         own = [units[i] for i in self.mine]
-        seen, params = set(), []
-        for u in own:
-            for p in u.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
         # this stage's optimizer and schedule: the same per-parameter updates as one over the whole net
-        self.run.optimizer = build_optimizer(params, recipe.optimizer)
+        self.run.optimizer = build_optimizer(unique_parameters(own), recipe.optimizer)
         self.run.scheduler = build_scheduler(self.run.optimizer, recipe.schedule, recipe.epochs,
                                              len(self.run.train_loader))
         self.sender = Sender(lay.rank_of(lay.stage + 1), self.env.device) if not lay.last else None

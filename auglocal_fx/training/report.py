@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -18,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_savefig, atomic_write_text
 
 __all__ = ["EpochProgress", "write_metrics", "plot_curves", "epoch_line"]
 
@@ -100,8 +99,5 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_savefig(fig, path)
 
