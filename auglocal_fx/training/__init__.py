@@ -6,6 +6,6 @@ Example:
 """
 
 from .config import TrainRecipe, apply_overrides, load_recipe, recipe_from_dict
-from .loop import train
+from .launch import train
 
 __all__ = ["TrainRecipe", "apply_overrides", "load_recipe", "recipe_from_dict", "train"]

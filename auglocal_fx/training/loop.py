@@ -1,6 +1,6 @@
 """The training loop: block-wise steps, per-epoch evaluation of every head, checkpoints, metrics, plot.
 
-``train(recipe)`` is what ``auglocal-train`` runs. Each epoch ends with ``last.pt`` written
+``Trainer`` is what ``auglocal-train`` runs (``launch.train``). Each epoch ends with ``last.pt`` written
 atomically (and ``best.pt`` when the test accuracy improved), so a crash loses at most the epoch
 in progress; ``resume=`` continues from such a file with the same losses as an unbroken run.
 """
@@ -22,11 +22,11 @@ from ..errors import AugLocalError, AugLocalWarning, reword
 from ..plan import Plan
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
-from .distributed import Env, all_reduce_sum, gather_states, setup, teardown, wrap_units
+from .distributed import Env, all_reduce_sum, gather_states, wrap_units
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 
-__all__ = ["train", "check_run_folder"]
+__all__ = ["Trainer", "check_run_folder"]
 
 CHECKPOINTS = ("last.pt", "best.pt")
 # every file a run writes; --overwrite clears them so that the folder never mixes two runs
@@ -255,30 +255,3 @@ class Trainer:
 
 def _yaml(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
-          overwrite: bool = False) -> dict | None:
-    """Train ``recipe`` (resuming from checkpoint ``resume``); returns the summary dict.
-
-    An output folder that holds another run's checkpoint is refused unless ``overwrite`` (which
-    deletes that run's files first) or ``resume`` continues it. Under torchrun each process calls
-    this; process 0 prints, writes files and gets the summary (the other ranks get None).
-    """
-    check_run_folder(recipe.output, resume, overwrite)  # every rank, before any work: all refuse alike
-    env = setup(recipe.device)
-    try:
-        if recipe.parallel.pipeline > 1:
-            from .pipeline import PipelineTrainer  # imports this module
-
-            trainer = PipelineTrainer(recipe, env, resume, log, overwrite)
-        else:
-            trainer = Trainer(recipe, env, resume, log, overwrite)
-        summary = trainer.fit(stop_after)
-        return summary if env.is_main else None
-    except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
-        if exc.param in RECIPE_KEYS:
-            raise AugLocalError(exc.worded(RECIPE_KEYS)) from exc
-        raise
-    finally:
-        teardown(env)
