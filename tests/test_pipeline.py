@@ -86,8 +86,9 @@ def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tm
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("test accuracy") == 1  # rank 0 reports
         _assert_same_run(Path(seq["output"]), Path(pipe["output"]))
-        busy = history(Path(pipe["output"]))[-1]["stage_busy"]
-        assert len(busy) == p and all(0 < b <= 1 for b in busy)
+        last = history(Path(pipe["output"]))[-1]
+        assert len(last["stage_busy"]) == p and all(0 < b <= 1 for b in last["stage_busy"])
+        assert [u for us in last["stage_blocks"] for u in us] == list(range(5))
     cut = tiny_recipe(tmp_path / "cut", **GN, **{"parallel.pipeline": 2})
     path = write_recipe(tmp_path, cut, "cut.yaml")
     assert _torchrun(2, path, "--stop-after", "1").returncode == 0

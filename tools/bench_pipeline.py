@@ -66,7 +66,7 @@ def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: P
     last = history[-1]
     row = {"name": name, "processes": procs, "threads": threads, "images_per_s": last["images_per_s"],
            "epoch_time_s": last["epoch_time_s"], "steps": len(last["step_losses"])}
-    for key in ("stage_busy", "stage_send"):
+    for key in ("stage_busy", "stage_send", "stage_blocks"):
         if key in last:
             row[key] = last[key]
     return row
@@ -118,8 +118,8 @@ def _main(argv=None) -> int:
         ratio = f"{r['vs_sequential_x1']:.2f}x" if r["vs_sequential_x1"] else "-"
         print(f"{r['name']:16s} {r['processes']:>9d} x {r['threads']:<3d} {r['images_per_s']:9.1f} {ratio:>17s}")
     if pipe is not None:
-        for s, (busy, send) in enumerate(zip(pipe["stage_busy"], pipe["stage_send"])):
-            print(f"  stage {s}: computing {100 * busy:.0f}%, blocked sending {100 * send:.0f}%, "
+        for s, (busy, send, blocks) in enumerate(zip(pipe["stage_busy"], pipe["stage_send"], pipe["stage_blocks"])):
+            print(f"  stage {s} (blocks {blocks[0]}-{blocks[-1]}): computing {100 * busy:.0f}%, blocked sending {100 * send:.0f}%, "
                   f"waiting for input {100 * max(0.0, 1 - busy - send):.0f}% of the epoch")
         if "compute_over_sequential" in pipe:
             print(f"  stages' compute time summed / sequential x1's: {pipe['compute_over_sequential']:.2f}")

@@ -222,7 +222,8 @@ class PipelineTrainer(Trainer):
                 "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": n / seconds, "epoch_time_s": seconds,
                 # per stage, shares of its epoch: computing, and blocked sending (the rest it waited for input)
                 "stage_busy": [vec[at + s] / vec[at + 2 * p + s] for s in range(p)],
-                "stage_send": [vec[at + p + s] / vec[at + 2 * p + s] for s in range(p)]}
+                "stage_send": [vec[at + p + s] / vec[at + 2 * p + s] for s in range(p)],
+                "stage_blocks": self.stage_plan.units}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
