@@ -109,6 +109,7 @@ class Trainer:
         self.epoch, self.history, self.best = 0, [], -1.0
         if saved is not None:
             self._restore(saved)
+            self._saved = saved = None  # the checkpoint's tensors are loaded: do not hold a second copy
         else:
             torch.manual_seed(recipe.seed + 1_000_003 * env.rank)  # augmentation/dropout differ per rank
         if env.is_main:
