@@ -22,15 +22,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .errors import AugLocalError
 from .partition import equal_counts, min_max_partition
-from .plan import Plan
+from .plan import Plan, is_size_kind
 
 __all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages", "stages_summary", "stage_table"]
 
 STAGE_BALANCES = ("time", "cost", "units")  # "time": measured seconds per unit (auglocal-train only)
 BACKWARD_FACTOR = 2.0  # backward FLOPs as a multiple of forward (input and weight gradients)
-_ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1}
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ def split_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: in
     for g in groups[:-1]:
         layer = plan.layers[plan.blocks[g[-1]].layers[-1]]
         dtypes = layer.crossing_dtypes or ["float32"] * len(layer.bundle)
-        sent.append(sum(_ITEMSIZE.get(d, 4) * math.prod(t) for t, d in zip(layer.bundle, dtypes))
-                    + 8 + image_bytes)  # + the int64 label
+        sent.append(sum(0 if is_size_kind(d) else getattr(torch, d).itemsize * math.prod(t)  # sizes ride free
+                        for t, d in zip(layer.bundle, dtypes)) + 8 + image_bytes)  # + the int64 label
     return StagePlan(groups, [sum(costs[u] for u in g) for g in groups], sent + [0])
 
 

@@ -176,3 +176,44 @@ def test_unit_timing_leaves_the_run_untouched():
     assert sp.costs == [sum(seconds[u] for u in us) for us in sp.units]
     with pytest.raises(AugLocalError, match="needs measured costs"):
         split_stages(net.plan, 2, "time")
+
+
+def _p2p_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from auglocal_fx.training.p2p import Sender, recv_tensors
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    messages = [[torch.arange(6.0).reshape(2, 3), 5, None, torch.tensor([1, 2])],
+                [torch.ones(3, dtype=torch.bfloat16), torch.zeros(0, 4)]]
+    if rank == 0:
+        sender = Sender(1, torch.device("cpu"), depth=1)
+        for m in messages:
+            sender.send(m)
+        sender.flush()
+    else:
+        got = [recv_tensors(0, torch.device("cpu")) for _ in messages]
+        torch.save(got, out)
+    dist.destroy_process_group()
+
+
+def test_p2p_carries_tensors_sizes_and_none(tmp_path):
+    """A boundary may hand on a size or None beside its tensors (a bundle slot): they ride in the header."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_p2p_worker, args=(str(tmp_path / "store"), str(tmp_path / "got.pt")), nprocs=2)
+    first, second = torch.load(tmp_path / "got.pt", weights_only=True)
+    assert torch.equal(first[0], torch.arange(6.0).reshape(2, 3)) and first[1:3] == [5, None]
+    assert torch.equal(first[3], torch.tensor([1, 2]))
+    assert second[0].dtype == torch.bfloat16 and second[1].shape == (0, 4)
+
+
+def test_stages_that_share_a_parameter_are_refused():
+    from auglocal_fx.training.pipeline import _check_disjoint
+
+    shared = torch.nn.Linear(2, 2)
+    units = [torch.nn.Sequential(shared), torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(shared)]
+    _check_disjoint(units, [[0, 1, 2]])  # one stage: fine
+    with pytest.raises(AugLocalError, match=r"^blocks 0 and 2 share a parameter, so they cannot train in different "
+                                            r"pipeline stages"):
+        _check_disjoint(units, [[0, 1], [2]])

@@ -210,7 +210,11 @@ def _main(argv=None) -> int:
                   f"{out}/<rule>-seed<k>/train.log", file=sys.stderr, flush=True)
             for fut in futures.as_completed(pending):
                 rule, seed = pending[fut]
-                run = fut.result()
+                try:
+                    run = fut.result()
+                except BaseException:  # say so now: queued runs are dropped, the running one ends (its last.pt resumes)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 print(f"== {rule} seed {seed}: test accuracy {100 * run['test_acc']:.2f}%", file=sys.stderr, flush=True)
                 record(run)
     wanted = [r for r in res["runs"] if r["rule"] in args.rules and r["seed"] in args.seeds]

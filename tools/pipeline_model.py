@@ -103,6 +103,8 @@ def _main(argv=None) -> int:
     ap.add_argument("--rules", nargs="+", default=["auglocal", "dgl"], help="local rules to model (aux-net costs differ)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if min(args.stages) < 2:
+        raise AugLocalError(f"--stages {' '.join(map(str, args.stages))}: a pipeline has at least 2 stages")
     res = {"assumptions": {"batch": args.batch, "tflops": args.tflops, "link_gbs": args.link_gbs,
                            "microbatches": args.microbatches or "4 x stages"}, "models": []}
     for entry in args.models:
@@ -129,8 +131,9 @@ def _main(argv=None) -> int:
             print(f"{mdl['model'] + ' K=' + str(mdl['blocks']) + ' ' + mdl['rule']:32s} {r['stages']:3d} {r['local_pipeline_speedup']:9.2f}x "
                   f"{r['local_imbalance']:6.2f} {r['local_send_mb']:8.1f} {r['onef1b_speedup']:5.2f}x "
                   f"{r['onef1b_send_mb']:8.1f} {r['ddp_speedup']:5.2f}x {r['ddp_allreduce_mb']:9.1f}")
-        print(f"{'':32s}     local learning on one GPU: {mdl['rows'][0]['local_one_gpu_speedup']:.2f}x "
-              "(its aux nets' cost)")
+        if mdl["rows"]:  # none where every P exceeds the blocks
+            print(f"{'':32s}     local learning on one GPU: {mdl['rows'][0]['local_one_gpu_speedup']:.2f}x "
+                  "(its aux nets' cost)")
     return 0
 
 

@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, metavar="P",
                    help="also split the blocks into P pipeline stages (auglocal-train's parallel.pipeline) and "
                         "print each stage's training FLOPs and what it sends on")
-    p.add_argument("--stage-balance", choices=STAGE_BALANCES, default="cost",
+    p.add_argument("--stage-balance", choices=[b for b in STAGE_BALANCES if b != "time"], default="cost",
                    help="cost: stages of equal training FLOPs as far as the blocks allow; units: equal block counts")
     p.add_argument("--plot", metavar="PNG", help="draw per-block forward FLOPs, aux-net FLOPs and activation memory "
                                                  "(stages shaded with --stages) to this PNG file")

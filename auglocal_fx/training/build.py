@@ -45,7 +45,8 @@ def model_kwargs(recipe: TrainRecipe, data: DataBundle) -> dict:
 
 def _per_rank(total: int, env: Env, key: str) -> int:
     if total % env.world:
-        raise AugLocalError(f"recipe key {key} ({total}) must divide evenly across {env.world} processes")
+        raise AugLocalError(f"recipe key {key} ({total}) must divide evenly across the {env.world} data-parallel "
+                            "processes (a pipeline's: replicas per stage)")
     return total // env.world
 
 

@@ -92,7 +92,7 @@ def gather_states(state: dict, env: Env) -> list[dict]:
     torch.save(state, buf)
     gathered = [None] * env.world
     dist.all_gather_object(gathered, buf.getvalue())
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered]
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in gathered]
 
 
 def gather_to_main(state, env: Env) -> list | None:
@@ -103,4 +103,4 @@ def gather_to_main(state, env: Env) -> list | None:
     torch.save(state, buf)
     gathered = [None] * env.world if env.is_main else None
     dist.gather_object(buf.getvalue(), gathered, dst=0)
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered] if env.is_main else None
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in gathered] if env.is_main else None

@@ -104,8 +104,8 @@ class Trainer:
         net = self.run.net
         for note in net.plan.notes:
             self.log(f"note: {reword(note, RECIPE_KEYS)}")
-        self.units = self._make_units()
         self.amp = dict(autocast_dtype=torch.bfloat16) if recipe.bf16 else {}
+        self.units = self._make_units()
         self.epoch, self.history, self.best = 0, [], -1.0
         if saved is not None:
             self._restore(saved)

@@ -113,9 +113,11 @@ class PipelineTrainer(Trainer):
         groups = saved["units"] if saved and (saved["stages"], saved["replicas"]) == (lay.stages, lay.replicas) \
             else None  # resuming: the split the run was trained with
         balance = recipe.parallel.balance
+        # measured on rank 0 and shared (each process timing alone would split differently and deadlock)
         costs = self._measure(units) if balance == "time" and groups is None else None
         self.stage_plan = split_stages(net.plan, lay.stages, balance, image_bytes,
                                        where="recipe key parallel.pipeline", costs=costs, groups=groups)
+        _check_disjoint(units, self.stage_plan.units)
         self.mine = self.stage_plan.units[lay.stage]
         own = [units[i] for i in self.mine]
         # this stage's optimizer and schedule: the same per-parameter updates as one over the whole net
@@ -141,7 +143,8 @@ class PipelineTrainer(Trainer):
             classes = net.plan.head.out_shape[-1] if net.plan.head.out_shape else 0
             self.log("timing every block for the stage split ...", flush=True)
             found = [unit_seconds(units, net.plan.config.input_size, classes,
-                                  self.recipe.batch_size // lay.replicas, self.env.device)]
+                                  self.recipe.batch_size // lay.replicas, self.env.device,
+                                  autocast_dtype=self.amp.get("autocast_dtype"))]
         dist.broadcast_object_list(found, src=0)
         return found[0]
 
@@ -293,9 +296,6 @@ class PipelineTrainer(Trainer):
                                 f"replicas ({p['stages'] * p['replicas']} processes), this launch is {lay.stages} x "
                                 f"{lay.replicas}; launch torchrun --nproc_per_node {p['stages'] * p['replicas']} with "
                                 f"--set parallel.pipeline={p['stages']}")
-        if p["units"] != self.stage_plan.units:
-            raise AugLocalError(f"cannot resume: the checkpoint's stages hold blocks {p['units']}, this recipe's "
-                                f"{self.stage_plan.units}; use the recipe's parallel.balance it was trained with")
         r.net.model.load_state_dict(saved["model_state"])
         r.net.aux.load_state_dict(saved["aux_state"])
         r.optimizer.load_state_dict(t["optimizer"][lay.stage])
@@ -303,3 +303,16 @@ class PipelineTrainer(Trainer):
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
         set_rng_state(t["rng"][self.env.rank])
         self.log(f"resumed from epoch {self.epoch}")
+
+
+def _check_disjoint(units: list, stages: list[list[int]]) -> None:
+    """Each parameter trained by one stage only: a module two stages' blocks both use would be
+    updated by each stage on its own copy, and the run would leave the sequential one silently."""
+    owner = {}
+    for s, us in enumerate(stages):
+        for i in us:
+            for p in units[i].parameters():
+                if owner.setdefault(id(p), (s, i))[0] != s:
+                    raise AugLocalError(f"blocks {owner[id(p)][1]} and {i} share a parameter, so they cannot train in "
+                                        "different pipeline stages; lower parallel.pipeline or convert with blocks that "
+                                        "keep the shared module in one block")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,10 @@ __all__ = ["unit_seconds"]
 
 
 def unit_seconds(units: list, input_size: list[int], classes: int, batch: int, device: torch.device,
-                 repeats: int = 3) -> list[float]:
-    """Median seconds of each unit's forward + local loss + backward, after one warm-up step."""
+                 repeats: int = 3, autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """Median seconds of each unit's forward + local loss + backward, after one warm-up step
+    (forwards under autocast to ``autocast_dtype`` when the run uses it). The copy briefly doubles
+    the net's memory on ``device``."""
     units = copy.deepcopy(units)  # one memo: blocks keep sharing the copied backbone's modules
     for u in units:
         u.train()
@@ -32,17 +35,20 @@ def unit_seconds(units: list, input_size: list[int], classes: int, batch: int, d
     y = torch.randint(0, max(classes, 1), (batch,), generator=gen).to(device)
     times = [[] for _ in units]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws leave no trace
-        _time_steps(units, x, y, device, repeats, times)
+        _time_steps(units, x, y, device, repeats, times, autocast_dtype)
     return [statistics.median(t) for t in times]
 
 
-def _time_steps(units: list, x, y, device: torch.device, repeats: int, times: list[list[float]]) -> None:
+def _time_steps(units: list, x, y, device: torch.device, repeats: int, times: list[list[float]],
+                autocast_dtype: torch.dtype | None) -> None:
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
     for rep in range(repeats + 1):
         h = x
         for i, u in enumerate(units):
             start = time.perf_counter()
-            out, top = call(u, h)
-            loss, _ = u.local_loss(top, y, x, F.cross_entropy)
+            with amp:
+                out, top = call(u, h)
+                loss, _ = u.local_loss(top, y, x, F.cross_entropy)
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
