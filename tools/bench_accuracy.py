@@ -27,6 +27,7 @@ import multiprocessing
 import platform
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -117,7 +118,7 @@ def plot(path: Path, summary: dict, title: str) -> None:
     ax.set_ylim(max(0.0, lo - 4), min(100.0, max(100 * max(r["accs"]) for r in rows) + 2))
     ax.set_xticks(list(xs), rules)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -139,7 +140,7 @@ def plot_curves(path: Path, runs: list[dict], title: str) -> None:
                     marker="o", ms=3, label=rule, color=COLORS.get(rule, "tab:purple"))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), mean over seeds")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
