@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Train a timm model with supervised local learning from a YAML recipe. Under "
                     "torchrun (torchrun --nproc_per_node N -m auglocal_fx.cli.train ...) it trains "
-                    "data-parallel.")
+                    "data-parallel, or in pipeline stages of blocks with --set parallel.pipeline=P.")
     p.add_argument("recipe", help="recipe file, e.g. recipes/fashion_mnist_auglocal.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set epochs=1 --set optimizer.lr=0.05 (repeatable)")
