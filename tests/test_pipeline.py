@@ -88,8 +88,7 @@ def _sequential(tmp_path: Path, recipe: dict, name: str) -> None:
 def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tmp_path):
     """Stage k computes batch n with its parameters before their step-n update and sends that output
     on, so stage k+1 gets what the sequential loop hands it: same losses, same weights. P=3 runs
-    infopro, whose loss reads the input (the image travels with the boundary), cut after epoch 1
-    and resumed."""
+    infopro, whose loss reads the input (the image travels with the boundary)."""
     seq = tiny_recipe(tmp_path / "seq", **GN)
     _sequential(tmp_path, seq, "seq.yaml")
     p2 = tiny_recipe(tmp_path / "p2", **GN, **{"parallel.pipeline": 2})
@@ -104,13 +103,23 @@ def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tm
     seq_info = tiny_recipe(tmp_path / "seq_info", "infopro", **GN)
     _sequential(tmp_path, seq_info, "seq_info.yaml")
     p3 = tiny_recipe(tmp_path / "p3", "infopro", **GN, **{"parallel.pipeline": 3})
+    proc = _torchrun(3, write_recipe(tmp_path, p3, "p3.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(Path(seq_info["output"]), Path(p3["output"]))
+    assert len(history(Path(p3["output"]))[-1]["stage_busy"]) == 3
+
+
+@pytest.mark.slow  # four launches; the exactness of the stages themselves is in the default suite
+def test_pipeline_resumes_exactly_and_refuses_another_layout(tmp_path):
+    seq = tiny_recipe(tmp_path / "seq", **GN)
+    _sequential(tmp_path, seq, "seq.yaml")
+    p3 = tiny_recipe(tmp_path / "p3", **GN, **{"parallel.pipeline": 3})
     path = write_recipe(tmp_path, p3, "p3.yaml")
     assert _torchrun(3, path, "--stop-after", "1").returncode == 0
     assert len(history(Path(p3["output"]))) == 1
     proc = _torchrun(3, path, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_run(Path(seq_info["output"]), Path(p3["output"]))
-    assert len(history(Path(p3["output"]))[-1]["stage_busy"]) == 3
+    _assert_same_run(Path(seq["output"]), Path(p3["output"]))
     # another number of stages, or none, cannot continue it: one line each, what to launch instead
     proc = _torchrun(2, path, "--resume", "auto", "--set", "parallel.pipeline=2")
     assert proc.returncode != 0 and ("cannot resume: the checkpoint was trained as 3 stages x 1 replicas (3 processes), "
