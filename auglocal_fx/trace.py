@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
+import os
+import re
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -133,20 +136,99 @@ def trace(model: nn.Module, output: str | int | None = None) -> fx.GraphModule:
     concrete = specialised_args(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete)
-    except _TRACE_ERRORS as exc:  # the user needs the module at fault
-        where = next(reversed(tracer.module_stack), "") if getattr(tracer, "module_stack", None) else ""
-        culprit = type(model.get_submodule(where)).__name__ if where else type(model).__name__
-        raise AugLocalError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__} in module "
-            f"'{where or '<root>'}' ({culprit}): {first_line(exc, 200, with_type=False)}. Hint: register "
-            "that module class with timm.layers.register_notrace_module so it stays a leaf, or remove "
-            "data-dependent control flow from its forward") from exc
+    except _TRACE_ERRORS as exc:  # the user needs the module at fault, and the fix that applies to it
+        raise _untraceable(model, tracer, exc) from exc
     _check_aux_logits(model)
     chosen, note = select_output(graph, output, type(model).__name__)
     _drop_unused_unpacking(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["output"], gm.meta["output_note"] = chosen, note
     return gm
+
+
+def _untraceable(model: nn.Module, tracer: Tracer, exc: Exception) -> AugLocalError:
+    """The one-line error for a model fx failed on, with the hint that applies: a Hugging Face
+    transformers model needs another front end; a branch on a traced value is named where it is
+    (module, source line, node) with how to keep its module whole; anything else, the leaf hint."""
+    where = next(reversed(tracer.module_stack), "") if getattr(tracer, "module_stack", None) else ""
+    module = model.get_submodule(where) if where else model
+    name, culprit = type(model).__name__, type(module).__name__
+    hf = next((type(m) for m in (model, module) if _from_transformers(type(m))), None)
+    said = f"(fx: {type(exc).__name__} in module '{where or '<root>'}': {first_line(exc, 100, with_type=False)})"
+    if hf is not None:
+        return AugLocalError(
+            f"torch.fx cannot trace {name}: it is a Hugging Face transformers model ({hf.__name__}); transformers "
+            "v5 models do not trace with torch.fx (v5 dropped transformers.utils.fx) and need a torch.export "
+            "front end, which this version of auglocal-fx does not have. Convert the timm or torchvision "
+            f"equivalent instead: {_timm_equivalent(hf)} {said}")
+    if _control_flow(exc):
+        at = ", ".join(x for x in (_failing_line(exc), _last_node(tracer)) if x)
+        found = (f"torch.fx cannot trace {name}: module '{where or '<root>'}' ({culprit}) uses a traced tensor "
+                 f"in Python control flow{f' ({at})' if at else ''}")
+        if not where:  # the model's own forward: it cannot be a leaf of itself
+            return AugLocalError(f"{found}. Hint: rewrite that code without data-dependent control flow "
+                                 f"(torch.where, a mask), or move it into a submodule that can be a leaf {said}")
+        return AugLocalError(
+            f"{found}. Hint: leave that module whole as a leaf, timm.layers.register_notrace_module({culprit}) "
+            "(any nn.Module class: it then runs as one node inside one layer, and layers= globs can name the "
+            f"layers around it), or rewrite the branch without data-dependent control flow (torch.where) {said}")
+    return AugLocalError(
+        f"torch.fx cannot trace {name}: {type(exc).__name__} in module "
+        f"'{where or '<root>'}' ({culprit}): {first_line(exc, 200, with_type=False)}. Hint: register "
+        "that module class with timm.layers.register_notrace_module so it stays a leaf, or remove "
+        "data-dependent control flow from its forward")
+
+
+def _from_transformers(cls: type) -> bool:
+    """Whether ``cls`` (or a class it derives from) comes from Hugging Face transformers."""
+    return any(c.__module__.startswith("transformers.") for c in cls.__mro__)
+
+
+# Hugging Face image classifiers (class name without "For..."/"Model", lower case) -> a timm model
+# of the same architecture (timm.create_model names).
+_TIMM_EQUIVALENTS = {
+    "vit": "vit_base_patch16_224", "deit": "deit_base_patch16_224", "beit": "beit_base_patch16_224",
+    "dinov2": "vit_small_patch14_dinov2", "swin": "swin_tiny_patch4_window7_224", "resnet": "resnet50",
+    "convnext": "convnext_tiny", "convnextv2": "convnextv2_tiny", "efficientnet": "efficientnet_b0",
+    "mobilenetv2": "mobilenetv2_100", "mobilevit": "mobilevit_s", "regnet": "regnety_040",
+    "levit": "levit_128", "poolformer": "poolformer_s12",
+}
+
+
+def _timm_equivalent(cls: type) -> str:
+    """``timm's vit_base_patch16_224 for ViTForImageClassification``, or where to look for one."""
+    family = re.sub(r"(PreTrainedModel|Model|For[A-Z]\w*)$", "", cls.__name__).lower()
+    if family in _TIMM_EQUIVALENTS:
+        return f"timm's {_TIMM_EQUIVALENTS[family]} for {cls.__name__}"
+    return f"timm.list_models('*{family or cls.__name__.lower()}*') lists timm's models of that name"
+
+
+def _control_flow(exc: Exception) -> bool:
+    """fx's errors for Python control flow on a traced value: ``if`` / ``while`` on it (bool), a loop
+    or ``*`` unpacking over it (iter), ``len`` of it."""
+    return isinstance(exc, fx.proxy.TraceError) or "'len' is not supported in symbolic tracing" in str(exc)
+
+
+def _failing_line(exc: Exception) -> str:
+    """``file.py:22 `if x.sum() > 0:``` for the innermost frame of the model's own code (not torch's,
+    not this tracer's), or ""."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    ours = {os.path.abspath(__file__), os.path.abspath(inspect.getfile(LeafModuleAwareTracer))}
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(torch_dir) and os.path.abspath(f.filename) not in ours]
+    if not frames:
+        return ""
+    f = frames[-1]
+    line = (f.line or "").split("#")[0].strip()  # without its comment
+    code = f" `{line[:60]}`" if line else ""
+    return f"{os.path.basename(f.filename)}:{f.lineno}{code}"
+
+
+def _last_node(tracer: Tracer) -> str:
+    """``node 'gt'``: the node traced last (the value the failing code reads), or ""."""
+    graph = getattr(tracer, "graph", None)
+    last = next(reversed(graph.nodes), None) if graph is not None else None
+    return f"node {last.name!r}" if last is not None and last.op != "placeholder" else ""
 
 
 def _check_aux_logits(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from ..compiler import to_auglocal
 from ..errors import AugLocalError
+from ..fingerprint import check_fingerprint
 from ..models import create_model
 from ..net import AugLocalNet
 from ..plan import Plan
@@ -74,6 +75,8 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
                           model_kwargs=kwargs)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets (no profiling), whose
         # weights the checkpoint then replaces: nothing to initialise
+        check_fingerprint(model, plan, lead="the checkpoint's plan was made for another model",
+                          fix="resume it with the model it was trained with, or start a new run")
         net = to_auglocal(model, plan=plan, aux_init="copy")
     mean, std = DATASETS[recipe.data.dataset].stats
     if len(mean) == kwargs["in_chans"]:  # what the loader normalises with: infopro restores the images with it
