@@ -1,24 +1,28 @@
 """The smallest module that turns one activation shape into another, for aux nets that skip layers.
 
-Rule (per sample shapes, batch dimension excluded):
+Every tensor has a measured layout (``axes.py``, ``layouts.py``): which axis holds the channels and
+which are spatial or sequence axes. Adapters act on the channel axis with a learned weight and on
+the others only by pooling or striding, never by position. Rule (per sample shapes, batch excluded):
 - equal shapes: nothing;
-- (C, H, W) -> (C', H', W') with H/H' = W/W' = s a positive integer: 1x1 conv, stride s (+ norm);
-- other (C, H, W) pairs (channels first, as timm's CNNs): 1x1 conv (+ norm) then adaptive average pooling to (H', W');
-- tokens (T, D) -> (T, D'): a linear map on D; (T, D) -> (T', D'): linear on D, then adaptive
-  average pooling over tokens;
-- vectors (D,) -> (D',): linear;
-- (C, H, W) -> (T, D): one token per position, linear on channels, pooling over tokens;
-  (T, D) -> (C, H, W): linear, pooling to H*W tokens, laid out as a map;
-- (C, H, W) or (T, D) -> (D',): global average pooling, then linear;
+- maps with k spatial axes, (C, *S) -> (C', *S'), k = 1, 2, 3 (``"ncl"``, ``"nchw"``, ``"ncdhw"``):
+  a 1x1 conv (Conv1d / Conv2d / Conv3d) + norm, with stride s where S/S' = s on every axis, else
+  followed by adaptive average pooling to S';
+- tokens (T, D) -> (T, D') (``"ntc"``): a linear map on D; (T, D) -> (T', D'): linear on D, then
+  adaptive average pooling over tokens;
+- vectors (D,) -> (D',) (``"nc"``): linear;
+- a map -> tokens: one token per position, linear on channels, pooling over tokens;
+  tokens -> a map: linear, pooling to as many tokens as positions, laid out as a map;
+- a map or tokens -> a vector: global average pooling, then linear;
 - bundles (several tensors handed on at once): per tensor, see ``make_bundle_adapter``.
 
-A channels-last map (N, H, W, C) (``layouts.layout_of``: Swin, torchvision's ``swin_t``) is moved to
-channels-first, adapted as above, and moved back where the target is channels-last too, so convs,
-norms and linears act on the channel axis, never on image rows.
+A channels-last map (``"nhwc"``: Swin, torchvision's ``swin_t``, ``"ndhwc"``) is moved to
+channels-first, adapted as above, and moved back where the target is channels-last too. A tensor
+whose layout is ``UNKNOWN`` gets no adapter but a one-line error. ``axis_audit.py`` checks every
+adapter by running it: no spatial or sequence axis may be contracted by a weight.
 
-"norm" is the model's own kind of 2-d normalisation (``norm2d_like``), as in its downsample
+"norm" is the model's own kind of normalisation (``norm2d_like``), as in its downsample
 shortcuts: a GroupNorm model's aux nets stay free of batch statistics (so data-parallel training
-matches one process), a BatchNorm model's get BatchNorm.
+matches one process), a BatchNorm model's get BatchNorm (1-d, 2-d or 3-d as the map).
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from .errors import AugLocalError
-from .layouts import CHANNELS_LAST
+from .layouts import TOKENS, UNKNOWN, VECTOR, channels_first, is_channels_last, resolve_layout
 from .plan import is_size_kind
 
 __all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "Permute", "TokenMean",
-           "TokensToMap", "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool", "norm2d_like"]
+           "TokensToMap", "SpatialMean", "CONV_ND", "POOL_ND", "norm_nd", "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool", "norm2d_like"]
 
 
 class Adapter(nn.Sequential):
@@ -44,6 +48,7 @@ class Adapter(nn.Sequential):
         super().__init__(*mods)
         self.summary = summary
         self.in_shape = in_shape  # per sample, for FLOP counts
+        self.in_layout = ""  # the layout of its input (layouts.py), for the axis audit
 
 
 class TokenPool(nn.Module):
@@ -89,65 +94,123 @@ class Permute(nn.Module):
         return ", ".join(map(str, self.dims))
 
 
-def _channels_first(shape: list[int], layout: str) -> tuple[list[int], bool]:
-    if layout == CHANNELS_LAST and len(shape) == 3:
-        return [shape[2], shape[0], shape[1]], True
-    return list(shape), False
+def norm_nd(norm: Callable[[int], nn.Module], c: int, k: int) -> nn.Module:
+    """The model's kind of norm for a map with ``k`` spatial axes: ``norm`` itself for 2-d maps; for
+    1-d and 3-d ones batch norm of that rank, or the same GroupNorm (it takes any rank)."""
+    m = norm(c)
+    if k == 2 or isinstance(m, nn.GroupNorm):
+        return m
+    return (nn.BatchNorm1d if k == 1 else nn.BatchNorm3d)(c)
+
+
+# a 1x1 conv and adaptive average pooling for maps of 1, 2 and 3 spatial axes
+CONV_ND = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+POOL_ND = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+def _kind(layout: str) -> str:
+    """One of "vector", "tokens" or "map" (channels first, then 1 to 3 spatial axes)."""
+    return {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map")
+
+
+def _canonical(shape: list[int], layout: str) -> list[int]:
+    """A channels-last map's shape with the channels moved first; others as they are."""
+    if is_channels_last(layout):
+        return [shape[-1], *shape[:-1]]
+    return list(shape)
+
+
+def _check_layout(shape: list[int], layout: str, what: str) -> str:
+    layout = resolve_layout(shape, layout)
+    if layout == UNKNOWN or len(layout) != len(shape) + 1 or "c" not in layout:
+        raise AugLocalError(
+            f"cannot tell which axis of the {what} tensor of shape {shape} holds the channels, so no adapter "
+            f"can be built for it; name the layers with layers=[...] so that no aux net skips past it, "
+            f"or write the plan (auglocal-convert --out plan.yaml), set that tensor's crossing_layouts "
+            f"entry (e.g. 'ncl', 'nchw', 'nhwc', 'ntc') and convert with plan=")
+    return layout
 
 
 def make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
                  layouts: tuple[str, str] = ("", "")) -> Adapter | None:
     """An adapter from activations of per-sample shape ``src`` to ``dst``, or None if equal.
 
-    ``layouts`` (``layouts.layout_of`` of source and target) say where a 3-d shape is channels-last
-    (H, W, C): the adapter then works on the channels-first view and permutes in and out."""
-    (csrc, src_last), (cdst, dst_last) = _channels_first(src, layouts[0]), _channels_first(dst, layouts[1])
-    adapter = _make_adapter(csrc, cdst, norm)
-    if (src_last or dst_last) and (adapter is not None or src_last != dst_last):
-        mods = ([Permute(0, 3, 1, 2)] if src_last else []) + list(adapter or []) + \
-               ([Permute(0, 2, 3, 1)] if dst_last else [])
-        summary = f"{adapter.summary.split('->')[0] if adapter is not None else 'permute'}->{'x'.join(map(str, dst))} (channels last)"
-        adapter = Adapter(summary, *mods)
-    if adapter is not None:
-        adapter.in_shape = list(src)
+    ``layouts`` are the two tensors' layouts (``layouts.py``: ``"nchw"``, ``"ncl"``, ``"nhwc"``,
+    ``"ntc"``, ...; "" is what plans written before layouts were measured assumed by rank). The
+    summary names the source's layout, e.g. ``conv1x1/2->32x250 (ncl)``."""
+    if src == dst and (layouts[0] == layouts[1] or not layouts[0] or not layouts[1]):
+        return None
+    ls, ld = _check_layout(src, layouts[0], "source"), _check_layout(dst, layouts[1], "target")
+    if src == dst and ls == ld:
+        return None
+    src_last, dst_last = is_channels_last(ls), is_channels_last(ld)
+    cs, cd = channels_first(ls), channels_first(ld)
+    adapter = _make_adapter(_canonical(src, ls), _canonical(dst, ld), cs, cd, norm)
+    mods = list(adapter or [])
+    if src_last:
+        mods.insert(0, Permute(0, len(src), *range(1, len(src))))
+    if dst_last:
+        mods.append(Permute(0, *range(2, len(dst) + 1), 1))
+    if not mods:
+        return None
+    kind = adapter.summary if adapter is not None else "permute"
+    adapter = Adapter(f"{kind}->{'x'.join(map(str, dst))} ({ls})", *mods)
+    adapter.in_shape, adapter.in_layout = list(src), ls
     return adapter
 
 
-def _make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module]) -> Adapter | None:
-    if src == dst:
+def _make_adapter(src: list[int], dst: list[int], ls: str, ld: str, norm: Callable[[int], nn.Module]) -> Adapter | None:
+    """The adapter between channels-first shapes of layouts ``ls`` and ``ld`` (no channels-last
+    map here). Its summary is the kind of adapter alone, e.g. ``conv1x1/2``."""
+    if src == dst and ls == ld:
         return None
-    label = f"->{'x'.join(map(str, dst))}"
-    if len(src) == 3 and len(dst) == 3:
-        (c, h, w), (c2, h2, w2) = src, dst
-        if h % h2 == 0 and w % w2 == 0 and h // h2 == w // w2:
-            s = h // h2
-            return Adapter(f"conv1x1/{s}{label}", nn.Conv2d(c, c2, 1, stride=s, bias=False), norm(c2))
-        return Adapter(f"conv1x1+pool{label}", nn.Conv2d(c, c2, 1, bias=False), norm(c2),
-                       nn.AdaptiveAvgPool2d((h2, w2)))
-    if len(src) == 2 and len(dst) == 2:
+    ks, kd = _kind(ls), _kind(ld)
+    if ks == kd == "map" and len(src) == len(dst):
+        (c, *sp), (c2, *sp2) = src, dst
+        k = len(sp)
+        ratios = {a // b if b and a % b == 0 else 0 for a, b in zip(sp, sp2)}
+        if len(ratios) == 1 and 0 not in ratios:
+            s = ratios.pop()
+            return Adapter(f"conv1x1/{s}", CONV_ND[k](c, c2, 1, stride=s, bias=False), norm_nd(norm, c2, k))
+        return Adapter("conv1x1+pool", CONV_ND[k](c, c2, 1, bias=False), norm_nd(norm, c2, k), POOL_ND[k](tuple(sp2)))
+    if ks == kd == "tokens":
         (t, d), (t2, d2) = src, dst
         mods = [nn.Linear(d, d2)] if d != d2 else []
         if t != t2:
             mods.append(TokenPool(t2))
-        return Adapter("+".join(["linear"] * (d != d2) + ["pool"] * (t != t2)) + label, *mods)
-    if len(src) == 1 and len(dst) == 1:
-        return Adapter(f"linear{label}", nn.Linear(src[0], dst[0]))
-    if len(src) == 3 and len(dst) == 2:  # feature map -> tokens: one token per position
-        (c, h, w), (t, d) = src, dst
-        mods = [MapToTokens()] + ([nn.Linear(c, d)] if c != d else []) + ([TokenPool(t)] if h * w != t else [])
-        return Adapter(f"tokens{'+linear' if c != d else ''}{'+pool' if h * w != t else ''}{label}", *mods)
-    if len(src) == 2 and len(dst) == 3:  # tokens -> feature map: pooled to one token per position
-        (t, d), (c, h, w) = src, dst
-        mods = ([nn.Linear(d, c)] if c != d else []) + ([TokenPool(h * w)] if t != h * w else [])
-        return Adapter(f"{'linear+' if c != d else ''}{'pool+' if t != h * w else ''}map{label}",
-                       *mods, TokensToMap(h, w))
-    if len(dst) == 1 and len(src) in (2, 3):  # a feature map or tokens -> a vector: pool, then project
-        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if len(src) == 3 else TokenMean()
-        width = src[0] if len(src) == 3 else src[1]
-        return Adapter(f"pool+linear{label}", pool, nn.Linear(width, dst[0]))
+        return Adapter("+".join(["linear"] * (d != d2) + ["pool"] * (t != t2)), *mods)
+    if ks == kd == "vector":
+        return Adapter("linear", nn.Linear(src[0], dst[0]))
+    if ks == "map" and kd == "tokens":  # one token per position
+        (c, *sp), (t, d) = src, dst
+        n = math.prod(sp)
+        mods = [MapToTokens()] + ([nn.Linear(c, d)] if c != d else []) + ([TokenPool(t)] if n != t else [])
+        return Adapter(f"tokens{'+linear' if c != d else ''}{'+pool' if n != t else ''}", *mods)
+    if ks == "tokens" and kd == "map":  # pooled to one token per position
+        (t, d), (c, *sp) = src, dst
+        n = math.prod(sp)
+        mods = ([nn.Linear(d, c)] if c != d else []) + ([TokenPool(n)] if t != n else [])
+        return Adapter(f"{'linear+' if c != d else ''}{'pool+' if t != n else ''}map", *mods, TokensToMap(*sp))
+    if kd == "vector" and ks in ("map", "tokens"):  # pool, then project
+        pool = TokenMean() if ks == "tokens" else SpatialMean(tuple(range(2, len(src) + 1)))
+        return Adapter("pool+linear", pool, nn.Linear(src[-1] if ks == "tokens" else src[0], dst[0]))
     raise AugLocalError(
-        f"no shape adapter from {src} to {dst}: the aux net skips layers that change the tensor "
+        f"no shape adapter from {src} ({ls}) to {dst} ({ld}): the aux net skips layers that change the tensor "
         "layout; use --aux-depth large enough to copy every later layer, or --rule dgl")
+
+
+class SpatialMean(nn.Module):
+    """The mean over ``dims`` (a map's spatial axes): (N, C, *S) -> (N, C)."""
+
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = tuple(dims)
+
+    def forward(self, x):
+        return x.mean(dim=self.dims)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
 
 
 class MapToTokens(nn.Module):
@@ -158,14 +221,14 @@ class MapToTokens(nn.Module):
 
 
 class TokensToMap(nn.Module):
-    """(N, H*W, C) -> (N, C, H, W)."""
+    """(N, prod(S), C) -> (N, C, *S): tokens laid out as a map of spatial size S (1, 2 or 3 axes)."""
 
-    def __init__(self, h: int, w: int):
+    def __init__(self, *size: int):
         super().__init__()
-        self.h, self.w = h, w
+        self.size = tuple(size)
 
     def forward(self, x):
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.h, self.w)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.size)
 
 
 class TokenMean(nn.Module):

@@ -132,6 +132,8 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
 
 
 def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if target.dim() != 1 or logits.dim() != 2:
+    """Top-1 accuracy of class logits (N, classes), or per position of (N, ..., classes) logits against
+    integer targets (N, ...) (a language model's per-token logits); NaN for anything else."""
+    if target.is_floating_point() or logits.dim() < 2 or tuple(target.shape) != tuple(logits.shape[:-1]):
         return torch.tensor(float("nan"), device=logits.device)
-    return (logits.argmax(dim=1) == target).float().mean()
+    return (logits.argmax(dim=-1) == target).float().mean()

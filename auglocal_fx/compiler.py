@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
 from torch import nn
 
 from .checkpoint import read_checkpoint
 from .cuts import MAX_BUNDLE
 from .emit import emit_pieces
 from .errors import AugLocalError, AugLocalWarning, first_line
+from .fingerprint import check_fingerprint
 from .models import check_num_classes, create_model
 from .net import AugLocalNet
 from .plan import Plan
@@ -25,7 +27,7 @@ __all__ = ["to_auglocal", "load_auglocal"]
 _PLANNING_DEFAULTS = {"blocks": None, "aux_depth": 2, "pyramid": 0.5, "balance": "layers", "tail": "exact",
                       "rule": "auglocal", "input_size": None, "model_name": None, "max_bundle": MAX_BUNDLE,
                       "layers": None, "output": None, "batch": 32,
-                      "recompute": "none", "aux_dtype": "float32", "aux_head": "auto"}
+                      "recompute": "none", "aux_dtype": "float32", "aux_head": "auto", "example_inputs": None}
 
 
 def to_auglocal(
@@ -50,6 +52,7 @@ def to_auglocal(
     aux_head: str = "auto",
     model_kwargs: dict | None = None,
     plan: Plan | None = None,
+    example_inputs=None,
 ) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
 
@@ -73,8 +76,9 @@ def to_auglocal(
     alive together (one more block forward per step); ``aux_dtype="bfloat16"`` holds the aux nets'
     weights, gradients and optimizer state in bfloat16 (half their bytes; coarser aux updates).
     Pass ``plan`` instead of the planning arguments to rebuild a
-    net from a saved plan (no profiling). A plan's notes (e.g. far fewer layers than the model
-    has blocks) are issued as ``AugLocalWarning``.
+    net from a saved plan (no profiling); a plan made for another model is refused, naming the
+    first difference (the plan's fingerprint: ``fingerprint.py``). A plan's notes (e.g. far
+    fewer layers than the model has blocks) are issued as ``AugLocalWarning``.
 
     Example:
         >>> net = to_auglocal(timm.create_model("resnet50"), blocks=16)
@@ -89,13 +93,16 @@ def to_auglocal(
         model.reset_classifier(num_classes)
     if plan is None and blocks is None and not get_rule(rule).one_block:
         raise AugLocalError("pass blocks=K, the number of local blocks")
+    if plan is not None:  # a plan made for another model would build a net, silently wrong
+        check_fingerprint(model, plan)
     # before planning draws random numbers (aux_init="model" builds a fresh model: same seed, same weights)
     init = None if get_rule(plan.config.rule if plan else rule).one_block else found.prepare(model, model_kwargs)
     if plan is None:
         plan = build_plan(model, 1 if blocks is None else blocks, aux_depth=aux_depth, pyramid=pyramid,
                           balance=balance, tail=tail, input_size=input_size, model_name=model_name,
                           num_classes=num_classes, rule=rule, max_bundle=max_bundle, layers=layers, output=output,
-                          batch=batch, recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head)
+                          batch=batch, recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head,
+                          example_inputs=example_inputs)
         _check_head_classes(model, plan, num_classes)
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
@@ -103,15 +110,16 @@ def to_auglocal(
         given = {"blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "balance": balance, "tail": tail,
                  "rule": rule, "input_size": input_size, "model_name": model_name, "max_bundle": max_bundle,
                  "layers": layers, "output": output, "batch": batch, "recompute": recompute, "aux_dtype": aux_dtype,
-                 "aux_head": aux_head}
-        clash = [k for k, v in given.items() if v != _PLANNING_DEFAULTS[k]]
+                 "aux_head": aux_head, "example_inputs": example_inputs}
+        clash = [k for k, v in given.items() if v is not _PLANNING_DEFAULTS[k] and (
+            isinstance(v, torch.Tensor) or v != _PLANNING_DEFAULTS[k])]
         if clash:
             raise AugLocalError(f"pass either plan= or planning arguments, not both: the plan already fixes "
                                 f"{', '.join(f'{k}=' for k in clash)}")
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
     aux_nets = synthesize_aux(model, plan, layers, layer_head, init or aux_init)
     net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
-    check_units(net, plan.config.input_size)  # a shape problem is an error here, not in the first step
+    check_units(net, plan.config.input_size, dtype=plan.config.input_dtype)  # a shape problem is an error here, not in the first step
     return net
 
 
@@ -137,7 +145,8 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **cre
     payload = read_checkpoint(path)
     plan = Plan.from_dict(payload["plan"])
     options = payload.get("options", {})
-    if model is None:
+    created = model is None
+    if created:
         c = plan.config
         # auglocal-train records the timm kwargs it used (img_size, norm_layer, ...)
         kwargs = options.get("model_kwargs") or {"num_classes": plan.head.out_shape[-1],
@@ -147,6 +156,9 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **cre
         except AugLocalError as exc:
             raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
                                 f"to load {path}") from exc
+    given = plan.config.model if created else f"the {type(model).__name__} given"
+    check_fingerprint(model, plan, lead=f"{path} holds weights for another model than {given}",
+                      fix="load it with the model it was saved from")
     net = to_auglocal(model, plan=plan, aux_init="copy")
     net.options.update(options)
     if "image_stats" in options:  # what the losses that restore the input (infopro) were trained with

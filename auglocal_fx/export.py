@@ -84,6 +84,7 @@ class ExportReport:
 
 
 def _backbone(obj: nn.Module) -> tuple[nn.Module, tuple[int, ...] | None, str]:
+    """(the backbone, the planned input size or None, a name)."""
     if isinstance(obj, AugLocalNet):
         return obj.model, tuple(obj.plan.config.input_size), obj.plan.config.model or type(obj.model).__name__
     if isinstance(obj, nn.Module):
@@ -202,7 +203,9 @@ def export_onnx(
         raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
-    example = torch.randn(2 if dynamic_batch else 1, *input_size, generator=gen).to(device)
+    dtype = getattr(torch, net_or_model.plan.config.input_dtype) if isinstance(net_or_model, AugLocalNet) else torch.float32
+    draw = _input_sampler(model, input_size, dtype, gen)
+    example = draw(2 if dynamic_batch else 1).to(device)
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
@@ -237,7 +240,7 @@ def export_onnx(
         if verify:
             batches = (1, 3) if dynamic_batch else (example.shape[0],)
             report.max_abs_diff, report.output_scale, report.float32_error = _verify(
-                model, tmp, input_size, batches, gen, device)
+                model, tmp, draw, batches, device)
             report.batches = batches
             limit = atol * report.tolerance_scale
             if not report.max_abs_diff <= limit:
@@ -265,8 +268,17 @@ def _float64_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Generator,
-            device) -> tuple[float, float, float | None]:
+def _input_sampler(model: nn.Module, input_size: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator):
+    """``batch -> random input``: normal floats, or integer ids every embedding table of ``model``
+    can look up (a language model's token ids)."""
+    if dtype.is_floating_point:
+        return lambda b: torch.randn(b, *input_size, generator=gen).to(dtype)
+    tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    high = min(tables, default=2)
+    return lambda b: torch.randint(0, high, (b, *input_size), generator=gen, dtype=dtype)
+
+
+def _verify(model: nn.Module, file: Path, draw, batches, device) -> tuple[float, float, float | None]:
     """Full ``onnx.checker`` check, then over ``batches`` the largest |onnxruntime - PyTorch|, |PyTorch|,
     and |PyTorch float32 - PyTorch float64| (None when the model does not run in float64)."""
     try:
@@ -280,13 +292,14 @@ def _verify(model: nn.Module, file: Path, input_size, batches, gen: torch.Genera
     own: float | None = 0.0 if model64 is not None else None
     with eval_mode(model), torch.no_grad():
         for b in batches:
-            x = torch.randn(b, *input_size, generator=gen)
+            x = draw(b)
             # every output, in order: a model returning a dict / tuple exports one ONNX output per tensor
             refs = [t.float().cpu() for t in tree_leaves(model(x.to(device)))]
             if model64 is not None:
                 try:
                     with eval_mode(model64):
-                        exact = [t.double().cpu() for t in tree_leaves(model64(x.double().to(device)))]
+                        x64 = x.double() if x.is_floating_point() else x
+                        exact = [t.double().cpu() for t in tree_leaves(model64(x64.to(device)))]
                     own = max(own, *(float((r.double() - e).abs().max()) for r, e in zip(refs, exact)))
                 # A model that hard-codes float32 somewhere (a buffer made in forward) cannot run in
                 # float64: no reference, the magnitude rule applies.

@@ -31,7 +31,7 @@ from torch import nn
 from .adapters import TokenMean
 from .bundles import Chain, PickLast
 from .errors import AugLocalError
-from .layouts import CHANNELS_LAST
+from .layouts import TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout, spatial_axes
 from .plan import LayerInfo
 
 __all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "check_aux_head", "light_head",
@@ -78,27 +78,25 @@ class LightHead(nn.Sequential):
     def __init__(self, in_shape: list[int], layout: str, classes: int):
         kind, width = _kind(in_shape, layout)
         if kind == "map":
-            dims = (1, 2) if layout == CHANNELS_LAST else tuple(range(2, len(in_shape) + 1))
+            dims = tuple(a + 1 for a in spatial_axes(resolve_layout(in_shape, layout)))
             w = LIGHT_WIDTH
             mods = [_SpatialMean(dims), nn.Linear(width, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
                     nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True), nn.Linear(w, classes)]
         else:
             mods = ([TokenMean()] if kind == "tokens" else []) + [nn.Linear(width, classes)]
         super().__init__(*mods)
-        self.in_shape = list(in_shape)  # per sample, for FLOP counts
+        self.in_shape, self.in_layout = list(in_shape), resolve_layout(in_shape, layout)  # FLOP counts, audit
         self.summary = f"light head ({'pool, MLP ' + str(LIGHT_WIDTH) if kind == 'map' else 'mean, linear' if kind == 'tokens' else 'linear'})"
 
 
 def _kind(shape: list[int], layout: str) -> tuple[str, int]:
-    """("map" | "tokens" | "vector", channels) of a per-sample shape."""
-    if len(shape) >= 3:
-        return "map", shape[-1] if layout == CHANNELS_LAST else shape[0]
-    if len(shape) == 2:
-        return "tokens", shape[-1]
-    if len(shape) == 1:
-        return "vector", shape[0]
-    raise AugLocalError("a light aux head needs a map, tokens or a vector, not a scalar per sample; "
-                        "use aux_head='copy'")
+    """("map" | "tokens" | "vector", channels) of a per-sample shape of ``layout``."""
+    layout = resolve_layout(shape, layout)
+    c = channel_axis(layout)
+    if layout == UNKNOWN or c is None or len(layout) != len(shape) + 1:
+        raise AugLocalError(f"a light aux head needs a map, tokens or a vector whose channel axis is known, not "
+                            f"a tensor of shape {shape} (layout {layout!r}); use aux_head='copy'")
+    return {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map"), shape[c]
 
 
 def light_head(bundle: list[list[int]], layouts: list[str], classes: int) -> nn.Module:

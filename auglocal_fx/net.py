@@ -158,7 +158,7 @@ class AugLocalNet(nn.Module):
         tensors at that size: it either works (adapters scale as the backbone does) or fails now in
         one line naming the planned size, not with a RuntimeError inside some aux net."""
         if size not in self._sizes_checked:
-            check_units(self, size)
+            check_units(self, size, dtype=self.plan.config.input_dtype)
             self._sizes_checked.add(size)
 
     # -- parameter groups ----------------------------------------------------------------------

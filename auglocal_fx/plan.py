@@ -36,14 +36,16 @@ class LayerInfo:
     crossing: list[list[int]] = field(default_factory=list)
     crossing_dtypes: list[str] = field(default_factory=list)  # e.g. "float32", "bool" (a mask)
     carried_bytes: int = 0  # per sample: the tensors the layer takes besides the newest (skips held while it runs)
-    crossing_layouts: list[str] = field(default_factory=list)  # per slot: "nhwc" for a channels-last map, else ""
+    # per slot: its layout, measured ("nchw", "nhwc", "ncl", "ntc", "nc", ... layouts.py; "?" unknown, "" a
+    # size); plans written before held "nhwc" for channels-last maps and "" for any other tensor
+    crossing_layouts: list[str] = field(default_factory=list)
     # per sample: bytes of what this layer saves for backward that the layer before saves too (the
     # tensor handed between them, saved on both sides): counted once when both run in one block
     shared_bytes: int = 0
 
     @property
     def layouts(self) -> list[str]:
-        """Per slot of ``bundle``: "nhwc" where a 3-d map is channels-last (H, W, C), else ""."""
+        """Per slot of ``bundle``: its layout (``layouts.resolve_layout`` reads the "" of older plans)."""
         return self.crossing_layouts or [""] * len(self.bundle)
 
     @property
@@ -98,6 +100,8 @@ class PlanConfig:
     recompute: str = "none"  # what each unit recomputes in its backward: "none", "block", "aux" (recompute.py)
     aux_dtype: str = "float32"  # the aux nets' weights, gradients and optimizer state: "float32", "bfloat16"
     aux_head: str = "auto"  # what aux nets end with: "copy" (the head), "light", "auto" (light_head.py)
+    input_dtype: str = "float32"  # the model's input: "float32" images, "int64" token ids, ...
+    input_layout: str = ""  # the input's measured layout ("nchw", "ncl", "nl" for token ids, ...)
 
 
 @dataclass
@@ -110,6 +114,9 @@ class Plan:
     blocks: list[BlockInfo]
     aux: list[AuxRecipe]
     notes: list[str] = field(default_factory=list)  # one line each: what the user should know (coarse layers)
+    # what the plan was made on (fingerprint.py): digests of each layer's parameter names and shapes, the
+    # head's, the model's, and the input size. Empty in plans written before fingerprints: not checked.
+    fingerprint: dict = field(default_factory=dict)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -125,8 +132,9 @@ class Plan:
                 blocks=[BlockInfo(**x) for x in d["blocks"]],
                 aux=[AuxRecipe(**x) for x in d["aux"]],
                 notes=list(d.get("notes", [])),
+                fingerprint=dict(d.get("fingerprint") or {}),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from exc
 
     def to_json(self, memory: dict | None = None) -> str:
@@ -163,8 +171,8 @@ class Plan:
         return self.layers[j - 1].bundle if j > 0 else [self.layers[0].in_shape]
 
     def layouts_into(self, j: int) -> list[str]:
-        """``LayerInfo.layouts`` of the bundle layer ``j`` takes (the model's input: channels first)."""
-        return self.layers[j - 1].layouts if j > 0 else [""]
+        """``LayerInfo.layouts`` of the bundle layer ``j`` takes (the model's input: its measured layout)."""
+        return self.layers[j - 1].layouts if j > 0 else [self.config.input_layout]
 
     def aux_for(self, block_index: int) -> AuxRecipe | None:
         return next((a for a in self.aux if a.block == block_index), None)

@@ -18,11 +18,12 @@ import torch.fx as fx
 from torch import nn
 
 from .aux_precision import check_aux_dtype
+from .axes import Axes, measure_axes
 from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_none, is_tensor, live_sets, shape_read
 from .errors import AugLocalError
+from .fingerprint import plan_fingerprint
 from .footprint import unit_bytes
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
-from .layouts import CHANNELS_LAST, layout_of
 from .light_head import check_aux_head, wants_light_head
 from .models import default_input_size, registered_name
 from .modes import eval_mode
@@ -52,6 +53,8 @@ class Analysis:
     max_bundle: int = MAX_BUNDLE
     output: str | int | None = None  # which of the model's outputs the graph returns (trace.select_output)
     output_notes: list[str] = dataclasses.field(default_factory=list)  # which output was picked by default
+    axes: Axes = dataclasses.field(default_factory=Axes)  # every crossing tensor's measured layout (axes.py)
+    input_dtype: str = "float32"  # what the model takes: float images, int64 token ids, ...
 
     @property
     def widest_cut(self) -> int:
@@ -96,24 +99,55 @@ def available_memory() -> int | None:
 
 
 def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE, layers=None,
-                  output: str | int | None = None) -> Analysis:
-    """Trace ``model`` (in eval mode), profile one sample, find cut points and layers.
+                  output: str | int | None = None, example_inputs=None) -> Analysis:
+    """Trace ``model`` (in eval mode), profile one sample, find cut points, layers and the layout
+    of every tensor a cut hands on (``axes.py``).
 
     A cut may hand on up to ``max_bundle`` tensors (1: single-tensor cuts only). ``layers``
     (module-path globs) names the layers instead of the automatic grouping; ``output`` picks one
-    of a model's several outputs (``trace.select_output``)."""
-    size = check_input_size(input_size if input_size is not None else default_input_size(model))
+    of a model's several outputs (``trace.select_output``). ``example_inputs`` (a tensor with its
+    batch axis, or a tuple holding one) replaces ``input_size`` for inputs that are not float
+    images: token ids, other dtypes."""
+    example = check_example_inputs(example_inputs, input_size)
+    if example is None:
+        size = check_input_size(input_size if input_size is not None else default_input_size(model))
+        example = torch.randn(1, *size)
+    size = tuple(example.shape[1:])
     if not isinstance(max_bundle, int) or isinstance(max_bundle, bool) or max_bundle < 1:
         raise AugLocalError.bad_value("max_bundle", max_bundle, "is not an integer >= 1")
     with eval_mode(model):
         gm = trace(model, output)
-        profile_graph(gm, torch.randn(1, *size))
+        profile_graph(gm, example)
     act = activation_nodes(gm.graph)
     live = live_sets(gm.graph, act)
     cuts = cut_points(gm.graph, act, max_bundle, live)
     spans, head, notes = find_layers(gm, model, act, cuts, live, patterns=layers)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    crossing = {placeholder} | {t for span in spans for t in live.get(span.boundary, ()) if is_tensor(t)}
+    with eval_mode(model):
+        axes = measure_axes(gm, example, [n for n in gm.graph.nodes if n in crossing])
     return Analysis(gm, act, cuts, live, spans, head, size, notes, max_bundle, gm.meta["output"],
-                    [gm.meta["output_note"]] if gm.meta["output_note"] else [])
+                    [gm.meta["output_note"]] if gm.meta["output_note"] else [], axes,
+                    str(example.dtype).removeprefix("torch."))
+
+
+def check_example_inputs(example_inputs, input_size=None) -> torch.Tensor | None:
+    """The one input tensor (batch first) ``example_inputs`` holds, or None when not given."""
+    if example_inputs is None:
+        return None
+    if input_size is not None:
+        raise AugLocalError("pass either input_size= or example_inputs=, not both: example_inputs fixes the size")
+    if isinstance(example_inputs, tuple | list):
+        if len(example_inputs) != 1:
+            raise AugLocalError.bad_value(
+                "example_inputs", f"a tuple of {len(example_inputs)}", "holds several inputs, and a model converts "
+                "with one input tensor; wrap the model so its forward takes one tensor (others as buffers or defaults)")
+        example_inputs = example_inputs[0]
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
+        raise AugLocalError.bad_value("example_inputs", type(example_inputs).__name__,
+                                      "is not a tensor with a batch axis; give e.g. torch.zeros(1, 128, dtype=torch.long)")
+    check_input_size(example_inputs.shape[1:])
+    return example_inputs[:1].detach().cpu()
 
 
 def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) -> LayerInfo:
@@ -148,9 +182,8 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
 
 
 def _layouts(a: Analysis, crossing) -> list[str]:
-    """Per crossing slot, "nhwc" for a channels-last map; empty when no slot is one (most models)."""
-    out = [CHANNELS_LAST if is_tensor(t) and layout_of(a.gm, t) == CHANNELS_LAST else "" for t in crossing]
-    return out if any(out) else []
+    """Per crossing slot, its measured layout ("nchw", "ncl", "ntc", ...; ``axes.py``); "" for a size."""
+    return [a.axes.of(t) if is_tensor(t) else "" for t in crossing]
 
 
 def _kind(n: fx.Node) -> str:
@@ -285,6 +318,7 @@ def build_plan(
     aux_dtype: str = "float32",
     aux_head: str = "auto",
     analysis: Analysis | None = None,
+    example_inputs=None,
 ) -> Plan:
     """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
 
@@ -294,7 +328,8 @@ def build_plan(
     such as ``["stem", "blocks.*"]``) names the layers when the automatic grouping gets them wrong.
     ``batch`` is the batch size the memory estimate assumes, and ``balance="memory"`` minimises
     the step's peak at (``footprint.estimate_footprint``), for the net's ``recompute`` and
-    ``aux_dtype`` (``AugLocalNet``). ``aux_head`` says whether aux nets end with a copy of the
+    ``aux_dtype`` (``AugLocalNet``). ``example_inputs`` (a tensor, batch first) plans a model whose
+    input is not a float image: token ids, other dtypes. ``aux_head`` says whether aux nets end with a copy of the
     model's head or a light head (``light_head.wants_light_head``).
 
     Example:
@@ -306,7 +341,7 @@ def build_plan(
     batch, recompute, aux_dtype = _check_batch(batch), check_recompute(recompute), check_aux_dtype(aux_dtype)
     aux_head = check_aux_head(aux_head)
     policy, kind = get_balance(balance), get_rule(rule)
-    a = analysis or analyze_model(model, input_size, max_bundle, layers, output)
+    a = analysis or analyze_model(model, input_size, max_bundle, layers, output, example_inputs)
     patterns = list(layers) if layers is not None else None
     layers, head = layer_infos(a)
     light = kind.copies_layers and wants_light_head(aux_head, head, layers)
@@ -334,9 +369,16 @@ def build_plan(
     config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
                         tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
                         max_bundle=a.max_bundle, layers=patterns, output=a.output, batch=batch,
-                        recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head)
+                        recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head,
+                        input_dtype=a.input_dtype, input_layout=a.axes.of(_input_node(a)))
     notes = a.output_notes + _granularity_notes(name, model, a)
-    return Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
+    plan = Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
+    plan.fingerprint = plan_fingerprint(model, plan)  # to_auglocal(other_model, plan=plan) is refused
+    return plan
+
+
+def _input_node(a: Analysis) -> fx.Node:
+    return next(n for n in a.gm.graph.nodes if n.op == "placeholder")
 
 
 def _granularity_notes(name: str, model: nn.Module, a: Analysis) -> list[str]:

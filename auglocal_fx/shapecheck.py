@@ -19,19 +19,21 @@ from .modes import eval_mode
 __all__ = ["check_units"]
 
 
-def check_units(net: nn.Module, input_size, batch: int = 2) -> None:
+def check_units(net: nn.Module, input_size, batch: int = 2, dtype: str = "float32") -> None:
     """Raise a one-line ``AugLocalError`` naming the first unit whose forward fails on an input of
     per-sample shape ``input_size``, or (at the planned size) whose logits differ in shape from the
     model's head's. Runs on fake tensors; a model with an op fake tensors cannot run (no meta
-    kernel, data-dependent shapes) is run for real instead, at batch ``batch``, without gradients."""
+    kernel, data-dependent shapes) is run for real instead, at batch ``batch``, without gradients.
+    ``dtype``: the input's (``PlanConfig.input_dtype``: token ids are "int64")."""
     size = tuple(input_size)
+    example = torch.zeros(batch, *size, dtype=getattr(torch, dtype))
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-            _run_units(net, fake.from_tensor(torch.zeros(batch, *size)), size)
+            _run_units(net, fake.from_tensor(example), size)
         return
     except AugLocalError:
         pass  # a shape problem, or an op fake tensors cannot run: the real run tells which
-    _run_units(net, torch.zeros(batch, *size), size)
+    _run_units(net, example, size)
 
 
 def _run_units(net: nn.Module, h: torch.Tensor, size: tuple) -> None:

@@ -1,4 +1,5 @@
-"""Check one timm or torchvision model end to end: convert -> eval parity -> one training step -> ONNX parity.
+"""Check one timm or torchvision model end to end: convert -> axis audit -> eval parity -> one training
+step -> ONNX parity.
 
 ``tools/zoo_check.py`` runs :func:`check_model` over one model per timm family, or over every
 torchvision classification model (``--source torchvision``), each in its own process with a time
@@ -19,15 +20,19 @@ import torch
 import torchvision
 from torch import nn
 
+from .axis_audit import audit_aux, audit_axes
 from .compiler import to_auglocal
 from .errors import AugLocalError, first_line
 from .export import export_onnx
 from .layers import repeated_blocks
+from .layouts import UNKNOWN
 from .planner import analyze_model, available_memory, build_plan
+from .synthesize import synthesize_aux
 
 __all__ = ["SOURCES", "STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
 
-STAGES = ("convert", "parity", "train", "onnx")
+STAGES = ("convert", "axes", "parity", "train", "onnx")
+BASELINES = ("dgl", "infopro", "predsim")  # rules whose own aux heads the axis audit checks too
 SOURCES = ("timm", "torchvision")
 SIDES = (64, 96, 128, 160, 224)  # input sides tried, smallest first
 PARITY_ATOL = 1e-5
@@ -46,6 +51,10 @@ class ZooResult:
     repeated_blocks: int | None = None  # layers.repeated_blocks: the module tree's repeated units
     widest_cut: int | None = None  # the most tensors one layer boundary hands on
     blocks: int | None = None
+    axes_checked: int | None = None  # adapters and aux heads audited (axis_audit.py)
+    axes_wrong: list[str] = field(default_factory=list)  # one line per module contracting a non-channel axis
+    axes_disagree: int | None = None  # tensors whose measured layout differs from the graph's reading
+    axes_unknown: int | None = None  # crossing tensors whose layout neither tells
     parity_diff: float | None = None
     onnx_diff: float | None = None
     seconds: float = 0.0
@@ -160,8 +169,27 @@ def _check_memory(model: nn.Module, plan) -> None:
                             f"than the {have / 2**30:.0f} GiB available")
 
 
+def _audit(result: ZooResult, model: nn.Module, net, analysis, k: int, name: str) -> None:
+    """The axis audit of ``net``'s adapters and light heads, and of the dgl / infopro / predsim aux
+    heads on the same layers; raises when one contracts anything but the channel axis."""
+    checks = audit_axes(net)
+    for rule in BASELINES:
+        try:
+            plan = build_plan(model, k, input_size=result.input_size, model_name=name, analysis=analysis, rule=rule)
+            checks += audit_aux(plan, synthesize_aux(model, plan, [], None, "fresh"))
+        except AugLocalError:  # a rule without a head for this layout says so; not the audit's concern
+            continue
+    result.axes_checked = len(checks)
+    result.axes_wrong = [c.line() for c in checks if not c.ok]
+    result.axes_disagree = len(analysis.axes.disagreements)
+    result.axes_unknown = sum(v == UNKNOWN for v in analysis.axes.layouts.values())
+    if result.axes_wrong:
+        raise AugLocalError(f"{len(result.axes_wrong)} of {len(checks)} adapters / aux heads contract another "
+                            f"axis than the channels: {result.axes_wrong[0]}")
+
+
 def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, source: str = "timm") -> ZooResult:
-    """Run the four stages on ``name`` (from ``source``: timm or torchvision); the first failure is
+    """Run the stages (``STAGES``) on ``name`` (from ``source``: timm or torchvision); the first failure is
     recorded (one line), never raised."""
     result = ZooResult(name, family)
     start = time.perf_counter()
@@ -185,6 +213,10 @@ def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, so
         _check_memory(model, plan)
         net = to_auglocal(model, plan=plan)
         result.blocks = len(net.blocks)
+        result.passed.append(stage)
+
+        stage = "axes"
+        _audit(result, model, net, analysis, k, name)
         result.passed.append(stage)
 
         stage = "parity"

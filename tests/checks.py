@@ -12,14 +12,15 @@ from auglocal_fx.bundles import call
 __all__ = ["assert_gradient_isolation"]
 
 
-def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor) -> None:
+def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> None:
     """No parameter is trained by two losses, and each block's gradient in a joint ``training_step``
     equals the gradient of its own local loss alone (blocks before it run without a graph); the
-    local loss is the rule's own where it brings one."""
+    local loss is the rule's own where it brings one. ``loss_fn`` as ``training_step`` takes it."""
+    loss_fn = loss_fn or F.cross_entropy
     net.train()
     state = copy.deepcopy(net.state_dict())
     net.zero_grad(set_to_none=True)
-    net.training_step(x, y)
+    net.training_step(x, y, loss_fn=loss_fn)
     k = len(net.blocks)
     groups = [net.block_parameters(i) + (list(net.aux[i].parameters()) if i < k - 1 else []) for i in range(k)]
     ids = [{id(p) for p in g} for g in groups]
@@ -36,7 +37,7 @@ def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor) -> None:
                 h = call(net.blocks[j], h)
         out = call(net.blocks[i], h)
         unit = net.local_units()[i]  # the rule's own loss where it has one, else cross-entropy
-        loss, _ = unit.local_loss(call(unit.top, out), y, x, F.cross_entropy)
+        loss, _ = unit.local_loss(call(unit.top, out), y, x, loss_fn)
         loss.backward()
         for p, g in zip(groups[i], together[i]):
             if g is None:

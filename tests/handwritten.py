@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["BasicBlock", "ResNet", "cifar_resnet", "small_resnet", "RootResidualNet", "PlainCNN", "TokenMLP",
+           "M5", "ShuffleNet", "Video3d", "NHWCConvNet", "VectorMLP", "TinyGPT",
            "CSPNet", "DenseNet", "ClassTokenNet", "UNet", "ShapeReadNet"]
 
 
@@ -287,3 +288,204 @@ class ShapeReadNet(nn.Module):
             t = block(t)
         x = self.conv(t.transpose(1, 2).reshape(B, C, H // 1, W))
         return self.fc(x.mean((2, 3)))
+
+
+# -- one model per tensor layout (issue 25: axes measured, adapters along what each axis is) ---------
+class M5(nn.Module):
+    """M5 (Dai et al. 2017) as torchaudio's speech-command tutorial writes it, on raw waveforms
+    (N, 1, T): four Conv1d / BatchNorm1d / ReLU / MaxPool1d(4) stages over time, mean over time, a
+    linear classifier. Its maps (N, C, T) have channels first."""
+
+    def __init__(self, num_classes: int = 35, width: int = 32, stride: int = 16):
+        super().__init__()
+        w = width
+        self.stages = nn.Sequential(*[
+            nn.Sequential(nn.Conv1d(cin, cout, k, stride=s), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(4))
+            for cin, cout, k, s in [(1, w, 80, stride), (w, w, 3, 1), (w, 2 * w, 3, 1), (2 * w, 2 * w, 3, 1)]])
+        self.fc = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.stages(x).mean(-1))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """A ShuffleNet-v2-style unit: split the channels, convolve one half, concatenate, shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        half = cout // 2
+        if stride > 1:
+            self.short = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                                       nn.BatchNorm2d(cin), nn.Conv2d(cin, half, 1, bias=False), nn.BatchNorm2d(half),
+                                       nn.ReLU())
+        body_in = cin if stride > 1 else half
+        self.body = nn.Sequential(nn.Conv2d(body_in, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                                  nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+                                  nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+
+    def forward(self, x):
+        if self.stride == 1:
+            a, b = x.chunk(2, dim=1)
+            out = torch.cat([a, self.body(b)], dim=1)
+        else:
+            out = torch.cat([self.short(x), self.body(x)], dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNet(nn.Module):
+    """Channel shuffle between units (``view(b, g, c/g, h, w)``): a reshape that keeps W last, which a
+    layout guess from the graph alone once took for a channels-last map (torchvision's shufflenet_v2)."""
+
+    def __init__(self, num_classes: int = 10, widths=(24, 48, 96), repeats=(1, 2, 1)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        units, cin = [], widths[0]
+        for w, r in zip(widths, repeats):
+            units.append(ShuffleUnit(cin, w, 2))
+            units += [ShuffleUnit(w, w, 1) for _ in range(r)]
+            cin = w
+        self.units = nn.Sequential(*units)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+
+
+class Video3d(nn.Module):
+    """A small 3-d conv net on clips (N, 3, D, H, W): Conv3d / BatchNorm3d residual blocks."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv3d(3, w, 3, 1, 1, bias=False), nn.BatchNorm3d(w), nn.ReLU())
+        self.blocks = nn.ModuleList([self._block(w, w, 1), self._block(w, 2 * w, 2), self._block(2 * w, 2 * w, 1),
+                                     self._block(2 * w, 4 * w, 2)])
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    @staticmethod
+    def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean((2, 3, 4)))
+
+
+class LayerNormLast(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class NHWCConvNet(nn.Module):
+    """ConvNeXt-style blocks that keep maps channels-last (N, H, W, C) between blocks: a depthwise conv
+    on a permuted view, LayerNorm and Linear layers over C, downsampling by a strided conv."""
+
+    def __init__(self, num_classes: int = 10, widths=(16, 16, 32, 32)):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 4, 4)
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleDict()
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            if w != cin:
+                self.downs[str(i)] = nn.Conv2d(cin, w, 2, 2)
+            self.blocks.append(_NHWCBlock(w))
+            cin = w
+        self.norm = nn.LayerNorm(cin)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.downs:
+                x = self.downs[str(i)](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = block(x)
+        return self.fc(self.norm(x.mean((1, 2))))
+
+
+class _NHWCBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        y = self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.mlp(self.norm(y))
+
+
+class VectorMLP(nn.Module):
+    """Residual MLP on flat feature vectors (N, D): tabular data."""
+
+    def __init__(self, num_classes: int = 10, features: int = 20, dim: int = 32, depth: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+                                    for _ in range(depth))
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.fc(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's shape: token and position embeddings, pre-norm causal blocks, a final norm and an LM
+    head. Takes token ids (N, T) and returns per-token logits (N, T, vocab)."""
+
+    def __init__(self, vocab: int = 64, block_size: int = 32, dim: int = 32, heads: int = 4, depth: int = 6):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(block_size, dim)
+        self.blocks = nn.ModuleList(GPTBlock(dim, heads) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))

@@ -186,7 +186,7 @@ def test_channels_last_maps_are_adapted_along_channels():
     net = _convert(model, blocks=4, input_size=(3, 32, 32), aux_depth=1, pyramid=0.0)
     assert all(lay.crossing_layouts == [CHANNELS_LAST] for lay in net.plan.layers)
     adapters = [a for recipe in net.plan.aux for a in recipe.adapters]
-    assert adapters and all("channels last" in a for a in adapters)
+    assert adapters and all("(nhwc)" in a for a in adapters)
     convs = [m for aux in net.aux for m in aux.modules() if isinstance(m, nn.Conv2d)]
     assert convs and {c.in_channels for c in convs} <= {16, 64}  # channels, never image rows (8 or 4)
     x, y = _parity_and_step(net, model, (3, 32, 32))
@@ -196,7 +196,7 @@ def test_channels_last_maps_are_adapted_along_channels():
 def test_torchvision_swin_adapters_use_channels():
     model = torchvision.models.swin_t(num_classes=10)
     net = _convert(model, blocks=4, input_size=(3, 64, 64))
-    assert any("channels last" in a for recipe in net.plan.aux for a in recipe.adapters)
+    assert any("(nhwc)" in a for recipe in net.plan.aux for a in recipe.adapters)
     y = torch.randint(0, 10, (2,))
     net.train().training_step(torch.randn(2, 3, 64, 64), y)
     net.training_step(torch.randn(2, 3, 96, 96), y)  # another size: the adapters scale with the backbone

@@ -1,7 +1,8 @@
-"""A dozen diverse timm families and three torchvision models through the zoo check's four stages (the whole zoo: tools/zoo_check.py).
+"""A dozen diverse timm families and three torchvision models through the zoo check's stages (the whole zoo: tools/zoo_check.py).
 
-convert (K = min(16, L)) -> eval parity -> one training step in which every parameter that backprop
-trains gets a gradient -> ONNX export with onnxruntime parity.
+convert (K = min(16, L)) -> axis audit (every adapter and aux head, of auglocal and of the dgl /
+infopro / predsim rules, contracts the measured channel axis alone) -> eval parity -> one training
+step in which every parameter that backprop trains gets a gradient -> ONNX export with onnxruntime parity.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_passes_all_four_stages(name):
+def test_family_passes_every_stage(name):
     result = check_model(name, name)
     assert result.ok, f"{name} ({FAMILIES[name]}) fails at {result.failed}: {result.error}"
     assert result.passed == list(STAGES)
+    assert result.axes_checked and not result.axes_wrong and result.axes_disagree == 0
     assert result.blocks == min(16, result.layers) and result.blocks >= 2
     assert result.parity_diff <= 1e-5 and result.onnx_diff <= 1e-4
 
@@ -43,7 +45,8 @@ TORCHVISION = {
 
 
 @pytest.mark.parametrize("name", list(TORCHVISION))
-def test_torchvision_model_passes_all_four_stages(name):
+def test_torchvision_model_passes_every_stage(name):
     result = check_model(name, name, source="torchvision")
     assert result.ok, f"{name} ({TORCHVISION[name]}) fails at {result.failed}: {result.error}"
+    assert result.axes_checked and not result.axes_wrong and result.axes_disagree == 0
     assert result.blocks == min(16, result.layers) and result.blocks >= 2

@@ -1,4 +1,4 @@
-"""Zoo-wide coverage: convert -> eval parity -> one training step -> ONNX parity, per timm family.
+"""Zoo-wide coverage: convert -> axis audit -> eval parity -> one training step -> ONNX parity, per timm family.
 
     python tools/zoo_check.py                      # the smallest model of every timm family
     python tools/zoo_check.py --filter 'vit_*'     # models (or families) matching a glob
@@ -14,6 +14,11 @@ Granularity: per model, the layers found (L), the repeated blocks of its module 
 ``auglocal_fx.layers.repeated_blocks``: children of a container that share a composite class with
 a sibling, counted through to the innermost such blocks) and the most tensors one layer boundary
 hands on. A model reaches block granularity when L >= U.
+
+Axis audit (``auglocal_fx.axis_audit``): every adapter and light head of the converted net, and the
+dgl / infopro / predsim aux heads on the same layers, run with each input axis resized in turn; a
+model passes only when every one contracts the measured channel axis alone ("axes" column: good /
+audited).
 """
 
 from __future__ import annotations
@@ -131,22 +136,37 @@ def _totals(results: list[dict]) -> dict:
     n = len(results)
     counts = {s: sum(s in r["passed"] for r in results) for s in STAGES}
     granular = sum(bool(r.get("granular")) for r in results)
+    audited = [r for r in results if r.get("axes_checked") is not None]
     return {"models": n, **{f"{s}_passed": c for s, c in counts.items()},
+            "axes_modules_checked": sum(r["axes_checked"] for r in audited),
+            "axes_modules_wrong": sum(len(r.get("axes_wrong") or []) for r in audited),
+            "axes_disagreements": sum(r.get("axes_disagree") or 0 for r in audited),
+            "axes_unknown_tensors": sum(r.get("axes_unknown") or 0 for r in audited),
             "all_passed": counts[STAGES[-1]], "all_passed_pct": round(100 * counts[STAGES[-1]] / max(n, 1), 1),
             "block_granular": granular}
 
 
+def _axes(r: dict) -> str:
+    """The axis audit column: modules whose weights contract the channel axis alone / modules audited."""
+    if r.get("axes_checked") is None:
+        return ""
+    return f"{r['axes_checked'] - len(r.get('axes_wrong') or [])}/{r['axes_checked']}"
+
+
 def _print_table(results: list[dict]) -> None:
-    print(f"{'family':24} {'model':38} {'size':>5} {'L':>3} {'U':>3} {'cut':>3} {'K':>2}  {'reached':8} error")
+    print(f"{'family':24} {'model':38} {'size':>5} {'L':>3} {'U':>3} {'cut':>3} {'K':>2} {'axes':>7}  {'reached':8} error")
     for r in results:
         reached = r["passed"][-1] if r["passed"] else "-"
         size = r["input_size"][-1] if r["input_size"] else ""
         print(f"{r['family'][:24]:24} {r['model'][:38]:38} {size!s:>5} {r['layers'] or '':>3} "
               f"{r.get('repeated_blocks') or '':>3} {r.get('widest_cut') or '':>3} "
-              f"{r['blocks'] or '':>2}  {reached:8} {r['error'] or ''}")
+              f"{r['blocks'] or '':>2} {_axes(r):>7}  {reached:8} {r['error'] or ''}")
     t = _totals(results)
     print("\npassed per stage: " + ", ".join(f"{s} {t[f'{s}_passed']}/{t['models']}" for s in STAGES))
-    print(f"all four stages: {t['all_passed']}/{t['models']} ({t['all_passed_pct']}%)")
+    print(f"all stages: {t['all_passed']}/{t['models']} ({t['all_passed_pct']}%)")
+    print(f"axis audit: {t['axes_modules_checked'] - t['axes_modules_wrong']}/{t['axes_modules_checked']} adapters and "
+          f"aux heads contract the channel axis alone; measured vs graph layout disagree on "
+          f"{t['axes_disagreements']} tensors; {t['axes_unknown_tensors']} crossing tensors of unknown layout")
     print(f"block granularity (layers >= repeated blocks): {t['block_granular']}/{t['models']}")
 
 

@@ -1,7 +1,7 @@
 """The DGL baseline (Belilovsky et al. 2020) as the AugLocal reference code builds it
 (``networks/auxiliary_nets.py``, ``AuxNetwork`` with ``net_config == 'DGL'``).
 
-For a (C, H, W) map: adaptive average pool to ceil(H/4) x ceil(W/4); three times a 1x1 conv
+For a (C, H, W) map (and, ours, 1-d and 3-d maps alike): adaptive average pool to ceil(H/4) x ceil(W/4); three times a 1x1 conv
 (C -> C, no bias), norm, ReLU; adaptive average pool to at most 2 x 2; flatten (F = 4C); twice a
 Linear(F, F, no bias), BatchNorm1d, ReLU; a Linear to the classes. Cross-entropy (the step's
 ``loss_fn``). On CIFAR ResNet-32 that costs about 0.02x the backbone's FLOPs for 15 aux nets.
@@ -20,34 +20,29 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..adapters import Permute, TokenMean, TokenPool
-from ..errors import AugLocalError
-from ..layouts import CHANNELS_LAST
+from ..adapters import CONV_ND, POOL_ND, TokenMean, TokenPool, norm_nd
 from .rule import AuxContext, Rule, register_rule
 
 __all__ = ["build_aux", "norm1d_like"]
 
 
 def build_aux(ctx: AuxContext) -> nn.Module:
-    shape, classes = ctx.in_shape, ctx.num_classes
-    if len(shape) == 3:
-        last = ctx.in_layout == CHANNELS_LAST  # (H, W, C): convs need the channels first
-        c, h, w = (shape[2], shape[0], shape[1]) if last else shape
-        first = (math.ceil(h / 4), math.ceil(w / 4))
-        second = (min(first[0], 2), min(first[1], 2))
-        f = c * second[0] * second[1]
-        convs = [m for _ in range(3) for m in (nn.Conv2d(c, c, 1, bias=False), ctx.norm2d(c), nn.ReLU(inplace=True))]
-        return nn.Sequential(*([Permute(0, 3, 1, 2)] if last else []), nn.AdaptiveAvgPool2d(first), *convs,
-                             nn.AdaptiveAvgPool2d(second), nn.Flatten(),
-                             *_mlp(f, norm1d_like(ctx.norm2d)), nn.Linear(f, classes))
-    if len(shape) == 2:
-        t, d = shape
+    v, classes = ctx.view("dgl"), ctx.num_classes
+    if v.kind == "map":  # (C, *S), S of 1, 2 or 3 axes (the reference: 2)
+        c, k = v.channels, len(v.spatial)
+        first = tuple(math.ceil(s / 4) for s in v.spatial)
+        second = tuple(min(s, 2) for s in first)
+        f = c * math.prod(second)
+        convs = [m for _ in range(3)
+                 for m in (CONV_ND[k](c, c, 1, bias=False), norm_nd(ctx.norm2d, c, k), nn.ReLU(inplace=True))]
+        return nn.Sequential(*([v.to_first] if v.to_first else []), POOL_ND[k](first), *convs, POOL_ND[k](second),
+                             nn.Flatten(), *_mlp(f, norm1d_like(ctx.norm2d)), nn.Linear(f, classes))
+    if v.kind == "tokens":
+        t, d = v.spatial[0], v.channels
         linears = [m for _ in range(3) for m in (nn.Linear(d, d, bias=False), nn.LayerNorm(d), nn.ReLU(inplace=True))]
         return nn.Sequential(TokenPool(math.ceil(t / 16)), *linears, TokenMean(),
                              *_mlp(d, norm1d_like(ctx.norm2d)), nn.Linear(d, classes))
-    if len(shape) == 1:
-        return nn.Sequential(*_mlp(shape[0], norm1d_like(ctx.norm2d)), nn.Linear(shape[0], classes))
-    raise AugLocalError(f"the dgl rule has no aux head for activations of shape {shape}; use rule='auglocal'")
+    return nn.Sequential(*_mlp(v.channels, norm1d_like(ctx.norm2d)), nn.Linear(v.channels, classes))
 
 
 def _mlp(f: int, norm: Callable[[int], nn.Module]) -> list[nn.Module]:

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import Permute, TokenMean, TokensToMap
+from ..adapters import TokenMean, TokensToMap
 from ..errors import AugLocalError
-from ..layouts import CHANNELS_LAST
 from .rule import AuxContext, LocalLoss, Rule, register_rule
 
 __all__ = ["LAMBDA_CLS", "LAMBDA_REC", "HIDDEN", "DECODER_WIDTH", "InfoProAux", "InfoProLoss",
@@ -70,27 +69,27 @@ class LastTokens(nn.Module):
 
 
 def build_aux(ctx: AuxContext) -> nn.Module:
-    shape, classes, image = ctx.in_shape, ctx.num_classes, ctx.image_shape
+    classes, image = ctx.num_classes, ctx.image_shape
     if len(image) != 3:
         raise AugLocalError(f"the infopro rule reconstructs an image, and the model's input has shape {image}, "
                             "not (C, H, W); use rule='dgl' or 'auglocal'")
     widest = ctx.max_channels
-    if len(shape) == 3:
-        last = ctx.in_layout == CHANNELS_LAST
-        c = shape[2] if last else shape[0]
+    v = ctx.view("infopro", maps=(2,))
+    if v.kind == "map":
+        c = v.channels
         width, stride = (c, 1) if c >= widest else (2 * c, 2)
         classifier = nn.Sequential(nn.Conv2d(c, width, 3, stride, 1, bias=False), ctx.norm2d(width),
                                    nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), *_mlp(width, classes))
-        return InfoProAux(Permute(0, 3, 1, 2) if last else nn.Identity(), classifier, _decoder(ctx, c))
-    if len(shape) == 2:
-        t, d = shape
+        return InfoProAux(v.to_first or nn.Identity(), classifier, _decoder(ctx, c))
+    if v.kind == "tokens":
+        t, d = v.spatial[0], v.channels
         width = d if d >= widest else 2 * d
         g = math.isqrt(t)
         classifier = nn.Sequential(nn.Linear(d, width, bias=False), nn.LayerNorm(width), nn.ReLU(inplace=True),
                                    TokenMean(), *_mlp(width, classes))
         to_map = nn.Sequential(LastTokens(g * g), TokensToMap(g, g))
         return InfoProAux(nn.Identity(), classifier, nn.Sequential(to_map, *_decoder(ctx, d)))
-    raise AugLocalError(f"the infopro rule has no decoder for activations of shape {shape} (it needs a map or "
+    raise AugLocalError(f"the infopro rule has no decoder for activations of shape {ctx.in_shape} (it needs a map or "
                         "tokens); use rule='dgl' or 'auglocal'")
 
 

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import Permute, TokenMean
+from ..adapters import TokenMean
 from ..errors import AugLocalError
-from ..layouts import CHANNELS_LAST
 from .rule import AuxContext, LocalLoss, Rule, register_rule
 
 __all__ = ["POOL_FEATURES", "PRED_WEIGHT", "SIM_WEIGHT", "PredSimAux", "PredSimLoss", "build_aux", "build_loss",
@@ -63,19 +62,16 @@ def pool_grid(c: int, h: int, w: int, target: int = POOL_FEATURES) -> tuple[int,
 
 
 def build_aux(ctx: AuxContext) -> nn.Module:
-    shape, classes = ctx.in_shape, ctx.num_classes
-    if len(shape) == 3:
-        last = ctx.in_layout == CHANNELS_LAST
-        c, h, w = (shape[2], shape[0], shape[1]) if last else shape
+    v, classes = ctx.view("predsim", maps=(2,)), ctx.num_classes
+    if v.kind == "map":
+        c, (h, w) = v.channels, v.spatial
         grid = pool_grid(c, h, w)
         pred = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Flatten(), nn.Linear(c * grid[0] * grid[1], classes))
-        return PredSimAux(Permute(0, 3, 1, 2) if last else nn.Identity(), pred, nn.Conv2d(c, c, 3, 1, 1, bias=False))
-    if len(shape) == 2:
-        d = shape[1]
+        return PredSimAux(v.to_first or nn.Identity(), pred, nn.Conv2d(c, c, 3, 1, 1, bias=False))
+    if v.kind == "tokens":
+        d = v.channels
         return PredSimAux(nn.Identity(), nn.Sequential(TokenMean(), nn.Linear(d, classes)), nn.Linear(d, d, bias=False))
-    if len(shape) == 1:
-        return PredSimAux(nn.Identity(), nn.Linear(shape[0], classes), nn.Identity())
-    raise AugLocalError(f"the predsim rule has no aux net for activations of shape {shape}; use rule='auglocal'")
+    return PredSimAux(nn.Identity(), nn.Linear(v.channels, classes), nn.Identity())
 
 
 def similarity_matrix(h: torch.Tensor) -> torch.Tensor:

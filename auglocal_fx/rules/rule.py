@@ -14,10 +14,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..adapters import Permute
+from ..errors import AugLocalError
+from ..layouts import TOKENS, VECTOR, channel_axis, is_channels_last, resolve_layout, spatial_axes
 from ..plan import AuxRecipe, Plan
 from ..registry import Registry
 
-__all__ = ["AuxContext", "IMAGENET_MEAN", "IMAGENET_STD", "LocalLoss", "Rule", "RULES", "register_rule", "get_rule"]
+__all__ = ["AuxContext", "MapView", "IMAGENET_MEAN", "IMAGENET_STD", "LocalLoss", "Rule", "RULES", "register_rule", "get_rule"]
 
 # what the input is normalised with when the model says nothing (timm's default, torchvision's too)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,8 +49,24 @@ class AuxContext:
 
     @property
     def in_layout(self) -> str:
-        """"nhwc" when the block's output is a channels-last map (``in_shape`` is then H, W, C), else ""."""
-        return self.plan.layers[self.plan.blocks[self.recipe.block].layers[-1]].layouts[-1]
+        """The layout of the block's output (``layouts.py``: "nchw", "nhwc", "ncl", "ntc", "nc", ...)."""
+        return resolve_layout(self.in_shape, self.plan.layers[self.plan.blocks[self.recipe.block].layers[-1]].layouts[-1])
+
+    def view(self, rule: str, maps: tuple[int, ...] = (1, 2, 3)) -> MapView:
+        """What the block's output is, for a head built on it; a one-line error naming ``rule`` for a
+        tensor whose channel axis is unknown, or a map with a number of spatial axes not in ``maps``."""
+        shape, layout = self.in_shape, self.in_layout
+        c = channel_axis(layout)
+        if c is None or len(layout) != len(shape) + 1:
+            raise AugLocalError(f"the {rule} rule needs to know which axis of block {self.recipe.block}'s output "
+                                f"{shape} holds the channels (its layout is {layout!r}); use rule='auglocal'")
+        kind = {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map")
+        spatial = [shape[a] for a in spatial_axes(layout)]
+        if kind == "map" and len(spatial) not in maps:
+            raise AugLocalError(f"the {rule} rule has no aux net for {len(spatial)}-d maps ({layout}) such as block "
+                                f"{self.recipe.block}'s output {shape}; use rule='dgl' or 'auglocal'")
+        to_first = Permute(0, len(shape), *range(1, len(shape))) if is_channels_last(layout) else None
+        return MapView(kind, shape[c], spatial, to_first)
 
     @property
     def index(self) -> int:
@@ -70,10 +89,20 @@ class AuxContext:
         return max((_channels(layer.out_shape, layer.layouts[-1]) for layer in self.plan.layers), default=0)
 
 
+@dataclass
+class MapView:
+    """The block's output as a rule's head sees it: ``kind`` "map" (``channels``, then ``spatial``
+    sizes, after ``to_first`` for a channels-last map), "tokens" (``spatial`` = [T]) or "vector"."""
+
+    kind: str
+    channels: int
+    spatial: list[int]
+    to_first: nn.Module | None = None
+
+
 def _channels(shape: list[int], layout: str) -> int:
-    if not shape:
-        return 0
-    return shape[-1] if len(shape) != 3 or layout == "nhwc" else shape[0]
+    c = channel_axis(resolve_layout(shape, layout)) if shape else None
+    return shape[c] if c is not None and c < len(shape) else 0
 
 
 class LocalLoss(nn.Module):
