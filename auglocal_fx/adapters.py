@@ -138,7 +138,7 @@ def make_adapter(src: list[int], dst: list[int], norm: Callable[[int], nn.Module
     ``layouts`` are the two tensors' layouts (``layouts.py``: ``"nchw"``, ``"ncl"``, ``"nhwc"``,
     ``"ntc"``, ...; "" is what plans written before layouts were measured assumed by rank). The
     summary names the source's layout, e.g. ``conv1x1/2->32x250 (ncl)``."""
-    if src == dst and (layouts[0] == layouts[1] or not layouts[0] or not layouts[1]):
+    if src == dst and resolve_layout(src, layouts[0]) == resolve_layout(dst, layouts[1]):
         return None
     ls, ld = _check_layout(src, layouts[0], "source"), _check_layout(dst, layouts[1], "target")
     if src == dst and ls == ld:

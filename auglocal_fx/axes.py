@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .layouts import UNKNOWN, channel_axis, layout_for, read_layout
+from .layouts import SEQUENCE, UNKNOWN, VECTOR, channel_axis, layout_for, read_layout
 from .profiler import fake_state
 
 __all__ = ["Axes", "measure_axes", "second_example", "varied_axes"]
@@ -118,6 +118,8 @@ def measure_axes(gm: fx.GraphModule, example: torch.Tensor, nodes=None) -> Axes:
             continue
         measured = _measured(a, n.meta.get("shape2"))
         graph = read_layout(gm, n)
+        if measured == SEQUENCE and (axes.second_run or graph == VECTOR):
+            measured = None  # a flattened map the run stopped after, or read as features: the graph decides
         if measured is not None and measured != UNKNOWN:
             axes.layouts[n.name], axes.how[n.name] = measured, "measured"
             if graph != UNKNOWN and graph != measured and len(a) > 2:
@@ -136,6 +138,6 @@ def _fixed_axes_allow(a: tuple, b: tuple | None, graph: str) -> bool:
     """Whether the graph's reading puts the channels on an axis that the second run kept fixed
     (always, when there is no second run to go by)."""
     c = channel_axis(graph)
-    if b is None or len(a) != len(b) or c is None:
+    if b is None or len(a) != len(b) or c is None or graph == VECTOR:  # a flattened map is features
         return True
     return a[c + 1] == b[c + 1]

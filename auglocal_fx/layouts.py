@@ -106,7 +106,7 @@ def _permute_dims(n: fx.Node) -> tuple | None:
 
 def _moves(dims: tuple | None) -> str | None:
     """What a permute does to a map: ``(0, 2, 3, 1)`` moves channels last, ``(0, 3, 1, 2)`` first."""
-    if not dims or len(dims) < 3 or dims[0] != 0:
+    if not dims or len(dims) < 4 or dims[0] != 0:  # (0, 2, 1) swaps the two axes of a 1-d map: says neither
         return None
     r = len(dims)
     if dims == (0, *range(2, r), 1):
@@ -124,8 +124,8 @@ def _reshaped(map_shape: tuple, other: tuple | None) -> str | None:
     if other is None or len(other) < 3 or other == map_shape:
         return None
     n, k = map_shape, len(map_shape)
-    if len(other) > k and tuple(other[-(k - 2):]) == tuple(n[2:]):  # spatial axes kept, the first split
-        return _FIRST
+    if len(other) == k + 1 and other[1] * other[2] == n[1] and tuple(other[3:]) == tuple(n[2:]):
+        return _FIRST  # the spatial axes kept whole, the first axis split in two: a channel shuffle
     last = other[-1] == n[-1] and math.prod(other[1:-1]) == math.prod(n[1:-1])
     first = other[1] == n[1] and math.prod(other[2:]) == math.prod(n[2:])
     return _LAST if last and not first else _FIRST if first and not last else None

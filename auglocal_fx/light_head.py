@@ -57,7 +57,10 @@ def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> b
     if head.params <= HEAVY_HEAD_SHARE * total:
         return False
     classes = head.out_shape[-1] if head.out_shape else 0
-    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes).params for x in layers if x.bundle[-1])
+    known = [x for x in layers if x.bundle[-1] and _known(x.bundle[-1], x.layouts[-1])]
+    if not known:
+        return False
+    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes).params for x in known)
     return largest < head.params
 
 
@@ -87,6 +90,11 @@ class LightHead(nn.Sequential):
         super().__init__(*mods)
         self.in_shape, self.in_layout = list(in_shape), resolve_layout(in_shape, layout)  # FLOP counts, audit
         self.summary = f"light head ({'pool, MLP ' + str(LIGHT_WIDTH) if kind == 'map' else 'mean, linear' if kind == 'tokens' else 'linear'})"
+
+
+def _known(shape: list[int], layout: str) -> bool:
+    layout = resolve_layout(shape, layout)
+    return layout != UNKNOWN and channel_axis(layout) is not None and len(layout) == len(shape) + 1
 
 
 def _kind(shape: list[int], layout: str) -> tuple[str, int]:

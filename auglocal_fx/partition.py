@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import AugLocalError
+from .layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout
 from .light_head import light_head_info
 from .plan import LayerInfo, Plan
 from .registry import Registry
@@ -167,14 +168,15 @@ def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected:
     block ending at layer ``last`` (``light``: then a light head instead of the model's head).
 
     Copied layers see the shapes they see in the backbone, so they save what they save there; a
-    (C, H, W) adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
+    map adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
     the head copy saves what the head does, a light head what ``light_head_info`` estimates.
     """
     total, bundle = 0, layers[last].bundle
     for j in _copy_steps(layers, selected, light):
         into = layers[j - 1].bundle  # what layer j (or the head) takes
         if into != bundle:
-            total += sum(4 * math.prod(t) for t in into if len(t) == 3)  # float32, as profiled
+            total += sum(4 * math.prod(t) for t, lay in zip(into, layers[j - 1].layouts)  # float32, as profiled
+                         if _is_map(resolve_layout(t, lay)))
         bundle = layers[j].bundle if j < len(layers) else into
     return total + _aux_head(layers, head, last, selected, light).act_bytes + sum(layers[j].act_bytes for j in selected)
 
@@ -183,12 +185,13 @@ def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: li
     """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
     profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
     channels change."""
-    total, bundle = 0, layers[last].bundle
+    total, bundle, lays = 0, layers[last].bundle, layers[last].layouts
     for j in _copy_steps(layers, selected, light):
-        into = layers[j - 1].bundle
+        into, into_lays = layers[j - 1].bundle, layers[j - 1].layouts
         if into != bundle:
-            total += sum(_adapter_params(a, b) for a, b in zip(bundle[-len(into):], into))
-        bundle = layers[j].bundle if j < len(layers) else into
+            total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
+                         zip(bundle[-len(into):], into, lays[-len(into):], into_lays))
+        bundle, lays = (layers[j].bundle, layers[j].layouts) if j < len(layers) else (into, into_lays)
     return total + _aux_head(layers, head, last, selected, light).params + sum(layers[j].params for j in selected)
 
 
@@ -206,15 +209,26 @@ def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: lis
     return light_head_info(fed.bundle[-1], fed.layouts[-1], head.out_shape[-1] if head.out_shape else 0)
 
 
-def _adapter_params(src: list[int], dst: list[int]) -> int:
-    """A (C, H, W) map's 1x1 conv + norm wherever the shape changes (a strided conv when only the
-    resolution does), or a (T, D) sequence's linear where the channels change."""
-    c, c2 = (src[0] if len(src) == 3 else src[-1] if src else 0), (dst[0] if len(dst) == 3 else dst[-1] if dst else 0)
-    if len(src) == len(dst) == 3 and src != dst:
+def _adapter_params(src: list[int], dst: list[int], src_layout: str = "", dst_layout: str = "") -> int:
+    """A map's 1x1 conv + norm wherever the shape changes (a strided conv when only the resolution
+    does), or a (T, D) sequence's linear where the channels change; channels found by layout."""
+    ls, ld = resolve_layout(src, src_layout), resolve_layout(dst, dst_layout)
+    c, c2 = _width(src, ls), _width(dst, ld)
+    maps = _is_map(ls) and _is_map(ld)
+    if maps and src != dst:
         return c * c2 + 2 * c2
     if c == c2:
         return 0
-    return c * c2 + (2 * c2 if len(dst) == 3 else c2)
+    return c * c2 + (2 * c2 if _is_map(ld) else c2)
+
+
+def _width(shape: list[int], layout: str) -> int:
+    axis = channel_axis(layout)
+    return shape[axis] if axis is not None and axis < len(shape) else (shape[-1] if shape else 0)
+
+
+def _is_map(layout: str) -> bool:
+    return layout not in (TOKENS, VECTOR, SEQUENCE, UNKNOWN)
 
 
 def unit_act_bytes(plan: Plan) -> list[int]:

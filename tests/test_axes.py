@@ -172,3 +172,29 @@ def test_example_inputs_mistakes_are_one_line(kwargs, message):
     with pytest.raises(AugLocalError, match=message) as info:
         to_auglocal(TinyGPT(), 4, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_the_graph_reading_tells_a_window_partition_from_a_channel_shuffle():
+    from auglocal_fx.layouts import _reshaped  # the fallback's rule for reshapes, on its own
+
+    assert _reshaped((1, 7, 7, 768), (1, 1, 7, 1, 7, 768)) == "last"  # Swin V2 windows as wide as the map
+    assert _reshaped((1, 24, 8, 8), (1, 2, 12, 8, 8)) == "first"  # ShuffleNet's view(b, g, c/g, h, w)
+
+
+class FlatHead(nn.Module):
+    """A CNN whose map is flattened into a large classifier (``view(N, -1)``, as older code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.ReLU())
+                                      for i in range(4)])
+        self.fc = nn.Sequential(nn.Linear(8 * 16 * 16, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.fc(self.blocks(x).view(x.shape[0], -1))
+
+
+def test_a_flattened_map_is_read_as_features_not_a_sequence():
+    net = _convert(FlatHead(), 4, input_size=(3, 16, 16))  # the heavy head: aux nets get light heads
+    assert all(c.ok for c in audit_axes(net))
+    assert "?" not in {lay for layer in net.plan.layers for lay in layer.crossing_layouts}
