@@ -87,10 +87,11 @@ def _second_run(gm: fx.GraphModule, example: torch.Tensor) -> str:
     for n in gm.graph.nodes:
         n.meta.pop("shape2", None)
     held = io.StringIO()  # ShapeProp prints a traceback before re-raising: a failure here is expected
+    prop = _ShapesOnly(gm)  # built outside the fake mode: inside, ShapeProp deep-copies gm into it
     try:
         with (FakeTensorMode(allow_non_fake_inputs=True) as mode, fake_state(gm, mode),
               contextlib.redirect_stderr(held), torch.no_grad()):
-            _ShapesOnly(gm).run(mode.from_tensor(second_example(example)))
+            prop.run(mode.from_tensor(second_example(example)))
     except Exception as exc:  # any op may refuse another size (a fixed position table, an assert)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return ""

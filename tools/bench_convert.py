@@ -4,7 +4,8 @@
 
 All are timed on the same freshly created model, median over ``--repeats``; the trace is the
 tracer ``to_auglocal`` itself uses (timm's not-traced leaves). ``plan`` is ``build_plan``: trace,
-profile (on fake tensors), cut points, layers, partition and aux recipes. ``to_auglocal`` adds the
+profile (on fake tensors), cut points, layers, the axes of every crossing tensor (``axes``: timed
+alone too), partition and aux recipes. ``to_auglocal`` adds the
 train-mode trace, splitting, and building the aux nets, whose fresh weights are real memory:
 ``init floor`` is the time to merely allocate and randomly fill that many float32 parameters
 (``torch.empty(n).uniform_()``), a lower bound for any conversion that builds them.
@@ -25,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import build_plan, to_auglocal  # noqa: E402
+from auglocal_fx.axes import measure_axes  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
+from auglocal_fx.planner import analyze_model  # noqa: E402
 from auglocal_fx.trace import trace  # noqa: E402
 
 MODELS = ("resnet50", "vit_base_patch16_224", "convnext_tiny", "efficientnet_b0")
@@ -48,9 +51,13 @@ def measure(name: str, blocks: int, repeats: int) -> dict:
     aux_params = sum(p.numel() for p in to_auglocal(model, k).aux_parameters())
     trace_s = _median_time(lambda: trace(model), repeats)
     plan_s = _median_time(lambda: build_plan(model, k), repeats)
+    a = analyze_model(model)  # the axes pass alone (issue 25): a second fake run and the graph reading
+    example = torch.randn(1, *a.input_size)
+    nodes = [n for n in a.gm.graph.nodes if n.name in a.axes.layouts or n.op == "placeholder"]
+    axes_s = _median_time(lambda: measure_axes(a.gm, example, nodes), repeats)
     convert_s = _median_time(lambda: to_auglocal(model, k), repeats)
     floor_s = _median_time(lambda: torch.empty(aux_params).uniform_(), repeats)
-    return {"model": name, "layers": layers, "blocks": k, "trace_s": trace_s, "plan_s": plan_s,
+    return {"model": name, "layers": layers, "blocks": k, "trace_s": trace_s, "plan_s": plan_s, "axes_s": axes_s,
             "convert_s": convert_s, "aux_params": aux_params, "init_floor_s": floor_s,
             "plan_ratio": plan_s / trace_s, "ratio": convert_s / trace_s, "floor_ratio": floor_s / trace_s}
 
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
     print(f"median of {args.repeats}, {res['threads']} threads; ratios to the bare trace")
     for r in rows:
         print(f"  {r['model']:24s} K={r['blocks']:2d}  trace {1000 * r['trace_s']:6.1f} ms   "
-              f"plan {1000 * r['plan_s']:7.1f} ms x{r['plan_ratio']:.1f}   "
+              f"plan {1000 * r['plan_s']:7.1f} ms x{r['plan_ratio']:.1f} (axes {1000 * r['axes_s']:6.1f} ms)   "
               f"to_auglocal {1000 * r['convert_s']:7.1f} ms x{r['ratio']:.1f}   "
               f"init floor of {r['aux_params'] / 1e6:.1f}M aux params {1000 * r['init_floor_s']:6.1f} ms "
               f"x{r['floor_ratio']:.1f}")
