@@ -119,8 +119,8 @@ def measure_axes(gm: fx.GraphModule, example: torch.Tensor, nodes=None) -> Axes:
             continue
         measured = _measured(a, n.meta.get("shape2"))
         graph = read_layout(gm, n)
-        if measured == SEQUENCE and (axes.second_run or graph == VECTOR):
-            measured = None  # a flattened map the run stopped after, or read as features: the graph decides
+        if measured == SEQUENCE and axes.second_run:
+            measured = None  # a flattened map the second run stopped after: the graph decides
         if measured is not None and measured != UNKNOWN:
             axes.layouts[n.name], axes.how[n.name] = measured, "measured"
             if graph != UNKNOWN and graph != measured and len(a) > 2:
