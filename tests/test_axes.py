@@ -198,3 +198,13 @@ def test_a_flattened_map_is_read_as_features_not_a_sequence():
     net = _convert(FlatHead(), 4, input_size=(3, 16, 16))  # the heavy head: aux nets get light heads
     assert all(c.ok for c in audit_axes(net))
     assert "?" not in {lay for layer in net.plan.layers for lay in layer.crossing_layouts}
+
+
+def test_an_unknown_layout_names_the_aux_net_and_the_layer():
+    from auglocal_fx import build_plan
+
+    plan = build_plan(M5(), 4, input_size=(1, 8000))
+    plan.layers[0].crossing_layouts = ["?"]  # as if neither measuring nor the graph could tell
+    with pytest.raises(AugLocalError, match=r"aux net of block 0, from layer 'stages.0'") as info:
+        to_auglocal(M5(), plan=plan)
+    assert "\n" not in str(info.value) and "crossing_layouts" in str(info.value)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..adapters import bundle_sources, make_bundle_adapter
 from ..bundles import Chain
+from ..errors import AugLocalError
 from ..light_head import light_head
 from .rule import AuxContext, Rule, register_rule
 
@@ -33,9 +34,14 @@ def build_aux(ctx: AuxContext) -> nn.Module:
         if light and j == len(plan.layers):  # takes what it is handed: no adapter
             mods.append(light_head(plan.layers[f].bundle, plan.layers[f].layouts, ctx.num_classes))
             break
-        adapter = make_bundle_adapter(plan.layers[f].bundle, plan.bundle_into(j), ctx.norm2d,
-                                      _kinds(plan, f), _kinds(plan, j - 1), need,
-                                      plan.layers[f].layouts, plan.layouts_into(j))
+        try:
+            adapter = make_bundle_adapter(plan.layers[f].bundle, plan.bundle_into(j), ctx.norm2d,
+                                          _kinds(plan, f), _kinds(plan, j - 1), need,
+                                          plan.layers[f].layouts, plan.layouts_into(j))
+        except AugLocalError as exc:  # name the place: which aux net, which tensor
+            into = plan.layers[j].name if j < len(plan.layers) else "the head"
+            raise AugLocalError(f"aux net of block {ctx.recipe.block}, from layer {plan.layers[f].name!r}'s "
+                                f"output into a copy of {into!r}: {exc}") from exc
         if adapter is not None:
             mods.append(adapter)
         mods.append(copy.deepcopy(piece))
