@@ -6,7 +6,8 @@ the others only by pooling or striding, never by position. Rule (per sample shap
 - equal shapes: nothing;
 - maps with k spatial axes, (C, *S) -> (C', *S'), k = 1, 2, 3 (``"ncl"``, ``"nchw"``, ``"ncdhw"``):
   a 1x1 conv (Conv1d / Conv2d / Conv3d) + norm, with stride s where S/S' = s on every axis, else
-  followed by adaptive average pooling to S';
+  followed by adaptive average pooling to S'; between maps of different ranks, the spatial axes
+  flattened, a Conv1d 1x1 + norm, pooling to prod(S') positions, unflattened to S';
 - tokens (T, D) -> (T, D') (``"ntc"``): a linear map on D; (T, D) -> (T', D'): linear on D, then
   adaptive average pooling over tokens;
 - vectors (D,) -> (D',) (``"nc"``): linear;
@@ -173,6 +174,12 @@ def _make_adapter(src: list[int], dst: list[int], ls: str, ld: str, norm: Callab
             s = ratios.pop()
             return Adapter(f"conv1x1/{s}", CONV_ND[k](c, c2, 1, stride=s, bias=False), norm_nd(norm, c2, k))
         return Adapter("conv1x1+pool", CONV_ND[k](c, c2, 1, bias=False), norm_nd(norm, c2, k), POOL_ND[k](tuple(sp2)))
+    if ks == kd == "map":  # maps of another rank: the spatial axes flattened, a 1-d map's adapter
+        (c, *sp), (c2, *sp2) = src, dst  # (EfficientViM's (C, H*W) state beside its (C, H, W) maps)
+        n, n2 = math.prod(sp), math.prod(sp2)
+        mods = ([nn.Flatten(2)] if len(sp) > 1 else []) + [nn.Conv1d(c, c2, 1, bias=False), norm_nd(norm, c2, 1)]
+        mods += ([nn.AdaptiveAvgPool1d(n2)] if n != n2 else []) + ([nn.Unflatten(2, tuple(sp2))] if len(sp2) > 1 else [])
+        return Adapter(f"flatten+conv1x1{'+pool' if n != n2 else ''}", *mods)
     if ks == kd == "tokens":
         (t, d), (t2, d2) = src, dst
         mods = [nn.Linear(d, d2)] if d != d2 else []

@@ -88,6 +88,7 @@ _FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.group_norm, F.
 _LAST_FUNCTIONS = {F.linear, F.layer_norm}
 _PERMUTES = {"permute", torch.permute}
 _RESHAPES = {"reshape", "view", "flatten", "unflatten", torch.reshape, torch.flatten}
+_TRANSPOSES = {"transpose", torch.transpose}
 _ELEMENTWISE_DEPTH = 8  # how far through shape-keeping ops to look for a decisive op
 _FIRST, _LAST = "first", "last"
 
@@ -172,7 +173,18 @@ def _made(gm: fx.GraphModule, n: fx.Node) -> str | None:
             return _moves(_permute_dims(n))
         if n.target in _RESHAPES and n.args and len(_shape(n) or ()) >= 4:
             return _reshaped(_shape(n), _shape(n.args[0]))
+        if n.target in _TRANSPOSES and _swaps_last_two(n) and isinstance(n.args[0], fx.Node):
+            # (N, T, C) <-> (N, C, T): the channels end where the input's op left them, swapped
+            return {_FIRST: _LAST, _LAST: _FIRST}.get(_made(gm, n.args[0]))
     return None
+
+
+def _swaps_last_two(n: fx.Node) -> bool:
+    """``x.transpose(1, 2)`` (or (-1, -2), ...) on a 3-d tensor."""
+    dims = tuple(n.args[1:3]) if len(n.args) >= 3 else (n.kwargs.get("dim0"), n.kwargs.get("dim1"))
+    if len(_shape(n) or ()) != 3 or not all(isinstance(d, int) for d in dims):
+        return False
+    return sorted(d % 3 for d in dims) == [1, 2]
 
 
 def _same_layout_neighbours(n: fx.Node, forward: bool) -> list[fx.Node]:

@@ -208,3 +208,11 @@ def test_an_unknown_layout_names_the_aux_net_and_the_layer():
     with pytest.raises(AugLocalError, match=r"aux net of block 0, from layer 'stages.0'") as info:
         to_auglocal(M5(), plan=plan)
     assert "\n" not in str(info.value) and "crossing_layouts" in str(info.value)
+
+
+def test_maps_of_another_rank_are_adapted_through_their_flattened_positions():
+    adapter = make_adapter([16, 32, 32], [128, 49], layouts=("nchw", "ncl"))  # EfficientViM's (C, H*W) state
+    assert tuple(adapter.eval()(torch.randn(2, 16, 32, 32)).shape) == (2, 128, 49)
+    assert audit_module(adapter, [16, 32, 32], "nchw", "flatten").ok
+    back = make_adapter([128, 49], [64, 7, 7], layouts=("ncl", "nchw"))
+    assert tuple(back.eval()(torch.randn(2, 128, 49)).shape) == (2, 64, 7, 7)
