@@ -196,7 +196,9 @@ def _make_adapter(src: list[int], dst: list[int], ls: str, ld: str, norm: Callab
     if ks == "tokens" and kd == "map":  # pooled to one token per position
         (t, d), (c, *sp) = src, dst
         n = math.prod(sp)
-        mods = ([nn.Linear(d, c)] if c != d else []) + ([TokenPool(n)] if t != n else [])
+        # pooled even where T == prod(S) (adaptive pooling to T is then the identity): the adapter
+        # takes any number of tokens, as the backbone may
+        mods = ([nn.Linear(d, c)] if c != d else []) + [TokenPool(n)]
         return Adapter(f"{'linear+' if c != d else ''}{'pool+' if t != n else ''}map", *mods, TokensToMap(*sp))
     if kd == "vector" and ks in ("map", "tokens"):  # pool, then project
         pool = TokenMean() if ks == "tokens" else SpatialMean(tuple(range(2, len(src) + 1)))

@@ -193,8 +193,10 @@ def _same_layout_neighbours(n: fx.Node, forward: bool) -> list[fx.Node]:
     joining the patch tokens)."""
     shape = _shape(n)
     near = list(n.users) if forward else n.all_input_nodes
+    joins = n.target is torch.cat if not forward else False  # a cat's inputs have its layout too
     return [m for m in near if m.op != "output" and m.target is not operator.getitem and
-            (_shape(m) == shape or (m.target is torch.cat and shape is not None and len(_shape(m) or ()) == len(shape)))]
+            (_shape(m) == shape or ((m.target is torch.cat or joins) and shape is not None
+                                    and len(_shape(m) or ()) == len(shape)))]
 
 
 def read_layout(gm: fx.GraphModule, t: fx.Node) -> str:
