@@ -35,7 +35,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from .errors import AugLocalError
-from .layouts import TOKENS, UNKNOWN, VECTOR, channels_first, is_channels_last, resolve_layout
+from .layouts import channels_first, has_channels, is_channels_last, kind_of, resolve_layout
 from .plan import is_size_kind
 
 __all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "Permute", "TokenMean",
@@ -109,11 +109,6 @@ CONV_ND = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 POOL_ND = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
 
-def _kind(layout: str) -> str:
-    """One of "vector", "tokens" or "map" (channels first, then 1 to 3 spatial axes)."""
-    return {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map")
-
-
 def _canonical(shape: list[int], layout: str) -> list[int]:
     """A channels-last map's shape with the channels moved first; others as they are."""
     if is_channels_last(layout):
@@ -123,7 +118,7 @@ def _canonical(shape: list[int], layout: str) -> list[int]:
 
 def _check_layout(shape: list[int], layout: str, what: str) -> str:
     layout = resolve_layout(shape, layout)
-    if layout == UNKNOWN or len(layout) != len(shape) + 1 or "c" not in layout:
+    if not has_channels(shape, layout):
         raise AugLocalError(
             f"cannot tell which axis of the {what} tensor of shape {shape} holds the channels, so no adapter "
             f"can be built for it; name the layers with layers=[...] so that no aux net skips past it, "
@@ -165,7 +160,7 @@ def _make_adapter(src: list[int], dst: list[int], ls: str, ld: str, norm: Callab
     map here). Its summary is the kind of adapter alone, e.g. ``conv1x1/2``."""
     if src == dst and ls == ld:
         return None
-    ks, kd = _kind(ls), _kind(ld)
+    ks, kd = kind_of(ls), kind_of(ld)
     if ks == kd == "map" and len(src) == len(dst):
         (c, *sp), (c2, *sp2) = src, dst
         k = len(sp)

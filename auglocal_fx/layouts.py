@@ -26,7 +26,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 __all__ = ["CHANNELS_FIRST", "CHANNELS_LAST", "MAP1D", "MAP3D", "NDHWC", "SEQUENCE", "TOKENS", "UNKNOWN", "VECTOR",
-           "channel_axis", "channels_first", "is_channels_last", "layout_for", "read_layout", "resolve_layout",
+           "channel_axis", "channels_first", "has_channels", "kind_of", "is_channels_last", "layout_for", "read_layout", "resolve_layout",
            "spatial_axes"]
 
 VECTOR, SEQUENCE, TOKENS, MAP1D = "nc", "nl", "ntc", "ncl"
@@ -53,6 +53,16 @@ def resolve_layout(shape: list[int], layout: str) -> str:
     if layout:
         return layout
     return {1: VECTOR, 2: TOKENS, 3: CHANNELS_FIRST}.get(len(shape), UNKNOWN)
+
+
+def has_channels(shape: list[int], layout: str) -> bool:
+    """Whether ``layout`` (resolved) names the channel axis of a tensor of per-sample ``shape``."""
+    return layout != UNKNOWN and "c" in layout and len(layout) == len(shape) + 1
+
+
+def kind_of(layout: str) -> str:
+    """What a tensor of ``layout`` is to an adapter or a head: "vector", "tokens" or "map"."""
+    return {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map")
 
 
 def channel_axis(layout: str) -> int | None:

@@ -31,7 +31,7 @@ from torch import nn
 from .adapters import TokenMean
 from .bundles import Chain, PickLast
 from .errors import AugLocalError
-from .layouts import TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout, spatial_axes
+from .layouts import channel_axis, has_channels, kind_of, resolve_layout, spatial_axes
 from .plan import LayerInfo
 
 __all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "check_aux_head", "light_head",
@@ -93,18 +93,17 @@ class LightHead(nn.Sequential):
 
 
 def _known(shape: list[int], layout: str) -> bool:
-    layout = resolve_layout(shape, layout)
-    return layout != UNKNOWN and channel_axis(layout) is not None and len(layout) == len(shape) + 1
+    return has_channels(shape, resolve_layout(shape, layout))
 
 
 def _kind(shape: list[int], layout: str) -> tuple[str, int]:
     """("map" | "tokens" | "vector", channels) of a per-sample shape of ``layout``."""
     layout = resolve_layout(shape, layout)
     c = channel_axis(layout)
-    if layout == UNKNOWN or c is None or len(layout) != len(shape) + 1:
+    if not has_channels(shape, layout):
         raise AugLocalError(f"a light aux head needs a map, tokens or a vector whose channel axis is known, not "
                             f"a tensor of shape {shape} (layout {layout!r}); use aux_head='copy'")
-    return {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map"), shape[c]
+    return kind_of(layout), shape[c]
 
 
 def light_head(bundle: list[list[int]], layouts: list[str], classes: int) -> nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..adapters import Permute
 from ..errors import AugLocalError
-from ..layouts import TOKENS, VECTOR, channel_axis, is_channels_last, resolve_layout, spatial_axes
+from ..layouts import channel_axis, has_channels, is_channels_last, kind_of, resolve_layout, spatial_axes
 from ..plan import AuxRecipe, Plan
 from ..registry import Registry
 
@@ -57,10 +57,10 @@ class AuxContext:
         tensor whose channel axis is unknown, or a map with a number of spatial axes not in ``maps``."""
         shape, layout = self.in_shape, self.in_layout
         c = channel_axis(layout)
-        if c is None or len(layout) != len(shape) + 1:
+        if not has_channels(shape, layout):
             raise AugLocalError(f"the {rule} rule needs to know which axis of block {self.recipe.block}'s output "
                                 f"{shape} holds the channels (its layout is {layout!r}); use rule='auglocal'")
-        kind = {VECTOR: "vector", TOKENS: "tokens"}.get(layout, "map")
+        kind = kind_of(layout)
         spatial = [shape[a] for a in spatial_axes(layout)]
         if kind == "map" and len(spatial) not in maps:
             raise AugLocalError(f"the {rule} rule has no aux net for {len(spatial)}-d maps ({layout}) such as block "
