@@ -15,7 +15,8 @@ error naming it, never a guess.
 
 Which input axes are varied: every per-sample axis after the first of a floating-point input (the
 channels of an image, a waveform or a clip come first, as PyTorch's convs take them), every axis of
-an integer one (token ids have no channels).
+an integer one (token ids have no channels). A model with several inputs has each varied so: token
+ids and their attention mask grow together, an image and its pixel mask too.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ class _ShapesOnly(ShapeProp):
         return out
 
 
-def _second_run(gm: fx.GraphModule, example: torch.Tensor) -> str:
-    """Propagate shapes at ``second_example(example)``; returns "" or why it could not run."""
+def _second_run(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...]) -> str:
+    """Propagate shapes at ``second_example`` of each input; returns "" or why it could not run."""
     for n in gm.graph.nodes:
         n.meta.pop("shape2", None)
     held = io.StringIO()  # ShapeProp prints a traceback before re-raising: a failure here is expected
@@ -91,7 +92,7 @@ def _second_run(gm: fx.GraphModule, example: torch.Tensor) -> str:
     try:
         with (FakeTensorMode(allow_non_fake_inputs=True) as mode, fake_state(gm, mode),
               contextlib.redirect_stderr(held), torch.no_grad()):
-            prop.run(mode.from_tensor(second_example(example)))
+            prop.run(*(mode.from_tensor(second_example(x)) for x in examples))
     except Exception as exc:  # any op may refuse another size (a fixed position table, an assert)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return ""
@@ -109,10 +110,11 @@ def _measured(a: tuple, b: tuple | None) -> str | None:
     return None  # several fixed axes (a map pooled to a fixed grid, tokens of a fixed count)
 
 
-def measure_axes(gm: fx.GraphModule, example: torch.Tensor, nodes=None) -> Axes:
+def measure_axes(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor, ...], nodes=None) -> Axes:
     """The layout of every tensor node in ``nodes`` (default: all) of a profiled ``gm``
-    (``profiler.profile_graph`` wrote ``meta["shape"]`` at ``example``)."""
-    axes = Axes(second_run=_second_run(gm, example))
+    (``profiler.profile_graph`` wrote ``meta["shape"]`` at ``example``: the input, or a tuple of
+    the model's inputs, each scaled alike by ``second_example``)."""
+    axes = Axes(second_run=_second_run(gm, example if isinstance(example, tuple) else (example,)))
     for n in (gm.graph.nodes if nodes is None else nodes):
         a = n.meta.get("shape")
         if a is None or len(a) == 0:

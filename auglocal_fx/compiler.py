@@ -119,7 +119,7 @@ def to_auglocal(
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
     aux_nets = synthesize_aux(model, plan, layers, layer_head, init or aux_init)
     net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
-    check_units(net, plan.config.input_size, dtype=plan.config.input_dtype)  # a shape problem is an error here, not in the first step
+    check_units(net)  # a shape problem is an error here, not in the first step
     return net
 
 

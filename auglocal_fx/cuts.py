@@ -19,21 +19,29 @@ import torch.fx as fx
 
 from .errors import AugLocalError
 
-__all__ = ["MAX_BUNDLE", "activation_nodes", "live_sets", "cut_points", "shape_read", "is_tensor", "is_none"]
+__all__ = ["MAX_BUNDLE", "MODEL_INPUT", "input_nodes", "activation_nodes", "live_sets", "cut_points", "shape_read", "is_tensor", "is_none"]
 
 MAX_BUNDLE = 8  # the most tensors a cut may hand on (DenseNet's first dense layers, U-Net skips)
+MODEL_INPUT = "model_input"  # placeholder meta key: this placeholder is one of the model's inputs (trace.py)
+
+
+def input_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The placeholders of the model's inputs (``trace(inputs=...)``), in order; for a graph traced
+    otherwise, its first placeholder. Placeholders after them are specialised defaults."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return [p for p in placeholders if p.meta.get(MODEL_INPUT)] or placeholders[:1]
 
 
 def activation_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on the first input (the image / token batch).
+    """Nodes whose value depends on the model's inputs (the image / token batch, and any further
+    input such as an attention mask: ``input_nodes``).
 
     Everything else — parameters, buffers, specialised side inputs and arithmetic on them —
     is a constant that any block can recompute, so it never pins a value across a cut.
     """
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if not placeholders:
+    act = set(input_nodes(graph))
+    if not act:
         raise AugLocalError("the traced graph has no input; forward must take a tensor")
-    act = {placeholders[0]}
     for n in graph.nodes:
         if n not in act and any(a in act for a in n.all_input_nodes):
             act.add(n)

@@ -73,12 +73,14 @@ def _clone_graph_module(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
     return new
 
 
-def trace_both_modes(model: nn.Module, output: str | int | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(train-mode trace, eval-mode trace) of ``model``, returning its ``output``; both share its parameters."""
+def trace_both_modes(model: nn.Module, output: str | int | None = None,
+                     inputs: int = 1) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(train-mode trace, eval-mode trace) of ``model`` taking ``inputs`` tensors, returning its
+    ``output``; both share its parameters."""
     with set_mode(model, True):
-        train_gm = trace(model, output)
+        train_gm = trace(model, output, inputs)
     with set_mode(model, False):
-        eval_gm = trace(model, output)
+        eval_gm = trace(model, output, inputs)
     return train_gm, eval_gm
 
 
@@ -110,7 +112,7 @@ def emit_pieces(model: nn.Module, plan: Plan):
     Returns ``(blocks, head, layers, layer_head)``: one DualModeGraph per block and for the head
     (the rewritten model), and one per layer plus a head (templates the aux nets copy).
     """
-    graphs = trace_both_modes(model, plan.config.output)
+    graphs = trace_both_modes(model, plan.config.output, plan.config.inputs)
     layer_cuts = [layer.boundary for layer in plan.layers]
     block_cuts = [plan.layers[b.layers[-1]].boundary for b in plan.blocks]
     *blocks, head = _split_both(graphs, block_cuts)

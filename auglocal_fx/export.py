@@ -41,6 +41,7 @@ from .errors import AugLocalError, first_line
 from .models import default_input_size
 from .modes import eval_mode
 from .net import AugLocalNet
+from .trace import positional_names
 
 __all__ = ["EXPORTERS", "OPSETS", "ExportReport", "check_opset", "export_onnx", "save_backbone_state"]
 
@@ -142,12 +143,14 @@ def _exporter_message(exc: BaseException) -> str:
     return first_line(RuntimeError(text), with_type=False)
 
 
-def _export(model: nn.Module, example: torch.Tensor, tmp: Path, exporter: str, opset: int | None,
+def _export(model: nn.Module, example: tuple[torch.Tensor, ...], tmp: Path, exporter: str, opset: int | None,
             dynamic: bool) -> None:
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    inputs = _input_names(model, len(example))
+    names = {"input_names": inputs, "output_names": ["logits"]}
     if exporter == "dynamo":
-        shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} for _ in example) if dynamic else None
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                     verbose=False, **names)
         program.save(str(tmp), external_data=False)
         written = _opset(onnx.load(str(tmp), load_external_data=False))
@@ -155,8 +158,8 @@ def _export(model: nn.Module, example: torch.Tensor, tmp: Path, exporter: str, o
             raise RuntimeError(f"it wrote opset {written}, not {opset}: ONNX's version converter could not "
                                f"lower this graph (the dynamo exporter translates to {DYNAMO_NATIVE_OPSET} and above)")
     else:
-        axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
-        torch.onnx.export(model, (example,), str(tmp), dynamo=False, dynamic_axes=axes,
+        axes = {**{name: {0: "batch"} for name in inputs}, "logits": {0: "batch"}} if dynamic else None
+        torch.onnx.export(model, example, str(tmp), dynamo=False, dynamic_axes=axes,
                           opset_version=opset or TORCHSCRIPT_OPSET, **names)
 
 
@@ -203,9 +206,10 @@ def export_onnx(
         raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, net_or_model.plan.config.input_dtype) if isinstance(net_or_model, AugLocalNet) else torch.float32
-    draw = _input_sampler(model, input_size, dtype, gen)
-    example = draw(2 if dynamic_batch else 1).to(device)
+    specs = (net_or_model.plan.config.input_specs(input_size) if isinstance(net_or_model, AugLocalNet)
+             else [(input_size, "float32")])
+    draw = _input_sampler(model, specs, gen)
+    example = tuple(x.to(device) for x in draw(2 if dynamic_batch else 1))
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
@@ -238,7 +242,7 @@ def export_onnx(
         dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
         report = ExportReport(str(path), used, _opset(proto), len(proto.graph.node), dims, None, fallback=fallback)
         if verify:
-            batches = (1, 3) if dynamic_batch else (example.shape[0],)
+            batches = (1, 3) if dynamic_batch else (example[0].shape[0],)
             report.max_abs_diff, report.output_scale, report.float32_error = _verify(
                 model, tmp, draw, batches, device)
             report.batches = batches
@@ -255,6 +259,14 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
 
 
+def _input_names(model: nn.Module, n: int) -> list[str]:
+    """ONNX input names: "input" for a model of one input, else its forward's argument names."""
+    if n == 1:
+        return ["input"]
+    names = positional_names(model)[:n]
+    return names if len(names) == n else [f"input_{i}" for i in range(n)]
+
+
 def _opset(proto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -268,14 +280,20 @@ def _float64_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _input_sampler(model: nn.Module, input_size: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator):
-    """``batch -> random input``: normal floats, or integer ids every embedding table of ``model``
-    can look up (a language model's token ids)."""
-    if dtype.is_floating_point:
-        return lambda b: torch.randn(b, *input_size, generator=gen).to(dtype)
-    tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    high = min(tables, default=2)
-    return lambda b: torch.randint(0, high, (b, *input_size), generator=gen, dtype=dtype)
+def _input_sampler(model: nn.Module, specs: list[tuple[tuple[int, ...], str]], gen: torch.Generator):
+    """``batch -> random inputs`` (a tuple, one per ``(size, dtype)`` of ``specs``): normal floats,
+    masks mostly true, or integer ids every embedding table of ``model`` can look up (a language
+    model's token ids)."""
+    high = min((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=2)
+
+    def one(b: int, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if dtype.is_floating_point:
+            return torch.randn(b, *size, generator=gen).to(dtype)
+        if dtype == torch.bool:  # an attention mask: a row masked out entirely would give NaN
+            return torch.rand(b, *size, generator=gen) > 0.1
+        return torch.randint(0, high, (b, *size), generator=gen, dtype=dtype)
+
+    return lambda b: tuple(one(b, tuple(size), getattr(torch, dtype)) for size, dtype in specs)
 
 
 def _verify(model: nn.Module, file: Path, draw, batches, device) -> tuple[float, float, float | None]:
@@ -286,27 +304,27 @@ def _verify(model: nn.Module, file: Path, draw, batches, device) -> tuple[float,
     except (ValidationError, InferenceError) as exc:
         raise AugLocalError(f"the exported graph fails onnx.checker ({_exporter_message(exc)})") from exc
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0].name
+    feeds = [i.name for i in session.get_inputs()]
     worst = scale = 0.0
     model64 = _float64_copy(model)
     own: float | None = 0.0 if model64 is not None else None
     with eval_mode(model), torch.no_grad():
         for b in batches:
-            x = draw(b)
+            xs = draw(b)
             # every output, in order: a model returning a dict / tuple exports one ONNX output per tensor
-            refs = [t.float().cpu() for t in tree_leaves(model(x.to(device)))]
+            refs = [t.float().cpu() for t in tree_leaves(model(*(x.to(device) for x in xs)))]
             if model64 is not None:
                 try:
                     with eval_mode(model64):
-                        x64 = x.double() if x.is_floating_point() else x
-                        exact = [t.double().cpu() for t in tree_leaves(model64(x64.to(device)))]
+                        x64 = (x.double() if x.is_floating_point() else x for x in xs)
+                        exact = [t.double().cpu() for t in tree_leaves(model64(*(x.to(device) for x in x64)))]
                     own = max(own, *(float((r.double() - e).abs().max()) for r, e in zip(refs, exact)))
                 # A model that hard-codes float32 somewhere (a buffer made in forward) cannot run in
                 # float64: no reference, the magnitude rule applies.
                 except Exception:
                     model64, own = None, None
             try:
-                outs = [torch.from_numpy(o) for o in session.run(None, {feed: x.numpy()})]
+                outs = [torch.from_numpy(o) for o in session.run(None, {f: x.numpy() for f, x in zip(feeds, xs)})]
             except (OrtFail, OrtInvalidArgument) as exc:
                 raise AugLocalError(f"onnxruntime cannot run the exported graph at batch {b} "
                                     f"({_exporter_message(exc)})") from exc

@@ -4,7 +4,6 @@ The per-block backward itself is ``blockwise.blockwise_step``."""
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import torch
@@ -18,7 +17,7 @@ from .errors import AugLocalError
 from .plan import Plan
 from .rules import IMAGENET_MEAN, IMAGENET_STD, AuxContext, get_rule
 from .shapecheck import check_units
-from .trace import specialised_args
+from .trace import positional_names, specialised_args
 
 __all__ = ["AugLocalNet", "unique_parameters"]
 
@@ -45,37 +44,67 @@ class AugLocalNet(nn.Module):
         self.plan = plan
         self.recompute = plan.config.recompute  # what each unit recomputes in its backward (recompute.py)
         self.options = dict(options)
-        self._sizes_checked = {tuple(plan.config.input_size)}  # input sizes the units are known to run at
+        # per-sample shapes of the inputs the units are known to run at
+        self._sizes_checked = {tuple(size for size, _ in plan.config.input_specs())}
         self._image_stats = _model_image_stats(model, plan.config.input_size[0] if plan.config.input_size else 0)
         # the rule's local loss per aux net (parameter-free: no state-dict keys); empty when the
         # aux nets' outputs are logits for the step's loss_fn
         self.aux_losses = nn.ModuleList(_build_losses(plan, head, *self._image_stats) if aux else [])
 
     # -- inference -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The model's logits for ``x``. The model's other forward arguments were fixed at
-        conversion; passing one with another value is an ``AugLocalError``."""
+    def forward(self, *inputs, **kwargs) -> torch.Tensor:
+        """The model's logits for its input ``x`` (``net(x)``), or for its several inputs
+        (``net(ids, mask)``, when it was converted with ``example_inputs=(ids, mask)``). The model's
+        other forward arguments were fixed at conversion; passing one with another value is an
+        ``AugLocalError``."""
+        h, args, kwargs = self._split_inputs(inputs, kwargs)
         if args or kwargs:
             self._check_fixed_args(args, kwargs)
-        h, last = x, len(self.blocks) - 1
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             h = call(block, h)
             if self.training and i < last:
                 h = detach(h)
         return call(self.head, h)
 
-    def head_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def head_outputs(self, x) -> list[torch.Tensor]:
         """Logits of every aux head, then of the model's head: ``[aux_0, ..., aux_{M-2}, final]``.
 
-        One pass through the blocks; used to report each local module's test accuracy.
+        One pass through the blocks; used to report each local module's test accuracy. ``x``: the
+        input, or a tuple of the model's inputs.
         """
-        outs, h = [], x
+        outs, h = [], self._as_bundle(x)
         for i, block in enumerate(self.blocks):
             h = call(block, h)
             if i < len(self.aux):
                 out = call(self.aux[i], h)
                 outs.append(self.aux_losses[i].logits(out) if self.aux_losses else out)
         return outs + [call(self.head, h)]
+
+    def _split_inputs(self, inputs: tuple, kwargs: dict):
+        """``(the model's inputs as the first block takes them, further positional arguments,
+        keyword arguments)``; an input may be passed by its forward's name (``mask=...``)."""
+        n = self.plan.config.inputs
+        if len(inputs) < n:
+            names = positional_names(self.model)[len(inputs):n]
+            if kwargs and all(name in kwargs for name in names):
+                kwargs = dict(kwargs)
+                inputs = (*inputs, *(kwargs.pop(name) for name in names))
+            else:
+                raise AugLocalError(f"net(...) got {len(inputs)} input(s); {type(self.model).__name__} was converted "
+                                    f"with {n} ({', '.join(positional_names(self.model)[:n])}): pass all of them")
+        xs = inputs[:n]
+        return (xs[0] if n == 1 else tuple(xs)), inputs[n:], kwargs
+
+    def _as_bundle(self, x):
+        """A training or evaluation batch's input as the first block takes it: the tensor, or the
+        tuple of the model's inputs, checked against how many it was converted with."""
+        n = self.plan.config.inputs
+        got = len(x) if isinstance(x, tuple | list) else 1
+        if got != n:
+            raise AugLocalError(f"{type(self.model).__name__} was converted with {n} input(s) and got {got}: pass "
+                                + ("one tensor" if n == 1 else f"a tuple of {n} tensors ({', '.join(positional_names(self.model)[:n])})"))
+        return tuple(x) if n > 1 else (x[0] if isinstance(x, tuple | list) else x)
 
     # -- the input's normalisation -------------------------------------------------------------
     @property
@@ -100,13 +129,12 @@ class AugLocalNet(nn.Module):
 
     def _check_fixed_args(self, args: tuple, kwargs: dict) -> None:
         """Accept arguments after the input only at the values they were fixed to at conversion."""
-        model = type(self.model).__name__
-        params = list(inspect.signature(self.model.forward).parameters.values())[1:]
-        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        model, n = type(self.model).__name__, self.plan.config.inputs
+        names = positional_names(self.model)[n:]
         if len(args) > len(names):
-            raise AugLocalError(f"net(x, ...) got {len(args) + 1} positional arguments but {model}.forward "
-                                f"takes {len(names) + 1}; pass the input only")
-        fixed = specialised_args(self.model)
+            raise AugLocalError(f"net(x, ...) got {len(args) + n} positional arguments but {model}.forward "
+                                f"takes {len(names) + n}; pass the input{'s' if n > 1 else ''} only")
+        fixed = specialised_args(self.model, n)
         for name, value in {**dict(zip(names, args)), **kwargs}.items():
             if name not in fixed:
                 raise AugLocalError(f"net(x, {name}=...): {model}.forward has no argument {name!r}; "
@@ -132,11 +160,14 @@ class AugLocalNet(nn.Module):
         return [LocalUnit(block, top, self.recompute, loss)
                 for block, top, loss in zip(self.blocks, tops, [*losses, None])]
 
-    def training_step(self, x: torch.Tensor, target: torch.Tensor, loss_fn=None,
+    def training_step(self, x: torch.Tensor | tuple, target: torch.Tensor, loss_fn=None,
                       autocast_dtype: torch.dtype | None = None, units=None,
                       scaler: torch.amp.GradScaler | None = None,
                       optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
+
+        ``x`` is the input batch, or for a model converted with several inputs the tuple of them
+        (``(ids, mask)``).
 
         ``loss_fn(logits, target)`` defaults to cross-entropy and serves every local loss too, or,
         where the rule brings its own local loss (``infopro``, ``predsim``), is handed to it.
@@ -149,17 +180,20 @@ class AugLocalNet(nn.Module):
         after the step for per-parameter optimizers (SGD, Adam, AdamW), and you then call only your
         scheduler.
         """
-        self._check_size(tuple(x.shape[1:]))
+        h = self._as_bundle(x)
+        self._check_size(h)
         units = self.local_units() if units is None else units
-        return blockwise_step(units, x, target, loss_fn, autocast_dtype, scaler, optimizer)
+        image = h[0] if isinstance(h, tuple) else None  # what a rule's loss compares with
+        return blockwise_step(units, h, target, loss_fn, autocast_dtype, scaler, optimizer, image=image)
 
-    def _check_size(self, size: tuple) -> None:
+    def _check_size(self, h) -> None:
         """Before the first step at an input size other than the plan's, run every unit on fake
         tensors at that size: it either works (adapters scale as the backbone does) or fails now in
         one line naming the planned size, not with a RuntimeError inside some aux net."""
-        if size not in self._sizes_checked:
-            check_units(self, size, dtype=self.plan.config.input_dtype)
-            self._sizes_checked.add(size)
+        sizes = tuple(tuple(x.shape[1:]) for x in (h if isinstance(h, tuple) else (h,)))
+        if sizes not in self._sizes_checked:
+            check_units(self, sizes)
+            self._sizes_checked.add(sizes)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:

@@ -102,6 +102,19 @@ class PlanConfig:
     aux_head: str = "auto"  # what aux nets end with: "copy" (the head), "light", "auto" (light_head.py)
     input_dtype: str = "float32"  # the model's input: "float32" images, "int64" token ids, ...
     input_layout: str = ""  # the input's measured layout ("nchw", "ncl", "nl" for token ids, ...)
+    # the model's inputs after the first (example_inputs=(ids, mask)): per input {"size": per-sample
+    # shape, "dtype": "int64", "layout": "nl"}; empty for a model of one input
+    extra_inputs: list[dict] = field(default_factory=list)
+
+    @property
+    def inputs(self) -> int:
+        """How many tensors the model takes (its forward's first arguments)."""
+        return 1 + len(self.extra_inputs)
+
+    def input_specs(self, size=None) -> list[tuple[tuple[int, ...], str]]:
+        """``(per-sample shape, dtype)`` of every input; ``size`` replaces the first input's."""
+        first = (tuple(size if size is not None else self.input_size), self.input_dtype)
+        return [first, *((tuple(x["size"]), x["dtype"]) for x in self.extra_inputs)]
 
 
 @dataclass

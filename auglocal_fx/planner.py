@@ -19,7 +19,16 @@ from torch import nn
 
 from .aux_precision import check_aux_dtype
 from .axes import Axes, measure_axes
-from .cuts import MAX_BUNDLE, activation_nodes, cut_points, is_none, is_tensor, live_sets, shape_read
+from .cuts import (
+    MAX_BUNDLE,
+    activation_nodes,
+    cut_points,
+    input_nodes,
+    is_none,
+    is_tensor,
+    live_sets,
+    shape_read,
+)
 from .errors import AugLocalError
 from .fingerprint import plan_fingerprint
 from .footprint import unit_bytes
@@ -55,6 +64,7 @@ class Analysis:
     output_notes: list[str] = dataclasses.field(default_factory=list)  # which output was picked by default
     axes: Axes = dataclasses.field(default_factory=Axes)  # every crossing tensor's measured layout (axes.py)
     input_dtype: str = "float32"  # what the model takes: float images, int64 token ids, ...
+    extra_inputs: list[dict] = dataclasses.field(default_factory=list)  # PlanConfig.extra_inputs
 
     @property
     def widest_cut(self) -> int:
@@ -106,48 +116,57 @@ def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDL
     A cut may hand on up to ``max_bundle`` tensors (1: single-tensor cuts only). ``layers``
     (module-path globs) names the layers instead of the automatic grouping; ``output`` picks one
     of a model's several outputs (``trace.select_output``). ``example_inputs`` (a tensor with its
-    batch axis, or a tuple holding one) replaces ``input_size`` for inputs that are not float
-    images: token ids, other dtypes."""
-    example = check_example_inputs(example_inputs, input_size)
-    if example is None:
+    batch axis, or a tuple of the model's inputs: token ids and an attention mask) replaces
+    ``input_size`` for inputs that are not one float image: token ids, other dtypes, several inputs."""
+    examples = check_example_inputs(example_inputs, input_size)
+    if examples is None:
         size = check_input_size(input_size if input_size is not None else default_input_size(model))
-        example = torch.randn(1, *size)
-    size = tuple(example.shape[1:])
+        examples = (torch.randn(1, *size),)
     if not isinstance(max_bundle, int) or isinstance(max_bundle, bool) or max_bundle < 1:
         raise AugLocalError.bad_value("max_bundle", max_bundle, "is not an integer >= 1")
     with eval_mode(model):
-        gm = trace(model, output)
-        profile_graph(gm, example)
+        gm = trace(model, output, inputs=len(examples))
+        profile_graph(gm, examples)
     act = activation_nodes(gm.graph)
     live = live_sets(gm.graph, act)
     cuts = cut_points(gm.graph, act, max_bundle, live)
     spans, head, notes = find_layers(gm, model, act, cuts, live, patterns=layers)
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    crossing = {placeholder} | {t for span in spans for t in live.get(span.boundary, ()) if is_tensor(t)}
+    entries = input_nodes(gm.graph)
+    crossing = set(entries) | {t for span in spans for t in live.get(span.boundary, ()) if is_tensor(t)}
     with eval_mode(model):
-        axes = measure_axes(gm, example, [n for n in gm.graph.nodes if n in crossing])
-    return Analysis(gm, act, cuts, live, spans, head, size, notes, max_bundle, gm.meta["output"],
-                    [gm.meta["output_note"]] if gm.meta["output_note"] else [], axes,
-                    str(example.dtype).removeprefix("torch."))
+        axes = measure_axes(gm, examples, [n for n in gm.graph.nodes if n in crossing])
+    extra = [{"size": list(x.shape[1:]), "dtype": _dtype(x), "layout": axes.of(p)}
+             for x, p in zip(examples[1:], entries[1:])]
+    return Analysis(gm, act, cuts, live, spans, head, tuple(examples[0].shape[1:]), notes, max_bundle,
+                    gm.meta["output"], [gm.meta["output_note"]] if gm.meta["output_note"] else [], axes,
+                    _dtype(examples[0]), extra)
 
 
-def check_example_inputs(example_inputs, input_size=None) -> torch.Tensor | None:
-    """The one input tensor (batch first) ``example_inputs`` holds, or None when not given."""
+def _dtype(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+def check_example_inputs(example_inputs, input_size=None) -> tuple[torch.Tensor, ...] | None:
+    """The model's inputs (each batch first, cut to one sample) ``example_inputs`` holds: one
+    tensor, or a tuple of them in forward's order; None when not given."""
     if example_inputs is None:
         return None
     if input_size is not None:
         raise AugLocalError("pass either input_size= or example_inputs=, not both: example_inputs fixes the size")
-    if isinstance(example_inputs, tuple | list):
-        if len(example_inputs) != 1:
-            raise AugLocalError.bad_value(
-                "example_inputs", f"a tuple of {len(example_inputs)}", "holds several inputs, and a model converts "
-                "with one input tensor; wrap the model so its forward takes one tensor (others as buffers or defaults)")
-        example_inputs = example_inputs[0]
-    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
-        raise AugLocalError.bad_value("example_inputs", type(example_inputs).__name__,
-                                      "is not a tensor with a batch axis; give e.g. torch.zeros(1, 128, dtype=torch.long)")
-    check_input_size(example_inputs.shape[1:])
-    return example_inputs[:1].detach().cpu()
+    inputs = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    if not inputs:
+        raise AugLocalError.bad_value("example_inputs", "an empty tuple", "holds no input; give the model's "
+                                      "input tensor(s), e.g. torch.zeros(1, 128, dtype=torch.long)")
+    for i, x in enumerate(inputs):
+        what = "example_inputs" if len(inputs) == 1 else f"example_inputs[{i}]"
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise AugLocalError.bad_value(what, type(x).__name__, "is not a tensor with a batch axis; "
+                                          "give e.g. torch.zeros(1, 128, dtype=torch.long)")
+        if x.shape[0] != inputs[0].shape[0]:
+            raise AugLocalError.bad_value(what, f"a batch of {x.shape[0]}", f"differs from the first input's "
+                                          f"batch of {inputs[0].shape[0]}; give every input the same batch")
+        check_input_size(x.shape[1:])
+    return tuple(x[:1].detach().cpu() for x in inputs)
 
 
 def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) -> LayerInfo:
@@ -200,7 +219,7 @@ def _kind(n: fx.Node) -> str:
 def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
     """Figures of every layer and of the head, in order (parameters shared by two count once)."""
     seen: set[int] = set()
-    prev = next(n for n in a.gm.graph.nodes if n.op == "placeholder")
+    prev = input_nodes(a.gm.graph)[0]
     infos = []
     for span in a.layers:
         infos.append(_layer_info(a, span, prev, seen))
@@ -328,8 +347,9 @@ def build_plan(
     such as ``["stem", "blocks.*"]``) names the layers when the automatic grouping gets them wrong.
     ``batch`` is the batch size the memory estimate assumes, and ``balance="memory"`` minimises
     the step's peak at (``footprint.estimate_footprint``), for the net's ``recompute`` and
-    ``aux_dtype`` (``AugLocalNet``). ``example_inputs`` (a tensor, batch first) plans a model whose
-    input is not a float image: token ids, other dtypes. ``aux_head`` says whether aux nets end with a copy of the
+    ``aux_dtype`` (``AugLocalNet``). ``example_inputs`` (a tensor, batch first, or a tuple of the
+    model's inputs) plans a model whose input is not one float image: token ids, other dtypes,
+    token ids and their attention mask. ``aux_head`` says whether aux nets end with a copy of the
     model's head or a light head (``light_head.wants_light_head``).
 
     Example:
@@ -370,15 +390,12 @@ def build_plan(
                         tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
                         max_bundle=a.max_bundle, layers=patterns, output=a.output, batch=batch,
                         recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head,
-                        input_dtype=a.input_dtype, input_layout=a.axes.of(_input_node(a)))
+                        input_dtype=a.input_dtype, input_layout=a.axes.of(input_nodes(a.gm.graph)[0]),
+                        extra_inputs=[dict(x) for x in a.extra_inputs])
     notes = a.output_notes + _granularity_notes(name, model, a)
     plan = Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
     plan.fingerprint = plan_fingerprint(model, plan)  # to_auglocal(other_model, plan=plan) is refused
     return plan
-
-
-def _input_node(a: Analysis) -> fx.Node:
-    return next(n for n in a.gm.graph.nodes if n.op == "placeholder")
 
 
 def _granularity_notes(name: str, model: nn.Module, a: Analysis) -> list[str]:

@@ -61,8 +61,9 @@ class _Profiler(ShapeProp):
         return out
 
 
-def profile_graph(gm: fx.GraphModule, example: torch.Tensor, fake: bool = True):
-    """Run ``gm`` on ``example`` with gradients enabled, annotating every node's meta.
+def profile_graph(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor, ...], fake: bool = True):
+    """Run ``gm`` on ``example`` (the input, or a tuple of the model's inputs) with gradients
+    enabled, annotating every node's meta.
 
     With ``fake`` (the default) the run happens on fake tensors (``FakeTensorMode``): shapes,
     FLOPs and saved-for-backward bytes come out the same as from real tensors, but nothing is
@@ -72,30 +73,31 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor, fake: bool = True):
     statistics are not updated.
     """
     profiler = _Profiler(gm)
+    examples = example if isinstance(example, tuple) else (example,)
     if fake:
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode, fake_state(gm, mode) as resident:
                 profiler.resident = resident
-                return _run(profiler, mode.from_tensor(example))
+                return _run(profiler, *(mode.from_tensor(x) for x in examples))
         except RuntimeError:  # what ShapeProp raises for any failing node: the real run reports it
             pass
     profiler.resident = {storage_key(t) for t in (*gm.parameters(), *gm.buffers())}
     try:
-        return _run(profiler, example)
+        return _run(profiler, *examples)
     except RuntimeError as exc:
         n, cause = profiler.current, exc.__cause__ or exc
         what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
-        size = tuple(example.shape[1:])
+        size = tuple(examples[0].shape[1:])
         raise AugLocalError(f"running node '{n.name}' ({n.op} {what}) on an input of size {size} failed: "
                             f"{first_line(cause)}; check input_size={size}", param="input_size") from exc
 
 
-def _run(profiler: _Profiler, example: torch.Tensor):
+def _run(profiler: _Profiler, *examples: torch.Tensor):
     """``profiler.run`` with gradients on. ShapeProp prints a traceback for a failing node before
     it re-raises, and we report failures in one line: stderr is held back and replayed on success."""
     held = io.StringIO()
     with torch.enable_grad(), contextlib.redirect_stderr(held):
-        out = profiler.run(example)
+        out = profiler.run(*examples)
     sys.stderr.write(held.getvalue())
     return out
 

@@ -19,26 +19,29 @@ from .modes import eval_mode
 __all__ = ["check_units"]
 
 
-def check_units(net: nn.Module, input_size, batch: int = 2, dtype: str = "float32") -> None:
-    """Raise a one-line ``AugLocalError`` naming the first unit whose forward fails on an input of
-    per-sample shape ``input_size``, or (at the planned size) whose logits differ in shape from the
-    model's head's. Runs on fake tensors; a model with an op fake tensors cannot run (no meta
-    kernel, data-dependent shapes) is run for real instead, at batch ``batch``, without gradients.
-    ``dtype``: the input's (``PlanConfig.input_dtype``: token ids are "int64")."""
-    size = tuple(input_size)
-    example = torch.zeros(batch, *size, dtype=getattr(torch, dtype))
+def check_units(net: nn.Module, sizes=None, batch: int = 2) -> None:
+    """Raise a one-line ``AugLocalError`` naming the first unit whose forward fails on inputs of
+    per-sample shapes ``sizes`` (one per model input; default: the planned ones), or (at the
+    planned size) whose logits differ in shape from the model's head's. Runs on fake tensors; a
+    model with an op fake tensors cannot run (no meta kernel, data-dependent shapes) is run for
+    real instead, at batch ``batch``, without gradients. Each input has its planned dtype
+    (``PlanConfig.input_specs``: token ids are "int64")."""
+    specs = net.plan.config.input_specs()
+    sizes = [s for s, _ in specs] if sizes is None else [tuple(s) for s in sizes]
+    examples = tuple(torch.zeros(batch, *s, dtype=getattr(torch, d)) for s, (_, d) in zip(sizes, specs))
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-            _run_units(net, fake.from_tensor(example), size)
+            _run_units(net, tuple(fake.from_tensor(x) for x in examples), sizes[0])
         return
     except AugLocalError:
         pass  # a shape problem, or an op fake tensors cannot run: the real run tells which
-    _run_units(net, example, size)
+    _run_units(net, examples, sizes[0])
 
 
-def _run_units(net: nn.Module, h: torch.Tensor, size: tuple) -> None:
+def _run_units(net: nn.Module, xs: tuple[torch.Tensor, ...], size: tuple) -> None:
+    h = xs[0] if len(xs) == 1 else xs
     planned = tuple(net.plan.config.input_size)
-    want = (h.shape[0], *net.plan.head.out_shape)  # what the model's head gives (a dense map for a U-Net)
+    want = (xs[0].shape[0], *net.plan.head.out_shape)  # what the model's head gives (a dense map for a U-Net)
     units = net.local_units()
     with eval_mode(net), torch.no_grad():
         for i, unit in enumerate(units):

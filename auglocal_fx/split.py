@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .cuts import activation_nodes, live_sets
+from .cuts import activation_nodes, input_nodes, live_sets
 from .errors import AugLocalError
 
 __all__ = ["split_graph"]
@@ -46,10 +46,10 @@ def split_graph(gm: fx.GraphModule, boundaries: list[str]) -> list[fx.GraphModul
     if not_act:
         raise AugLocalError(f"cut node(s) {', '.join(not_act)} do not depend on the input; "
                             "a cut follows an activation")
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    side_inputs = placeholders[1:]
+    inputs = tuple(input_nodes(graph))  # the first piece takes the model's inputs
+    side_inputs = [n for n in nodes if n.op == "placeholder" and n not in inputs]
     ends = [index[c] for c in cuts] + [len(nodes) - 1]
-    pieces, start, inputs = [], 0, (placeholders[0],)
+    pieces, start = [], 0
     for piece_no, (end, cut) in enumerate(zip(ends, cuts + [None])):
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}

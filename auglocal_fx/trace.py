@@ -2,9 +2,11 @@
 
 timm marks modules and functions that fx cannot trace through (dynamic shapes, data-dependent
 control flow); we keep them as leaves with torchvision's ``LeafModuleAwareTracer``, exactly as
-timm's own feature extractor does. Forward arguments other than the input that have defaults (a
-ViT's ``attn_mask``, ``is_causal``) are specialised to their defaults, so they never appear as
-extra live values that would hide a cut.
+timm's own feature extractor does. The model's inputs are its first ``inputs`` forward arguments
+(one: an image or token batch; more: token ids and an attention mask, an image and a metadata
+vector); their placeholders are marked ``meta["model_input"]``. Forward arguments after them that
+have defaults (a ViT's ``attn_mask``, ``is_causal``) are specialised to their defaults, so they
+never appear as extra live values that would hide a cut.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrac
 from torch import nn
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
+from .cuts import MODEL_INPUT
 from .errors import AugLocalError, first_line
 
-__all__ = ["Tracer", "make_tracer", "select_output", "trace", "specialised_args"]
+__all__ = ["Tracer", "make_tracer", "select_output", "trace", "specialised_args", "positional_names"]
 
 # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
 # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As leaves
@@ -97,14 +100,26 @@ def make_tracer() -> Tracer:
     return Tracer(leaf_modules=leaves, autowrap_functions=functions)
 
 
-def specialised_args(model: nn.Module) -> dict:
-    """Defaults of every forward argument after the first, to pass as fx ``concrete_args``.
+def positional_names(model: nn.Module) -> list[str]:
+    """The names of ``model.forward``'s positional arguments, in order."""
+    params = inspect.signature(model.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
-    Raises AugLocalError if the forward needs a second argument that has no default.
+
+def specialised_args(model: nn.Module, inputs: int = 1) -> dict:
+    """Defaults of every forward argument after the first ``inputs``, to pass as fx ``concrete_args``.
+
+    Raises AugLocalError if the forward needs another argument that has no default, or takes
+    fewer than ``inputs`` positional arguments.
     """
     params = list(inspect.signature(model.forward).parameters.values())
+    positional = positional_names(model)
+    if len(positional) < inputs:
+        raise AugLocalError(
+            f"{type(model).__name__}.forward takes {len(positional)} positional argument(s), not the "
+            f"{inputs} inputs example_inputs holds; give as many example inputs as forward takes tensors")
     concrete = {}
-    for p in params[1:]:
+    for p in params[inputs:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if isinstance(p.default, torch.Tensor):  # fx cannot make a constant of it (NameError deep inside)
@@ -113,14 +128,15 @@ def specialised_args(model: nn.Module) -> dict:
                 "the forward reads instead, or give it a default of None")
         if p.default is inspect.Parameter.empty:
             raise AugLocalError(
-                f"{type(model).__name__}.forward needs argument {p.name!r} besides the input; "
-                "give it a default or wrap the model so forward takes one tensor")
+                f"{type(model).__name__}.forward needs argument {p.name!r} besides the input; give it a "
+                f"default, or pass it as an input too: example_inputs=(x, {p.name})")
         concrete[p.name] = p.default
     return concrete
 
 
-def trace(model: nn.Module, output: str | int | None = None) -> fx.GraphModule:
-    """Symbolically trace ``model`` in its current train/eval mode.
+def trace(model: nn.Module, output: str | int | None = None, inputs: int = 1) -> fx.GraphModule:
+    """Symbolically trace ``model`` in its current train/eval mode, taking its first ``inputs``
+    forward arguments as inputs (``input_nodes``) and specialising the rest.
 
     The returned GraphModule shares every parameter and buffer with ``model``. A model returning
     several values (a dict, a tuple, a dataclass) gets the one ``output`` names (a key, an index or
@@ -133,11 +149,13 @@ def trace(model: nn.Module, output: str | int | None = None) -> fx.GraphModule:
         True
     """
     tracer = make_tracer()
-    concrete = specialised_args(model)
+    concrete = specialised_args(model, inputs)
     try:
         graph = tracer.trace(model, concrete_args=concrete)
     except _TRACE_ERRORS as exc:  # the user needs the module at fault, and the fix that applies to it
         raise _untraceable(model, tracer, exc) from exc
+    for p in [n for n in graph.nodes if n.op == "placeholder"][:inputs]:
+        p.meta[MODEL_INPUT] = True
     _check_aux_logits(model)
     chosen, note = select_output(graph, output, type(model).__name__)
     _drop_unused_unpacking(graph)

@@ -15,6 +15,7 @@ from torch import nn
 
 __all__ = ["BasicBlock", "ResNet", "cifar_resnet", "small_resnet", "RootResidualNet", "PlainCNN", "TokenMLP",
            "M5", "ShuffleNet", "Video3d", "NHWCConvNet", "VectorMLP", "TinyGPT",
+           "MaskedTextClassifier", "ImageWithMetadata",
            "CSPNet", "DenseNet", "ClassTokenNet", "UNet", "ShapeReadNet"]
 
 
@@ -489,3 +490,61 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+class MaskedBlock(nn.Module):
+    """A pre-norm encoder block whose attention skips padding: ``mask`` (N, T) is True at tokens."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class MaskedTextClassifier(nn.Module):
+    """A BERT-shaped classifier of two inputs, as Hugging Face models take them: token ids (N, T) and
+    an attention mask (N, T), True at tokens and False at padding; mean over the tokens, a linear head."""
+
+    def __init__(self, vocab: int = 64, max_len: int = 32, dim: int = 32, heads: int = 4, depth: int = 4,
+                 classes: int = 5):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList(MaskedBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids, mask):
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x, mask)
+        keep = mask.unsqueeze(-1).to(x.dtype)
+        return self.head((self.norm(x) * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+class ImageWithMetadata(nn.Module):
+    """An image (N, 3, H, W) and a metadata vector per sample (N, M): age, site, scanner. A small
+    conv net on the image; its pooled features meet the embedded metadata at the classifier."""
+
+    def __init__(self, meta: int = 6, width: int = 16, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stages = nn.Sequential(*(nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                                    nn.BatchNorm2d(width), nn.ReLU()) for _ in range(4)))
+        self.embed_meta = nn.Sequential(nn.Linear(meta, width), nn.ReLU())
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, image, meta):
+        x = self.stages(self.stem(image)).mean((2, 3))
+        return self.fc(torch.cat([x, self.embed_meta(meta)], 1))

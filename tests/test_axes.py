@@ -164,7 +164,8 @@ def test_a_causal_lm_converts_per_block_trains_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"example_inputs": (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8))}, "several inputs"),
+    ({"example_inputs": (torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8))}, "takes 1 positional"),
+    ({"example_inputs": ()}, "holds no input"),
     ({"example_inputs": torch.zeros(1, 8, dtype=torch.long), "input_size": (8,)}, "not both"),
     ({"example_inputs": torch.zeros(8, dtype=torch.long)}, "batch axis"),
 ])
