@@ -16,7 +16,7 @@ from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
 from auglocal_fx.cli.convert import main as convert_main
 from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
-from auglocal_fx.export import OPSETS, export_onnx, save_backbone_state
+from auglocal_fx.export import FLOAT32_REFERENCE_ERROR, OPSETS, export_onnx, save_backbone_state
 
 from handwritten import cifar_resnet
 
@@ -321,7 +321,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
 @pytest.mark.slow
 def test_mobileone_s4_after_a_step_passes_on_its_float32_error(tmp_path):
     """The case of issue 16 (15 to 50 s): random init, one SGD step through the AugLocal net at 64 px.
-    Its float32 output misses float64's by ~1e3 on logits of ~5e4 in PyTorch and onnxruntime alike."""
+    Its float32 output misses float64's by units on logits of ~5e4, in PyTorch and onnxruntime alike
+    (how far depends on the random draw: 3.7 now, ~1e3 when the issue was filed)."""
     torch.manual_seed(0)
     model = timm.create_model("mobileone_s4", num_classes=10)
     net = to_auglocal(model, 4, input_size=(3, 64, 64))
@@ -329,5 +330,6 @@ def test_mobileone_s4_after_a_step_passes_on_its_float32_error(tmp_path):
     net.train().training_step(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
     opt.step()
     report = export_onnx(net, tmp_path / "m.onnx")
-    assert report.max_abs_diff > 1e-4 * max(1.0, report.output_scale)  # what the old rule refused
+    assert report.float32_error > 1e5 * FLOAT32_REFERENCE_ERROR  # float32 itself is far off here
+    assert report.max_abs_diff > 1e-4  # so a fixed tolerance would refuse the file
     assert report.max_abs_diff < 20 * report.float32_error
