@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# the slow tier (torchrun pipelines, a benchmark run, ill-conditioned exports; about 5 minutes on 2 cores)
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m slow -p no:logging
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check auglocal_fx tests tools
