@@ -330,6 +330,6 @@ def test_mobileone_s4_after_a_step_passes_on_its_float32_error(tmp_path):
     net.train().training_step(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
     opt.step()
     report = export_onnx(net, tmp_path / "m.onnx")
-    assert report.float32_error > 1e5 * FLOAT32_REFERENCE_ERROR  # float32 itself is far off here
-    assert report.max_abs_diff > 1e-4  # so a fixed tolerance would refuse the file
+    # the premise, with a wide margin on any machine's kernels: float32 itself is far off here
+    assert report.float32_error > 1e5 * FLOAT32_REFERENCE_ERROR
     assert report.max_abs_diff < 20 * report.float32_error
