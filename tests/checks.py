@@ -1,4 +1,4 @@
-"""Invariant checks shared by the tests (DESIGN.md §4)."""
+"""Invariant checks shared by the tests: eval parity, gradient isolation."""
 
 from __future__ import annotations
 

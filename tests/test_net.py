@@ -199,10 +199,20 @@ def test_train_only_branch_keeps_eval_parity_with_separate_train_graph():
 
 
 def test_bf16_autocast_step():
+    """The step runs its forward passes in bfloat16 (the logits come out so) and its losses are the
+    float32 step's to bfloat16's precision; every gradient is finite."""
     _, net = _net("hand_resnet")
     x, y = _batch(net)
+    state = copy.deepcopy(net.state_dict())
+    want = net.train().training_step(x, y)
+    net.load_state_dict(state)
+    net.zero_grad(set_to_none=True)
     out = net.train().training_step(x, y, autocast_dtype=torch.bfloat16)
-    assert all(v == v for v in out.local_losses) and out.loss == out.loss
+    assert out.logits.dtype == torch.bfloat16 and want.logits.dtype == torch.float32
+    got, ref = [*out.local_losses, out.loss], [*want.local_losses, want.loss]
+    assert got != ref  # it did run in bfloat16
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=5e-2, atol=5e-2)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", ["hand_resnet", "vit_tiny_patch16_224"])

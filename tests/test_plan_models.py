@@ -301,7 +301,7 @@ def test_bad_options_raise(resnet50, kw, match):
 
 
 # -- the paper's CIFAR ResNets through the whole pipeline -------------------------------------------
-# DESIGN.md §2 reference values (also pinned on the bare recipe functions in test_recipe.py)
+# reference values of the method's rules (README "How it works"; pinned on the bare functions in test_selection.py)
 RESNET32_D2 = [[8, 15], [8, 15], [8, 15], [9, 15], [10, 15], [10, 15], [10, 15], [11, 15], [12, 15],
                [12, 15], [12, 15], [13, 15], [14, 15]]
 RESNET32_D3 = [[5, 10, 15], [6, 10, 15], [6, 11, 15], [7, 11, 15], [8, 11, 15], [8, 12, 15], [10, 15],

@@ -1,4 +1,5 @@
-"""Aux recipes: uniform selection, pyramidal depth and the reference tail, against DESIGN.md §2."""
+"""Aux recipes: uniform selection, pyramidal depth and the reference tail, against the rules as the
+README states them ("How it works") and the AugLocal authors' code computes them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def reference_recipes(num_layers: int, k: int, depth: int, tau: float = 0.5):
     return blocks, depths, selections
 
 
-# -- reference values (DESIGN.md §2) -------------------------------------------------------------
+# -- reference values (the rules in README "How it works") ------------------------------------------
 RESNET32_D2 = [[8, 15], [8, 15], [8, 15], [9, 15], [10, 15], [10, 15], [10, 15], [11, 15], [12, 15],
                [12, 15], [12, 15], [13, 15], [14, 15]]
 RESNET32_D3 = [[5, 10, 15], [6, 10, 15], [6, 11, 15], [7, 11, 15], [8, 11, 15], [8, 12, 15], [10, 15],
