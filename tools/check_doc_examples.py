@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,31 +95,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="Markdown files (default: README.md and docs/**/*.md)")
     ap.add_argument("--list", action="store_true", help="list the blocks, run or skipped, and run nothing")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="files run at once")
     args = ap.parse_args(argv)
     files = [p.resolve() for p in args.files] or default_files()
-    failed, ran, skipped = [], 0, []
+    failed, ran, skipped, todo = [], 0, [], {}
     for path in files:
-        blocks = blocks_of(path)
-        if not blocks:
-            continue
         rel = path.relative_to(ROOT)
-        for b in blocks:
+        for b in blocks_of(path):
             if b.skip:
                 skipped.append(b)
                 print(f"skip {rel}:{b.line}: {b.skip}")
-            elif args.list:
-                print(f"run  {rel}:{b.line}")
-        todo = [b for b in blocks if not b.skip]
-        if args.list or not todo:
-            continue
-        ok, log, seconds = run_file(path, todo)
-        ran += len(todo)
-        print(f"{'ok  ' if ok else 'FAIL'} {rel}: {len(todo)} block(s), {seconds:.1f} s")
-        if not ok:
-            failed.append(rel)
-            print(log.rstrip())
+            else:
+                todo.setdefault(path, []).append(b)
+                if args.list:
+                    print(f"run  {rel}:{b.line}")
     if args.list:
         return 0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = pool.map(lambda item: run_file(*item), todo.items())
+        for (path, blocks), (ok, log, seconds) in zip(todo.items(), results):
+            rel = path.relative_to(ROOT)
+            ran += len(blocks)
+            print(f"{'ok  ' if ok else 'FAIL'} {rel}: {len(blocks)} block(s), {seconds:.1f} s", flush=True)
+            if not ok:
+                failed.append(rel)
+                print(log.rstrip())
+    print(f"check_doc_examples: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(f"check_doc_examples: {ran} block(s) run, {len(skipped)} skipped, {len(failed)} file(s) failing"
           + (f": {', '.join(map(str, failed))}" if failed else ""))
     return 1 if failed else 0
