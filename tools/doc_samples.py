@@ -61,6 +61,9 @@ SAMPLES_LIST = [
     # docs/guide/convert.md: the note for a model that splits coarsely
     Sample("note_densenet121", "auglocal-convert --model densenet121 --blocks 4 --max-bundle 1 --input-size 3 64 64",
            stream="stderr"),
+    # docs/guide/convert.md: layers found (L) against the repeated blocks of the module tree (U)
+    Sample("granularity", "python tools/granularity.py poolformerv2_s12 maxvit_tiny_rw_224 gcvit_xxtiny cspresnet50 "
+           "pit_s_224 densenet121", stream="stdout"),
     # docs/guide/parallel.md: the split into pipeline stages
     Sample("stages_resnet50", "auglocal-convert --model resnet50 --blocks 16 --stages 4", stream="stdout", tail=12),
     # docs/guide/convert.md and reference/errors.md: user errors
@@ -149,7 +152,8 @@ def _run_all(samples: list[Sample], jobs: int) -> dict[tuple[str, str], tuple[in
                 i, key = queue.pop(0)
                 work = Path(tmp) / str(i)
                 work.mkdir()
-                (work / "recipes").symlink_to(ROOT / "recipes")
+                for name in ("recipes", "tools"):
+                    (work / name).symlink_to(ROOT / name)
                 shutil.copy(ROOT / "recipes" / "fashion_mnist_auglocal.yaml", work / "recipe.yaml")
                 start(key, work, setup=bool(key[0]))
             pid, status = os.wait()
