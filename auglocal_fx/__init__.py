@@ -17,13 +17,14 @@ from .compiler import load_auglocal, to_auglocal
 from .errors import AugLocalError
 from .export import export_onnx, save_backbone_state
 from .net import AugLocalNet
-from .plan import Plan
+from .plan import Plan, PlanConfig
 from .planner import build_plan
 
 __all__ = [
     "AugLocalError",
     "AugLocalNet",
     "Plan",
+    "PlanConfig",
     "StepOutput",
     "build_plan",
     "export_onnx",

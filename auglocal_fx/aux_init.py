@@ -45,7 +45,7 @@ class AuxInit:
     function that initialises each aux net."""
 
     name: str
-    summary: str  # one line, for --help and the README
+    summary: str  # one line, for --help and the docs
     prepare: Callable[[nn.Module, dict | None], Init]
 
 

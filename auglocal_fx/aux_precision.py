@@ -13,17 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import AugLocalError
-
-__all__ = ["AUX_DTYPES", "check_aux_dtype", "hold_in"]
+__all__ = ["AUX_DTYPES", "hold_in"]
 
 AUX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def check_aux_dtype(value) -> str:
-    if value not in AUX_DTYPES:
-        raise AugLocalError.bad_value("aux_dtype", value, f"is not an aux dtype; choose one of {', '.join(AUX_DTYPES)}")
-    return value
 
 
 def hold_in(aux: nn.Module, name: str) -> nn.Module:

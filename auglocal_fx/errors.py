@@ -1,16 +1,15 @@
 """The one exception type a user can cause, and the one helper that turns any exception into a line.
 
 The library words its messages for Python callers (``blocks=40 ...``); a CLI or a recipe names the
-same parameter as its users know it (``--blocks 40``, ``recipe key conversion.blocks``) through
-``AugLocalError.worded``.
+same parameter as its users know it (``--blocks 40``, ``recipe key conversion.blocks =``) through
+``AugLocalError.worded``, which rebuilds the message from its parts (parameter, value, problem).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-__all__ = ["AugLocalError", "AugLocalWarning", "first_line", "reword"]
+__all__ = ["AugLocalError", "AugLocalWarning", "first_line"]
 
 
 class AugLocalError(ValueError):
@@ -23,27 +22,22 @@ class AugLocalError(ValueError):
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)
         self.param = param
+        self.value_text = self.problem = None  # set by bad_value: the parts ``worded`` rebuilds
 
     @classmethod
     def bad_value(cls, param: str, value, problem: str) -> AugLocalError:
         """``bad_value("blocks", 40, "is out of range")`` -> ``blocks=40 is out of range``."""
-        return cls(f"{param}={value!r} {problem}", param=param)
+        exc = cls(f"{param}={value!r} {problem}", param=param)
+        exc.value_text, exc.problem = repr(value), problem
+        return exc
 
     def worded(self, names: Mapping[str, str]) -> str:
-        """The message with its parameter as the caller names it: ``{"blocks": "--blocks"}`` turns
-        every ``blocks=`` in ``blocks=40 is ...`` into ``--blocks 40 is ...``. Messages about no
-        parameter, or one ``names`` lacks, come back unchanged."""
-        text = first_line(self, with_type=False)
-        if self.param is None or self.param not in names:
-            return text
-        return reword(text, {self.param: names[self.param]})
-
-
-def reword(text: str, names: Mapping[str, str]) -> str:
-    """``text`` with every ``param=`` of ``names`` written as the caller names it (``--blocks ``)."""
-    for param, name in names.items():
-        text = re.sub(rf"(?<![\w.-]){re.escape(param)}=", f"{name} ", text)
-    return text
+        """The message with its parameter as the caller names it: with ``{"blocks": "--blocks"}``,
+        ``blocks=40 is ...`` reads ``--blocks 40 is ...``. Messages about no parameter, or one
+        ``names`` lacks, come back unchanged."""
+        if self.problem is None or self.param not in names:
+            return first_line(self, with_type=False)
+        return first_line(AugLocalError(f"{names[self.param]} {self.value_text} {self.problem}"), with_type=False)
 
 
 class AugLocalWarning(UserWarning):

@@ -28,6 +28,7 @@ from torch import nn
 
 from .cuts import is_tensor
 from .errors import AugLocalError
+from .plan import check_pattern_list
 
 __all__ = ["LayerSpan", "check_patterns", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
 
@@ -82,10 +83,7 @@ def _tree_key_fn(model: nn.Module) -> Callable[[str], Hashable | None]:
 def check_patterns(model: nn.Module, patterns) -> tuple[str, ...]:
     """``patterns`` (module-path globs, e.g. ``["features.*", "classifier.1"]``) as a tuple, each
     checked to match at least one module path of ``model``."""
-    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not patterns or \
-            not all(isinstance(p, str) and p for p in patterns):
-        raise AugLocalError.bad_value("layers", patterns, "is not a list of module-path patterns, "
-                                      "e.g. ['encoder.layers.*'] (fnmatch globs over model.named_modules())")
+    check_pattern_list(patterns)
     paths = [n for n, _ in model.named_modules() if n]
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(p, pat) for p in paths):

@@ -34,18 +34,12 @@ from .errors import AugLocalError
 from .layouts import channel_axis, has_channels, kind_of, resolve_layout, spatial_axes
 from .plan import LayerInfo
 
-__all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "check_aux_head", "light_head",
+__all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "light_head",
            "light_head_info", "wants_light_head"]
 
 AUX_HEADS = ("copy", "light", "auto")
 HEAVY_HEAD_SHARE = 0.25  # auto: a head above this share of the model's parameters is not copied
 LIGHT_WIDTH = 512  # the reference's VGG aux head width
-
-
-def check_aux_head(value) -> str:
-    if value not in AUX_HEADS:
-        raise AugLocalError.bad_value("aux_head", value, f"is not an aux head policy; choose one of {', '.join(AUX_HEADS)}")
-    return value
 
 
 def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> bool:

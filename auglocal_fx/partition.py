@@ -118,7 +118,7 @@ class Balance:
     """
 
     name: str
-    summary: str  # one line, for --help and the README
+    summary: str  # one line, for --help and the docs
     layer_cost: Callable[[LayerInfo], float]
     split: Split
     weighs_aux: bool = False

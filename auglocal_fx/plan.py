@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaml
 from rich.table import Table
 
+from .cuts import MAX_BUNDLE
 from .errors import AugLocalError, first_line
+from .models import check_num_classes
+from .options import option
 
-__all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan", "is_size_kind"]
+__all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan", "is_size_kind", "check_input_size",
+           "check_pattern_list", "available_memory"]
 
 
 def is_size_kind(kind: str) -> bool:
@@ -82,29 +90,120 @@ class AuxRecipe:
     act_bytes: int = 0  # bytes saved for backward, one sample (filled when built)
 
 
+def _check_model_name(value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise AugLocalError.bad_value("model_name", value, "is not a name: give a string, e.g. 'resnet50'")
+
+
+def _check_blocks(value) -> None:  # its upper bound is the model's layer count: build_plan checks it
+    if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+        raise AugLocalError.bad_value("blocks", value, "is not a number of blocks: give an integer >= 1")
+
+
+def check_input_size(size) -> tuple[int, ...]:
+    """``size`` as a tuple of positive ints (per sample, no batch), or a one-line error."""
+    try:
+        size = tuple(size)
+    except TypeError:
+        size = (size,)
+    # any integer type (NumPy's, a 0-d tensor's .item()) is fine; bools and floats are not
+    if not size or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 1 for s in size):
+        raise AugLocalError.bad_value("input_size", size, "is not a shape: give positive integers "
+                                      "without the batch, e.g. (3, 224, 224)")
+    size = tuple(int(s) for s in size)
+    # profiling runs on fake tensors, but its one-sample input is real: refuse before allocating
+    # what cannot fit, rather than die with an allocator traceback (or the OOM killer)
+    need, have = 4 * math.prod(size), available_memory()
+    if have is not None and need > have:
+        raise AugLocalError.bad_value("input_size", size, f"needs {need / 2**30:,.1f} GiB for one float32 sample, "
+                                      f"more than the {have / 2**30:,.1f} GiB of memory available; give a smaller size")
+    return size
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still allocate: Linux's ``MemAvailable``, else the
+    physical memory (macOS), else None (unknown: no check)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_input_size(value) -> None:
+    if value is not None:
+        check_input_size(value)
+
+
+def check_pattern_list(patterns) -> None:
+    """Refuse ``layers=`` that is not a non-empty list of module-path globs (None: automatic)."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not patterns or \
+            not all(isinstance(p, str) and p for p in patterns):
+        raise AugLocalError.bad_value("layers", patterns, "is not a list of module-path patterns, "
+                                      "e.g. ['encoder.layers.*'] (fnmatch globs over model.named_modules())")
+
+
+def _check_output(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+        raise AugLocalError.bad_value("output", value, "is not a key, index or field name of the model's output")
+
+
 @dataclass
 class PlanConfig:
-    model: str
-    blocks: int
-    aux_depth: int = 2
-    pyramid: float = 0.5
-    balance: str = "layers"
-    tail: str = "exact"
-    rule: str = "auglocal"
-    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
-    num_classes: int | None = None
-    max_bundle: int = 8  # the most tensors a cut may hand on (cuts.MAX_BUNDLE)
-    layers: list[str] | None = None  # module-path globs naming the layers; None: automatic grouping
-    output: str | int | None = None  # the entry of a dict / tuple / dataclass output that trains; None: a tensor
-    batch: int = 32  # the batch the memory estimate (and balance="memory") assumes; auglocal-train: the recipe's
-    recompute: str = "none"  # what each unit recomputes in its backward: "none", "block", "aux" (recompute.py)
-    aux_dtype: str = "float32"  # the aux nets' weights, gradients and optimizer state: "float32", "bfloat16"
-    aux_head: str = "auto"  # what aux nets end with: "copy" (the head), "light", "auto" (light_head.py)
-    input_dtype: str = "float32"  # the model's input: "float32" images, "int64" token ids, ...
-    input_layout: str = ""  # the input's measured layout ("nchw", "ncl", "nl" for token ids, ...)
+    """Every planning option, with its default, check and help (``options.py``), and what planning
+    measured about the model's input. ``to_auglocal(model, PlanConfig(blocks=16, aux_depth=3))``
+    takes it; ``auglocal-convert``'s flags and a recipe's ``conversion:`` keys are made from it."""
+
+    model: str | None = option(None, "the model's name (timm's; default: the registered name or the class name)",
+                               check=_check_model_name, cli=False, recipe=False, keyword="model_name")
+    blocks: int | None = option(None, "number of local blocks K", check=_check_blocks,
+                                cli={"short": "-k", "required": True})
+    aux_depth: int = option(2, "aux net depth d: layers each aux net copies", low=0)
+    pyramid: float = option(0.5, "pyramidal depth coefficient tau in [0, 1]; 0 = off", low=0, most=1,
+                            problem="is outside [0, 1]: the pyramid coefficient tau goes from 0 (off) to 1")
+    balance: str = option("layers", "how layers are shared out among blocks", choices="partition:BALANCERS",
+                          kind="a balance")
+    tail: str = option("exact", "exact: K blocks; reference: the paper's code, last d+1 blocks merged (M = K - d)",
+                       choices="selection:TAILS", kind="a tail")
+    rule: str = option("auglocal", "what trains each block", choices="rules:RULES", kind="a rule")
+    input_size: list[int] | None = option(None, "input size without the batch (default: the model's "
+                                          "pretrained_cfg input_size)", check=_check_input_size,
+                                          cli={"nargs": 3, "metavar": ("C", "H", "W")}, recipe=False)
+    num_classes: int | None = option(None, "classifier classes (default: the model's)", check=check_num_classes,
+                                     recipe=False)
+    max_bundle: int = option(MAX_BUNDLE, "the most tensors a cut between two layers may hand on", low=1)
+    layers: list[str] | None = option(None, "name the layers yourself: module paths as globs, e.g. stem "
+                                      "'stages.*.blocks.*' (default: timm's group_matcher / the module tree, "
+                                      "refined to repeated blocks)", check=check_pattern_list,
+                                      cli={"nargs": "+", "metavar": "GLOB"})
+    output: str | int | None = option(None, "the entry of a dict / tuple / dataclass output that trains "
+                                      "(default: 'logits', else the first)", check=_check_output, cli=False,
+                                      recipe=False)
+    batch: int = option(32, "the batch size the memory estimate and balance=memory assume", low=1,
+                        problem="is not a batch size: give an integer >= 1", recipe=False)
+    recompute: str = option("none", "lower memory: block recomputes each block's forward in its backward "
+                            "(one more block forward per step), aux the aux net's; none: the method as published",
+                            choices="recompute:RECOMPUTE", kind="a recompute option")
+    aux_dtype: str = option("float32", "lower memory: bfloat16 holds aux nets' weights, gradients and optimizer "
+                            "state in half the bytes", choices="aux_precision:AUX_DTYPES", kind="an aux dtype")
+    aux_head: str = option("auto", "what aux nets end with: copy: the model's head; light: global pool + small "
+                           "MLP; auto: light when the head holds over a quarter of the parameters (VGG), else copy",
+                           choices="light_head:AUX_HEADS", kind="an aux head policy")
+    aux_init: str = option("model", "how aux nets' weights start", choices="aux_init:AUX_INITS", kind="an aux init")
+    # measured by planning, not options
+    input_dtype: str = option("float32", measured=True)  # the model's input: "float32" images, "int64" token ids
+    input_layout: str = option("", measured=True)  # the input's measured layout ("nchw", "ncl", "nl" for ids, ...)
     # the model's inputs after the first (example_inputs=(ids, mask)): per input {"size": per-sample
     # shape, "dtype": "int64", "layout": "nl"}; empty for a model of one input
-    extra_inputs: list[dict] = field(default_factory=list)
+    extra_inputs: list[dict] = option(measured=True, factory=list)
 
     @property
     def inputs(self) -> int:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .aux_precision import check_aux_dtype
 from .axes import Axes, measure_axes
 from .cuts import (
     MAX_BUNDLE,
@@ -33,15 +30,24 @@ from .errors import AugLocalError
 from .fingerprint import plan_fingerprint
 from .footprint import unit_bytes
 from .layers import LayerSpan, find_layers, node_params, repeated_blocks
-from .light_head import check_aux_head, wants_light_head
+from .light_head import wants_light_head
 from .models import default_input_size, registered_name
 from .modes import eval_mode
+from .options import resolve
 from .partition import Extra, UnitCost, aux_act_bytes, aux_params, get_balance
-from .plan import AuxRecipe, BlockInfo, LayerInfo, Plan, PlanConfig, is_size_kind
+from .plan import (
+    AuxRecipe,
+    BlockInfo,
+    LayerInfo,
+    Plan,
+    PlanConfig,
+    available_memory,
+    check_input_size,
+    is_size_kind,
+)
 from .profiler import profile_graph
-from .recompute import check_recompute
 from .rules import Rule, get_rule
-from .selection import TAILS, apply_tail, pyramid_depths, select_layers
+from .selection import apply_tail, pyramid_depths, select_layers
 from .trace import trace
 
 __all__ = ["Analysis", "analyze_model", "available_memory", "build_plan", "check_input_size"]
@@ -70,42 +76,6 @@ class Analysis:
     def widest_cut(self) -> int:
         """The most tensors one layer boundary hands on (sizes riding along not counted)."""
         return max(sum(map(is_tensor, self.live.get(span.boundary, ()))) for span in self.layers)
-
-
-def check_input_size(size) -> tuple[int, ...]:
-    """``size`` as a tuple of positive ints (per sample, no batch), or a one-line error."""
-    try:
-        size = tuple(size)
-    except TypeError:
-        size = (size,)
-    # any integer type (NumPy's, a 0-d tensor's .item()) is fine; bools and floats are not
-    if not size or any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or s < 1 for s in size):
-        raise AugLocalError.bad_value("input_size", size, "is not a shape: give positive integers "
-                                      "without the batch, e.g. (3, 224, 224)")
-    size = tuple(int(s) for s in size)
-    # profiling runs on fake tensors, but its one-sample input is real: refuse before allocating
-    # what cannot fit, rather than die with an allocator traceback (or the OOM killer)
-    need, have = 4 * math.prod(size), available_memory()
-    if have is not None and need > have:
-        raise AugLocalError.bad_value("input_size", size, f"needs {need / 2**30:,.1f} GiB for one float32 sample, "
-                                      f"more than the {have / 2**30:,.1f} GiB of memory available; give a smaller size")
-    return size
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this process could still allocate: Linux's ``MemAvailable``, else the
-    physical memory (macOS), else None (unknown: no check)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE, layers=None,
@@ -300,98 +270,50 @@ def _unit_cost(layers: list[LayerInfo], aux, batch: int, has_aux, **options) -> 
     return unit
 
 
-def _check_batch(batch) -> int:
-    if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
-        raise AugLocalError.bad_value("batch", batch, "is not a batch size: give an integer >= 1")
-    return int(batch)
+def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
+               analysis: Analysis | None = None, example_inputs=None, **overrides) -> Plan:
+    """Trace and analyse ``model`` and plan its split into local blocks.
 
-
-def _check_planning(aux_depth, pyramid, tail) -> float:
-    if not isinstance(aux_depth, int) or isinstance(aux_depth, bool) or aux_depth < 0:
-        raise AugLocalError.bad_value("aux_depth", aux_depth, "is not an integer >= 0")
-    if isinstance(pyramid, bool) or not isinstance(pyramid, int | float) or not 0.0 <= pyramid <= 1.0:
-        raise AugLocalError.bad_value("pyramid", pyramid, "is outside [0, 1]: the pyramid coefficient tau "
-                                      "goes from 0 (off) to 1")
-    if tail not in TAILS:
-        raise AugLocalError.bad_value("tail", tail, f"is not a tail; choose one of {', '.join(TAILS)}")
-    return float(pyramid)
-
-
-def build_plan(
-    model: nn.Module,
-    blocks: int,
-    *,
-    aux_depth: int = 2,
-    pyramid: float = 0.5,
-    balance: str = "layers",
-    tail: str = "exact",
-    input_size=None,
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    rule: str = "auglocal",
-    max_bundle: int = MAX_BUNDLE,
-    layers=None,
-    output: str | int | None = None,
-    batch: int = 32,
-    recompute: str = "none",
-    aux_dtype: str = "float32",
-    aux_head: str = "auto",
-    analysis: Analysis | None = None,
-    example_inputs=None,
-) -> Plan:
-    """Trace and analyse ``model`` and plan its split into ``blocks`` local blocks.
-
-    A cut between two layers may hand on up to ``max_bundle`` tensors (a class token beside the
-    patch tokens, a CSP partial branch, U-Net skips). Pass ``analysis`` (from ``analyze_model``)
-    to plan the same model several ways without tracing it again. ``layers`` (module-path globs
-    such as ``["stem", "blocks.*"]``) names the layers when the automatic grouping gets them wrong.
-    ``batch`` is the batch size the memory estimate assumes, and ``balance="memory"`` minimises
-    the step's peak at (``footprint.estimate_footprint``), for the net's ``recompute`` and
-    ``aux_dtype`` (``AugLocalNet``). ``example_inputs`` (a tensor, batch first, or a tuple of the
-    model's inputs) plans a model whose input is not one float image: token ids, other dtypes,
-    token ids and their attention mask. ``aux_head`` says whether aux nets end with a copy of the
-    model's head or a light head (``light_head.wants_light_head``).
+    ``options``: a ``PlanConfig`` or the number of blocks K; keywords override its fields
+    (``blocks=16, aux_depth=3``; the options and their help: ``PlanConfig``). Pass ``analysis``
+    (from ``analyze_model``) to plan the same model several ways without tracing it again.
+    ``example_inputs`` (a tensor, batch first, or a tuple of the model's inputs) plans a model whose
+    input is not one float image: token ids, other dtypes, token ids and their attention mask.
 
     Example:
         >>> plan = build_plan(timm.create_model("resnet50"), blocks=16)
         >>> len(plan.layers), len(plan.blocks), len(plan.aux)
         (17, 16, 15)
     """
-    tau = _check_planning(aux_depth, pyramid, tail)
-    batch, recompute, aux_dtype = _check_batch(batch), check_recompute(recompute), check_aux_dtype(aux_dtype)
-    aux_head = check_aux_head(aux_head)
-    policy, kind = get_balance(balance), get_rule(rule)
-    a = analysis or analyze_model(model, input_size, max_bundle, layers, output, example_inputs)
-    patterns = list(layers) if layers is not None else None
+    c = resolve(PlanConfig, options, overrides, "build_plan")
+    policy, kind = get_balance(c.balance), get_rule(c.rule)
+    a = analysis or analyze_model(model, c.input_size, c.max_bundle, c.layers, c.output, example_inputs)
     layers, head = layer_infos(a)
-    light = kind.copies_layers and wants_light_head(aux_head, head, layers)
-    if kind.one_block:  # no aux nets: the whole model is one block, whatever blocks= says
-        blocks = 1
-    name = model_name or registered_name(model)
+    light = kind.copies_layers and wants_light_head(c.aux_head, head, layers)
+    name = c.model or registered_name(model)
     n = len(layers)
-    if not isinstance(blocks, numbers.Integral) or isinstance(blocks, bool):
-        raise AugLocalError.bad_value("blocks", blocks, f"is not a number of blocks: give an integer in 1..{n}")
-    blocks = int(blocks)
+    blocks = 1 if kind.one_block else c.blocks  # no aux nets: the whole model is one block, whatever blocks= says
+    if blocks is None:
+        raise AugLocalError("pass blocks=K, the number of local blocks")
     if not 1 <= blocks <= n:
         raise AugLocalError.bad_value("blocks", blocks, f"is out of range for {name} (it has {n} layers): "
                                       f"use 1..{n}")
+    tau, depth = float(c.pyramid), c.aux_depth
     if policy.split_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
-        aux = _aux_figures(layers, head, blocks, aux_depth, tau, tail, copies=kind.copies_layers, light=light)
-        kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))
-        unit = _unit_cost(layers, aux, batch, lambda j: j < kept - 1, recompute=recompute, aux_dtype=aux_dtype)
+        aux = _aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light)
+        kept = len(apply_tail([[i] for i in range(blocks)], depth, c.tail))
+        unit = _unit_cost(layers, aux, c.batch, lambda j: j < kept - 1, recompute=c.recompute, aux_dtype=c.aux_dtype)
         groups = policy.split_units(n, blocks, unit)
     else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
-        extra = (_aux_extra(layers, head, blocks, aux_depth, tau, tail, light)
+        extra = (_aux_extra(layers, head, blocks, depth, tau, c.tail, light)
                  if policy.weighs_aux and kind.copies_layers else None)
         groups = policy.split([policy.layer_cost(x) for x in layers], blocks, extra)
-    groups = apply_tail(groups, aux_depth, tail)
-    aux = [] if kind.one_block else _aux_recipes(groups, n, aux_depth, tau, kind, light)
-    config = PlanConfig(model=name, blocks=blocks, aux_depth=aux_depth, pyramid=tau, balance=balance,
-                        tail=tail, rule=rule, input_size=list(a.input_size), num_classes=num_classes,
-                        max_bundle=a.max_bundle, layers=patterns, output=a.output, batch=batch,
-                        recompute=recompute, aux_dtype=aux_dtype, aux_head=aux_head,
-                        input_dtype=a.input_dtype, input_layout=a.axes.of(input_nodes(a.gm.graph)[0]),
-                        extra_inputs=[dict(x) for x in a.extra_inputs])
+    groups = apply_tail(groups, depth, c.tail)
+    aux = [] if kind.one_block else _aux_recipes(groups, n, depth, tau, kind, light)
+    config = dataclasses.replace(
+        c, model=name, blocks=blocks, pyramid=tau, input_size=list(a.input_size), max_bundle=a.max_bundle,
+        layers=list(c.layers) if c.layers is not None else None, output=a.output, input_dtype=a.input_dtype,
+        input_layout=a.axes.of(input_nodes(a.gm.graph)[0]), extra_inputs=[dict(x) for x in a.extra_inputs])
     notes = a.output_notes + _granularity_notes(name, model, a)
     plan = Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
     plan.fingerprint = plan_fingerprint(model, plan)  # to_auglocal(other_model, plan=plan) is refused

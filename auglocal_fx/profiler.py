@@ -88,8 +88,8 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor
         n, cause = profiler.current, exc.__cause__ or exc
         what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
         size = tuple(examples[0].shape[1:])
-        raise AugLocalError(f"running node '{n.name}' ({n.op} {what}) on an input of size {size} failed: "
-                            f"{first_line(cause)}; check input_size={size}", param="input_size") from exc
+        raise AugLocalError.bad_value("input_size", size, f"does not run: node '{n.name}' ({n.op} {what}) "
+                                      f"failed with {first_line(cause)}; give the input size the model takes") from exc
 
 
 def _run(profiler: _Profiler, *examples: torch.Tensor):

@@ -21,18 +21,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import AugLocalError
-
-__all__ = ["RECOMPUTE", "check_recompute", "frozen_norm_stats", "run_maybe_recomputed"]
+__all__ = ["RECOMPUTE", "frozen_norm_stats", "run_maybe_recomputed"]
 
 RECOMPUTE = ("none", "block", "aux")
-
-
-def check_recompute(value) -> str:
-    if value not in RECOMPUTE:
-        raise AugLocalError.bad_value("recompute", value, f"is not a recompute option; choose one of "
-                                      f"{', '.join(RECOMPUTE)}")
-    return value
 
 
 @contextmanager

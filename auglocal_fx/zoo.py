@@ -108,7 +108,7 @@ def smallest(names: list[str]) -> str:
 
 def _torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """A torchvision classifier with random weights; GoogLeNet / Inception without their auxiliary
-    classifiers (in train mode those return a tuple; see the README on ``output=``)."""
+    classifiers (in train mode those return a tuple; see docs/guide/your-model.md on ``output=``)."""
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)

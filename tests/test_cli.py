@@ -74,7 +74,7 @@ def test_wrong_input_size_is_one_line_error(capsys):
     rc, out, err = run(capsys, "--model", "resnet50", "--blocks", "4", "--input-size", "1", "224", "224")
     assert rc == 2
     assert_one_line_error(err)
-    assert "check --input-size (1, 224, 224)" in err  # the flag, not the Python parameter
+    assert "--input-size (1, 224, 224) does not run" in err  # the flag, not the Python parameter
 
 
 def test_out_writes_plan_that_loads_back(capsys, tmp_path):

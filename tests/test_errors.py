@@ -1,6 +1,6 @@
 """Every user-facing error: one line naming what is wrong and what to do, exit status 2, no traceback.
 
-One row per line of the README's error table (same ids, same order).
+One row per line of the error table in docs/reference/errors.md (same ids, same order).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ CLI_CASES = [
     ("unknown-model", convert_main, lambda t, m: ["--model", "resnet5O", "--blocks", "4"],
      ["unknown model 'resnet5O'", "did you mean resnet50"]),
     ("blocks-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "0", *SMALL],
-     ["--blocks 0 is out of range for resnet18 (it has 9 layers): use 1..9"]),
+     ["--blocks 0 is not a number of blocks: give an integer >= 1"]),
     ("blocks-above-layers", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "99", *SMALL],
      ["--blocks 99 is out of range for resnet18 (it has 9 layers): use 1..9"]),
     ("aux-depth-negative", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--aux-depth", "-1"],

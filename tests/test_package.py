@@ -83,7 +83,7 @@ def test_the_cycle_check_sees_function_level_imports(tmp_path):
 
 def test_public_api_is_what_the_readme_documents():
     assert sorted(auglocal_fx.__all__) == sorted([
-        "AugLocalError", "AugLocalNet", "Plan", "StepOutput", "build_plan", "export_onnx", "load_auglocal",
+        "AugLocalError", "AugLocalNet", "Plan", "PlanConfig", "StepOutput", "build_plan", "export_onnx", "load_auglocal",
         "save_backbone_state", "to_auglocal"])
     text = README.read_text(encoding="utf-8")
     for name in auglocal_fx.__all__:

@@ -173,7 +173,7 @@ def test_input_size_mismatch_is_one_line_error(fresh_model):
     with pytest.raises(AugLocalError) as exc:
         analyze_model(fresh_model("cifar_resnet8"), (1, 32, 32))  # the stem wants 3 channels
     msg = str(exc.value)
-    assert "check input_size=(1, 32, 32)" in msg  # the Python parameter; the CLI says --input-size
+    assert "input_size=(1, 32, 32) does not run" in msg  # the Python parameter; the CLI says --input-size
     assert "\n" not in msg, msg  # errors.py: "The message is a single line"
 
 
@@ -222,7 +222,10 @@ def test_blocks_out_of_range(zoo, name, extra):
     with pytest.raises(AugLocalError) as exc:
         plan_for(case, k)
     msg = str(exc.value)
-    assert f"blocks={k} is out of range" in msg and f"use 1..{n}" in msg
+    if k == 0:  # refused by PlanConfig's own check, before the model is traced
+        assert "blocks=0 is not a number of blocks: give an integer >= 1" in msg
+    else:
+        assert f"blocks={k} is out of range" in msg and f"use 1..{n}" in msg
     assert "\n" not in msg
 
 

@@ -108,11 +108,13 @@ BAD_RECIPES = [
     ({"epochs": "ten"}, ["recipe key epochs must be an integer", "'ten'"]),
     ({"optimizer.lr": "fast"}, ["recipe key optimizer.lr must be a number"]),
     ({"bf16": "yes"}, ["recipe key bf16 must be true or false"]),
-    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule is 'hebbian'", "auglocal, bp, dgl, infopro, predsim"]),
+    ({"conversion.rule": "hebbian"}, ["recipe key conversion.rule = 'hebbian' is not a rule",
+                                      "auglocal, bp, dgl, infopro, predsim"]),
     ({"data.dataset": "mnist"}, ["recipe key data.dataset", "fashion_mnist"]),
-    ({"conversion.blocks": 0}, ["conversion.blocks must be at least 1"]),
-    ({"conversion.pyramid": 1.5}, ["conversion.pyramid must lie in [0, 1]"]),
-    ({"conversion.aux_depth": -1}, ["conversion.aux_depth must be 0 or more"]),
+    # planning options: checked by PlanConfig, in the recipe's words (options.py)
+    ({"conversion.blocks": 0}, ["recipe key conversion.blocks = 0 is not a number of blocks"]),
+    ({"conversion.pyramid": 1.5}, ["recipe key conversion.pyramid = 1.5 is outside [0, 1]"]),
+    ({"conversion.aux_depth": -1}, ["recipe key conversion.aux_depth = -1 is not an integer >= 0"]),
     ({"model": "resnet20_cifar"}, ["recipe key model must be a mapping"]),
     # values that ran and meant something else, or failed deep in torch with a traceback
     ({"data.train_limit": 0}, ["recipe key data.train_limit must be at least 1, got 0", "0 does not mean all",

@@ -78,7 +78,9 @@ SAMPLES_LIST = [
            setup="auglocal-convert --model resnet50 --blocks 16 --save c.pt", volatile=True),
     Sample("error_opset", "auglocal-export c.pt --out m.onnx --opset 26", status=2,
            setup="auglocal-convert --model resnet18 --blocks 3 --input-size 3 32 32 --save c.pt"),
-    # docs/reference/options.md: every flag, as the commands document it
+    # docs/reference/options.md: every planning option, from PlanConfig's fields; every flag, as the
+    # commands document it
+    Sample("options_table", "python tools/options_table.py", stream="stdout"),
     Sample("help_convert", "auglocal-convert --help", stream="stdout"),
     Sample("help_train", "auglocal-train --help", stream="stdout"),
     Sample("help_export", "auglocal-export --help", stream="stdout"),

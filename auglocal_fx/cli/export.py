@@ -15,7 +15,6 @@ from ..export import EXPORTERS, OPSETS, check_opset, export_onnx, save_backbone_
 from .common import run_cli
 
 PROG = "auglocal-export"
-FLAGS = {"input_size": "--input-size", "exporter": "--exporter", "opset": "--opset", "atol": "--atol"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension at 1 (default: dynamic)")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch.onnx exporter; auto (default): dynamo, torchscript only if dynamo cannot "
-                        "convert the model (see the README for why)")
+                        "convert the model (docs/guide/export.md says why)")
     p.add_argument("--no-verify", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest |onnxruntime - PyTorch| accepted (default 1e-4) for a network that float32 computes "
@@ -100,7 +99,7 @@ def _main(argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(PROG, lambda: _main(argv), FLAGS)
+    return run_cli(PROG, lambda: _main(argv), parser())
 
 
 if __name__ == "__main__":

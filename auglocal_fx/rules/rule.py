@@ -141,7 +141,7 @@ class Rule:
     """
 
     name: str
-    summary: str  # one line, for --help and the README
+    summary: str  # one line, for --help and the docs
     build_aux: Callable[[AuxContext], nn.Module] | None = None
     copies_layers: bool = False
     build_loss: Callable[[AuxContext], LocalLoss] | None = None

@@ -16,7 +16,7 @@ from ..fingerprint import check_fingerprint
 from ..models import create_model
 from ..net import AugLocalNet
 from ..plan import Plan
-from .config import TrainRecipe
+from .config import TrainRecipe, conversion_options
 from .data import DATASETS, DataBundle, build_data, eval_loader, train_loader
 from .distributed import Env
 from .optim import build_optimizer, build_scheduler
@@ -64,15 +64,11 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
                             f"{data.classes} classes; remove it or set it to at least {data.classes}")
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts)
     model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
-    c = recipe.conversion
-    size = (kwargs["in_chans"], data.size, data.size)
+    size = [kwargs["in_chans"], data.size, data.size]
     batch = _per_rank(recipe.batch_size, env, "batch_size")
     if plan is None:  # the memory estimate and balance=memory at the batch each process trains on
-        net = to_auglocal(model, c.blocks, aux_depth=c.aux_depth, pyramid=c.pyramid, balance=c.balance,
-                          tail=c.tail, aux_init=c.aux_init, rule=c.rule, input_size=size,
-                          model_name=recipe.model.name, max_bundle=c.max_bundle, layers=c.layers,
-                          batch=batch, recompute=c.recompute, aux_dtype=c.aux_dtype, aux_head=c.aux_head,
-                          model_kwargs=kwargs)
+        options = conversion_options(recipe, input_size=size, model=recipe.model.name, batch=batch)
+        net = to_auglocal(model, options, model_kwargs=kwargs)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets (no profiling), whose
         # weights the checkpoint then replaces: nothing to initialise
         check_fingerprint(model, plan, lead="the checkpoint's plan was made for another model",

@@ -18,26 +18,15 @@ from pathlib import Path
 
 import yaml
 
-from ..aux_precision import AUX_DTYPES
-from ..cuts import MAX_BUNDLE
 from ..errors import AugLocalError
-from ..light_head import AUX_HEADS
-from ..partition import BALANCERS
-from ..recompute import RECOMPUTE
-from ..rules import RULES
-from ..selection import TAILS
+from ..options import options_of, recipe_name, validate
+from ..plan import PlanConfig
 from ..stages import STAGE_BALANCES
-from ..synthesize import AUX_INITS
 from .data import DATASETS
 from .optim import OPTIMIZERS, SCHEDULES
 
-__all__ = ["TrainRecipe", "load_recipe", "recipe_from_dict", "apply_overrides", "RECIPE_KEYS"]
-
-# How a recipe names the library's parameters, for errors the library raises while building a run
-RECIPE_KEYS = {name: f"recipe key conversion.{name} =" for name in
-               ("blocks", "aux_depth", "pyramid", "balance", "tail", "rule", "aux_init", "max_bundle", "layers",
-                "recompute", "aux_dtype", "aux_head")}
-
+__all__ = ["TrainRecipe", "ConversionSection", "conversion_options", "load_recipe", "recipe_from_dict",
+           "apply_overrides", "RECIPE_KEYS"]
 
 def _choices(registry):
     """Field metadata: the allowed values, read from ``registry`` (a dict or tuple) when a recipe is
@@ -66,20 +55,28 @@ class ModelSection:
     kwargs: dict = field(default_factory=dict)  # any other timm.create_model keyword
 
 
-@dataclass
-class ConversionSection:
-    rule: str = field(default="auglocal", metadata=_choices(RULES))
-    blocks: int = field(default=8, metadata=_at_least(1))
-    aux_depth: int = field(default=2, metadata=_at_least(0))
-    pyramid: float = 0.5
-    balance: str = field(default="layers", metadata=_choices(BALANCERS))
-    tail: str = field(default="exact", metadata=_choices(TAILS))
-    aux_init: str = field(default="model", metadata=_choices(AUX_INITS))
-    aux_head: str = field(default="auto", metadata=_choices(AUX_HEADS))  # light_head.py
-    max_bundle: int = field(default=MAX_BUNDLE, metadata=_at_least(1))  # the most tensors a cut may hand on
-    layers: list[str] | None = None  # module-path globs naming the layers (to_auglocal's layers=)
-    recompute: str = field(default="none", metadata=_choices(RECOMPUTE))  # lower memory: recompute.py
-    aux_dtype: str = field(default="float32", metadata=_choices(AUX_DTYPES))  # lower memory: aux_precision.py
+def _conversion_section() -> type:
+    """The recipe's ``conversion:`` section: every planning option a recipe may set (``PlanConfig``'s
+    fields with ``recipe=True``: the input size, classes and batch come from other sections), with
+    the option's type, default and check. A recipe must name K, so ``blocks`` defaults to 8."""
+    hints = typing.get_type_hints(PlanConfig)
+    fields = []
+    for f in options_of(PlanConfig):
+        if f.metadata["recipe"]:
+            default = 8 if f.name == "blocks" else f.default
+            fields.append((f.name, hints[f.name], field(default=default, metadata=f.metadata)))
+    return dataclasses.make_dataclass("ConversionSection", fields)
+
+
+ConversionSection = _conversion_section()
+# How a recipe names the library's parameters, for errors the library raises while building a run
+RECIPE_KEYS = {f.name: recipe_name(f.name) for f in dataclasses.fields(ConversionSection)}
+
+
+def conversion_options(recipe: TrainRecipe, **measured) -> PlanConfig:
+    """The ``PlanConfig`` a recipe's ``conversion:`` section says, with what the run measures
+    (``input_size``, ``batch``, ``model``) added."""
+    return dataclasses.replace(PlanConfig(), **dataclasses.asdict(recipe.conversion), **measured)
 
 
 @dataclass
@@ -134,7 +131,7 @@ class TrainRecipe:
     data: DataSection
     epochs: int = field(metadata=_at_least(1))
     batch_size: int = field(metadata=_at_least(1))  # global: split across processes under torchrun
-    conversion: ConversionSection = field(default_factory=ConversionSection)
+    conversion: ConversionSection = field(default_factory=ConversionSection)  # planning options (PlanConfig)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -208,6 +205,9 @@ def _build(cls, data, path: str):
                 raise AugLocalError(f"recipe key {key} is missing; add it (see recipes/ for examples)")
             continue
         value = _check(hints[name], data[name], key)
+        if f.metadata.get("option"):  # a planning option: checked as PlanConfig checks it (recipe_from_dict)
+            kwargs[name] = value
+            continue
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices():
             raise AugLocalError(f"recipe key {key} is {value!r}; choose one of {', '.join(choices())}")
@@ -241,8 +241,10 @@ def recipe_from_dict(data: dict) -> TrainRecipe:
     betas = recipe.optimizer.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise AugLocalError(f"recipe key optimizer.betas must be two numbers in [0, 1), got {betas}")
-    if not 0.0 <= recipe.conversion.pyramid <= 1.0:
-        raise AugLocalError(f"recipe key conversion.pyramid must lie in [0, 1], got {recipe.conversion.pyramid}")
+    try:
+        validate(conversion_options(recipe))
+    except AugLocalError as exc:
+        raise AugLocalError(exc.worded(RECIPE_KEYS)) from exc
     return recipe
 
 

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from ..atomic import atomic_write_text
-from ..errors import AugLocalError, AugLocalWarning, reword
+from ..errors import AugLocalError, AugLocalWarning
+from ..options import word_options
 from ..plan import Plan
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
@@ -103,7 +104,7 @@ class Trainer:
             self.run: Run = build_run(recipe, self._data_env(), Plan.from_dict(saved["plan"]) if saved else None)
         net = self.run.net
         for note in net.plan.notes:
-            self.log(f"note: {reword(note, RECIPE_KEYS)}")
+            self.log(f"note: {word_options(note, RECIPE_KEYS)}")
         self.amp = dict(autocast_dtype=torch.bfloat16) if recipe.bf16 else {}
         self.units = self._make_units()
         self.epoch, self.history, self.best = 0, [], -1.0
