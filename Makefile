@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow lint docs clean
+.PHONY: demo test test-fast test-slow lint docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# the edit loop: pure-Python units (no subprocess, torchrun, zoo or ONNX; tests/conftest.py HEAVY_MODULES)
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "not slow and not heavy" -p no:logging
 
 # the slow tier (torchrun pipelines, a benchmark run, ill-conditioned exports; about 5 minutes on 2 cores)
 test-slow: $(VENV)/.installed-dev

@@ -108,3 +108,31 @@ def vit(zoo) -> Case:
 def fresh_model() -> Callable[[str], nn.Module]:
     """A new, un-analysed instance of a zoo model (for tests that mutate or check mutation)."""
     return lambda name: SPECS[name].make()
+
+
+# -- test tiers ------------------------------------------------------------------------------------
+# `make test-fast` (-m "not slow and not heavy") is the edit loop: pure-Python units, no subprocess,
+# no torchrun, no zoo, no ONNX export. These modules spawn processes (the CLIs, training runs,
+# torchrun, crashes), walk many timm families or export to ONNX, so they are "heavy": in `make test`,
+# not in the fast tier.
+HEAVY_MODULES = {
+    "test_cli": "runs the commands in subprocesses",
+    "test_crash": "kills training subprocesses",
+    "test_errors": "runs every command's error cases, some in subprocesses",
+    "test_pipeline": "torchrun",
+    "test_tools": "runs the benchmark tools",
+    "test_training": "training runs, a two-process gloo run",
+    "test_zoo": "the zoo check's stages on timm and torchvision families",
+    "test_export": "ONNX export and onnxruntime",
+    "test_bundles": "timm families' granularity",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: subprocesses, torchrun, the zoo or ONNX; left out of make test-fast")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in HEAVY_MODULES:
+            item.add_marker(pytest.mark.heavy)
