@@ -12,13 +12,13 @@ Example:
 """
 
 from . import cifar_resnet  # noqa: F401  (registers resnet{20,32,56,110}_cifar with timm)
-from .blockwise import StepOutput
 from .compiler import load_auglocal, to_auglocal
 from .errors import AugLocalError
 from .export import export_onnx, save_backbone_state
-from .net import AugLocalNet
 from .plan import Plan, PlanConfig
 from .planner import build_plan
+from .runtime.blockwise import StepOutput
+from .runtime.net import AugLocalNet
 
 __all__ = [
     "AugLocalError",

@@ -8,18 +8,18 @@ import warnings
 
 from torch import nn
 
-from .checkpoint import read_checkpoint
-from .emit import emit_pieces
+from .assemble.emit import emit_pieces
+from .assemble.shapecheck import check_units
+from .assemble.synthesize import AUX_INITS, synthesize_aux
 from .errors import AugLocalError, AugLocalWarning, first_line
 from .fingerprint import check_fingerprint
 from .models import create_model
-from .net import AugLocalNet
 from .options import resolve
 from .plan import Plan, PlanConfig
 from .planner import build_plan
 from .rules import get_rule
-from .shapecheck import check_units
-from .synthesize import AUX_INITS, synthesize_aux
+from .runtime.checkpoint import read_checkpoint
+from .runtime.net import AugLocalNet
 
 __all__ = ["to_auglocal", "load_auglocal"]
 

@@ -40,8 +40,8 @@ from .atomic import atomic_write, check_output_path
 from .errors import AugLocalError, first_line
 from .models import default_input_size
 from .modes import eval_mode
-from .net import AugLocalNet
-from .trace import positional_names
+from .passes.trace import positional_names
+from .runtime.net import AugLocalNet
 
 __all__ = ["EXPORTERS", "OPSETS", "ExportReport", "check_opset", "export_onnx", "save_backbone_state"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .partition import aux_params, unit_act_bytes
+from .passes.partition import aux_params, unit_act_bytes
 from .plan import Plan
 
 __all__ = ["Footprint", "UnitFootprint", "estimate_footprint", "bp_footprint", "crossover_batch", "memory_summary",

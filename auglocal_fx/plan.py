@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import yaml
 from rich.table import Table
 
-from .cuts import MAX_BUNDLE
 from .errors import AugLocalError, first_line
 from .models import check_num_classes
 from .options import option
+from .passes.cuts import MAX_BUNDLE
 
 __all__ = ["LayerInfo", "BlockInfo", "AuxRecipe", "PlanConfig", "Plan", "is_size_kind", "check_input_size",
            "check_pattern_list", "available_memory"]
@@ -169,10 +169,10 @@ class PlanConfig:
     aux_depth: int = option(2, "aux net depth d: layers each aux net copies", low=0)
     pyramid: float = option(0.5, "pyramidal depth coefficient tau in [0, 1]; 0 = off", low=0, most=1,
                             problem="is outside [0, 1]: the pyramid coefficient tau goes from 0 (off) to 1")
-    balance: str = option("layers", "how layers are shared out among blocks", choices="partition:BALANCERS",
+    balance: str = option("layers", "how layers are shared out among blocks", choices="passes.partition:BALANCERS",
                           kind="a balance")
     tail: str = option("exact", "exact: K blocks; reference: the paper's code, last d+1 blocks merged (M = K - d)",
-                       choices="selection:TAILS", kind="a tail")
+                       choices="passes.selection:TAILS", kind="a tail")
     rule: str = option("auglocal", "what trains each block", choices="rules:RULES", kind="a rule")
     input_size: list[int] | None = option(None, "input size without the batch (default: the model's "
                                           "pretrained_cfg input_size)", check=_check_input_size,
@@ -191,13 +191,13 @@ class PlanConfig:
                         problem="is not a batch size: give an integer >= 1", recipe=False)
     recompute: str = option("none", "lower memory: block recomputes each block's forward in its backward "
                             "(one more block forward per step), aux the aux net's; none: the method as published",
-                            choices="recompute:RECOMPUTE", kind="a recompute option")
+                            choices="runtime.recompute:RECOMPUTE", kind="a recompute option")
     aux_dtype: str = option("float32", "lower memory: bfloat16 holds aux nets' weights, gradients and optimizer "
-                            "state in half the bytes", choices="aux_precision:AUX_DTYPES", kind="an aux dtype")
+                            "state in half the bytes", choices="runtime.aux_precision:AUX_DTYPES", kind="an aux dtype")
     aux_head: str = option("auto", "what aux nets end with: copy: the model's head; light: global pool + small "
                            "MLP; auto: light when the head holds over a quarter of the parameters (VGG), else copy",
-                           choices="light_head:AUX_HEADS", kind="an aux head policy")
-    aux_init: str = option("model", "how aux nets' weights start", choices="aux_init:AUX_INITS", kind="an aux init")
+                           choices="assemble.light_head:AUX_HEADS", kind="an aux head policy")
+    aux_init: str = option("model", "how aux nets' weights start", choices="assemble.aux_init:AUX_INITS", kind="an aux init")
     # measured by planning, not options
     input_dtype: str = option("float32", measured=True)  # the model's input: "float32" images, "int64" token ids
     input_layout: str = option("", measured=True)  # the input's measured layout ("nchw", "ncl", "nl" for ids, ...)

@@ -15,8 +15,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .axes import Axes, measure_axes
-from .cuts import (
+from .assemble.light_head import wants_light_head
+from .errors import AugLocalError
+from .fingerprint import plan_fingerprint
+from .footprint import unit_bytes
+from .models import default_input_size, registered_name
+from .modes import eval_mode
+from .options import resolve
+from .passes.axes import Axes, measure_axes
+from .passes.cuts import (
     MAX_BUNDLE,
     activation_nodes,
     cut_points,
@@ -26,15 +33,11 @@ from .cuts import (
     live_sets,
     shape_read,
 )
-from .errors import AugLocalError
-from .fingerprint import plan_fingerprint
-from .footprint import unit_bytes
-from .layers import LayerSpan, find_layers, node_params, repeated_blocks
-from .light_head import wants_light_head
-from .models import default_input_size, registered_name
-from .modes import eval_mode
-from .options import resolve
-from .partition import Extra, UnitCost, aux_act_bytes, aux_params, get_balance
+from .passes.layers import LayerSpan, find_layers, node_params, repeated_blocks
+from .passes.partition import Extra, UnitCost, aux_act_bytes, aux_params, get_balance
+from .passes.profiler import profile_graph
+from .passes.selection import apply_tail, pyramid_depths, select_layers
+from .passes.trace import trace
 from .plan import (
     AuxRecipe,
     BlockInfo,
@@ -45,10 +48,7 @@ from .plan import (
     check_input_size,
     is_size_kind,
 )
-from .profiler import profile_graph
 from .rules import Rule, get_rule
-from .selection import apply_tail, pyramid_depths, select_layers
-from .trace import trace
 
 __all__ = ["Analysis", "analyze_model", "available_memory", "build_plan", "check_input_size"]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import AugLocalError
-from .partition import equal_counts, min_max_partition
+from .passes.partition import equal_counts, min_max_partition
 from .plan import Plan, is_size_kind
 
 __all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages", "stages_summary", "stage_table"]

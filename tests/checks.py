@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from auglocal_fx.bundles import call
+from auglocal_fx.runtime.bundles import call
 
 __all__ = ["assert_gradient_isolation"]
 

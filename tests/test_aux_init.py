@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from auglocal_fx import to_auglocal
-from auglocal_fx.adapters import Adapter
+from auglocal_fx.assemble.adapters import Adapter
 from auglocal_fx.errors import AugLocalWarning
 
 from handwritten import cifar_resnet

@@ -12,9 +12,9 @@ import torchvision
 from torch import nn
 
 from auglocal_fx import AugLocalError, export_onnx, to_auglocal
-from auglocal_fx.adapters import Adapter, TokenPool, make_adapter
-from auglocal_fx.axis_audit import audit_axes, audit_module
-from auglocal_fx.layouts import resolve_layout
+from auglocal_fx.assemble.adapters import Adapter, TokenPool, make_adapter
+from auglocal_fx.assemble.axis_audit import audit_axes, audit_module
+from auglocal_fx.passes.layouts import resolve_layout
 from auglocal_fx.planner import analyze_model
 
 from checks import assert_gradient_isolation
@@ -176,7 +176,7 @@ def test_example_inputs_mistakes_are_one_line(kwargs, message):
 
 
 def test_the_graph_reading_tells_a_window_partition_from_a_channel_shuffle():
-    from auglocal_fx.layouts import _reshaped  # the fallback's rule for reshapes, on its own
+    from auglocal_fx.passes.layouts import _reshaped  # the fallback's rule for reshapes, on its own
 
     assert _reshaped((1, 7, 7, 768), (1, 1, 7, 1, 7, 768)) == "last"  # Swin V2 windows as wide as the map
     assert _reshaped((1, 24, 8, 8), (1, 2, 12, 8, 8)) == "first"  # ShuffleNet's view(b, g, c/g, h, w)

@@ -14,11 +14,11 @@ import yaml
 from torch import nn
 
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
-from auglocal_fx.checkpoint import checksum
 from auglocal_fx.cli.convert import main as convert_main
 from auglocal_fx.cli.export import main as export_main
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.export import export_onnx
+from auglocal_fx.runtime.checkpoint import checksum
 
 SMALL = ["--input-size", "3", "32", "32"]
 

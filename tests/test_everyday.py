@@ -14,8 +14,8 @@ import torchvision
 from torch import nn
 
 from auglocal_fx import AugLocalError, build_plan, to_auglocal
-from auglocal_fx.adapters import make_adapter
-from auglocal_fx.layouts import CHANNELS_LAST
+from auglocal_fx.assemble.adapters import make_adapter
+from auglocal_fx.passes.layouts import CHANNELS_LAST
 from auglocal_fx.planner import analyze_model
 
 from checks import assert_gradient_isolation

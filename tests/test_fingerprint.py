@@ -8,9 +8,9 @@ import yaml
 from test_training import tiny_recipe, write_recipe
 
 from auglocal_fx import AugLocalError, Plan, build_plan, load_auglocal, to_auglocal
-from auglocal_fx.checkpoint import checksum
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.fingerprint import check_fingerprint, plan_fingerprint
+from auglocal_fx.runtime.checkpoint import checksum
 
 from handwritten import ResNet, cifar_resnet
 

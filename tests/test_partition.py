@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auglocal_fx.errors import AugLocalError
-from auglocal_fx.partition import BALANCERS, equal_counts, min_max_partition, partition
+from auglocal_fx.passes.partition import BALANCERS, equal_counts, min_max_partition, partition
 
 PROPERTY = settings(max_examples=100, deadline=None)
 

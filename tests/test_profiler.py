@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from auglocal_fx.profiler import profile_graph
-from auglocal_fx.trace import trace
+from auglocal_fx.passes.profiler import profile_graph
+from auglocal_fx.passes.trace import trace
 
 
 def _meta(gm):

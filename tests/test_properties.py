@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from auglocal_fx import to_auglocal
-from auglocal_fx.partition import BALANCERS
-from auglocal_fx.selection import pyramid_depths
+from auglocal_fx.passes.partition import BALANCERS
+from auglocal_fx.passes.selection import pyramid_depths
 
 from checks import assert_gradient_isolation
 from handwritten import PlainCNN, ResNet, TokenMLP

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from auglocal_fx import AugLocalError, to_auglocal
-from auglocal_fx.aux_init import AUX_INITS
+from auglocal_fx.assemble.aux_init import AUX_INITS
+from auglocal_fx.assemble.light_head import AUX_HEADS
 from auglocal_fx.cli.convert import parser as convert_parser
 from auglocal_fx.cli.export import parser as export_parser
 from auglocal_fx.export import EXPORTERS
-from auglocal_fx.light_head import AUX_HEADS
-from auglocal_fx.partition import BALANCERS, Balance, min_max_partition, register_balance
+from auglocal_fx.passes.partition import BALANCERS, Balance, min_max_partition, register_balance
+from auglocal_fx.passes.selection import TAILS
 from auglocal_fx.rules import RULES, Rule, auglocal, register_rule
-from auglocal_fx.selection import TAILS
 from auglocal_fx.training import recipe_from_dict
 from auglocal_fx.training.config import ConversionSection, DataSection, OptimizerSection, ScheduleSection
 from auglocal_fx.training.data import DATASETS

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from auglocal_fx.selection import apply_tail, pyramid_depths, select_layers
+from auglocal_fx.passes.selection import apply_tail, pyramid_depths, select_layers
 
 PROPERTY = settings(max_examples=100, deadline=None)
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from auglocal_fx import AugLocalError, build_plan
-from auglocal_fx.cuts import activation_nodes
+from auglocal_fx.passes.cuts import activation_nodes
+from auglocal_fx.passes.trace import specialised_args, trace
 from auglocal_fx.planner import analyze_model
-from auglocal_fx.trace import specialised_args, trace
 
 
 class DataDependent(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from auglocal_fx.zoo import STAGES, check_model
+from auglocal_fx.testing.zoo import STAGES, check_model
 
 FAMILIES = {
     "mobilenetv1_100": "plain CNN (depthwise-separable stack, no shortcuts)",

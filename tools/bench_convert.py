@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import build_plan, to_auglocal  # noqa: E402
-from auglocal_fx.axes import measure_axes  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
+from auglocal_fx.passes.axes import measure_axes  # noqa: E402
+from auglocal_fx.passes.trace import trace  # noqa: E402
 from auglocal_fx.planner import analyze_model  # noqa: E402
-from auglocal_fx.trace import trace  # noqa: E402
 
 MODELS = ("resnet50", "vit_base_patch16_224", "convnext_tiny", "efficientnet_b0")
 

@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.footprint import bp_footprint, crossover_batch, estimate_footprint  # noqa: E402
-from auglocal_fx.memory import SavedTensorMeter, allocated_peak  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
-from auglocal_fx.partition import unit_act_bytes  # noqa: E402
+from auglocal_fx.passes.partition import unit_act_bytes  # noqa: E402
 from auglocal_fx.rules import get_rule  # noqa: E402
+from auglocal_fx.runtime.memory import SavedTensorMeter, allocated_peak  # noqa: E402
 
 SETTINGS = (  # part "activations": model, K, d, size, batch
     ("resnet50", 16, 2, 224, 8),

@@ -39,7 +39,7 @@ from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.errors import AugLocalError  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
-from auglocal_fx.partition import min_max_partition  # noqa: E402
+from auglocal_fx.passes.partition import min_max_partition  # noqa: E402
 from auglocal_fx.stages import BACKWARD_FACTOR, split_stages, unit_costs  # noqa: E402
 
 PROG = "pipeline_model"

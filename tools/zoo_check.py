@@ -11,11 +11,11 @@ already there (--rerun-failed: except those that failed). Prints a table with th
 reached and its error, then the pass count of each stage.
 
 Granularity: per model, the layers found (L), the repeated blocks of its module tree (U, from
-``auglocal_fx.layers.repeated_blocks``: children of a container that share a composite class with
+``auglocal_fx.passes.layers.repeated_blocks``: children of a container that share a composite class with
 a sibling, counted through to the innermost such blocks) and the most tensors one layer boundary
 hands on. A model reaches block granularity when L >= U.
 
-Axis audit (``auglocal_fx.axis_audit``): every adapter and light head of the converted net, and the
+Axis audit (``auglocal_fx.assemble.axis_audit``): every adapter and light head of the converted net, and the
 dgl / infopro / predsim aux heads on the same layers, run with each input axis resized in turn; a
 model passes only when every one contracts the measured channel axis alone ("axes" column: good /
 audited).
@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx.atomic import atomic_write_text  # noqa: E402
-from auglocal_fx.zoo import SOURCES, STAGES, ZooResult, check_model, families, smallest  # noqa: E402
+from auglocal_fx.testing.zoo import SOURCES, STAGES, ZooResult, check_model, families, smallest  # noqa: E402
 
 
 def _child(name: str, family: str, blocks: int, source: str, queue) -> None:

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from ..atomic import check_output_path
-from ..checkpoint import read_checkpoint
 from ..compiler import load_auglocal
 from ..errors import AugLocalError
 from ..export import EXPORTERS, OPSETS, check_opset, export_onnx, save_backbone_state
+from ..runtime.checkpoint import read_checkpoint
 from .common import run_cli
 
 PROG = "auglocal-export"

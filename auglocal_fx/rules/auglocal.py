@@ -12,10 +12,10 @@ import copy
 
 from torch import nn
 
-from ..adapters import bundle_sources, make_bundle_adapter
-from ..bundles import Chain
+from ..assemble.adapters import bundle_sources, make_bundle_adapter
+from ..assemble.light_head import light_head
 from ..errors import AugLocalError
-from ..light_head import light_head
+from ..runtime.bundles import Chain
 from .rule import AuxContext, Rule, register_rule
 
 __all__ = ["build_aux"]

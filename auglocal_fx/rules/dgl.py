@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..adapters import CONV_ND, POOL_ND, TokenMean, TokenPool, norm_nd
+from ..assemble.adapters import CONV_ND, POOL_ND, TokenMean, TokenPool, norm_nd
 from .rule import AuxContext, Rule, register_rule
 
 __all__ = ["build_aux", "norm1d_like"]

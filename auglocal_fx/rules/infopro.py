@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import TokenMean, TokensToMap
+from ..assemble.adapters import TokenMean, TokensToMap
 from ..errors import AugLocalError
 from .rule import AuxContext, LocalLoss, Rule, register_rule
 

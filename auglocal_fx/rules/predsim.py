@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import TokenMean
+from ..assemble.adapters import TokenMean
 from ..errors import AugLocalError
 from .rule import AuxContext, LocalLoss, Rule, register_rule
 

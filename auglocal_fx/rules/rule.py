@@ -14,9 +14,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..adapters import Permute
+from ..assemble.adapters import Permute
 from ..errors import AugLocalError
-from ..layouts import channel_axis, has_channels, is_channels_last, kind_of, resolve_layout, spatial_axes
+from ..passes.layouts import (
+    channel_axis,
+    has_channels,
+    is_channels_last,
+    kind_of,
+    resolve_layout,
+    spatial_axes,
+)
 from ..plan import AuxRecipe, Plan
 from ..registry import Registry
 

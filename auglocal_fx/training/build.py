@@ -14,8 +14,8 @@ from ..compiler import to_auglocal
 from ..errors import AugLocalError
 from ..fingerprint import check_fingerprint
 from ..models import create_model
-from ..net import AugLocalNet
 from ..plan import Plan
+from ..runtime.net import AugLocalNet
 from .config import TrainRecipe, conversion_options
 from .data import DATASETS, DataBundle, build_data, eval_loader, train_loader
 from .distributed import Env

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..blockwise import blockwise_step
-from ..bundles import call
 from ..errors import AugLocalError
-from ..net import unique_parameters
+from ..runtime.blockwise import blockwise_step
+from ..runtime.bundles import call
+from ..runtime.net import unique_parameters
 from ..stages import split_stages
 from .distributed import Env, all_reduce_sum, gather_states, gather_to_main, wrap_units
 from .loop import Trainer

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ..bundles import call, detach
+from ..runtime.bundles import call, detach
 
 __all__ = ["unit_seconds"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
-from ..checkpoint import read_checkpoint, save_net
 from ..errors import AugLocalError
+from ..runtime.checkpoint import read_checkpoint, save_net
 
 __all__ = ["rng_state", "set_rng_state", "save_training", "copy_checkpoint", "read_training"]
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import AugLocalError
+from ..passes.layouts import channel_axis, has_channels, kind_of, resolve_layout, spatial_axes
+from ..plan import LayerInfo
+from ..runtime.bundles import Chain, PickLast
 from .adapters import TokenMean
-from .bundles import Chain, PickLast
-from .errors import AugLocalError
-from .layouts import channel_axis, has_channels, kind_of, resolve_layout, spatial_axes
-from .plan import LayerInfo
 
 __all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "light_head",
            "light_head_info", "wants_light_head"]

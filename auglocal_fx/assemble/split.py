@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .cuts import activation_nodes, input_nodes, live_sets
-from .errors import AugLocalError
+from ..errors import AugLocalError
+from ..passes.cuts import activation_nodes, input_nodes, live_sets
 
 __all__ = ["split_graph"]
 

@@ -12,8 +12,8 @@ import zipfile
 
 import torch
 
-from .atomic import atomic_write
-from .errors import AugLocalError
+from ..atomic import atomic_write
+from ..errors import AugLocalError
 
 __all__ = ["FORMAT", "checksum", "save_net", "read_checkpoint"]
 

@@ -4,6 +4,13 @@ fx specialises Python control flow at trace time (``if self.training:``, drop-pa
 model is traced twice, in train and in eval mode, and each piece keeps both graphs: it runs the
 one matching its own mode. When both traces generate the same code one graph serves both.
 torch has no module for this (``torch.export`` and fx both capture one mode), hence ``DualModeGraph``.
+
+torchvision's ``feature_extraction.DualGraphModule`` does the same job, but is not reused: it swaps
+``self.graph`` on every ``train()`` / ``eval()`` that changes the mode, and assigning a GraphModule's
+graph regenerates and recompiles its Python code (every block, layer template and aux copy would
+recompile at each switch between training and evaluation), its ``deepcopy`` (aux nets copy layers)
+recompiles too, and it copies submodules out of a root into a new hierarchy where our pieces must
+share the original model's modules and parameters.
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ import copy
 import torch.fx as fx
 from torch import nn
 
-from .errors import AugLocalError
-from .modes import set_mode
-from .plan import Plan
+from ..errors import AugLocalError
+from ..modes import set_mode
+from ..passes.trace import trace
+from ..plan import Plan
 from .split import split_graph
-from .trace import trace
 
 __all__ = ["DualModeGraph", "trace_both_modes", "emit_pieces"]
 

@@ -14,11 +14,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import AugLocalError
+from ..assemble.light_head import light_head_info
+from ..errors import AugLocalError
+from ..plan import LayerInfo, Plan
+from ..registry import Registry
 from .layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout
-from .light_head import light_head_info
-from .plan import LayerInfo, Plan
-from .registry import Registry
 
 __all__ = ["Balance", "BALANCERS", "register_balance", "get_balance", "partition", "equal_counts",
            "min_max_partition", "min_total_partition", "aux_act_bytes", "aux_params", "unit_act_bytes"]

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from .errors import AugLocalError
-from .layouts import channels_first, has_channels, is_channels_last, kind_of, resolve_layout
-from .plan import is_size_kind
+from ..errors import AugLocalError
+from ..passes.layouts import channels_first, has_channels, is_channels_last, kind_of, resolve_layout
+from ..plan import is_size_kind
 
 __all__ = ["Adapter", "BatchSize", "BundleAdapter", "Constant", "MapToTokens", "Permute", "TokenMean",
            "TokensToMap", "SpatialMean", "CONV_ND", "POOL_ND", "norm_nd", "bundle_sources", "make_adapter", "make_bundle_adapter", "TokenPool", "norm2d_like"]

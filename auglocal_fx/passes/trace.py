@@ -25,8 +25,8 @@ from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrac
 from torch import nn
 from torchvision.models.feature_extraction import LeafModuleAwareTracer
 
+from ..errors import AugLocalError, first_line
 from .cuts import MODEL_INPUT
-from .errors import AugLocalError, first_line
 
 __all__ = ["Tracer", "make_tracer", "select_output", "trace", "specialised_args", "positional_names"]
 

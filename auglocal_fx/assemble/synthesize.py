@@ -14,16 +14,16 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..modes import eval_mode
+from ..passes.partition import aux_act_bytes
+from ..passes.profiler import fake_state
+from ..plan import AuxRecipe, Plan
+from ..rules import AuxContext, get_rule
+from ..runtime.bundles import Chain, PickLast
+from ..runtime.memory import SavedTensorMeter
 from .adapters import Adapter, norm2d_like
 from .aux_init import AUX_INITS, reset_parameters
-from .bundles import Chain, PickLast
 from .light_head import LightHead
-from .memory import SavedTensorMeter
-from .modes import eval_mode
-from .partition import aux_act_bytes
-from .plan import AuxRecipe, Plan
-from .profiler import fake_state
-from .rules import AuxContext, get_rule
 
 __all__ = ["AUX_INITS", "reset_parameters", "synthesize_aux"]
 

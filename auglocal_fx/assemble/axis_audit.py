@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..modes import eval_mode
+from ..passes.layouts import UNKNOWN, channel_axis, resolve_layout, spatial_axes
+from ..passes.profiler import fake_state
+from ..runtime.bundles import Chain, PickLast
 from .adapters import Adapter
-from .bundles import Chain, PickLast
-from .layouts import UNKNOWN, channel_axis, resolve_layout, spatial_axes
 from .light_head import LightHead
-from .modes import eval_mode
-from .profiler import fake_state
 
 __all__ = ["AxisCheck", "audit_aux", "audit_axes", "audit_module"]
 
@@ -95,7 +95,7 @@ def audit_axes(net) -> list[AxisCheck]:
 
 def audit_aux(plan, aux_nets: list[nn.Module]) -> list[AxisCheck]:
     """``audit_axes`` of the aux nets built from ``plan`` (``synthesize.synthesize_aux``)."""
-    from .rules import get_rule  # the rules import adapters: keep this module importable on its own
+    from ..rules import get_rule  # the rules import adapters: keep this module importable on its own
 
     checks = []
     rule = get_rule(plan.config.rule)

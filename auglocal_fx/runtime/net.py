@@ -9,15 +9,15 @@ import types
 import torch
 from torch import nn
 
+from ..assemble.shapecheck import check_units
+from ..errors import AugLocalError
+from ..passes.trace import positional_names, specialised_args
+from ..plan import Plan
+from ..rules import IMAGENET_MEAN, IMAGENET_STD, AuxContext, get_rule
 from .aux_precision import hold_in
 from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
-from .errors import AugLocalError
-from .plan import Plan
-from .rules import IMAGENET_MEAN, IMAGENET_STD, AuxContext, get_rule
-from .shapecheck import check_units
-from .trace import positional_names, specialised_args
 
 __all__ = ["AugLocalNet", "unique_parameters"]
 

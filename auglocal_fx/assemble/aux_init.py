@@ -30,9 +30,9 @@ import timm
 import torch
 from torch import nn
 
+from ..errors import AugLocalWarning
+from ..registry import Registry
 from .emit import DualModeGraph
-from .errors import AugLocalWarning
-from .registry import Registry
 
 __all__ = ["AUX_INITS", "AuxInit", "default_init", "model_init", "recreate_model", "reset_parameters"]
 

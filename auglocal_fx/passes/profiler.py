@@ -21,8 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import AugLocalError, first_line
-from .memory import storage_key
+from ..errors import AugLocalError, first_line
+from ..runtime.memory import storage_key
 
 __all__ = ["profile_graph", "fake_state"]
 

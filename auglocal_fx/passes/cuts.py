@@ -17,7 +17,7 @@ import operator
 
 import torch.fx as fx
 
-from .errors import AugLocalError
+from ..errors import AugLocalError
 
 __all__ = ["MAX_BUNDLE", "MODEL_INPUT", "input_nodes", "activation_nodes", "live_sets", "cut_points", "shape_read", "is_tensor", "is_none"]
 

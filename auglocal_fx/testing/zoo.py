@@ -20,14 +20,14 @@ import torch
 import torchvision
 from torch import nn
 
-from .axis_audit import audit_aux, audit_axes
-from .compiler import to_auglocal
-from .errors import AugLocalError, first_line
-from .export import export_onnx
-from .layers import repeated_blocks
-from .layouts import UNKNOWN
-from .planner import analyze_model, available_memory, build_plan
-from .synthesize import synthesize_aux
+from ..assemble.axis_audit import audit_aux, audit_axes
+from ..assemble.synthesize import synthesize_aux
+from ..compiler import to_auglocal
+from ..errors import AugLocalError, first_line
+from ..export import export_onnx
+from ..passes.layers import repeated_blocks
+from ..passes.layouts import UNKNOWN
+from ..planner import analyze_model, available_memory, build_plan
 
 __all__ = ["SOURCES", "STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .bundles import call, detach
-from .errors import AugLocalError, first_line
-from .modes import eval_mode
+from ..errors import AugLocalError, first_line
+from ..modes import eval_mode
+from ..runtime.bundles import call, detach
 
 __all__ = ["check_units"]
 

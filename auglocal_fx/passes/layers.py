@@ -26,9 +26,9 @@ import torch.fx as fx
 from timm.models._manipulate import group_with_matcher  # timm re-exports only group_modules/parameters
 from torch import nn
 
+from ..errors import AugLocalError
+from ..plan import check_pattern_list
 from .cuts import is_tensor
-from .errors import AugLocalError
-from .plan import check_pattern_list
 
 __all__ = ["LayerSpan", "check_patterns", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from ..errors import AugLocalError
 from .bundles import Bundle, call, detach
-from .errors import AugLocalError
 from .recompute import run_maybe_recomputed
 
 __all__ = ["LocalUnit", "StepOutput", "blockwise_step"]

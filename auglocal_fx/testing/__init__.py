@@ -1,0 +1,2 @@
+"""Harnesses for checking the library on many models (the zoo check's stages); not the API.
+"""
