@@ -250,7 +250,7 @@ class Plan:
             raise AugLocalError(f"not an auglocal-fx plan: {exc}; write one with auglocal-convert --out") from exc
 
     def to_json(self, memory: dict | None = None) -> str:
-        """JSON of ``to_dict()``; with ``memory`` (``footprint.memory_summary``) under that key too
+        """JSON of ``to_dict()``; with ``memory`` (``costs.memory_summary``) under that key too
         (derived: ``from_dict`` ignores it)."""
         return json.dumps(self._document(memory), indent=2)
 
@@ -296,7 +296,7 @@ class Plan:
     # -- display --------------------------------------------------------------------------------
     def table(self, memory: dict | None = None):
         """A ``rich`` renderable: one row per block, with its aux recipe; with ``memory``
-        (``footprint.memory_summary``) also each unit's bytes and the step's estimated peak."""
+        (``costs.memory_summary``) also each unit's bytes and the step's estimated peak."""
         c = self.config
         title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
                  f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "

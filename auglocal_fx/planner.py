@@ -7,18 +7,16 @@ planning arguments, and turns the traced graph into the plain figures the plan c
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .assemble.light_head import wants_light_head
+from .assemble.light_head import HEAVY_HEAD_SHARE
+from .costs import aux_extra, aux_figures, light_head_info, slot_bytes, unit_cost
 from .errors import AugLocalError
 from .fingerprint import plan_fingerprint
-from .footprint import unit_bytes
 from .models import default_input_size, registered_name
 from .modes import eval_mode
 from .options import resolve
@@ -34,7 +32,8 @@ from .passes.cuts import (
     shape_read,
 )
 from .passes.layers import LayerSpan, find_layers, node_params, repeated_blocks
-from .passes.partition import Extra, UnitCost, aux_act_bytes, aux_params, get_balance
+from .passes.layouts import has_channels, resolve_layout
+from .passes.partition import get_balance
 from .passes.profiler import profile_graph
 from .passes.selection import apply_tail, pyramid_depths, select_layers
 from .passes.trace import trace
@@ -46,7 +45,6 @@ from .plan import (
     PlanConfig,
     available_memory,
     check_input_size,
-    is_size_kind,
 )
 from .rules import Rule, get_rule
 
@@ -196,7 +194,7 @@ def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
         prev = span.boundary
     head = _layer_info(a, a.head, prev, seen)
     for info, before in zip([*infos[1:], head], infos):  # what rides along into each layer
-        info.carried_bytes = sum(_nbytes(shape, kind) for shape, kind in
+        info.carried_bytes = sum(slot_bytes(shape, kind) for shape, kind in
                                  zip(before.crossing[:-1], before.crossing_dtypes[:-1]))
     saved = [_saved(span) for span in [*a.layers, a.head]]
     for info, mine, before in zip([*infos[1:], head], saved[1:], saved):  # saved on both sides of a cut
@@ -210,64 +208,6 @@ def _saved(span: LayerSpan) -> dict[int, int]:
     for n in span.nodes:
         saved.update(n.meta.get("saved", {}))
     return saved
-
-
-def _nbytes(shape: list[int], kind: str) -> int:
-    """Bytes of one sample of a tensor slot (0 for a size or None riding along)."""
-    return 0 if is_size_kind(kind) else getattr(torch, kind).itemsize * math.prod(shape)
-
-
-def _aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-               tail: str, light: bool) -> Extra:
-    """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
-    block that trains with the model's head, the head) holds alive beside the block's own activations."""
-    aux = _aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light)
-    return lambda j, last: aux(j, last)[1]
-
-
-def _aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-                 tail: str, copies: bool, light: bool = False):
-    """``(j, last) -> (params, activation bytes per sample)`` of what block j trains with beside its
-    own layers: its aux net (estimated from the copies, ending with a light head when ``light``;
-    nothing for a rule whose aux nets copy no layers) or, for the block that trains with the model's
-    head, the head. Memoised."""
-    kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))  # blocks left after the tail
-    depths = pyramid_depths(kept - 1, aux_depth, pyramid)
-    n = len(layers)
-
-    @functools.cache
-    def figures(j: int, last: int) -> tuple[int, int]:
-        if j >= kept - 1:  # merged into (or is) the last block, trained by the model's head
-            return (head.params, head.act_bytes - head.shared_bytes) if j == blocks - 1 else (0, 0)
-        if not copies:
-            return 0, 0
-        selected = select_layers(last, n, depths[j])
-        return (aux_params(layers, head, last, selected, light),
-                aux_act_bytes(layers, head, last, selected, light))
-
-    return figures
-
-
-def _unit_cost(layers: list[LayerInfo], aux, batch: int, has_aux, **options) -> UnitCost:
-    """``(j, first, last) -> (held, running)`` bytes of block j over layers first..last with its aux
-    net, by ``footprint.unit_bytes``: weights and optimizer state held all step; gradients and
-    ``batch`` samples of activations while the unit runs (per-unit optimizer steps)."""
-    params, acts, shared = [0], [0], [0]
-    for x in layers:
-        params.append(params[-1] + x.params)
-        acts.append(acts[-1] + x.act_bytes)
-        shared.append(shared[-1] + x.shared_bytes)
-
-    def unit(j: int, first: int, last: int) -> tuple[float, float]:
-        aux_p, aux_a = aux(j, last)
-        own_p = params[last + 1] - params[first]
-        # each storage once: what a layer shares with the one before counts only inside the block
-        own_a = acts[last + 1] - acts[first] - (shared[last + 1] - shared[first + 1]) + layers[first].carried_bytes
-        opts = options if has_aux(j) else {**options, "aux_dtype": "float32"}  # the head is the model's
-        weights, opt, running = unit_bytes(own_p + aux_p, aux_p if has_aux(j) else 0, own_a, aux_a, batch, **opts)
-        return weights + opt, running
-
-    return unit
 
 
 def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
@@ -300,12 +240,12 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
                                       f"use 1..{n}")
     tau, depth = float(c.pyramid), c.aux_depth
     if policy.split_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
-        aux = _aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light)
+        aux = aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light)
         kept = len(apply_tail([[i] for i in range(blocks)], depth, c.tail))
-        unit = _unit_cost(layers, aux, c.batch, lambda j: j < kept - 1, recompute=c.recompute, aux_dtype=c.aux_dtype)
+        unit = unit_cost(layers, aux, c.batch, lambda j: j < kept - 1, recompute=c.recompute, aux_dtype=c.aux_dtype)
         groups = policy.split_units(n, blocks, unit)
     else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
-        extra = (_aux_extra(layers, head, blocks, depth, tau, c.tail, light)
+        extra = (aux_extra(layers, head, blocks, depth, tau, c.tail, light)
                  if policy.weighs_aux and kind.copies_layers else None)
         groups = policy.split([policy.layer_cost(x) for x in layers], blocks, extra)
     groups = apply_tail(groups, depth, c.tail)
@@ -318,6 +258,22 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     plan = Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
     plan.fingerprint = plan_fingerprint(model, plan)  # to_auglocal(other_model, plan=plan) is refused
     return plan
+
+
+def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> bool:
+    """Whether aux nets end with a light head under ``policy`` for a model of ``layers`` and ``head``
+    (auto: the head is heavy and larger than any light head that could replace it)."""
+    if policy != "auto":
+        return policy == "light"
+    total = head.params + sum(x.params for x in layers)
+    if head.params <= HEAVY_HEAD_SHARE * total:
+        return False
+    classes = head.out_shape[-1] if head.out_shape else 0
+    known = [x for x in layers if x.bundle[-1] and has_channels(x.bundle[-1], resolve_layout(x.bundle[-1], x.layouts[-1]))]
+    if not known:
+        return False
+    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes).params for x in known)
+    return largest < head.params
 
 
 def _granularity_notes(name: str, model: nn.Module, a: Analysis) -> list[str]:

@@ -24,16 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .costs import unit_costs
 from .errors import AugLocalError
 from .passes.partition import equal_counts, min_max_partition
 from .plan import Plan, is_size_kind
 
-__all__ = ["STAGE_BALANCES", "StagePlan", "unit_costs", "split_stages", "check_stages", "stages_summary", "stage_table"]
+__all__ = ["STAGE_BALANCES", "StagePlan", "split_stages", "check_stages", "stages_summary", "stage_table"]
 
 STAGE_BALANCES = ("time", "cost", "units")  # "time": measured seconds per unit (auglocal-train only)
-BACKWARD_FACTOR = 2.0  # backward FLOPs as a multiple of forward (input and weight gradients)
-
-
 @dataclass(frozen=True)
 class StagePlan:
     """``units[s]``: the unit indices stage ``s`` trains; ``costs[s]``: its cost (training FLOPs per
@@ -55,13 +53,6 @@ class StagePlan:
     def imbalance(self) -> float:
         """The slowest stage's cost over the mean: 1.0 is perfect, throughput scales with P / this."""
         return max(self.costs) / (sum(self.costs) / len(self.costs)) if sum(self.costs) else 1.0
-
-
-def unit_costs(plan: Plan) -> list[float]:
-    """Training FLOPs per sample of each unit: (1 + BACKWARD_FACTOR) x (its block's forward + its
-    aux net's or, for the last unit, the head's forward)."""
-    tops = [a.flops for a in plan.aux] + [plan.head.flops]
-    return [(1 + BACKWARD_FACTOR) * (plan.block_sum(b, "flops") + top) for b, top in zip(plan.blocks, tops)]
 
 
 def check_stages(stages, units: int, where: str = "stages") -> int:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
-from auglocal_fx.footprint import bp_footprint, crossover_batch, estimate_footprint, memory_summary
+from auglocal_fx.costs import bp_footprint, crossover_batch, estimate_footprint, memory_summary
 from auglocal_fx.passes.partition import min_total_partition
 from auglocal_fx.plan import Plan
 from auglocal_fx.runtime.memory import SavedTensorMeter, allocated_peak

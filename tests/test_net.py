@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from auglocal_fx import AugLocalError, load_auglocal, to_auglocal
-from auglocal_fx.passes.partition import unit_act_bytes
+from auglocal_fx.costs import unit_act_bytes
 from auglocal_fx.runtime.memory import SavedTensorMeter
 
 from checks import assert_gradient_isolation

@@ -15,7 +15,8 @@ from test_training import history, tiny_recipe, write_recipe
 from auglocal_fx import AugLocalError, build_plan
 from auglocal_fx.cifar_resnet import CifarResNet
 from auglocal_fx.cli.train import main as train_main
-from auglocal_fx.stages import split_stages, unit_costs
+from auglocal_fx.costs import unit_costs
+from auglocal_fx.stages import split_stages
 from auglocal_fx.training import load_recipe, train
 
 # GroupNorm: no batch statistics, so nothing but floating-point order may differ

@@ -10,7 +10,7 @@ import torch
 
 from auglocal_fx import AugLocalError, build_plan
 from auglocal_fx.assemble.split import split_graph
-from auglocal_fx.passes.partition import unit_act_bytes
+from auglocal_fx.costs import unit_act_bytes
 from auglocal_fx.planner import analyze_model
 
 MODELS = ["resnet50", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0", "tv_resnet18",

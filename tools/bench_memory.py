@@ -21,7 +21,7 @@ two training steps with SGD + momentum, measured three ways:
   ``torch.profiler`` (``profile_memory=True``) reports it with every allocation;
 - ``peak RSS``: the whole process (``getrusage``: allocator caches and the Python runtime too),
   beside the RSS of the imports alone;
-- ``estimate``: ``footprint.estimate_footprint``, the planner's figure (what ``balance=memory``
+- ``estimate``: ``costs.estimate_footprint``, the planner's figure (what ``balance=memory``
   minimises), with its breakdown.
 
 Rows: bp; dgl; auglocal with one optimizer step at the end; auglocal with per-unit steps (the
@@ -46,9 +46,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import to_auglocal  # noqa: E402
-from auglocal_fx.footprint import bp_footprint, crossover_batch, estimate_footprint  # noqa: E402
+from auglocal_fx.costs import (  # noqa: E402
+    bp_footprint,
+    crossover_batch,
+    estimate_footprint,
+    unit_act_bytes,  # noqa: E402
+)
 from auglocal_fx.models import create_model  # noqa: E402
-from auglocal_fx.passes.partition import unit_act_bytes  # noqa: E402
 from auglocal_fx.rules import get_rule  # noqa: E402
 from auglocal_fx.runtime.memory import SavedTensorMeter, allocated_peak  # noqa: E402
 

@@ -37,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
+from auglocal_fx.costs import BACKWARD_FACTOR, unit_costs  # noqa: E402
 from auglocal_fx.errors import AugLocalError  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.passes.partition import min_max_partition  # noqa: E402
-from auglocal_fx.stages import BACKWARD_FACTOR, split_stages, unit_costs  # noqa: E402
+from auglocal_fx.stages import split_stages  # noqa: E402
 
 PROG = "pipeline_model"
 MODELS = ("resnet50:16", "vit_base_patch16_224:12")  # name:K, each at its default input size

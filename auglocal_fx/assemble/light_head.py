@@ -30,32 +30,14 @@ from torch import nn
 
 from ..errors import AugLocalError
 from ..passes.layouts import channel_axis, has_channels, kind_of, resolve_layout, spatial_axes
-from ..plan import LayerInfo
 from ..runtime.bundles import Chain, PickLast
 from .adapters import TokenMean
 
-__all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "light_head",
-           "light_head_info", "wants_light_head"]
+__all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "light_head", "input_kind"]
 
 AUX_HEADS = ("copy", "light", "auto")
 HEAVY_HEAD_SHARE = 0.25  # auto: a head above this share of the model's parameters is not copied
 LIGHT_WIDTH = 512  # the reference's VGG aux head width
-
-
-def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> bool:
-    """Whether aux nets end with a light head under ``policy`` for a model of ``layers`` and ``head``
-    (auto: the head is heavy and larger than any light head that could replace it)."""
-    if policy != "auto":
-        return policy == "light"
-    total = head.params + sum(x.params for x in layers)
-    if head.params <= HEAVY_HEAD_SHARE * total:
-        return False
-    classes = head.out_shape[-1] if head.out_shape else 0
-    known = [x for x in layers if x.bundle[-1] and _known(x.bundle[-1], x.layouts[-1])]
-    if not known:
-        return False
-    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes).params for x in known)
-    return largest < head.params
 
 
 class _SpatialMean(nn.Module):
@@ -73,7 +55,7 @@ class LightHead(nn.Sequential):
     """A light head for per-sample input ``in_shape`` (``layout`` "nhwc": a channels-last map)."""
 
     def __init__(self, in_shape: list[int], layout: str, classes: int):
-        kind, width = _kind(in_shape, layout)
+        kind, width = input_kind(in_shape, layout)
         if kind == "map":
             dims = tuple(a + 1 for a in spatial_axes(resolve_layout(in_shape, layout)))
             w = LIGHT_WIDTH
@@ -86,11 +68,7 @@ class LightHead(nn.Sequential):
         self.summary = f"light head ({'pool, MLP ' + str(LIGHT_WIDTH) if kind == 'map' else 'mean, linear' if kind == 'tokens' else 'linear'})"
 
 
-def _known(shape: list[int], layout: str) -> bool:
-    return has_channels(shape, resolve_layout(shape, layout))
-
-
-def _kind(shape: list[int], layout: str) -> tuple[str, int]:
+def input_kind(shape: list[int], layout: str) -> tuple[str, int]:
     """("map" | "tokens" | "vector", channels) of a per-sample shape of ``layout``."""
     layout = resolve_layout(shape, layout)
     c = channel_axis(layout)
@@ -105,18 +83,3 @@ def light_head(bundle: list[list[int]], layouts: list[str], classes: int) -> nn.
     head = LightHead(bundle[-1], layouts[-1], classes)
     return head if len(bundle) == 1 else Chain(PickLast(), head)
 
-
-def light_head_info(in_shape: list[int], layout: str, classes: int) -> LayerInfo:
-    """The light head's figures, as a ``LayerInfo`` for the cost model: parameters exactly, FLOPs as
-    ``torch.utils.flop_counter`` counts them (matmuls), and the bytes it saves for backward per sample
-    as measured with ``SavedTensorMeter`` (a linear's input, each norm's input and output; the pooling saves none)."""
-    kind, c = _kind(in_shape, layout)
-    w, k = LIGHT_WIDTH, classes
-    if kind == "map":
-        params = (c * w + w) + 2 * w + (w * w + w) + 2 * w + (w * k + k)
-        flops = 2 * (c * w + w * w + w * k)
-        act = 4 * (c + 5 * w)
-    else:
-        params, flops, act = c * k + k, 2 * c * k, 4 * c
-    return LayerInfo(name="light head", boundary="output", in_shape=list(in_shape), out_shape=[k], params=params,
-                     flops=flops, act_bytes=act)

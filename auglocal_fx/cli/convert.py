@@ -10,8 +10,8 @@ from rich.console import Console
 
 from ..atomic import atomic_write_text, check_output_path
 from ..compiler import to_auglocal
+from ..costs import memory_summary
 from ..errors import AugLocalWarning
-from ..footprint import memory_summary
 from ..models import create_model
 from ..options import add_arguments, from_arguments, word_options
 from ..plan import PlanConfig

@@ -1,4 +1,5 @@
-"""Pass 3 — partition: split L layers into K contiguous blocks, and the cost model it balances.
+"""Pass 3 — partition: split L layers into K contiguous blocks (the cost model it balances is
+``costs.py``).
 
 Balance policies live in one small registry, like timm's model registry: ``layers`` (the paper:
 equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly). Each
@@ -10,18 +11,15 @@ skips it takes besides the newest tensor (``LayerInfo.carried_bytes``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..assemble.light_head import light_head_info
 from ..errors import AugLocalError
-from ..plan import LayerInfo, Plan
+from ..plan import LayerInfo
 from ..registry import Registry
-from .layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout
 
 __all__ = ["Balance", "BALANCERS", "register_balance", "get_balance", "partition", "equal_counts",
-           "min_max_partition", "min_total_partition", "aux_act_bytes", "aux_params", "unit_act_bytes"]
+           "min_max_partition", "min_total_partition", "Extra", "UnitCost"]
 
 Extra = Callable[[int, int], float]  # (block index, its last layer) -> cost added to that block
 Split = Callable[[Sequence[float], int, Extra | None], list[list[int]]]
@@ -162,86 +160,3 @@ def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Ex
 
 
 # -- the cost model ---------------------------------------------------------------------------------
-def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int],
-                  light: bool = False) -> int:
-    """Estimated activation bytes (per sample) of an aux net that copies layers ``selected`` after a
-    block ending at layer ``last`` (``light``: then a light head instead of the model's head).
-
-    Copied layers see the shapes they see in the backbone, so they save what they save there; a
-    map adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
-    the head copy saves what the head does, a light head what ``light_head_info`` estimates.
-    """
-    total, bundle = 0, layers[last].bundle
-    for j in _copy_steps(layers, selected, light):
-        into = layers[j - 1].bundle  # what layer j (or the head) takes
-        if into != bundle:
-            total += sum(4 * math.prod(t) for t, lay in zip(into, layers[j - 1].layouts)  # float32, as profiled
-                         if _is_map(resolve_layout(t, lay)))
-        bundle = layers[j].bundle if j < len(layers) else into
-    return total + _aux_head(layers, head, last, selected, light).act_bytes + sum(layers[j].act_bytes for j in selected)
-
-
-def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool = False) -> int:
-    """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
-    profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
-    channels change."""
-    total, bundle, lays = 0, layers[last].bundle, layers[last].layouts
-    for j in _copy_steps(layers, selected, light):
-        into, into_lays = layers[j - 1].bundle, layers[j - 1].layouts
-        if into != bundle:
-            total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
-                         zip(bundle[-len(into):], into, lays[-len(into):], into_lays))
-        bundle, lays = (layers[j].bundle, layers[j].layouts) if j < len(layers) else (into, into_lays)
-    return total + _aux_head(layers, head, last, selected, light).params + sum(layers[j].params for j in selected)
-
-
-def _copy_steps(layers: list[LayerInfo], selected: list[int], light: bool) -> list[int]:
-    """The steps of an aux net an adapter may precede: its copies, and the head unless light
-    (a light head takes whatever it is handed)."""
-    return list(selected) if light else [*selected, len(layers)]
-
-
-def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool) -> LayerInfo:
-    """What an aux net ends with: the model's head, or a light head on the newest tensor it is handed."""
-    if not light:
-        return head
-    fed = layers[selected[-1] if selected else last]
-    return light_head_info(fed.bundle[-1], fed.layouts[-1], head.out_shape[-1] if head.out_shape else 0)
-
-
-def _adapter_params(src: list[int], dst: list[int], src_layout: str = "", dst_layout: str = "") -> int:
-    """A map's 1x1 conv + norm wherever the shape changes (a strided conv when only the resolution
-    does), or a (T, D) sequence's linear where the channels change; channels found by layout."""
-    ls, ld = resolve_layout(src, src_layout), resolve_layout(dst, dst_layout)
-    c, c2 = _width(src, ls), _width(dst, ld)
-    maps = _is_map(ls) and _is_map(ld)
-    if maps and src != dst:
-        return c * c2 + 2 * c2
-    if c == c2:
-        return 0
-    return c * c2 + (2 * c2 if _is_map(ld) else c2)
-
-
-def _width(shape: list[int], layout: str) -> int:
-    axis = channel_axis(layout)
-    return shape[axis] if axis is not None and axis < len(shape) else (shape[-1] if shape else 0)
-
-
-def _is_map(layout: str) -> bool:
-    return layout not in (TOKENS, VECTOR, SEQUENCE, UNKNOWN)
-
-
-def unit_act_bytes(plan: Plan) -> list[int]:
-    """Estimated activation bytes per sample alive at each block's peak: block + aux net (the last:
-    block + head). Under block-wise training the largest of these is the step's activation peak."""
-    out = []
-    for b in plan.blocks:  # skips riding along into the block are held while it runs
-        own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
-        if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
-            recipe = plan.aux[b.index]
-            own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
-                                                     recipe.light_head)
-        else:  # the head runs in the same unit: what it shares with the last layer counts once
-            own += plan.head.act_bytes - plan.head.shared_bytes
-        out.append(own)
-    return out

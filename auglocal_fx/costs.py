@@ -1,0 +1,356 @@
+"""The cost model: every estimate made from a plan's profiled figures, in one place.
+
+What an aux net holds (parameters and activation bytes, from the layers it copies, its adapters and
+its head or light head), what each unit (a block with its aux net) holds while it runs, the cost
+closures the partition algorithms minimise (``passes/partition.py`` keeps only the algorithms),
+each unit's training FLOPs for pipeline stages, and what a whole training step holds in memory:
+weights, gradients, optimizer state and activations, per unit and in total.
+
+Under block-wise training the weights and optimizer state of every unit (block + aux net) are
+held all step; with per-unit optimizer steps only one unit's gradients are alive at a time, and
+only one unit's activations ever are. So the step's peak is
+
+    sum over units of (weights + optimizer state)  +  max over units of (gradients + batch x activations)
+
+(without per-unit steps every gradient stays until ``opt.step()``: the gradients join the sum).
+``balance="memory"`` minimises this figure at the plan's batch; ``tools/bench_memory.py`` sets it
+beside the measured peak. Activations per sample are the profiled saved-for-backward bytes
+(``unit_act_bytes``); buffers, the input batch and allocator slack are left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .assemble.light_head import LIGHT_WIDTH, input_kind
+from .passes.layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout
+from .passes.partition import Extra, UnitCost
+from .passes.selection import apply_tail, pyramid_depths, select_layers
+from .plan import LayerInfo, Plan, is_size_kind
+
+__all__ = ["Footprint", "UnitFootprint", "estimate_footprint", "bp_footprint", "crossover_batch", "memory_summary",
+           "unit_bytes", "unit_params", "aux_act_bytes", "aux_params", "light_head_info", "unit_act_bytes",
+           "slot_bytes", "aux_figures", "aux_extra", "unit_cost", "BACKWARD_FACTOR", "unit_costs"]
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class UnitFootprint:
+    """One unit: a block and its aux net (the last block: with the model's head)."""
+
+    params: int
+    aux_params: int  # of those, the aux net's
+    weights: int  # bytes
+    gradients: int  # bytes, alive while the unit's backward runs (until its optimizer step)
+    optimizer: int  # bytes
+    act_per_sample: int  # bytes saved for backward, one sample, at the unit's peak
+
+
+@dataclass
+class Footprint:
+    """Estimated peak bytes of one training step at ``batch``, and where they go."""
+
+    batch: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    units: list[UnitFootprint] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def unit_params(plan: Plan) -> list[tuple[int, int]]:
+    """Per unit, (parameters, of which the aux net's): a built aux net's count, else the estimate
+    from the profiled layers it copies (``aux_params``)."""
+    out = []
+    for b in plan.blocks:
+        own = plan.block_sum(b, "params")
+        recipe = plan.aux_for(b.index)
+        if recipe is None:
+            out.append((own + plan.head.params, 0))
+            continue
+        aux = recipe.params or aux_params(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
+                                          recipe.light_head)
+        out.append((own + aux, aux))
+    return out
+
+
+def unit_bytes(params: int, aux: int, own_act: int, aux_act: int, batch: int, *, optimizer_slots: int = 1,
+               recompute: str = "none", aux_dtype: str = "float32") -> tuple[int, int, int]:
+    """(weights, optimizer state, gradients + ``batch`` x activations at the unit's peak) of a unit
+    with ``params`` parameters (``aux`` of them its aux net's) saving ``own_act`` bytes per sample
+    in its block and ``aux_act`` in its aux net. The one formula the planner balances and the
+    footprint reports."""
+    scale = _ITEMSIZE[aux_dtype] / 4
+    weights = int(4 * (params - aux) + 4 * scale * aux)
+    aux_act = int(aux_act * scale)
+    act = max(own_act, aux_act) if recompute == "block" else own_act + aux_act
+    return weights, optimizer_slots * weights, weights + batch * act
+
+
+def estimate_footprint(plan: Plan, batch: int | None = None, *, per_unit_steps: bool = True,
+                       optimizer_slots: int = 1, recompute: str | None = None,
+                       aux_dtype: str | None = None) -> Footprint:
+    """The step's peak at ``batch`` (default: the plan's ``config.batch``) for an optimizer holding
+    ``optimizer_slots`` tensors per parameter (1: SGD with momentum, 2: Adam), with or without
+    per-unit optimizer steps, with ``recompute`` ("block": each block's forward is recomputed in
+    its backward, so a block's and its aux net's activations are never alive together) and aux
+    nets held in ``aux_dtype`` (both default to the plan's).
+
+    Example:
+        >>> f = estimate_footprint(net.plan, batch=32)
+        >>> f.total / 2**30, f.activations / f.total
+    """
+    c = plan.config
+    batch = c.batch if batch is None else batch
+    options = {"optimizer_slots": optimizer_slots, "recompute": recompute or c.recompute,
+               "aux_dtype": aux_dtype or c.aux_dtype}
+    units = []
+    for b, (params, aux), (own, top) in zip(plan.blocks, unit_params(plan), _unit_acts(plan)):
+        opts = options if plan.aux_for(b.index) else {**options, "aux_dtype": "float32"}  # the head: the model's
+        weights, opt, _ = unit_bytes(params, aux, own, top, 0, **opts)
+        act = unit_bytes(params, aux, own, top, 1, **opts)[2] - weights
+        units.append(UnitFootprint(params, aux, weights, weights, opt, act))
+    grads = [u.gradients for u in units]
+    return Footprint(batch=batch, weights=sum(u.weights for u in units),
+                     gradients=max(grads) if per_unit_steps else sum(grads),
+                     optimizer=sum(u.optimizer for u in units),
+                     activations=batch * max(u.act_per_sample for u in units), units=units)
+
+
+def bp_footprint(plan: Plan, batch: int | None = None, *, optimizer_slots: int = 1) -> Footprint:
+    """The same model trained end to end (one block, no aux nets): every layer's activations at once."""
+    batch = plan.config.batch if batch is None else batch
+    params = sum(x.params for x in plan.layers) + plan.head.params
+    act = (sum(x.act_bytes - x.shared_bytes for x in plan.layers) + plan.layers[0].shared_bytes
+           + plan.head.act_bytes - plan.head.shared_bytes)  # each storage once
+    weights = 4 * params
+    unit = UnitFootprint(params, 0, weights, weights, optimizer_slots * weights, act)
+    return Footprint(batch, weights, weights, optimizer_slots * weights, batch * act, [unit])
+
+
+def _unit_acts(plan: Plan) -> list[tuple[int, int]]:
+    """Per unit, activation bytes per sample of its block and of what it trains with (aux net or head)."""
+    if len(plan.blocks) == 1:
+        return [(plan.block_act_bytes(plan.blocks[0]), plan.head.act_bytes - plan.head.shared_bytes)]
+    out = []
+    for b, total in zip(plan.blocks, unit_act_bytes(plan)):
+        own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
+        out.append((own, total - own))
+    return out
+
+
+def crossover_batch(plan: Plan, **options) -> int | None:
+    """The smallest batch at which ``estimate_footprint(plan, batch, **options)`` falls below
+    ``bp_footprint``'s: the fixed bytes (weights, optimizer state, gradients) of the aux nets are
+    paid back by holding one unit's activations instead of the whole model's. None if never."""
+    def line(f):  # (fixed bytes, bytes per sample): both totals are linear in the batch
+        fixed = f(0).total
+        return fixed, f(1).total - fixed
+
+    (a0, a1), (b0, b1) = line(lambda b: estimate_footprint(plan, b, **options)), line(lambda b: bp_footprint(plan, b))
+    if a1 >= b1:
+        return None if a0 >= b0 else 1
+    return max(1, (a0 - b0) // (b1 - a1) + 1)
+
+
+def memory_summary(plan: Plan) -> dict:
+    """The footprint at the plan's batch as plain data, for the plan table and JSON
+    (``auglocal-convert``): per unit its weights, gradients, optimizer state and activations per
+    sample; the step's total and its parts; bp's total; the crossover batch."""
+    est, bp = estimate_footprint(plan), bp_footprint(plan)
+    c = plan.config
+    return {"batch": est.batch,
+            "assumes": f"SGD with momentum, optimizer step per unit, recompute={c.recompute}, aux {c.aux_dtype}",
+            "units": [asdict(u) for u in est.units],
+            "total": {k: v for k, v in est.to_dict().items() if k not in ("units", "batch")},
+            "bp_total": bp.total, "crossover_batch": crossover_batch(plan) if len(plan.blocks) > 1 else None}
+
+
+# -- aux nets: estimated from the layers they copy --------------------------------------------------
+
+
+def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int],
+                  light: bool = False) -> int:
+    """Estimated activation bytes (per sample) of an aux net that copies layers ``selected`` after a
+    block ending at layer ``last`` (``light``: then a light head instead of the model's head).
+
+    Copied layers see the shapes they see in the backbone, so they save what they save there; a
+    map adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
+    the head copy saves what the head does, a light head what ``light_head_info`` estimates.
+    """
+    total, bundle = 0, layers[last].bundle
+    for j in _copy_steps(layers, selected, light):
+        into = layers[j - 1].bundle  # what layer j (or the head) takes
+        if into != bundle:
+            total += sum(4 * math.prod(t) for t, lay in zip(into, layers[j - 1].layouts)  # float32, as profiled
+                         if _is_map(resolve_layout(t, lay)))
+        bundle = layers[j].bundle if j < len(layers) else into
+    return total + _aux_head(layers, head, last, selected, light).act_bytes + sum(layers[j].act_bytes for j in selected)
+
+
+def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool = False) -> int:
+    """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
+    profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
+    channels change."""
+    total, bundle, lays = 0, layers[last].bundle, layers[last].layouts
+    for j in _copy_steps(layers, selected, light):
+        into, into_lays = layers[j - 1].bundle, layers[j - 1].layouts
+        if into != bundle:
+            total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
+                         zip(bundle[-len(into):], into, lays[-len(into):], into_lays))
+        bundle, lays = (layers[j].bundle, layers[j].layouts) if j < len(layers) else (into, into_lays)
+    return total + _aux_head(layers, head, last, selected, light).params + sum(layers[j].params for j in selected)
+
+
+def _copy_steps(layers: list[LayerInfo], selected: list[int], light: bool) -> list[int]:
+    """The steps of an aux net an adapter may precede: its copies, and the head unless light
+    (a light head takes whatever it is handed)."""
+    return list(selected) if light else [*selected, len(layers)]
+
+
+def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool) -> LayerInfo:
+    """What an aux net ends with: the model's head, or a light head on the newest tensor it is handed."""
+    if not light:
+        return head
+    fed = layers[selected[-1] if selected else last]
+    return light_head_info(fed.bundle[-1], fed.layouts[-1], head.out_shape[-1] if head.out_shape else 0)
+
+
+def _adapter_params(src: list[int], dst: list[int], src_layout: str = "", dst_layout: str = "") -> int:
+    """A map's 1x1 conv + norm wherever the shape changes (a strided conv when only the resolution
+    does), or a (T, D) sequence's linear where the channels change; channels found by layout."""
+    ls, ld = resolve_layout(src, src_layout), resolve_layout(dst, dst_layout)
+    c, c2 = _width(src, ls), _width(dst, ld)
+    maps = _is_map(ls) and _is_map(ld)
+    if maps and src != dst:
+        return c * c2 + 2 * c2
+    if c == c2:
+        return 0
+    return c * c2 + (2 * c2 if _is_map(ld) else c2)
+
+
+def _width(shape: list[int], layout: str) -> int:
+    axis = channel_axis(layout)
+    return shape[axis] if axis is not None and axis < len(shape) else (shape[-1] if shape else 0)
+
+
+def _is_map(layout: str) -> bool:
+    return layout not in (TOKENS, VECTOR, SEQUENCE, UNKNOWN)
+
+
+def light_head_info(in_shape: list[int], layout: str, classes: int) -> LayerInfo:
+    """The light head's figures, as a ``LayerInfo`` for the cost model: parameters exactly, FLOPs as
+    ``torch.utils.flop_counter`` counts them (matmuls), and the bytes it saves for backward per sample
+    as measured with ``SavedTensorMeter`` (a linear's input, each norm's input and output; the pooling saves none)."""
+    kind, c = input_kind(in_shape, layout)
+    w, k = LIGHT_WIDTH, classes
+    if kind == "map":
+        params = (c * w + w) + 2 * w + (w * w + w) + 2 * w + (w * k + k)
+        flops = 2 * (c * w + w * w + w * k)
+        act = 4 * (c + 5 * w)
+    else:
+        params, flops, act = c * k + k, 2 * c * k, 4 * c
+    return LayerInfo(name="light head", boundary="output", in_shape=list(in_shape), out_shape=[k], params=params,
+                     flops=flops, act_bytes=act)
+
+
+# -- units: a block with its aux net (the last: with the model's head) ------------------------------
+
+
+def unit_act_bytes(plan: Plan) -> list[int]:
+    """Estimated activation bytes per sample alive at each block's peak: block + aux net (the last:
+    block + head). Under block-wise training the largest of these is the step's activation peak."""
+    out = []
+    for b in plan.blocks:  # skips riding along into the block are held while it runs
+        own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
+        if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
+            recipe = plan.aux[b.index]
+            own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
+                                                     recipe.light_head)
+        else:  # the head runs in the same unit: what it shares with the last layer counts once
+            own += plan.head.act_bytes - plan.head.shared_bytes
+        out.append(own)
+    return out
+
+
+def slot_bytes(shape: list[int], kind: str) -> int:
+    """Bytes of one sample of a tensor slot (0 for a size or None riding along)."""
+    return 0 if is_size_kind(kind) else getattr(torch, kind).itemsize * math.prod(shape)
+
+
+def aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
+                 tail: str, copies: bool, light: bool = False):
+    """``(j, last) -> (params, activation bytes per sample)`` of what block j trains with beside its
+    own layers: its aux net (estimated from the copies, ending with a light head when ``light``;
+    nothing for a rule whose aux nets copy no layers) or, for the block that trains with the model's
+    head, the head. Memoised."""
+    kept = len(apply_tail([[i] for i in range(blocks)], aux_depth, tail))  # blocks left after the tail
+    depths = pyramid_depths(kept - 1, aux_depth, pyramid)
+    n = len(layers)
+
+    @functools.cache
+    def figures(j: int, last: int) -> tuple[int, int]:
+        if j >= kept - 1:  # merged into (or is) the last block, trained by the model's head
+            return (head.params, head.act_bytes - head.shared_bytes) if j == blocks - 1 else (0, 0)
+        if not copies:
+            return 0, 0
+        selected = select_layers(last, n, depths[j])
+        return (aux_params(layers, head, last, selected, light),
+                aux_act_bytes(layers, head, last, selected, light))
+
+    return figures
+
+
+def aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
+               tail: str, light: bool) -> Extra:
+    """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
+    block that trains with the model's head, the head) holds alive beside the block's own activations."""
+    aux = aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light)
+    return lambda j, last: aux(j, last)[1]
+
+
+def unit_cost(layers: list[LayerInfo], aux, batch: int, has_aux, **options) -> UnitCost:
+    """``(j, first, last) -> (held, running)`` bytes of block j over layers first..last with its aux
+    net, by ``unit_bytes``: weights and optimizer state held all step; gradients and
+    ``batch`` samples of activations while the unit runs (per-unit optimizer steps)."""
+    params, acts, shared = [0], [0], [0]
+    for x in layers:
+        params.append(params[-1] + x.params)
+        acts.append(acts[-1] + x.act_bytes)
+        shared.append(shared[-1] + x.shared_bytes)
+
+    def unit(j: int, first: int, last: int) -> tuple[float, float]:
+        aux_p, aux_a = aux(j, last)
+        own_p = params[last + 1] - params[first]
+        # each storage once: what a layer shares with the one before counts only inside the block
+        own_a = acts[last + 1] - acts[first] - (shared[last + 1] - shared[first + 1]) + layers[first].carried_bytes
+        opts = options if has_aux(j) else {**options, "aux_dtype": "float32"}  # the head is the model's
+        weights, opt, running = unit_bytes(own_p + aux_p, aux_p if has_aux(j) else 0, own_a, aux_a, batch, **opts)
+        return weights + opt, running
+
+    return unit
+
+
+# -- pipeline stages -----------------------------------------------------------------------------------
+
+
+BACKWARD_FACTOR = 2.0  # backward FLOPs as a multiple of forward (input and weight gradients)
+
+
+def unit_costs(plan: Plan) -> list[float]:
+    """Training FLOPs per sample of each unit: (1 + BACKWARD_FACTOR) x (its block's forward + its
+    aux net's or, for the last unit, the head's forward)."""
+    tops = [a.flops for a in plan.aux] + [plan.head.flops]
+    return [(1 + BACKWARD_FACTOR) * (plan.block_sum(b, "flops") + top) for b, top in zip(plan.blocks, tops)]
