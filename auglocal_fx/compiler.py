@@ -3,6 +3,7 @@ aux nets; ``load_auglocal`` rebuilds a saved net the same way from the plan in i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -73,7 +74,8 @@ def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *,
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
-    aux_nets = synthesize_aux(model, plan, layers, layer_head, init or aux_init)
+    aux_nets, built = synthesize_aux(model, plan, layers, layer_head, init or aux_init)
+    plan = dataclasses.replace(plan, aux=built)  # the net's plan: the planned one with the built aux nets' figures
     net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
     check_units(net)  # a shape problem is an error here, not in the first step
     return net

@@ -256,8 +256,7 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
         input_layout=a.axes.of(input_nodes(a.gm.graph)[0]), extra_inputs=[dict(x) for x in a.extra_inputs])
     notes = a.output_notes + _granularity_notes(name, model, a)
     plan = Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
-    plan.fingerprint = plan_fingerprint(model, plan)  # to_auglocal(other_model, plan=plan) is refused
-    return plan
+    return dataclasses.replace(plan, fingerprint=plan_fingerprint(model, plan))  # another model's plan is refused
 
 
 def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> bool:

@@ -7,6 +7,7 @@ bytes it saves for backward.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -30,33 +31,34 @@ __all__ = ["AUX_INITS", "reset_parameters", "synthesize_aux"]
 
 def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_head: nn.Module,
                    aux_init: str | Callable[[nn.Module], nn.Module] = "model",
-                   model_kwargs: dict | None = None) -> list[nn.Module]:
-    """One aux net per ``plan.aux`` recipe (none for a rule without aux nets); fills each recipe's
-    ``adapters``, ``params`` and ``flops``. ``layers`` / ``layer_head`` are the per-layer graph
+                   model_kwargs: dict | None = None) -> tuple[list[nn.Module], list[AuxRecipe]]:
+    """One aux net per ``plan.aux`` recipe (none for a rule without aux nets), and each recipe with
+    the built net's figures (``adapters``, ``params``, ``flops``, ``act_bytes``) filled in: new
+    recipes, the plan itself is left as it is (the compiler makes the net's plan from both). ``layers`` / ``layer_head`` are the per-layer graph
     pieces from ``emit_pieces`` that copying rules copy. ``aux_init`` is a name in ``AUX_INITS``
     (prepared here, with ``model_kwargs``) or an init already prepared (``AuxInit.prepare``)."""
     rule = get_rule(plan.config.rule)
     found = AUX_INITS.lookup(aux_init) if isinstance(aux_init, str) else None
     if rule.one_block:
-        return []
+        return [], list(plan.aux)
     init = found.prepare(model, model_kwargs) if found is not None else aux_init
     classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
     norm2d = norm2d_like(model)
-    nets = []
+    nets, built = [], []
     for recipe in plan.aux:
         aux = init(rule.build_aux(AuxContext(plan, recipe, layers, layer_head, classes, norm2d)))
         if not rule.copies_layers and len(plan.layers[plan.blocks[recipe.block].layers[-1]].bundle) > 1:
             aux = Chain(PickLast(), aux)  # a head of its own takes the bundle's newest tensor
-        recipe.adapters = [m.summary for m in aux.modules() if isinstance(m, Adapter)]
-        recipe.params = sum(p.numel() for p in aux.parameters())
         if rule.copies_layers:  # copies save what the profiled layers do
-            recipe.flops = _copied_flops(aux, recipe, plan)
-            recipe.act_bytes = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
-                                             recipe.selected_layers, recipe.light_head)
+            flops = _copied_flops(aux, recipe, plan)
+            act = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
+                                recipe.selected_layers, recipe.light_head)
         else:
-            recipe.flops, recipe.act_bytes = _profile(aux, _in_shape(plan, recipe))
+            flops, act = _profile(aux, _in_shape(plan, recipe))
+        built.append(dataclasses.replace(recipe, adapters=[m.summary for m in aux.modules() if isinstance(m, Adapter)],
+                                         params=sum(p.numel() for p in aux.parameters()), flops=flops, act_bytes=act))
         nets.append(aux)
-    return nets
+    return nets, built
 
 
 def _in_shape(plan: Plan, recipe: AuxRecipe) -> list[int]:

@@ -176,7 +176,7 @@ def _audit(result: ZooResult, model: nn.Module, net, analysis, k: int, name: str
     for rule in BASELINES:
         try:
             plan = build_plan(model, k, input_size=result.input_size, model_name=name, analysis=analysis, rule=rule)
-            checks += audit_aux(plan, synthesize_aux(model, plan, [], None, "fresh"))
+            checks += audit_aux(plan, synthesize_aux(model, plan, [], None, "fresh")[0])
         except AugLocalError:  # a rule without a head for this layout says so; not the audit's concern
             continue
     result.axes_checked = len(checks)
