@@ -81,7 +81,7 @@ def unit_params(plan: Plan) -> list[tuple[int, int]]:
             out.append((own + plan.head.params, 0))
             continue
         aux = recipe.params or aux_params(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
-                                          recipe.light_head)
+                                          recipe.light_head, plan.config.light_width)
         out.append((own + aux, aux))
     return out
 
@@ -182,9 +182,10 @@ def memory_summary(plan: Plan) -> dict:
 
 
 def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int],
-                  light: bool = False) -> int:
+                  light: bool = False, width: int = LIGHT_WIDTH) -> int:
     """Estimated activation bytes (per sample) of an aux net that copies layers ``selected`` after a
-    block ending at layer ``last`` (``light``: then a light head instead of the model's head).
+    block ending at layer ``last`` (``light``: then a light head of hidden ``width`` instead of the
+    model's head).
 
     Copied layers see the shapes they see in the backbone, so they save what they save there; a
     map adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
@@ -197,10 +198,12 @@ def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected:
             total += sum(4 * math.prod(t) for t, lay in zip(into, layers[j - 1].layouts)  # float32, as profiled
                          if _is_map(resolve_layout(t, lay)))
         bundle = layers[j].bundle if j < len(layers) else into
-    return total + _aux_head(layers, head, last, selected, light).act_bytes + sum(layers[j].act_bytes for j in selected)
+    return total + _aux_head(layers, head, last, selected, light, width).act_bytes + \
+        sum(layers[j].act_bytes for j in selected)
 
 
-def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool = False) -> int:
+def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool = False,
+               width: int = LIGHT_WIDTH) -> int:
     """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
     profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
     channels change."""
@@ -211,7 +214,8 @@ def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: li
             total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
                          zip(bundle[-len(into):], into, lays[-len(into):], into_lays))
         bundle, lays = (layers[j].bundle, layers[j].layouts) if j < len(layers) else (into, into_lays)
-    return total + _aux_head(layers, head, last, selected, light).params + sum(layers[j].params for j in selected)
+    return total + _aux_head(layers, head, last, selected, light, width).params + \
+        sum(layers[j].params for j in selected)
 
 
 def _copy_steps(layers: list[LayerInfo], selected: list[int], light: bool) -> list[int]:
@@ -220,12 +224,13 @@ def _copy_steps(layers: list[LayerInfo], selected: list[int], light: bool) -> li
     return list(selected) if light else [*selected, len(layers)]
 
 
-def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool) -> LayerInfo:
+def _aux_head(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool,
+              width: int) -> LayerInfo:
     """What an aux net ends with: the model's head, or a light head on the newest tensor it is handed."""
     if not light:
         return head
     fed = layers[selected[-1] if selected else last]
-    return light_head_info(fed.bundle[-1], fed.layouts[-1], head.out_shape[-1] if head.out_shape else 0)
+    return light_head_info(fed.bundle[-1], fed.layouts[-1], head.out_shape[-1] if head.out_shape else 0, width)
 
 
 def _adapter_params(src: list[int], dst: list[int], src_layout: str = "", dst_layout: str = "") -> int:
@@ -250,12 +255,12 @@ def _is_map(layout: str) -> bool:
     return layout not in (TOKENS, VECTOR, SEQUENCE, UNKNOWN)
 
 
-def light_head_info(in_shape: list[int], layout: str, classes: int) -> LayerInfo:
+def light_head_info(in_shape: list[int], layout: str, classes: int, width: int = LIGHT_WIDTH) -> LayerInfo:
     """The light head's figures, as a ``LayerInfo`` for the cost model: parameters exactly, FLOPs as
     ``torch.utils.flop_counter`` counts them (matmuls), and the bytes it saves for backward per sample
     as measured with ``SavedTensorMeter`` (a linear's input, each norm's input and output; the pooling saves none)."""
     kind, c = input_kind(in_shape, layout)
-    w, k = LIGHT_WIDTH, classes
+    w, k = width, classes
     if kind == "map":
         params = (c * w + w) + 2 * w + (w * w + w) + 2 * w + (w * k + k)
         flops = 2 * (c * w + w * w + w * k)
@@ -278,7 +283,7 @@ def unit_act_bytes(plan: Plan) -> list[int]:
         if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
             recipe = plan.aux[b.index]
             own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
-                                                     recipe.light_head)
+                                                     recipe.light_head, plan.config.light_width)
         else:  # the head runs in the same unit: what it shares with the last layer counts once
             own += plan.head.act_bytes - plan.head.shared_bytes
         out.append(own)
@@ -291,7 +296,7 @@ def slot_bytes(shape: list[int], kind: str) -> int:
 
 
 def aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-                 tail: str, copies: bool, light: bool = False):
+                 tail: str, copies: bool, light: bool = False, width: int = LIGHT_WIDTH):
     """``(j, last) -> (params, activation bytes per sample)`` of what block j trains with beside its
     own layers: its aux net (estimated from the copies, ending with a light head when ``light``;
     nothing for a rule whose aux nets copy no layers) or, for the block that trains with the model's
@@ -307,17 +312,17 @@ def aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth
         if not copies:
             return 0, 0
         selected = select_layers(last, n, depths[j])
-        return (aux_params(layers, head, last, selected, light),
-                aux_act_bytes(layers, head, last, selected, light))
+        return (aux_params(layers, head, last, selected, light, width),
+                aux_act_bytes(layers, head, last, selected, light, width))
 
     return figures
 
 
 def aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-               tail: str, light: bool) -> Extra:
+               tail: str, light: bool, width: int = LIGHT_WIDTH) -> Extra:
     """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
     block that trains with the model's head, the head) holds alive beside the block's own activations."""
-    aux = aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light)
+    aux = aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light, width=width)
     return lambda j, last: aux(j, last)[1]
 
 

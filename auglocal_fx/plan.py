@@ -198,6 +198,8 @@ class PlanConfig:
                            "MLP; auto: light when the head holds over a quarter of the parameters (VGG), else copy",
                            choices="assemble.light_head:AUX_HEADS", kind="an aux head policy")
     aux_init: str = option("model", "how aux nets' weights start", choices="assemble.aux_init:AUX_INITS", kind="an aux init")
+    light_width: int = option(512, "hidden width of a light aux head's MLP (aux_head light, or auto on a heavy head; "
+                              "512 as the reference's VGG aux heads)", low=1)
     # measured by planning, not options
     input_dtype: str = option("float32", measured=True)  # the model's input: "float32" images, "int64" token ids
     input_layout: str = option("", measured=True)  # the input's measured layout ("nchw", "ncl", "nl" for ids, ...)

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .assemble.light_head import HEAVY_HEAD_SHARE
+from .assemble.light_head import HEAVY_HEAD_SHARE, LIGHT_WIDTH
 from .costs import aux_extra, aux_figures, light_head_info, slot_bytes, unit_cost
 from .errors import AugLocalError
 from .fingerprint import plan_fingerprint
@@ -229,7 +229,7 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     policy, kind = get_balance(c.balance), get_rule(c.rule)
     a = analysis or analyze_model(model, c.input_size, c.max_bundle, c.layers, c.output, example_inputs)
     layers, head = layer_infos(a)
-    light = kind.copies_layers and wants_light_head(c.aux_head, head, layers)
+    light = kind.copies_layers and wants_light_head(c.aux_head, head, layers, c.light_width)
     name = c.model or registered_name(model)
     n = len(layers)
     blocks = 1 if kind.one_block else c.blocks  # no aux nets: the whole model is one block, whatever blocks= says
@@ -240,12 +240,13 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
                                       f"use 1..{n}")
     tau, depth = float(c.pyramid), c.aux_depth
     if policy.split_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
-        aux = aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light)
+        aux = aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light,
+                          width=c.light_width)
         kept = len(apply_tail([[i] for i in range(blocks)], depth, c.tail))
         unit = unit_cost(layers, aux, c.batch, lambda j: j < kept - 1, recompute=c.recompute, aux_dtype=c.aux_dtype)
         groups = policy.split_units(n, blocks, unit)
     else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
-        extra = (aux_extra(layers, head, blocks, depth, tau, c.tail, light)
+        extra = (aux_extra(layers, head, blocks, depth, tau, c.tail, light, c.light_width)
                  if policy.weighs_aux and kind.copies_layers else None)
         groups = policy.split([policy.layer_cost(x) for x in layers], blocks, extra)
     groups = apply_tail(groups, depth, c.tail)
@@ -259,7 +260,7 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     return dataclasses.replace(plan, fingerprint=plan_fingerprint(model, plan))  # another model's plan is refused
 
 
-def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> bool:
+def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo], width: int = LIGHT_WIDTH) -> bool:
     """Whether aux nets end with a light head under ``policy`` for a model of ``layers`` and ``head``
     (auto: the head is heavy and larger than any light head that could replace it)."""
     if policy != "auto":
@@ -271,7 +272,7 @@ def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo]) -> b
     known = [x for x in layers if x.bundle[-1] and has_channels(x.bundle[-1], resolve_layout(x.bundle[-1], x.layouts[-1]))]
     if not known:
         return False
-    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes).params for x in known)
+    largest = max(light_head_info(x.bundle[-1], x.layouts[-1], classes, width).params for x in known)
     return largest < head.params
 
 

@@ -44,6 +44,23 @@ def test_vgg11_converts_with_light_heads_under_twice_the_backbone(capsys):
     assert [u["aux_params"] for u in doc["memory"]["units"]][:-1] == [a.params for a in plan.aux]
 
 
+def test_light_width_is_an_option_the_heads_and_the_estimates_follow(capsys):
+    """light_width (PlanConfig) narrows the light heads' MLP; the built heads, the cost model's
+    estimate and the flag agree (the option is one field: the flag and recipe key are made from it)."""
+    assert main(["--model", "vgg11", "--blocks", "4", "--input-size", "3", "32", "32", "--light-width", "64",
+                 "--format", "json"]) == 0
+    plan = Plan.from_dict(json.loads(capsys.readouterr().out))
+    assert plan.config.light_width == 64 and all(a.light_head for a in plan.aux)
+    for a in plan.aux:
+        last = plan.blocks[a.block].layers[-1]
+        assert aux_params(plan.layers, plan.head, last, a.selected_layers, light=True, width=64) == a.params
+    model = timm.create_model("vgg11", num_classes=10)
+    net = to_auglocal(model, 4, input_size=(3, 32, 32), aux_head="light", light_width=64)
+    widths = {m.out_features for m in net.aux[0].modules() if isinstance(m, torch.nn.Linear)}
+    assert widths == {64, 10}
+    assert [m.summary for m in net.aux[0].modules() if isinstance(m, LightHead)] == ["light head (pool, MLP 64)"]
+
+
 def test_auto_copies_resnet50s_head_and_light_replaces_it(resnet50):
     auto = build_plan(resnet50.model, 16, analysis=resnet50.analysis)
     assert not any(a.light_head for a in auto.aux)  # fc: 8% of the parameters

@@ -37,7 +37,7 @@ __all__ = ["AUX_HEADS", "HEAVY_HEAD_SHARE", "LIGHT_WIDTH", "LightHead", "light_h
 
 AUX_HEADS = ("copy", "light", "auto")
 HEAVY_HEAD_SHARE = 0.25  # auto: a head above this share of the model's parameters is not copied
-LIGHT_WIDTH = 512  # the reference's VGG aux head width
+LIGHT_WIDTH = 512  # the reference's VGG aux head width (PlanConfig.light_width's default)
 
 
 class _SpatialMean(nn.Module):
@@ -54,18 +54,18 @@ class _SpatialMean(nn.Module):
 class LightHead(nn.Sequential):
     """A light head for per-sample input ``in_shape`` (``layout`` "nhwc": a channels-last map)."""
 
-    def __init__(self, in_shape: list[int], layout: str, classes: int):
+    def __init__(self, in_shape: list[int], layout: str, classes: int, hidden: int = LIGHT_WIDTH):
         kind, width = input_kind(in_shape, layout)
         if kind == "map":
             dims = tuple(a + 1 for a in spatial_axes(resolve_layout(in_shape, layout)))
-            w = LIGHT_WIDTH
+            w = hidden
             mods = [_SpatialMean(dims), nn.Linear(width, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
                     nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True), nn.Linear(w, classes)]
         else:
             mods = ([TokenMean()] if kind == "tokens" else []) + [nn.Linear(width, classes)]
         super().__init__(*mods)
         self.in_shape, self.in_layout = list(in_shape), resolve_layout(in_shape, layout)  # FLOP counts, audit
-        self.summary = f"light head ({'pool, MLP ' + str(LIGHT_WIDTH) if kind == 'map' else 'mean, linear' if kind == 'tokens' else 'linear'})"
+        self.summary = f"light head ({'pool, MLP ' + str(hidden) if kind == 'map' else 'mean, linear' if kind == 'tokens' else 'linear'})"
 
 
 def input_kind(shape: list[int], layout: str) -> tuple[str, int]:
@@ -78,8 +78,8 @@ def input_kind(shape: list[int], layout: str) -> tuple[str, int]:
     return kind_of(layout), shape[c]
 
 
-def light_head(bundle: list[list[int]], layouts: list[str], classes: int) -> nn.Module:
+def light_head(bundle: list[list[int]], layouts: list[str], classes: int, width: int = LIGHT_WIDTH) -> nn.Module:
     """The light head for an aux net handing on ``bundle`` (oldest first): it takes the newest tensor."""
-    head = LightHead(bundle[-1], layouts[-1], classes)
+    head = LightHead(bundle[-1], layouts[-1], classes, width)
     return head if len(bundle) == 1 else Chain(PickLast(), head)
 

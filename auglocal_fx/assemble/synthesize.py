@@ -52,7 +52,7 @@ def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_
         if rule.copies_layers:  # copies save what the profiled layers do
             flops = _copied_flops(aux, recipe, plan)
             act = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
-                                recipe.selected_layers, recipe.light_head)
+                                recipe.selected_layers, recipe.light_head, plan.config.light_width)
         else:
             flops, act = _profile(aux, _in_shape(plan, recipe))
         built.append(dataclasses.replace(recipe, adapters=[m.summary for m in aux.modules() if isinstance(m, Adapter)],

@@ -32,7 +32,8 @@ def build_aux(ctx: AuxContext) -> nn.Module:
     mods: list[nn.Module] = []
     for j, piece, need, f in zip(steps, pieces, needed, fed):
         if light and j == len(plan.layers):  # takes what it is handed: no adapter
-            mods.append(light_head(plan.layers[f].bundle, plan.layers[f].layouts, ctx.num_classes))
+            mods.append(light_head(plan.layers[f].bundle, plan.layers[f].layouts, ctx.num_classes,
+                                   plan.config.light_width))
             break
         try:
             adapter = make_bundle_adapter(plan.layers[f].bundle, plan.bundle_into(j), ctx.norm2d,
