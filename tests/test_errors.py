@@ -112,6 +112,20 @@ def _second_run(tmp: Path, monkeypatch) -> list[str]:
     return [_recipe(tmp, **{"conversion.blocks": 3})]
 
 
+def _recipe_in_output(tmp: Path) -> list[str]:
+    """A recipe saved in the folder its run writes to, as recipe.yaml: the run would replace it."""
+    src = Path(_recipe(tmp, output=str(tmp)))
+    dest = tmp / "recipe.yaml"
+    dest.write_text(src.read_text())
+    return [str(dest)]
+
+
+def _duplicate_key(tmp: Path) -> list[str]:
+    path = Path(_recipe(tmp))
+    path.write_text(path.read_text() + "epochs: 3\n")
+    return [str(path)]
+
+
 # (id, CLI main, argv builder(tmp, monkeypatch), words the message must contain)
 CLI_CASES = [
     ("unknown-model", convert_main, lambda t, m: ["--model", "resnet5O", "--blocks", "4"],
@@ -188,6 +202,10 @@ CLI_CASES = [
     ("pipeline-without-processes", train_main, lambda t, m: [_recipe(t), "--set", "parallel.pipeline=2"],
      ["recipe key parallel.pipeline is 2 but 1 process(es) were started; launch a multiple of 2: torchrun "
       "--nproc_per_node 2"]),
+    ("recipe-is-run-output", train_main, lambda t, m: _recipe_in_output(t),
+     ["is an input of this run, and the run writes recipe.yaml", "rename the recipe or write to another folder"]),
+    ("recipe-duplicate-key", train_main, lambda t, m: _duplicate_key(t),
+     ["gives key 'epochs' twice (lines", "keep one of them"]),
     ("stages-above-blocks", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--stages", "5"],
      ["--stages 5 is more pipeline stages than the 4 block(s) the plan has; use at most 4"]),
 ]

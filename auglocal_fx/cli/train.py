@@ -51,7 +51,7 @@ def _main(argv=None) -> int:
     if resume is not None and args.overwrite:
         raise AugLocalError("--resume continues the run in the output folder and --overwrite replaces it; "
                             "pass one of them")
-    check_run_folder(recipe.output, resume, args.overwrite, words="cli")  # train() checks too, in Python's words
+    check_run_folder(recipe.output, resume, args.overwrite, words="cli", source=args.recipe)  # train() checks too, in Python's words
     s = train(recipe, resume=resume, stop_after=args.stop_after, overwrite=args.overwrite)
     if s is None:  # not rank 0 under torchrun: rank 0 reports
         return 0

@@ -273,7 +273,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> TrainReci
     if not path.is_file():
         raise AugLocalError(f"recipe {path} does not exist; see recipes/ for examples")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise AugLocalError(f"recipe {path} {exc}; keep one of them") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
@@ -285,4 +287,23 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> TrainReci
     recipe = recipe_from_dict(apply_overrides(data, list(overrides)))
     if recipe.output is None:
         recipe.output = str(Path("runs") / path.stem)
+    recipe.source = str(path)  # not a recipe key: the run checks it never writes over its own recipe
     return recipe
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives one key twice (PyYAML keeps the last,
+    silently: ``lr: 0.1`` then ``lr: 0.01`` further down would train at 0.01 unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(f"gives key {key!r} twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)

@@ -24,7 +24,8 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
     deletes that run's files first) or ``resume`` continues it. Under torchrun each process calls
     this; process 0 prints, writes files and gets the summary (the other ranks get None).
     """
-    check_run_folder(recipe.output, resume, overwrite)  # every rank, before any work: all refuse alike
+    # every rank, before any work: all refuse alike
+    check_run_folder(recipe.output, resume, overwrite, source=getattr(recipe, "source", None))
     env = setup(recipe.device)
     try:
         if recipe.parallel.pipeline > 1:

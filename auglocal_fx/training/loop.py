@@ -37,14 +37,16 @@ _WORDS = {"python": ("resume={last!r}", "another recipe.output", "overwrite=True
           "cli": ("--resume auto", "another folder (--set output=DIR)", "--overwrite")}
 
 
-def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = "python") -> None:
-    """Refuse to start a run in ``out`` when it holds another run's checkpoint, unless ``overwrite``.
+def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = "python", source=None) -> None:
+    """Refuse to start a run in ``out`` when it holds another run's checkpoint, unless ``overwrite``,
+    or when a file the run writes there is one of its inputs (``source``: the recipe file).
 
     A second ``auglocal-train`` into the same folder (another model, or the same recipe without
     ``--resume``) would replace that run's ``best.pt`` and ``last.pt``, hours of training, without a
     word. Resuming from a checkpoint inside ``out`` continues its run, so that is allowed.
     """
     out = Path(out)
+    _check_inputs_kept(out, [source, resume])
     held = [name for name in CHECKPOINTS if (out / name).is_file()]
     if overwrite or not held:
         return
@@ -54,6 +56,17 @@ def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = 
     cont = cont.format(last=str(out / held[0]))
     raise AugLocalError(f"output folder {out} already holds a run ({', '.join(held)}); continue it with {cont}, "
                         f"write to {elsewhere}, or pass {replace} to replace it")
+
+
+def _check_inputs_kept(out: Path, inputs) -> None:
+    """A run never writes over its own input: a recipe saved as ``<output>/recipe.yaml`` would be
+    replaced by the filled-in copy the run writes there (comments gone), even with ``overwrite``."""
+    written = {(out / name).resolve(): name for name in RUN_FILES if name not in CHECKPOINTS}
+    for given in inputs:
+        if given is not None and Path(given).resolve() in written:
+            raise AugLocalError(f"{given} is an input of this run, and the run writes {written[Path(given).resolve()]} "
+                                f"in its output folder {out}: rename the recipe or write to another folder "
+                                "(recipe key output)")
 
 
 def _clear_run(out: Path) -> None:
@@ -91,6 +104,15 @@ class Trainer:
         self.recipe, self.env = recipe, env
         self.log = log if env.is_main else (lambda *a, **k: None)
         self.out = Path(recipe.output)
+        created = not self.out.exists()
+        try:
+            self._start(recipe, env, resume, overwrite)
+        except BaseException:  # a run that did not start leaves no empty folder behind
+            if created and env.is_main and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
+
+    def _start(self, recipe: TrainRecipe, env: Env, resume, overwrite: bool) -> None:
         if env.is_main:
             _check_writable(self.out)
             if overwrite and resume is None:

@@ -1,0 +1,45 @@
+"""Nothing a user wrote is destroyed, and a recipe says one thing: a run never writes over its own
+recipe, a run that fails to start leaves no empty folder, a recipe that gives a key twice is refused."""
+
+from __future__ import annotations
+
+import yaml
+from test_training import tiny_recipe, write_recipe
+
+from auglocal_fx.cli.train import main as train_main
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_run_never_writes_over_its_own_recipe(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    recipe = tiny_recipe(tmp_path, output=str(exp))
+    path = exp / "recipe.yaml"
+    text = "# my notes\n" + yaml.safe_dump(recipe)
+    path.write_text(text)
+    assert train_main([str(path), "--stop-after", "1"]) == 2
+    err = _one_line_error(capsys)
+    assert f"{path} is an input of this run" in err and "recipe.yaml" in err
+    assert path.read_text() == text  # comments and all
+    assert train_main([str(path), "--overwrite"]) == 2  # not even when told to replace the run
+    assert path.read_text() == text
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, output=str(tmp_path / "new"))
+    assert train_main([str(write_recipe(tmp_path, recipe)), "--resume", str(tmp_path / "missing.pt")]) == 2
+    _one_line_error(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_recipe_that_gives_a_key_twice_is_refused(tmp_path, capsys):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    path.write_text(path.read_text() + "batch_size: 64\n")  # batch_size is already given above
+    assert train_main([str(path), "--print-recipe"]) == 2
+    err = _one_line_error(capsys)
+    assert "gives key 'batch_size' twice (lines" in err and "keep one of them" in err
