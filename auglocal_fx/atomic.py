@@ -14,8 +14,10 @@ from .errors import AugLocalError
 __all__ = ["atomic_write", "atomic_write_text", "atomic_savefig", "check_output_path"]
 
 
-def check_output_path(path: str | os.PathLike, inputs=(), name: str = "path") -> Path:
-    """Refuse an output ``path`` that is a folder or one of the command's own ``inputs``.
+def check_output_path(path: str | os.PathLike, inputs=(), name: str = "path", overwrite: bool | None = None) -> Path:
+    """Refuse an output ``path`` that is a folder or one of the command's own ``inputs``, and, with
+    ``overwrite=False`` (a command's default), a file that exists: a trained checkpoint given as
+    ``--save`` or ``--out`` by mistake would be gone (``overwrite=None``: not checked).
 
     Checked before any work is done, so a mistake costs nothing: writing onto an input would destroy it
     (``auglocal-export c.pt --out c.pt``), and a folder fails only after minutes of work otherwise.
@@ -28,6 +30,8 @@ def check_output_path(path: str | os.PathLike, inputs=(), name: str = "path") ->
         if other is not None and _same_file(path, Path(other)):
             raise AugLocalError(f"{name} {path} is also this command's input {other}; writing it would destroy "
                                 "the input: choose another output path")
+    if overwrite is False and path.exists():
+        raise AugLocalError(f"{name} {path} already exists; pass --overwrite to replace it, or choose another path")
     return path
 
 

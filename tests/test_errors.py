@@ -202,6 +202,10 @@ CLI_CASES = [
     ("pipeline-without-processes", train_main, lambda t, m: [_recipe(t), "--set", "parallel.pipeline=2"],
      ["recipe key parallel.pipeline is 2 but 1 process(es) were started; launch a multiple of 2: torchrun "
       "--nproc_per_node 2"]),
+    ("save-exists", convert_main,
+     lambda t, m: (_write(t, "trained_best.pt", b"weeks of training"),
+                   ["--model", "resnet18", "--blocks", "4", *SMALL, "--save", str(t / "trained_best.pt")])[1],
+     ["--save", "trained_best.pt already exists; pass --overwrite to replace it"]),
     ("recipe-is-run-output", train_main, lambda t, m: _recipe_in_output(t),
      ["is an input of this run, and the run writes recipe.yaml", "rename the recipe or write to another folder"]),
     ("recipe-duplicate-key", train_main, lambda t, m: _duplicate_key(t),

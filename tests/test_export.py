@@ -246,8 +246,11 @@ def test_cli_convert_save_then_export(tmp_path, capsys):
     assert convert_main(["--model", "resnet18", "--blocks", "4", "--input-size", "3", "64", "64",
                          "--num-classes", "10", "--save", str(ckpt)]) == 0
     capsys.readouterr()
-    out.write_text("an older export")  # existing outputs are replaced, and the command says so first
-    assert export_main([str(ckpt), "--out", str(out), "--state-dict", str(sd)]) == 0
+    out.write_text("an older export")  # an existing output is refused, and kept ...
+    assert export_main([str(ckpt), "--out", str(out), "--state-dict", str(sd)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == "an older export"
+    # ... or, with --overwrite, replaced: the command says so first
+    assert export_main([str(ckpt), "--out", str(out), "--state-dict", str(sd), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"replacing existing {out} with the ONNX export if it passes verification\n")
     assert f"replacing existing {sd}" not in printed

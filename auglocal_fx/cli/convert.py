@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -40,19 +41,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "yaml"), default="table", help="stdout format")
     p.add_argument("--out", help="also write the plan here (.json: JSON, else YAML)")
     p.add_argument("--save", metavar="PATH", help="write the converted model (weights + plan) for auglocal-train/-export")
+    p.add_argument("--overwrite", action="store_true", help="replace --out, --save or --plot files that exist "
+                                                            "(default: refuse, so a trained checkpoint is not lost)")
     return p
 
 
 def _main(argv=None) -> int:
     args = parser().parse_args(argv)
     # a mistake in the arguments costs nothing: found before the model is built, traced and printed
+    err = Console(stderr=True)
     for flag, path in (("--out", args.out), ("--save", args.save), ("--plot", args.plot)):
         if path is not None:
-            check_output_path(path, name=flag)
+            check_output_path(path, name=flag, overwrite=args.overwrite)
+            if os.path.exists(path):
+                err.print(f"replacing {path} ({flag})")
     options = from_arguments(PlanConfig, args, model=args.model)
     if args.stages is not None:
         check_stages(args.stages, args.blocks if args.blocks > 0 else args.stages, "--stages")
-    err = Console(stderr=True)
     with err.status(f"creating {args.model}..."):
         model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
     with err.status(f"tracing, profiling and converting {args.model}..."), warnings.catch_warnings():

@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                         "inputs): the limit is atol * max(1, e / 1e-6), 100 * e at the default")
     p.add_argument("--state-dict", metavar="PATH",
                    help="also write the backbone's state dict (loads strictly into timm.create_model)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out or --state-dict files that exist "
+                                                            "(default: refuse)")
     return p
 
 
@@ -60,9 +62,9 @@ def _check_outputs(args) -> None:
     if not args.atol >= 0:
         raise AugLocalError(f"--atol {args.atol} is not a number >= 0; give a tolerance such as 1e-4")
     check_opset(args.opset, args.exporter)
-    check_output_path(args.out, [args.checkpoint], "--out")
+    check_output_path(args.out, [args.checkpoint], "--out", args.overwrite)
     if args.state_dict is not None:
-        check_output_path(args.state_dict, [args.checkpoint], "--state-dict")
+        check_output_path(args.state_dict, [args.checkpoint], "--state-dict", args.overwrite)
         if _same_path(args.out, args.state_dict):
             raise AugLocalError(f"--state-dict {args.state_dict} is also --out; the state dict would overwrite "
                                 "the ONNX file: give them different paths")
