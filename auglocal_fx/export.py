@@ -204,6 +204,7 @@ def export_onnx(
                                       "without the batch, e.g. (3, 224, 224)")
     if path.parent and not path.parent.is_dir():
         raise AugLocalError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     specs = (net_or_model.plan.config.input_specs(input_size) if isinstance(net_or_model, AugLocalNet)
@@ -212,6 +213,11 @@ def export_onnx(
     example = tuple(x.to(device) for x in draw(2 if dynamic_batch else 1))
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # a folder that takes no files (read-only, /proc) is the user's path, not an exporter's failure
+        tmp.touch()
+        tmp.unlink()
+    except OSError as exc:
+        raise AugLocalError(f"cannot write {path} ({exc.strerror}); choose another path") from exc
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     if opset is not None:  # auto: only the exporters that can write the opset asked for
         order = [e for e in order if OPSETS[e][0] <= opset <= OPSETS[e][1]]

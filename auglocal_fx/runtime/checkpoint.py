@@ -9,6 +9,7 @@ import hashlib
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,10 @@ def save_net(net, path: str | os.PathLike, extra: dict | None = None) -> None:
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint dict (tensors and plain data only), with one-line errors for bad files."""
+    if os.path.isdir(path):
+        held = sorted(p.name for p in Path(path).glob("*.pt"))
+        hint = f"it holds {', '.join(held)}: pass one of them" if held else "pass a checkpoint file inside it"
+        raise AugLocalError(f"checkpoint {path} is a folder; {hint}")
     if not os.path.isfile(path):
         raise AugLocalError(f"checkpoint {path} does not exist; write one with auglocal-convert --save")
     try:
