@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import timm
 from torch import nn
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 
 __all__ = ["check_num_classes", "create_model", "default_input_size", "registered_name"]
 
@@ -49,7 +49,16 @@ def create_model(name: str, *, pretrained: bool = False, num_classes: int | None
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if not pretrained:
-        return timm.create_model(name, **kwargs)
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as exc:  # a keyword the architecture does not take
+            raise AugLocalError(f"{name} cannot be made with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} "
+                                f"({first_line(exc, 160, with_type=False)}); drop the keyword it does not take") from exc
+        except (RuntimeError, FileNotFoundError) as exc:  # checkpoint_path: weights of another architecture
+            if "checkpoint_path" not in kwargs:
+                raise
+            raise AugLocalError(f"the weights in {kwargs['checkpoint_path']} do not load into {name} "
+                                f"({first_line(exc, 160, with_type=False)}); give weights of that architecture") from exc
     offline = _why_offline()
     try:
         # offline, read only the local cache: weights downloaded before still load, and a miss fails

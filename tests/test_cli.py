@@ -210,3 +210,32 @@ def test_pretrained_offline_loads_cached_weights(capsys, monkeypatch, tmp_path):
     assert torch.all(model.fc.weight == 0.25)
     rc, out, err = run(capsys, "--model", "test_resnet", "--blocks", "2", "--pretrained", "--format", "json")
     assert rc == 0, err
+
+
+# -- making the model as timm's scripts do -----------------------------------------------------------
+def test_in_chans_and_img_size_plan_at_the_size_the_model_was_made_for(capsys):
+    rc, out, err = run(capsys, "--model", "vit_tiny_patch16_224", "--blocks", "4", "--img-size", "64",
+                       "--in-chans", "1", "--format", "json")
+    assert rc == 0, err
+    plan = Plan.from_dict(json.loads(out))
+    assert plan.config.input_size == [1, 64, 64] and plan.layers[0].out_shape[0] == 17  # 4x4 patches + class token
+
+
+def test_model_kwargs_and_a_local_checkpoint_reach_timm(capsys, tmp_path):
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), weights)
+    save = tmp_path / "c.pt"
+    rc, out, err = run(capsys, "--model", "resnet18", "--blocks", "3", "--input-size", "3", "32", "32",
+                       "--num-classes", "10", "--model-kwargs", "drop_rate=0.25", "--checkpoint", str(weights),
+                       "--save", str(save))
+    assert rc == 0, err
+    net = torch.load(save, weights_only=True)
+    want = torch.load(weights, weights_only=True)
+    assert torch.equal(net["model_state"]["conv1.weight"], want["conv1.weight"])  # the local weights, not random ones
+    rc, _, err = run(capsys, "--model", "resnet18", "--blocks", "3", "--model-kwargs", "drop_rate")
+    assert rc == 2 and "--model-kwargs 'drop_rate' is not KEY=VALUE" in err
+    rc, _, err = run(capsys, "--model", "resnet18", "--blocks", "3", "--model-kwargs", "foo=1")
+    assert rc == 2 and "resnet18 cannot be made with foo=1" in err and "\n" not in err.strip()
+    rc, _, err = run(capsys, "--model", "resnet34", "--blocks", "3", "--checkpoint", str(weights))
+    assert rc == 2 and "do not load into resnet34" in err and "\n" not in err.strip()
