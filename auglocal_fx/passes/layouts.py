@@ -142,50 +142,45 @@ def _reshaped(map_shape: tuple, other: tuple | None) -> str | None:
     return _LAST if last and not first else _FIRST if first and not last else None
 
 
+def _fixed_end(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """The end ``n``'s op keeps channels at whatever it is given: convs, norms and pools read and
+    write maps channels first (``_FIRST_MODULES`` / ``_FIRST_FUNCTIONS``), LayerNorm over the last
+    axis channels last; None for any other op."""
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        return _FIRST if isinstance(mod, _FIRST_MODULES) else _LAST if isinstance(mod, _LAST_MODULES) else None
+    if n.op in ("call_function", "call_method"):
+        return _FIRST if n.target in _FIRST_FUNCTIONS else _LAST if n.target in _LAST_FUNCTIONS else None
+    return None
+
+
 def _reads(gm: fx.GraphModule, user: fx.Node, t: fx.Node) -> str | None:
     """Which end ``user`` reads the channels of ``t`` at, if ``user`` decides it."""
     if not user.args or user.args[0] is not t:
         return None
-    if user.op == "call_module":
-        mod = gm.get_submodule(user.target)
-        if isinstance(mod, _FIRST_MODULES):
-            return _FIRST
-        if isinstance(mod, _LAST_MODULES):
-            return _LAST
-        return None
-    if user.op in ("call_function", "call_method"):
-        if user.target in _FIRST_FUNCTIONS:
-            return _FIRST
-        if user.target in _LAST_FUNCTIONS:
-            return _LAST
-        if user.target in _PERMUTES:
-            moved = _moves(_permute_dims(user))  # moving channels last means they were first
-            return {_LAST: _FIRST, _FIRST: _LAST}.get(moved)
-        if user.target in _RESHAPES and len(_shape(t) or ()) >= 4:
-            return _reshaped(_shape(t), _shape(user))
+    end = _fixed_end(gm, user)
+    if end is not None or user.op not in ("call_function", "call_method"):
+        return end
+    if user.target in _PERMUTES:
+        moved = _moves(_permute_dims(user))  # moving channels last means they were first
+        return {_LAST: _FIRST, _FIRST: _LAST}.get(moved)
+    if user.target in _RESHAPES and len(_shape(t) or ()) >= 4:
+        return _reshaped(_shape(t), _shape(user))
     return None
 
 
 def _made(gm: fx.GraphModule, n: fx.Node) -> str | None:
     """Which end ``n``'s own op leaves the channels at, if it decides it."""
-    if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
-        if isinstance(mod, _FIRST_MODULES):  # convs, norms and pools write maps as they read them
-            return _FIRST
-        if isinstance(mod, _LAST_MODULES):
-            return _LAST
-    elif n.op in ("call_function", "call_method"):
-        if n.target in _FIRST_FUNCTIONS:
-            return _FIRST
-        if n.target in _LAST_FUNCTIONS:
-            return _LAST
-        if n.target in _PERMUTES:
-            return _moves(_permute_dims(n))
-        if n.target in _RESHAPES and n.args and len(_shape(n) or ()) >= 4:
-            return _reshaped(_shape(n), _shape(n.args[0]))
-        if n.target in _TRANSPOSES and _swaps_last_two(n) and isinstance(n.args[0], fx.Node):
-            # (N, T, C) <-> (N, C, T): the channels end where the input's op left them, swapped
-            return {_FIRST: _LAST, _LAST: _FIRST}.get(_made(gm, n.args[0]))
+    end = _fixed_end(gm, n)  # convs, norms and pools write maps as they read them
+    if end is not None or n.op not in ("call_function", "call_method"):
+        return end
+    if n.target in _PERMUTES:
+        return _moves(_permute_dims(n))
+    if n.target in _RESHAPES and n.args and len(_shape(n) or ()) >= 4:
+        return _reshaped(_shape(n), _shape(n.args[0]))
+    if n.target in _TRANSPOSES and _swaps_last_two(n) and isinstance(n.args[0], fx.Node):
+        # (N, T, C) <-> (N, C, T): the channels end where the input's op left them, swapped
+        return {_FIRST: _LAST, _LAST: _FIRST}.get(_made(gm, n.args[0]))
     return None
 
 
