@@ -112,8 +112,9 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **cre
         try:
             model = create_model(c.model, **kwargs, **create_kwargs)
         except AugLocalError as exc:
-            raise AugLocalError(f"{c.model!r} is not a timm model: pass model= with the architecture "
-                                f"to load {path}") from exc
+            raise AugLocalError(f"{c.model!r} is not a timm model, so {path} cannot be re-created by name: in "
+                                f"Python, net = load_auglocal(path, model={c.model}(...)) with the architecture built "
+                                "as it was, then export_onnx(net, 'model.onnx')") from exc
     given = plan.config.model if created else f"the {type(model).__name__} given"
     check_fingerprint(model, plan, lead=f"{path} holds weights for another model than {given}",
                       fix="load it with the model it was saved from")

@@ -55,6 +55,10 @@ def create_model(name: str, *, pretrained: bool = False, num_classes: int | None
             raise AugLocalError(f"{name} cannot be made with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} "
                                 f"({first_line(exc, 160, with_type=False)}); drop the keyword it does not take") from exc
         except (RuntimeError, FileNotFoundError) as exc:  # checkpoint_path: weights of another architecture
+            if "can't allocate memory" in str(exc):  # e.g. num_classes=10**9: a classifier of terabytes
+                raise AugLocalError(f"{name} with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())} does not fit "
+                                    f"in memory ({first_line(exc, 200, with_type=False).split('DefaultCPUAllocator: ')[-1]}); "
+                                    "give smaller settings (num_classes, img_size)") from exc
             if "checkpoint_path" not in kwargs:
                 raise
             raise AugLocalError(f"the weights in {kwargs['checkpoint_path']} do not load into {name} "

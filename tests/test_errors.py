@@ -112,6 +112,15 @@ def _second_run(tmp: Path, monkeypatch) -> list[str]:
     return [_recipe(tmp, **{"conversion.blocks": 3})]
 
 
+def _custom_checkpoint(tmp: Path) -> Path:
+    """A converted net of a hand-written model (not a timm name: the CLI cannot re-create it)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    path = tmp / "custom.pt"
+    to_auglocal(model, 2, input_size=(3, 16, 16)).save(path)
+    return path
+
+
 def _recipe_in_output(tmp: Path) -> list[str]:
     """A recipe saved in the folder its run writes to, as recipe.yaml: the run would replace it."""
     src = Path(_recipe(tmp, output=str(tmp)))
@@ -218,6 +227,11 @@ CLI_CASES = [
      lambda t, m: (torch.save(timm.create_model("resnet18").state_dict(), t / "w.pth"),
                    ["--model", "resnet34", "--blocks", "3", *SMALL, "--checkpoint", str(t / "w.pth")])[1],
      ["do not load into resnet34", "give weights of that architecture"]),
+    ("export-custom-model", export_main, lambda t, m: [str(_custom_checkpoint(t)), "--out", str(t / "m.onnx")],
+     ["'Sequential' is not a timm model", "load_auglocal(path, model=Sequential(...))", "export_onnx(net"]),
+    ("num-classes-beyond-memory", convert_main,
+     lambda t, m: ["--model", "resnet18", "--blocks", "3", *SMALL, "--num-classes", "1000000000"],
+     ["resnet18 with num_classes=1000000000 does not fit in memory", "give smaller settings"]),
     ("recipe-is-run-output", train_main, lambda t, m: _recipe_in_output(t),
      ["is an input of this run, and the run writes recipe.yaml", "rename the recipe or write to another folder"]),
     ("recipe-duplicate-key", train_main, lambda t, m: _duplicate_key(t),
