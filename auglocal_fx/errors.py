@@ -45,7 +45,7 @@ class AugLocalWarning(UserWarning):
     than the model has blocks); one line, like the errors."""
 
 
-def first_line(exc: BaseException, limit: int = 300, *, with_type: bool = True) -> str:
+def first_line(exc: BaseException, limit: int = 500, *, with_type: bool = True) -> str:
     """The first non-empty line of ``exc``'s message (libraries append context lines), at most
     ``limit`` characters, after the exception's type name unless ``with_type=False``."""
     line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:limit]

@@ -15,6 +15,11 @@ from .pipeline import PipelineTrainer
 
 __all__ = ["train"]
 
+# the library's parameters as a recipe sets them: planning options are conversion keys; the input
+# size comes from the data and model sections
+_WORDS = {**RECIPE_KEYS, "input_size": "the input size that recipe keys model.in_chans and data.image_size give,"}
+_HINTS = {"input_size": " (a ViT made for another size: set model.img_size to data.image_size)"}
+
 
 def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
           overwrite: bool = False) -> dict | None:
@@ -35,8 +40,9 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
         summary = trainer.fit(stop_after)
         return summary if env.is_main else None
     except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
-        if exc.param in RECIPE_KEYS:
-            raise AugLocalError(exc.worded(RECIPE_KEYS)) from exc
+        if exc.param in _WORDS:
+            hint = _HINTS.get(exc.param, "")
+            raise AugLocalError(exc.worded(_WORDS) + hint) from exc
         raise
     finally:
         teardown(env)
