@@ -43,3 +43,19 @@ def test_a_recipe_that_gives_a_key_twice_is_refused(tmp_path, capsys):
     assert train_main([str(path), "--print-recipe"]) == 2
     err = _one_line_error(capsys)
     assert "gives key 'batch_size' twice (lines" in err and "keep one of them" in err
+
+
+def test_a_run_starts_from_the_weights_model_checkpoint_names(tmp_path):
+    import torch
+
+    from auglocal_fx.training import load_recipe
+    from auglocal_fx.training.build import build_run
+    from auglocal_fx.training.distributed import Env
+
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 0
+    last = tmp_path / "run" / "last.pt"
+    again = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path, **{"model.checkpoint": str(last)}), "b.yaml"))
+    run = build_run(again, Env(0, 1, torch.device("cpu")))
+    trained = torch.load(last, weights_only=True)["model_state"]
+    assert all(torch.equal(v, trained[k]) for k, v in run.net.model.state_dict().items())

@@ -291,9 +291,14 @@ def test_second_run_into_a_used_folder_is_refused(tmp_path, capsys):
     # in Python, the same refusal in Python's words
     with pytest.raises(AugLocalError, match=r"resume='.*last\.pt'.*overwrite=True"):
         train(load_recipe(path))
-    # --resume auto continues the run (here: one more epoch)
-    assert train_main([path, "--resume", "auto", "--set", "epochs=2"]) == 0
-    assert [h["epoch"] for h in history(out)] == [1, 2]
+    # a longer run cannot resume: the cosine schedule was made for 1 epoch (the lr would jump back up) ...
+    assert train_main([path, "--resume", "auto", "--set", "epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "cosine schedule was made for epochs = 1" in err and "--set model.checkpoint=" in err, err
+    # ... it trains on from the weights, under the new schedule, in a new run
+    longer = ["--set", "epochs=2", "--set", f"model.checkpoint={out / 'last.pt'}", "--set", f"output={tmp_path / 'on'}"]
+    assert train_main([path, *longer]) == 0
+    assert [h["epoch"] for h in history(tmp_path / "on")] == [1, 2]
     # --overwrite replaces it: another conversion, its history starts again
     assert train_main([path, "--overwrite", "--set", "conversion.blocks=3"]) == 0
     assert [h["epoch"] for h in history(out)] == [1]

@@ -6,22 +6,26 @@ Built the same way for a new run and a resumed one; a resumed run then loads the
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
 
+import timm
 import torch
 
 from ..compiler import to_auglocal
-from ..errors import AugLocalError
+from ..errors import AugLocalError, first_line
 from ..fingerprint import check_fingerprint
 from ..models import create_model
 from ..plan import Plan
+from ..runtime.checkpoint import read_checkpoint
 from ..runtime.net import AugLocalNet
 from .config import TrainRecipe, conversion_options
 from .data import DATASETS, DataBundle, build_data, eval_loader, train_loader
 from .distributed import Env
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["Run", "build_run", "model_kwargs"]
+__all__ = ["Run", "build_run", "model_kwargs", "load_weights"]
 
 
 @dataclass
@@ -44,6 +48,27 @@ def model_kwargs(recipe: TrainRecipe, data: DataBundle) -> dict:
     return kwargs
 
 
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """``model``'s weights from ``path``: an auglocal-fx checkpoint's backbone, or a timm / torch
+    weights file (``timm.models.load_checkpoint``); one-line errors for a missing or foreign file."""
+    if not os.path.isfile(path):
+        raise AugLocalError(f"recipe key model.checkpoint {path} is not a file; give a run's best.pt / last.pt "
+                            "or a weights file")
+    try:
+        payload = read_checkpoint(path)
+    except AugLocalError:  # not ours: a timm / torch weights file
+        payload = None
+    try:
+        if payload is not None:
+            model.load_state_dict(payload["model_state"])
+        else:
+            timm.models.load_checkpoint(model, path, strict=True)
+    except (RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        raise AugLocalError(f"recipe key model.checkpoint {path} holds weights of another model than "
+                            f"{type(model).__name__} ({first_line(exc, 160, with_type=False)}); give weights of this "
+                            "architecture") from exc
+
+
 def _per_rank(total: int, env: Env, key: str) -> int:
     if total % env.world:
         raise AugLocalError(f"recipe key {key} ({total}) must divide evenly across the {env.world} data-parallel "
@@ -64,6 +89,8 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
                             f"{data.classes} classes; remove it or set it to at least {data.classes}")
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts)
     model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
+    if recipe.model.checkpoint is not None and plan is None:  # resuming loads the run's own weights instead
+        load_weights(model, recipe.model.checkpoint)
     size = [kwargs["in_chans"], data.size, data.size]
     batch = _per_rank(recipe.batch_size, env, "batch_size")
     if plan is None:  # the memory estimate and balance=memory at the batch each process trains on

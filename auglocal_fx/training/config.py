@@ -53,6 +53,9 @@ class ModelSection:
     img_size: int | None = field(default=None, metadata=_at_least(1))  # for ViTs; passed to timm only when set
     pretrained: bool = False
     kwargs: dict = field(default_factory=dict)  # any other timm.create_model keyword
+    # start from these weights: a run's best.pt / last.pt (its backbone) or a timm / torch weights file;
+    # how to train a finished run longer under a new schedule
+    checkpoint: str | None = None
 
 
 def _conversion_section() -> type:

@@ -97,6 +97,16 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
                 raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
                                     f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "
                                     "a new output folder")
+    # a schedule is defined for the run's length: resuming under another one would jump the learning
+    # rate (a finished cosine restarting upwards); a longer run starts anew from the weights
+    longer = saved.get("epochs") not in (None, now["epochs"]) and now["schedule"]["name"] != "constant"
+    changed = [k for k, v in now["schedule"].items() if k in saved.get("schedule", {}) and saved["schedule"][k] != v]
+    if longer or changed:
+        what = (f"epochs = {saved['epochs']}" if longer else f"schedule.{changed[0]} = {saved['schedule'][changed[0]]!r}")
+        raise AugLocalError(f"cannot resume from {path}: its {saved['schedule']['name']} schedule was made for "
+                            f"{what}, and this recipe changes it (the learning rate would jump); keep it, or train "
+                            f"on from its weights under the new schedule in a new run: --set model.checkpoint={path} "
+                            "--set output=<a new folder>")
 
 
 class Trainer:
