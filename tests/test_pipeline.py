@@ -225,7 +225,7 @@ def test_p2p_carries_tensors_sizes_and_none(tmp_path):
 
 
 def test_stages_that_share_a_parameter_are_refused():
-    from auglocal_fx.training.pipeline import _check_disjoint
+    from auglocal_fx.training.strategies import check_disjoint as _check_disjoint
 
     shared = torch.nn.Linear(2, 2)
     units = [torch.nn.Sequential(shared), torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(shared)]

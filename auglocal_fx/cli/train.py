@@ -10,7 +10,7 @@ import yaml
 
 from ..errors import AugLocalError
 from ..training import load_recipe, train
-from ..training.loop import check_run_folder
+from ..training.run_folder import check_run_folder
 from .common import run_cli
 
 PROG = "auglocal-train"

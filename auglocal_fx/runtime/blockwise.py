@@ -21,7 +21,8 @@ __all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
 
 @dataclass
 class StepOutput:
-    """What one ``training_step`` returns. Losses are floats; logits are detached."""
+    """What one ``training_step`` returns. Losses are floats (tensors with ``blockwise_step(sync=False)``);
+    logits are detached."""
 
     logits: torch.Tensor
     loss: float
@@ -75,7 +76,7 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
                    loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None,
                    scaler: torch.amp.GradScaler | None = None,
                    optimizer: torch.optim.Optimizer | None = None, image: torch.Tensor | None = None,
-                   hand_on: Callable[[Bundle], None] | None = None) -> StepOutput:
+                   hand_on: Callable[[Bundle], None] | None = None, sync: bool = True) -> StepOutput:
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
@@ -97,6 +98,10 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     ``image`` is the model's input batch (for rules whose loss compares with it; default ``x``), and
     ``hand_on(h)`` receives the last unit's detached output as soon as its forward is done, before
     its backward, so the next stage can start on it while this one finishes.
+
+    ``sync=False`` returns the losses and accuracies as tensors on the device (``loss`` 0-d, the
+    others 1-d) instead of floats, so a loop that reads them only now and then never waits for the
+    device between steps.
     """
     if optimizer is not None and scaler is not None:
         raise AugLocalError("training_step(optimizer=..., scaler=...): a GradScaler steps once per update; "
@@ -127,7 +132,9 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
         accs.append(_accuracy(logits.detach(), target))
         h = detach(out)
         del out, top, loss
-    losses, accs = torch.stack(losses).tolist(), torch.stack(accs).tolist()  # one sync per step
+    losses, accs = torch.stack(losses), torch.stack(accs)
+    if sync:
+        losses, accs = losses.tolist(), accs.tolist()  # one sync per step
     return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
 
 

@@ -6,6 +6,6 @@ Example:
 """
 
 from .config import TrainRecipe, apply_overrides, load_recipe, recipe_from_dict
-from .launch import train
+from .trainer import train
 
 __all__ = ["TrainRecipe", "apply_overrides", "load_recipe", "recipe_from_dict", "train"]

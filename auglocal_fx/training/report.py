@@ -23,7 +23,7 @@ __all__ = ["EpochProgress", "write_metrics", "plot_curves", "epoch_line"]
 
 
 class EpochProgress:
-    """A progress bar on a terminal (loss, accuracy, images/s); a line every ~10% of the epoch in logs."""
+    """A progress bar on a terminal (loss, accuracy, images/s); in logs, a line per log interval."""
 
     def __init__(self, title: str, total: int, enabled: bool = True):
         self.title, self.total, self.enabled = title, total, enabled
@@ -37,14 +37,20 @@ class EpochProgress:
             self._task = self._bar.add_task(title, total=total, stats="")
             self._bar.start()
 
-    def update(self, step: int, loss: float, acc: float, images: int) -> None:
+    def update(self, step: int, loss: float | None = None, acc: float | None = None, images: int = 0) -> None:
+        """Step ``step`` done; with ``loss`` (the trainer looks at the losses once per log interval)
+        the bar's figures change too, and a log gets a line."""
         if not self.enabled:
+            return
+        if loss is None:
+            if self._bar is not None:
+                self._bar.update(self._task, completed=step)
             return
         rate = images / max(time.perf_counter() - self.start, 1e-9)
         stats = f"loss {loss:.4f}  acc {100 * acc:.1f}%  {rate:,.0f} img/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, stats=stats)
-        elif step == self.total or step % max(self.total // 10, 1) == 0:
+        else:
             print(f"{self.title} {step}/{self.total}  {stats}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -1,0 +1,71 @@
+"""The run's folder: what a run writes there, and the checks before it writes anything.
+
+A run folder holds one run: its checkpoints, metrics, plot, summary and filled-in recipe. Starting
+a second run there would replace hours of training without a word, and a recipe saved inside it
+would be overwritten by the run's own copy; both are refused before anything is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import AugLocalError
+
+__all__ = ["CHECKPOINTS", "RUN_FILES", "check_run_folder", "check_writable", "clear_run"]
+
+CHECKPOINTS = ("last.pt", "best.pt")
+# every file a run writes; --overwrite clears them so that the folder never mixes two runs
+RUN_FILES = (*CHECKPOINTS, "metrics.jsonl", "curves.png", "summary.json", "recipe.yaml")
+# how each caller asks to continue a run / write elsewhere / replace it: messages use the caller's words
+_WORDS = {"python": ("resume={last!r}", "another recipe.output", "overwrite=True"),
+          "cli": ("--resume auto", "another folder (--set output=DIR)", "--overwrite")}
+
+
+def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = "python", source=None) -> None:
+    """Refuse to start a run in ``out`` when it holds another run's checkpoint, unless ``overwrite``,
+    or when a file the run writes there is one of its inputs (``source``: the recipe file).
+
+    A second ``auglocal-train`` into the same folder (another model, or the same recipe without
+    ``--resume``) would replace that run's ``best.pt`` and ``last.pt``, hours of training, without a
+    word. Resuming from a checkpoint inside ``out`` continues its run, so that is allowed.
+    """
+    out = Path(out)
+    _check_inputs_kept(out, [source, resume])
+    held = [name for name in CHECKPOINTS if (out / name).is_file()]
+    if overwrite or not held:
+        return
+    if resume is not None and Path(resume).resolve().parent == out.resolve():
+        return
+    cont, elsewhere, replace = _WORDS[words]
+    cont = cont.format(last=str(out / held[0]))
+    raise AugLocalError(f"output folder {out} already holds a run ({', '.join(held)}); continue it with {cont}, "
+                        f"write to {elsewhere}, or pass {replace} to replace it")
+
+
+def _check_inputs_kept(out: Path, inputs) -> None:
+    """A run never writes over its own input: a recipe saved as ``<output>/recipe.yaml`` would be
+    replaced by the filled-in copy the run writes there (comments gone), even with ``overwrite``."""
+    written = {(out / name).resolve(): name for name in RUN_FILES if name not in CHECKPOINTS}
+    for given in inputs:
+        if given is not None and Path(given).resolve() in written:
+            raise AugLocalError(f"{given} is an input of this run, and the run writes {written[Path(given).resolve()]} "
+                                f"in its output folder {out}: rename the recipe or write to another folder "
+                                "(recipe key output)")
+
+
+def clear_run(out: Path) -> None:
+    """Delete the files of the run ``out`` holds (``overwrite``): a crash in the new run's first epoch
+    must not leave the old ``last.pt`` for ``--resume auto`` to continue under the new recipe."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".auglocal-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise AugLocalError(f"output directory {out} is not writable ({exc.strerror}); "
+                            "set recipe key output to a writable folder") from exc

@@ -1,0 +1,288 @@
+"""How a run's units are laid out over the processes: the strategy a ``Trainer`` is composed with.
+
+- ``DataParallel``: every unit in this process; under ``torchrun`` each unit in its own DDP over all
+  processes (``distributed.wrap_units`` says why one per unit).
+- ``PipelineStages`` (``parallel.pipeline: P``): P stages x R data-parallel replicas, laid out as a
+  ``DeviceMesh`` of shape (P, R) named ("pp", "dp"); this process trains one stage's units on the
+  batches the stage before it sends.
+
+A strategy answers only what differs between the two: which units this process trains (``mine``),
+where its batches come from and where its outputs go (``batches``, ``hand_on``), which data shard
+it loads, what its epoch adds to the metrics, and its part of a checkpoint. The ``Trainer`` runs the
+epochs, evaluation, checkpoints and reports once for both.
+
+Why pipeline stages are exact: sequential training runs unit k on batch n with unit k's parameters
+after its step n-1 update, and hands unit k+1 the output computed before unit k's step n update. A
+stage does the same: it computes batch n's output with its parameters before their step n update,
+sends it, then updates. So stage k+1 receives exactly the tensor the sequential loop would have
+given it, and the run computes the same updates (up to floating-point order); batch-norm statistics
+too, since every stage sees whole batches. Only random draws inside the model (dropout, drop-path)
+differ: each process has its own generator. Nothing flows backward and no stage waits for a later
+one (three stages on batches 1, 2, 3 ...)::
+
+    stage 0 | F1 B1 | F2 B2 | F3 B3 | F4 B4 | ...
+    stage 1 |     F1 B1 | F2 B2 | F3 B3 | ...        F: forward (sends on at its end)
+    stage 2 |         F1 B1 | F2 B2 | ...            B: local backward(s) + optimizer step
+
+Transfers are ``torch.distributed`` ``isend``/``irecv`` (``p2p.py``). ``torch.distributed.pipelining``
+(``PipelineStage`` + a schedule) is built for pipelined *backprop*: its schedules send gradients to
+the previous stage and have one loss at the last stage; here every stage has its own losses and
+optimizer and nothing goes backward, which its schedules do not express. Each process builds the
+whole net (same seed: same weights) and trains its own units; checkpoints gather every stage's
+weights and optimizer state into one file on rank 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from ..errors import AugLocalError
+from ..runtime.net import unique_parameters
+from ..stages import split_stages
+from .distributed import Env, gather_to_main, wrap_units
+from .p2p import Sender, recv_tensors
+from .stage_timing import unit_seconds
+
+__all__ = ["DataParallel", "PipelineStages", "make_strategy"]
+
+
+def make_strategy(recipe, env: Env):
+    """``PipelineStages`` when the recipe asks for stages, else ``DataParallel``."""
+    return PipelineStages(recipe.parallel.pipeline, env) if recipe.parallel.pipeline > 1 else DataParallel(env)
+
+
+class DataParallel:
+    """Every unit in this process, data-parallel over all processes under torchrun."""
+
+    has_head = True  # this process computes the final logits (accuracy, final loss)
+    title = ""
+
+    def __init__(self, env: Env):
+        self.env = env
+        self.mesh = init_device_mesh(env.device.type, (env.world,), mesh_dim_names=("dp",)) \
+            if env.distributed else None
+        self.dp_group = self.mesh.get_group("dp") if self.mesh is not None else None
+        self.data_env = env  # the data is sharded over every process
+        self.shows_progress = env.is_main
+
+    def attach(self, units: list, net, recipe, saved: dict | None, autocast_dtype, log) -> list:
+        """The units this process trains (each in its own DDP under torchrun)."""
+        self.mine = list(range(len(units)))
+        return wrap_units(units, self.env, self.dp_group)
+
+    def batches(self, loader):
+        for x, y in loader:
+            x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+            yield x, y, x
+
+    def hand_on(self, y, image):
+        return None
+
+    def flush(self) -> None:
+        pass
+
+    def start_epoch(self) -> None:
+        pass
+
+    def metric_sizes(self) -> dict[str, int]:
+        return {}
+
+    def end_epoch(self, sums, busy: float, wall: float) -> None:
+        pass
+
+    def record(self, reduced: dict) -> dict:
+        return {}
+
+    def parameters(self, net, units: list) -> list:
+        """What the optimizer steps: every parameter of the net, in its order (checkpoints index it so)."""
+        return list(net.parameters())
+
+    def checkpoint(self, net, units: list, optimizer, scheduler) -> dict | None:
+        """This run's part of ``last.pt``'s training state (rank 0; None elsewhere)."""
+        if not self.env.is_main:
+            return None
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    def restore(self, net, optimizer, scheduler, train: dict) -> None:
+        if "pipeline" in train:
+            p = train["pipeline"]
+            raise AugLocalError(f"cannot resume from a {p['stages']}-stage pipeline checkpoint in one pipeline stage; "
+                                f"launch {p['stages'] * p['replicas']} processes with --set "
+                                f"parallel.pipeline={p['stages']}")
+        optimizer.load_state_dict(train["optimizer"])
+        scheduler.load_state_dict(train["scheduler"])
+
+
+class PipelineStages:
+    """One stage of ``stages`` in this process; ``env.world / stages`` replicas of every stage."""
+
+    def __init__(self, stages: int, env: Env):
+        if not env.distributed or env.world % stages:
+            raise AugLocalError(f"recipe key parallel.pipeline is {stages} but {env.world} process(es) were started; "
+                                f"launch a multiple of {stages}: torchrun --nproc_per_node {stages} -m "
+                                "auglocal_fx.cli.train ...")
+        self.env, self.stages, self.replicas = env, stages, env.world // stages
+        # rank = stage * replicas + replica; every rank creates every group of both dimensions
+        self.mesh = init_device_mesh(env.device.type, (stages, self.replicas), mesh_dim_names=("pp", "dp"))
+        self.stage, self.replica = self.mesh.get_local_rank("pp"), self.mesh.get_local_rank("dp")
+        self.dp_group = self.mesh.get_group("dp")
+        self.first, self.last = self.stage == 0, self.stage == stages - 1
+        self.has_head = self.last
+        self.shows_progress = self.last and self.replica == 0
+        self.title = f" (stage {self.stage})"
+        self.data_env = Env(self.replica, self.replicas, env.device)  # sharded over a stage's replicas
+        self._send_s = 0.0
+
+    def _rank(self, stage: int) -> int:
+        """The global rank of ``stage``'s process at this process's replica."""
+        return int(self.mesh.mesh[stage, self.replica])
+
+    # -- what this process trains ---------------------------------------------------------------------
+    def attach(self, units: list, net, recipe, saved: dict | None, autocast_dtype, log) -> list:
+        """Split the units into stages (as the checkpoint did when resuming), log the split, and
+        return this stage's units (in DDP over the stage's replicas when there are several)."""
+        self.needs_image = any(getattr(u.loss, "needs_image", False) for u in units)
+        size = net.plan.config.input_size
+        image_bytes = 4 * int(torch.tensor(size).prod()) if self.needs_image else 0
+        before = (saved or {}).get("train", {}).get("pipeline")
+        groups = before["units"] if before and (before["stages"], before["replicas"]) == (self.stages, self.replicas) \
+            else None  # resuming: the split the run was trained with
+        balance = recipe.parallel.balance
+        costs = self._measure(units, net, recipe, autocast_dtype, log) if balance == "time" and groups is None else None
+        self.split = split_stages(net.plan, self.stages, balance, image_bytes,
+                                  where="recipe key parallel.pipeline", costs=costs, groups=groups)
+        check_disjoint(units, self.split.units)
+        self.mine = self.split.units[self.stage]
+        self.sender = Sender(self._rank(self.stage + 1), self.env.device) if not self.last else None
+        total, sp = sum(self.split.costs), self.split
+        what = "the measured step time" if costs is not None else "the training FLOPs"
+        for s, (us, cost, sent) in enumerate(zip(sp.units, sp.costs, sp.sent)):
+            span = f"{us[0]}" if len(us) == 1 else f"{us[0]}-{us[-1]}"
+            log(f"stage {s}: blocks {span}, {100 * cost / total:.1f}% of {what}"
+                + (f", sends {sent / 1024:,.1f} KiB per sample" if sent else ""))
+        return wrap_units([units[i] for i in self.mine], self.env, self.dp_group, self.replicas)
+
+    def _measure(self, units, net, recipe, autocast_dtype, log) -> list[float]:
+        """Seconds per step of every unit, timed once on rank 0 and shared, so every process
+        splits the stages alike (each timing alone would split differently and deadlock)."""
+        found = [None]
+        if self.env.is_main:
+            classes = net.plan.head.out_shape[-1] if net.plan.head.out_shape else 0
+            log("timing every block for the stage split ...", flush=True)
+            found = [unit_seconds(units, net.plan.config.input_size, classes, recipe.batch_size // self.replicas,
+                                  self.env.device, autocast_dtype=autocast_dtype)]
+        dist.broadcast_object_list(found, src=0)
+        return found[0]
+
+    # -- moving batches between stages ----------------------------------------------------------------
+    def batches(self, loader):
+        """This stage's inputs, one per step: loaded on the first stage, received on the others."""
+        if self.first:
+            for x, y in loader:
+                x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+                yield x, y, x
+            return
+        for _ in range(len(loader)):
+            ts = recv_tensors(self._rank(self.stage - 1), self.env.device)
+            image = ts.pop() if self.needs_image else torch.empty(0, device=self.env.device)
+            y = ts.pop()
+            yield (tuple(ts) if len(ts) > 1 else ts[0]), y, image
+
+    def hand_on(self, y, image):
+        """What receives the last unit's detached output: a send to the next stage (none on the last)."""
+        if self.last:
+            return None
+
+        def send(h):
+            t0 = time.perf_counter()
+            self.sender.send([*(h if isinstance(h, tuple) else (h,)), y, *([image] if self.needs_image else [])])
+            self._send_s += time.perf_counter() - t0  # blocked only while the next stage is `depth` batches behind
+        return send
+
+    def flush(self) -> None:
+        if self.sender is not None:
+            self.sender.flush()
+
+    # -- what an epoch adds to the metrics ------------------------------------------------------------
+    def start_epoch(self) -> None:
+        self._send_s = 0.0
+
+    def metric_sizes(self) -> dict[str, int]:
+        # per stage: seconds computing (sends excluded), blocked in sends, the whole epoch
+        return {"stage_busy": self.stages, "stage_send": self.stages, "stage_wall": self.stages}
+
+    def end_epoch(self, sums, busy: float, wall: float) -> None:
+        self.flush()
+        if self.replica == 0:
+            sums.add("stage_busy", busy - self._send_s, self.stage)
+            sums.add("stage_send", self._send_s, self.stage)
+            sums.add("stage_wall", wall, self.stage)
+
+    def record(self, reduced: dict) -> dict:
+        """Per stage, shares of its epoch: computing, and blocked sending (the rest it waited for input)."""
+        wall = reduced["stage_wall"]
+        return {"stage_busy": [b / w for b, w in zip(reduced["stage_busy"], wall)],
+                "stage_send": [s / w for s, w in zip(reduced["stage_send"], wall)],
+                "stage_blocks": self.split.units}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _own_state(self, net, units, optimizer, scheduler) -> dict:
+        """This stage's weights, buffers, optimizer and schedule (what no other stage updates)."""
+        owned = set()
+        for u in units:
+            u = getattr(u, "module", u)
+            owned.update(id(t) for t in [*u.parameters(), *u.buffers()])
+        model = {k: v.detach() for k, v in net.model.state_dict(keep_vars=True).items() if id(v) in owned}
+        aux = {k: v for k, v in net.aux.state_dict().items() if int(k.split(".", 1)[0]) in self.mine}
+        return {"stage": self.stage, "model": model, "aux": aux,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    def parameters(self, net, units: list) -> list:
+        """What this stage's optimizer steps: its units' parameters, each once. Per-parameter optimizers
+        make the same updates as one over the whole net."""
+        return unique_parameters([getattr(u, "module", u) for u in units])
+
+    def checkpoint(self, net, units: list, optimizer, scheduler) -> dict | None:
+        """Every stage's weights loaded into rank 0's net, and their optimizer and schedule states
+        (rank 0; None elsewhere)."""
+        states = gather_to_main(self._own_state(net, units, optimizer, scheduler) if self.replica == 0 else None,
+                                self.env)
+        if not self.env.is_main:
+            return None
+        stages = [s for s in states if s is not None]
+        for s in stages:  # rank 0 holds every stage's newest weights before it writes the file
+            net.model.load_state_dict(s["model"], strict=False)
+            net.aux.load_state_dict(s["aux"], strict=False)
+        return {"optimizer": [s["optimizer"] for s in stages], "scheduler": [s["scheduler"] for s in stages],
+                "pipeline": {"stages": self.stages, "replicas": self.replicas, "units": self.split.units}}
+
+    def restore(self, net, optimizer, scheduler, train: dict) -> None:
+        p = train.get("pipeline")
+        if p is None:
+            raise AugLocalError("cannot resume a checkpoint trained without a pipeline with parallel.pipeline="
+                                f"{self.stages}; resume it without parallel.pipeline (or --set parallel.pipeline=1)")
+        if (p["stages"], p["replicas"]) != (self.stages, self.replicas):
+            raise AugLocalError(f"cannot resume: the checkpoint was trained as {p['stages']} stages x {p['replicas']} "
+                                f"replicas ({p['stages'] * p['replicas']} processes), this launch is {self.stages} x "
+                                f"{self.replicas}; launch torchrun --nproc_per_node {p['stages'] * p['replicas']} with "
+                                f"--set parallel.pipeline={p['stages']}")
+        optimizer.load_state_dict(train["optimizer"][self.stage])
+        scheduler.load_state_dict(train["scheduler"][self.stage])
+
+
+def check_disjoint(units: list, stages: list[list[int]]) -> None:
+    """Each parameter trained by one stage only: a module two stages' blocks both use would be
+    updated by each stage on its own copy, and the run would leave the sequential one silently."""
+    owner = {}
+    for s, us in enumerate(stages):
+        for i in us:
+            for p in units[i].parameters():
+                if owner.setdefault(id(p), (s, i))[0] != s:
+                    raise AugLocalError(f"blocks {owner[id(p)][1]} and {i} share a parameter, so they cannot train in "
+                                        "different pipeline stages; lower parallel.pipeline or convert with blocks that "
+                                        "keep the shared module in one block")
+

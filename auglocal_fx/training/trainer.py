@@ -1,0 +1,314 @@
+"""``train(recipe)``: what ``auglocal-train`` runs, in one process or in each under torchrun.
+
+``Trainer`` runs the epochs of block-wise steps, evaluates every head, writes checkpoints, metrics
+and the plot. It is composed with a strategy (``strategies.py``) that says how the units are laid
+out over the processes (all here, data-parallel; or one pipeline stage here); nothing is shared
+by inheritance. Each epoch ends with ``last.pt`` written atomically (and ``best.pt`` when the
+accuracy improved), so a crash loses at most the epoch in progress; ``resume=`` continues from
+such a file with the same losses as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..atomic import atomic_write_text
+from ..errors import AugLocalError, AugLocalWarning
+from ..options import word_options
+from ..plan import Plan
+from ..runtime.blockwise import blockwise_step
+from ..runtime.bundles import call
+from .build import Run, build_run
+from .config import RECIPE_KEYS, TrainRecipe
+from .distributed import Env, gather_states, setup, teardown
+from .metrics import Sums
+from .optim import build_optimizer, build_scheduler
+from .report import EpochProgress, epoch_line, plot_curves, write_metrics
+from .run_folder import check_run_folder, check_writable, clear_run
+from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
+from .strategies import make_strategy
+
+__all__ = ["Trainer", "train"]
+
+# steps between the host's looks at the losses (progress, the finite check): the device runs ahead
+LOG_INTERVAL = 50
+
+# the library's parameters as a recipe sets them: planning options are conversion keys; the input
+# size comes from the data and model sections
+_WORDS = {**RECIPE_KEYS, "input_size": "the input size that recipe keys model.in_chans and data.image_size give,"}
+_HINTS = {"input_size": " (a ViT made for another size: set model.img_size to data.image_size)"}
+
+
+def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
+          overwrite: bool = False) -> dict | None:
+    """Train ``recipe`` (resuming from checkpoint ``resume``); returns the summary dict.
+
+    An output folder that holds another run's checkpoint is refused unless ``overwrite`` (which
+    deletes that run's files first) or ``resume`` continues it. Under torchrun each process calls
+    this; process 0 prints, writes files and gets the summary (the other ranks get None).
+    """
+    # every rank, before any work: all refuse alike
+    check_run_folder(recipe.output, resume, overwrite, source=getattr(recipe, "source", None))
+    env = setup(recipe.device)
+    try:
+        trainer = Trainer(recipe, env, resume=resume, log=log, overwrite=overwrite)
+        summary = trainer.fit(stop_after)
+        return summary if env.is_main else None
+    except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
+        if exc.param in _WORDS:
+            raise AugLocalError(exc.worded(_WORDS) + _HINTS.get(exc.param, "")) from exc
+        raise
+    finally:
+        teardown(env)
+
+
+def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
+    now = recipe.to_dict()
+    for section in ("model", "conversion"):
+        for key, value in now[section].items():
+            if (section, key) == ("conversion", "aux_init"):  # only the start of a run: resuming loads the weights
+                continue
+            if key in saved.get(section, {}) and saved[section][key] != value:  # keys added since: defaults
+                raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
+                                    f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "
+                                    "a new output folder")
+    # a schedule is defined for the run's length: resuming under another one would jump the learning
+    # rate (a finished cosine restarting upwards); a longer run starts anew from the weights
+    longer = saved.get("epochs") not in (None, now["epochs"]) and now["schedule"]["name"] != "constant"
+    changed = [k for k, v in now["schedule"].items() if k in saved.get("schedule", {}) and saved["schedule"][k] != v]
+    if longer or changed:
+        what = (f"epochs = {saved['epochs']}" if longer else f"schedule.{changed[0]} = {saved['schedule'][changed[0]]!r}")
+        raise AugLocalError(f"cannot resume from {path}: its {saved['schedule']['name']} schedule was made for "
+                            f"{what}, and this recipe changes it (the learning rate would jump); keep it, or train "
+                            f"on from its weights under the new schedule in a new run: --set model.checkpoint={path} "
+                            "--set output=<a new folder>")
+
+
+class Trainer:
+    """One process's share of a run: the units ``strategy`` gives it (default: from the recipe's
+    ``parallel`` section), trained epoch by epoch."""
+
+    def __init__(self, recipe: TrainRecipe, env: Env, strategy=None, resume=None, log=print,
+                 overwrite: bool = False):
+        self.recipe, self.env = recipe, env
+        self.log = log if env.is_main else (lambda *a, **k: None)
+        self.out = Path(recipe.output)
+        created = not self.out.exists()
+        try:
+            self.strategy = strategy if strategy is not None else make_strategy(recipe, env)
+            self._start(resume, overwrite)
+        except BaseException:  # a run that did not start leaves no empty folder behind
+            if created and env.is_main and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
+
+    def _start(self, resume, overwrite: bool) -> None:
+        recipe, env, strategy = self.recipe, self.env, self.strategy
+        if env.is_main:
+            check_writable(self.out)
+            if overwrite and resume is None:
+                clear_run(self.out)
+        saved = read_training(resume) if resume else None
+        if saved is not None:
+            _check_same_model(saved["train"]["recipe"], recipe, resume)
+        self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are logged below, as recipe keys
+            self.run: Run = build_run(recipe, strategy.data_env, Plan.from_dict(saved["plan"]) if saved else None)
+        r = self.run
+        for note in r.net.plan.notes:
+            self.log(f"note: {word_options(note, RECIPE_KEYS)}")
+        self.autocast = torch.bfloat16 if recipe.bf16 else None
+        self.units = strategy.attach(r.net.local_units(), r.net, recipe, saved, self.autocast, self.log)
+        r.optimizer = build_optimizer(strategy.parameters(r.net, self.units), recipe.optimizer)
+        r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
+        self.epoch, self.history, self.best = 0, [], -1.0
+        if saved is not None:
+            self._restore(saved, resume)
+        else:
+            torch.manual_seed(recipe.seed + 1_000_003 * env.rank)  # augmentation/dropout differ per rank
+        if env.is_main:
+            atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    def _restore(self, saved: dict, path) -> None:
+        r, t = self.run, saved["train"]
+        self.strategy.restore(r.net, r.optimizer, r.scheduler, t)  # refuses another layout first
+        r.net.model.load_state_dict(saved["model_state"])
+        r.net.aux.load_state_dict(saved["aux_state"])
+        self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
+        set_rng_state(t["rng"][self.env.rank] if self.env.rank < len(t["rng"]) else t["rng"][0])
+        self.log(f"resumed from epoch {self.epoch}")
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        r, s, recipe = self.run, self.strategy, self.recipe
+        loader, device = r.train_loader, self.env.device
+        loader.sampler.set_epoch(epoch)
+        loader.generator.manual_seed(recipe.seed * 7919 + epoch * 104729 + s.data_env.rank)
+        r.net.train()
+        m, steps = len(r.net.blocks), len(loader)
+        sums = Sums({"loss": m, "correct": 1, "images": 1, "step_loss": steps, "step_images": steps, "seconds": 1,
+                     **s.metric_sizes()}, device)
+        window = _Window(self, sums, epoch, EpochProgress(f"epoch {epoch}/{recipe.epochs}{s.title}", steps,
+                                                          s.shows_progress))
+        per_unit = dict(optimizer=r.optimizer) if recipe.optimizer.per_unit else {}
+        s.start_epoch()
+        busy, start = 0.0, time.perf_counter()
+        try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
+            for step, (h, y, image) in enumerate(s.batches(loader), 1):
+                t0 = time.perf_counter()
+                # per unit: the optimizer steps inside, after each unit's backward (its step below is a no-op)
+                out = blockwise_step(self.units, h, y, None, self.autocast, None, image=image,
+                                     hand_on=s.hand_on(y, image), sync=False, **per_unit)
+                r.optimizer.step()
+                r.optimizer.zero_grad(set_to_none=True)
+                r.scheduler.step()
+                busy += time.perf_counter() - t0
+                window.add(step, out, y)
+                if step % LOG_INTERVAL == 0 or step == steps:
+                    window.close(step)
+        finally:
+            window.bar.close()
+        wall = time.perf_counter() - start
+        s.end_epoch(sums, busy, wall)
+        if s.has_head:
+            sums.add("seconds", wall)
+        red = sums.reduce()  # the epoch's one all_reduce over every process
+        n = red["images"][0]
+        seconds = red["seconds"][0] / s.data_env.world  # the processes that end the epoch, averaged
+        return {"epoch": epoch, "train_loss": red["loss"][m - 1] / n, "train_acc": red["correct"][0] / n,
+                "local_losses": [v / n for v in red["loss"][:m - 1]],
+                "step_losses": [a / b for a, b in zip(red["step_loss"], red["step_images"])],
+                "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": n / seconds, "epoch_time_s": seconds,
+                **s.record(red)}
+
+    def _check_finite(self, value: float, block: int, epoch: int, step: int) -> None:
+        if not math.isfinite(value):
+            kept = f"{self.out / 'last.pt'} holds epoch {self.epoch}" if self.epoch else "no checkpoint yet"
+            raise AugLocalError(f"loss of block {block} became {value} at epoch {epoch} step {step}; stopped "
+                                f"({kept}); lower optimizer.lr or add schedule.warmup_epochs")
+
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> dict:
+        """Accuracy of the final head and of every aux head on ``loader`` (default: the test set), one
+        pass through the blocks; under a pipeline the batches stream through the stages as in training."""
+        r, s = self.run, self.strategy
+        r.net.eval()
+        units = [getattr(u, "module", u) for u in self.units]
+        amp = torch.autocast(self.env.device.type, self.autocast) if self.autocast else nullcontext()
+        m = len(r.net.blocks)
+        sums = Sums({"correct": m, "loss": 1, "images": 1}, self.env.device)
+        for h, y, image in s.batches(r.eval_loader if loader is None else loader):
+            with amp:
+                for i, unit in zip(s.mine, units):
+                    h, top = call(unit, h)
+                    logits = unit.logits(top)
+                    sums.add("correct", (logits.argmax(1) == y).sum(), i)
+            if s.has_head:
+                sums.add("loss", F.cross_entropy(logits.float(), y, reduction="sum"))
+                sums.add("images", len(y))
+            else:
+                s.hand_on(y, image)(h)
+        s.flush()
+        red = sums.reduce()
+        n = max(red["images"][0], 1)
+        return {"test_acc": red["correct"][m - 1] / n, "test_loss": red["loss"][0] / n,
+                "aux_test_acc": [c / n for c in red["correct"][:m - 1]]}
+
+    # -- the run ---------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> dict:
+        last_epoch = min(self.recipe.epochs, stop_after or self.recipe.epochs)
+        for epoch in range(self.epoch + 1, last_epoch + 1):
+            record = self.train_epoch(epoch)
+            record.update(self.evaluate())
+            self.epoch = epoch
+            self.history.append(record)
+            improved = record["test_acc"] > self.best
+            self.best = max(self.best, record["test_acc"])
+            self._save(improved)
+            self.log(epoch_line(record, self.recipe.epochs), flush=True)
+        return self._summary()
+
+    def _save(self, improved: bool) -> None:
+        rngs = gather_states(rng_state(), self.env)  # every rank's, so a resumed run draws the same
+        r = self.run
+        train = self.strategy.checkpoint(r.net, self.units, r.optimizer, r.scheduler)
+        if train is None:  # not rank 0
+            return
+        train.update({"epoch": self.epoch, "rng": rngs, "history": self.history, "best_acc": self.best,
+                      "recipe": self.recipe.to_dict()})
+        save_training(r.net, self.out / "last.pt", train, r.model_kwargs)
+        if improved:
+            copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
+        write_metrics(self.out / "metrics.jsonl", self.history)
+        plot_curves(self.out / "curves.png", self.history,
+                    f"{self.recipe.model.name} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
+
+    def _summary(self) -> dict:
+        net, last = self.run.net, self.history[-1] if self.history else {}
+        best_epoch = max(self.history, key=lambda h: h["test_acc"])["epoch"] if self.history else None
+        summary = {"model": self.recipe.model.name, "rule": self.recipe.conversion.rule,
+                   "blocks": len(net.blocks), "epochs_done": self.epoch, "epochs": self.recipe.epochs,
+                   "test_acc": last.get("test_acc"), "aux_test_acc": last.get("aux_test_acc"),
+                   "best_test_acc": self.best if self.history else None, "best_epoch": best_epoch,
+                   "backbone_params": sum(p.numel() for p in net.model.parameters()),
+                   "aux_params": sum(p.numel() for p in net.aux.parameters()),
+                   "train_time_s": sum(h["epoch_time_s"] for h in self.history),
+                   "output": str(self.out)}
+        if self.env.is_main:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+class _Window:
+    """The steps since the host last looked: their losses stay on the device until ``close``, which
+    adds them to the epoch's sums, checks them, and updates the progress bar, with one copy to the
+    host (and, with data-parallel replicas, one all_reduce over them, so that every replica stops
+    at the same step when a loss is not finite)."""
+
+    def __init__(self, trainer: Trainer, sums: Sums, epoch: int, bar: EpochProgress):
+        self.trainer, self.sums, self.epoch, self.bar = trainer, sums, epoch, bar
+        self.rows, self.sizes = [], []
+        self.seen = [0.0, 0.0, 0.0]  # the epoch so far, over the replicas: final loss sum, correct, images
+
+    def add(self, step: int, out, y: torch.Tensor) -> None:
+        losses = torch.cat([out.local_losses, out.loss.reshape(1)])  # of this process's units, in order
+        correct = (out.logits.argmax(1) == y).sum() if self.trainer.strategy.has_head else losses.new_zeros(())
+        self.rows.append(torch.cat([losses * len(y), correct.reshape(1).to(losses.dtype)]))
+        self.sizes.append(len(y))
+        self.bar.update(step)
+
+    def close(self, step: int) -> None:
+        s, device = self.trainer.strategy, self.trainer.env.device
+        first = step - len(self.rows) + 1
+        rows = torch.stack(self.rows).double()  # steps x (losses of this process's units..., correct)
+        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=device)
+        self.sums.add("loss", rows[:, :-1].sum(0), at=slice(s.mine[0], s.mine[-1] + 1))
+        if s.has_head:
+            self.sums.add("correct", rows[:, -1].sum())
+            self.sums.add("images", sizes.sum())
+            self.sums.add("step_loss", rows[:, -2], at=slice(first - 1, step))
+            self.sums.add("step_images", sizes, at=slice(first - 1, step))
+        look = Sums({"rows": rows.numel(), "sizes": len(self.sizes)}, device)
+        look.add("rows", rows.flatten())
+        look.add("sizes", sizes)
+        seen = look.reduce(s.dp_group)
+        width = rows.shape[1]
+        for k in range(len(self.sizes)):
+            row = seen["rows"][k * width:(k + 1) * width]
+            for i, value in zip(s.mine, row[:-1]):
+                self.trainer._check_finite(value / seen["sizes"][k], i, self.epoch, first + k)
+            self.seen = [self.seen[0] + row[-2], self.seen[1] + row[-1], self.seen[2] + seen["sizes"][k]]
+        self.rows, self.sizes = [], []
+        if s.has_head:
+            images = self.seen[2]
+            self.bar.update(step, self.seen[0] / images, self.seen[1] / images, images)

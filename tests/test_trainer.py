@@ -1,0 +1,98 @@
+"""The trainer's parts: named sums, one look at the losses per log interval, the composed strategy.
+
+The trainer's runs themselves (every rule, resume, DDP) are in test_training.py; the pipeline
+strategy's exactness in test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+from test_training import tiny_recipe
+
+import auglocal_fx.training.trainer as trainer_module
+from auglocal_fx.errors import AugLocalError
+from auglocal_fx.training import recipe_from_dict
+from auglocal_fx.training.distributed import setup
+from auglocal_fx.training.metrics import Sums
+from auglocal_fx.training.strategies import DataParallel, PipelineStages, make_strategy
+from auglocal_fx.training.trainer import Trainer
+
+
+def test_sums_are_named_views_of_one_tensor():
+    s = Sums({"loss": 3, "correct": 1, "steps": 2}, torch.device("cpu"))
+    s.add("loss", torch.tensor([1.0, 2.0]), at=slice(1, 3))
+    s.add("loss", 0.5, at=0)
+    s.add("correct", torch.tensor(4))
+    s.add("steps", torch.tensor([1.0, 1.0]))
+    s.add("steps", 2.0, at=1)
+    assert s.reduce() == {"loss": [0.5, 1.0, 2.0], "correct": [4.0], "steps": [1.0, 3.0]}
+
+
+def _trainer(tmp_path, **over) -> Trainer:
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, epochs=1, **over))
+    env = setup("cpu")
+    return Trainer(recipe, env, resume=None, log=lambda *a, **k: None)
+
+
+def test_host_looks_at_the_losses_once_per_log_interval(tmp_path, monkeypatch):
+    """No .item() per step: the steps' losses stay on the device until the log interval's end (here 2
+    of the epoch's 4 steps), then one copy each; the epoch's record is one more reduce."""
+    t = _trainer(tmp_path)
+    assert len(t.run.train_loader) == 4
+    monkeypatch.setattr(trainer_module, "LOG_INTERVAL", 2)
+    calls = {"reduce": 0, "item": 0, "tolist": 0}
+    reduce, item, tolist = Sums.reduce, torch.Tensor.item, torch.Tensor.tolist
+
+    def counted_reduce(self, group=None):
+        calls["reduce"] += 1
+        return reduce(self, group)
+
+    def counted_item(self):  # ours only: the DataLoader draws its base seed with .item() once per epoch
+        calls["item"] += "auglocal_fx" in sys._getframe(1).f_code.co_filename
+        return item(self)
+
+    def counted_tolist(self):  # besides the reduces' own copies
+        caller = sys._getframe(1).f_code.co_filename
+        calls["tolist"] += "auglocal_fx" in caller and not caller.endswith("metrics.py")
+        return tolist(self)
+
+    monkeypatch.setattr(Sums, "reduce", counted_reduce)
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    record = t.train_epoch(1)
+    assert calls == {"reduce": 2 + 1, "item": 0, "tolist": 0}
+    assert len(record["step_losses"]) == 4 and len(record["local_losses"]) == 3
+    assert 0 <= record["train_acc"] <= 1
+
+
+def test_non_finite_loss_is_named_at_its_step_within_an_interval(tmp_path, monkeypatch):
+    """The check runs once per interval but names the step and block where the loss first broke."""
+    t = _trainer(tmp_path)
+    step_fn, seen = trainer_module.blockwise_step, [0]
+
+    def third_step_breaks(*args, **kwargs):
+        out = step_fn(*args, **kwargs)
+        seen[0] += 1
+        if seen[0] == 3:
+            out = dataclasses.replace(out, local_losses=out.local_losses * torch.tensor([1.0, float("nan"), 1.0]))
+        return out
+
+    monkeypatch.setattr(trainer_module, "blockwise_step", third_step_breaks)
+    with pytest.raises(AugLocalError, match="loss of block 1 became nan at epoch 1 step 3; stopped"):
+        t.train_epoch(1)
+
+
+def test_strategy_is_chosen_by_the_recipe_and_can_be_given(tmp_path):
+    env = setup("cpu")
+    one = recipe_from_dict(tiny_recipe(tmp_path))
+    assert isinstance(make_strategy(one, env), DataParallel)
+    staged = recipe_from_dict(tiny_recipe(tmp_path, **{"parallel.pipeline": 2}))
+    with pytest.raises(AugLocalError, match="parallel.pipeline is 2 but 1 process"):
+        make_strategy(staged, env)
+    assert PipelineStages  # the pipeline strategy itself runs under torchrun: test_pipeline.py
+    t = Trainer(one, env, strategy=DataParallel(env), log=lambda *a, **k: None)
+    assert t.strategy.mine == [0, 1, 2, 3] and len(t.units) == 4
