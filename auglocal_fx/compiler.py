@@ -14,7 +14,7 @@ from .assemble.shapecheck import check_units
 from .assemble.synthesize import AUX_INITS, synthesize_aux
 from .errors import AugLocalError, AugLocalWarning, first_line
 from .fingerprint import check_fingerprint
-from .models import create_model
+from .models import create_from_factory, create_model
 from .options import resolve
 from .plan import Plan, PlanConfig
 from .planner import build_plan
@@ -93,8 +93,10 @@ def _check_head_classes(model: nn.Module, plan: Plan, num_classes: int | None) -
 
 def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **create_kwargs) -> AugLocalNet:
     """Rebuild the net saved at ``path``. For a timm model the architecture is re-created by name
-    (``create_kwargs`` go to ``timm.create_model`` too, e.g. ``exportable=True``); otherwise pass a
-    freshly constructed ``model`` of the same architecture.
+    (``create_kwargs`` go to ``timm.create_model`` too, e.g. ``exportable=True``); for a net
+    ``auglocal-train`` made with ``model.factory`` by importing and calling that factory with the
+    keywords it was called with (``create_kwargs`` only where its signature names them); otherwise
+    pass a freshly constructed ``model`` of the same architecture.
 
     Example:
         >>> net.save("converted.pt")
@@ -104,7 +106,11 @@ def load_auglocal(path: str | os.PathLike, model: nn.Module | None = None, **cre
     plan = Plan.from_dict(payload["plan"])
     options = payload.get("options", {})
     created = model is None
-    if created:
+    if created and options.get("model_factory"):  # auglocal-train with model.factory: import it and call it
+        ref = options["model_factory"]
+        model = create_from_factory(ref, dict(options.get("model_kwargs") or {}), optional=create_kwargs,
+                                    what=f"{path} was made by model factory", key="the checkpoint's model_kwargs")
+    elif created:
         c = plan.config
         # auglocal-train records the timm kwargs it used (img_size, norm_layer, ...)
         kwargs = options.get("model_kwargs") or {"num_classes": plan.head.out_shape[-1],

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import os
+import re
 import socket
 import threading
 from contextlib import contextmanager
@@ -14,7 +17,8 @@ from torch import nn
 
 from .errors import AugLocalError, first_line
 
-__all__ = ["check_num_classes", "create_model", "default_input_size", "registered_name"]
+__all__ = ["check_num_classes", "create_model", "default_input_size", "registered_name", "is_reference",
+           "import_object", "call_with", "takes", "create_from_factory"]
 
 # How long a reachability probe of the weights' host may take: the Hugging Face client, offline,
 # retries for about a minute before it gives up; a refused or unresolvable host answers at once.
@@ -144,3 +148,83 @@ def registered_name(model: nn.Module) -> str:
     """timm's registered name (``pretrained_cfg['architecture']``) when known, else the class name."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
+
+
+# -- your own code, named in a recipe or a checkpoint: "package.module:function" --------------------
+_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_reference(value) -> bool:
+    """Whether ``value`` reads as ``package.module:attribute`` (a name with a colon)."""
+    return isinstance(value, str) and ":" in value
+
+
+def import_object(ref: str, what: str):
+    """The callable ``ref`` (``package.module:function``, or ``module:Class.method``) names, imported
+    as ``python -c 'import package.module'`` would; one-line errors start with ``what`` (e.g.
+    ``recipe key model.factory``). An exception raised while the module runs (a bug in it) is its own."""
+    if not _REFERENCE.fullmatch(ref):
+        raise AugLocalError(f"{what} {ref!r} is not package.module:function; give the module's import path, a "
+                            "colon and the function's name, e.g. mypackage.models:make_net")
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise AugLocalError(f"{what} {ref!r}: module {module_name} cannot be imported (no module named "
+                                f"{exc.name!r}); check PYTHONPATH (PYTHONPATH=. for a module in the current folder) "
+                                "or that its package is installed") from exc
+        raise AugLocalError(f"{what} {ref!r}: importing {module_name} failed: it imports {exc.name!r}, which is not "
+                            "installed; install it") from exc
+    obj = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            owner = module_name if i == 0 else f"{module_name}:{'.'.join(attr.split('.')[:i])}"
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"did you mean {close[0]}?" if close else "check the name"
+            raise AugLocalError(f"{what} {ref!r}: {owner} has no attribute {part!r}; {hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise AugLocalError(f"{what} {ref!r} is {_a(type(obj).__name__)}, not callable; name a function (or class)")
+    return obj
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def takes(fn, name: str) -> bool:
+    """Whether ``fn``'s signature names a parameter ``name`` (``**kwargs`` does not count)."""
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+    return param is not None and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+
+
+def call_with(fn, kwargs: dict, what: str, ref: str, key: str):
+    """``fn(**kwargs)``, after checking that its signature takes them (one line naming recipe key ``key``)."""
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keywords"
+        raise AugLocalError(f"{what} {ref!r} cannot be called with {given} ({exc}); give the keywords it takes in "
+                            f"{key}") from exc
+    except ValueError:  # no signature to read: call and see
+        pass
+    return fn(**kwargs)
+
+
+def create_from_factory(ref: str, kwargs: dict, *, what: str = "recipe key model.factory",
+                        key: str = "model.kwargs", optional: dict | None = None) -> nn.Module:
+    """The model ``ref``'s callable returns for ``kwargs`` (plus the ``optional`` keywords its
+    signature names, e.g. ``num_classes``); one-line errors for a reference that does not import, a
+    name that is not there or not callable, keywords it does not take, and a result that is not an
+    ``nn.Module``."""
+    fn = import_object(ref, what)
+    kwargs = {**{k: v for k, v in (optional or {}).items() if k not in kwargs and takes(fn, k)}, **kwargs}
+    model = call_with(fn, kwargs, what, ref, key)
+    if not isinstance(model, nn.Module):
+        raise AugLocalError(f"{what} {ref!r} returned {_a(type(model).__name__)}, not an nn.Module; return the model")
+    return model

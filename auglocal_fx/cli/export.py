@@ -95,8 +95,14 @@ def _main(argv=None) -> int:
     if args.state_dict:
         save_backbone_state(net, args.state_dict)
         kwargs = net.options.get("model_kwargs") or {"num_classes": net.plan.head.out_shape[-1]}
-        call = ", ".join([repr(net.plan.config.model), *(f"{k}={v!r}" for k, v in kwargs.items())])
-        print(f"wrote {args.state_dict}: load with timm.create_model({call}).load_state_dict(torch.load(...))")
+        factory = net.options.get("model_factory")  # a recipe's model.factory: the model is the factory's
+        args_text = ", ".join([*([] if factory else [repr(net.plan.config.model)]),
+                               *(f"{k}={v!r}" for k, v in kwargs.items())])
+        if factory:
+            print(f"wrote {args.state_dict}: load into the model {factory}({args_text}) returns: "
+                  "model.load_state_dict(torch.load(...))")
+        else:
+            print(f"wrote {args.state_dict}: load with timm.create_model({args_text}).load_state_dict(torch.load(...))")
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 from ..compiler import to_auglocal
 from ..errors import AugLocalError, first_line
 from ..fingerprint import check_fingerprint
-from ..models import create_model
+from ..models import create_from_factory, create_model, import_object, takes
 from ..plan import Plan
 from ..runtime.checkpoint import read_checkpoint
 from ..runtime.net import AugLocalNet
@@ -33,16 +33,43 @@ class Run:
     net: AugLocalNet
     data: DataBundle
     train_loader: torch.utils.data.DataLoader
-    eval_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader  # the test set
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    model_kwargs: dict
+    model_kwargs: dict  # what the model was made with (the checkpoint keeps them: load_auglocal re-makes it)
+    # the validation images (data.val_split or the dataset's own), sharded like eval_loader; None: none
+    val_loader: torch.utils.data.DataLoader | None = None
+
+
+# the keywords timm's models take that a recipe sets outside model.kwargs
+_SHAPING = ("num_classes", "in_chans", "img_size")
 
 
 def model_kwargs(recipe: TrainRecipe, data: DataBundle) -> dict:
-    """``timm.create_model`` keywords: classes and channels default to the dataset's."""
+    """The keywords the model is made with. A timm name: ``timm.create_model``'s, classes and
+    channels defaulting to the dataset's. A factory: ``model.kwargs``, plus ``num_classes`` /
+    ``in_chans`` / ``img_size`` when the recipe sets them (model.num_classes, ...), and the dataset's
+    classes / channels when the factory's signature names ``num_classes`` / ``in_chans``."""
     m = recipe.model
-    kwargs = {"num_classes": m.num_classes or data.classes, "in_chans": m.in_chans or data.channels, **m.kwargs}
+    if m.factory is not None:
+        fn = import_object(m.factory, "recipe key model.factory")
+        kwargs = dict(m.kwargs)
+        for key, value, default in zip(_SHAPING, (m.num_classes, m.in_chans, m.img_size),
+                                       (data.classes, data.channels, None)):
+            if key in kwargs:
+                continue
+            if value is not None:  # set in the recipe: the factory must take it
+                if not takes(fn, key):
+                    raise AugLocalError(f"recipe key model.{key} is {value} but model.factory {m.factory!r} takes no "
+                                        f"{key} argument; remove it, or give the factory a {key} parameter")
+                kwargs[key] = value
+            elif default is not None and takes(fn, key):
+                kwargs[key] = default
+        return kwargs
+    kwargs = {"num_classes": m.num_classes or data.classes}
+    if (m.in_chans or data.channels) is not None:  # your own data that is not images: no in_chans
+        kwargs["in_chans"] = m.in_chans or data.channels
+    kwargs.update(m.kwargs)
     if m.img_size is not None:
         kwargs["img_size"] = m.img_size
     return kwargs
@@ -76,34 +103,51 @@ def _per_rank(total: int, env: Env, key: str) -> int:
     return total // env.world
 
 
+def _make_model(recipe: TrainRecipe, kwargs: dict) -> torch.nn.Module:
+    m = recipe.model
+    if m.factory is not None:
+        return create_from_factory(m.factory, kwargs)
+    return create_model(m.name, pretrained=m.pretrained, **kwargs)
+
+
 def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
     """Build the run on ``env.device``; with ``plan`` (resuming) the net follows that plan."""
-    data = build_data(recipe.data, channels=recipe.model.in_chans, classes=recipe.model.num_classes)
+    m = recipe.model
+    classes = m.num_classes or m.kwargs.get("num_classes")
+    data = build_data(recipe.data, channels=m.in_chans, classes=classes if isinstance(classes, int) else None)
+    builtin = recipe.data.dataset in DATASETS
     kwargs = model_kwargs(recipe, data)
-    if kwargs["in_chans"] != data.channels and not DATASETS[recipe.data.dataset].generated:
-        raise AugLocalError(f"recipe key model.in_chans is {kwargs['in_chans']} but {recipe.data.dataset} "
+    in_chans = kwargs.get("in_chans")
+    if in_chans is not None and data.channels is not None and in_chans != data.channels and not (
+            builtin and DATASETS[recipe.data.dataset].generated):
+        raise AugLocalError(f"recipe key model.in_chans is {in_chans} but {recipe.data.dataset} "
                             f"images have {data.channels} channel(s); remove it or set it to {data.channels}")
-    classes = recipe.model.num_classes
-    if classes is not None and classes < data.classes:  # a label past the last logit fails mid-epoch
-        raise AugLocalError(f"recipe key model.num_classes is {classes} but {recipe.data.dataset} has "
+    if m.num_classes is not None and m.num_classes < data.classes:  # a label past the last logit fails mid-epoch
+        raise AugLocalError(f"recipe key model.num_classes is {m.num_classes} but {recipe.data.dataset} has "
                             f"{data.classes} classes; remove it or set it to at least {data.classes}")
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank (DDP also broadcasts)
-    model = create_model(recipe.model.name, pretrained=recipe.model.pretrained, **kwargs)
-    if recipe.model.checkpoint is not None and plan is None:  # resuming loads the run's own weights instead
-        load_weights(model, recipe.model.checkpoint)
-    size = [kwargs["in_chans"], data.size, data.size]
+    model = _make_model(recipe, kwargs)
+    if m.checkpoint is not None and plan is None:  # resuming loads the run's own weights instead
+        load_weights(model, m.checkpoint)
     batch = _per_rank(recipe.batch_size, env, "batch_size")
     if plan is None:  # the memory estimate and balance=memory at the batch each process trains on
-        options = conversion_options(recipe, input_size=size, model=recipe.model.name, batch=batch)
-        net = to_auglocal(model, options, model_kwargs=kwargs)
+        if data.example is not None:  # your own data: planned on its first input (its shape and dtype)
+            size, example = None, data.example
+        else:
+            size, example = [in_chans or data.channels, data.size, data.size], None
+        options = conversion_options(recipe, input_size=size, model=m.name, batch=batch)
+        # aux_init=model re-makes a timm model with these keywords; a factory's model is not re-made
+        net = to_auglocal(model, options, model_kwargs=kwargs if m.factory is None else None,
+                          example_inputs=example)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets (no profiling), whose
         # weights the checkpoint then replaces: nothing to initialise
         check_fingerprint(model, plan, lead="the checkpoint's plan was made for another model",
                           fix="resume it with the model it was trained with, or start a new run")
         net = to_auglocal(model, plan=plan, aux_init="copy")
-    mean, std = DATASETS[recipe.data.dataset].stats
-    if len(mean) == kwargs["in_chans"]:  # what the loader normalises with: infopro restores the images with it
-        net.image_stats = (mean, std)
+    if m.factory is not None:  # how load_auglocal / auglocal-export re-make the model: import and call it
+        net.options["model_factory"] = m.factory
+    if data.stats is not None and len(data.stats[0]) == (in_chans or data.channels):
+        net.image_stats = data.stats  # what the loader normalises with: infopro restores the images with it
     net.to(env.device)
     eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")
     pin = env.device.type == "cuda"
@@ -113,6 +157,7 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
         raise AugLocalError(f"recipe key batch_size ({recipe.batch_size}) exceeds the {len(data.train)} "
                             "training images; lower it")
     evals = eval_loader(data.test, eval_batch, workers, env.rank, env.world, pin)
+    vals = eval_loader(data.val, eval_batch, workers, env.rank, env.world, pin) if data.val is not None else None
     opt = build_optimizer(net.parameters(), recipe.optimizer)
     sched = build_scheduler(opt, recipe.schedule, recipe.epochs, len(train))
-    return Run(net, data, train, evals, opt, sched, kwargs)
+    return Run(net, data, train, evals, opt, sched, kwargs, vals)

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import AugLocalError
+from ..models import is_reference
 from ..options import options_of, recipe_name, validate
 from ..plan import PlanConfig
 from ..stages import STAGE_BALANCES
@@ -46,16 +47,48 @@ _DEFAULT = "leave the key out (null) to use {}"
 
 @dataclass
 class ModelSection:
-    name: str  # a timm name (resnet32_cifar and friends included)
-    # 0 would make timm drop the classifier (features taken as logits); cross-entropy needs 2 classes
+    # exactly one of name and factory: a timm name (resnet32_cifar and friends included), or your own
+    # model as "package.module:function", any callable returning an nn.Module (called with kwargs)
+    name: str | None = None
+    factory: str | None = field(default=None, metadata={"check": lambda key, value: _check_reference(key, value)})
+    # 0 would make timm drop the classifier (features taken as logits); cross-entropy needs 2 classes.
+    # A factory gets num_classes / in_chans only if its signature names them (build.py model_kwargs)
     num_classes: int | None = field(default=None, metadata=_at_least(2, _DEFAULT.format("the dataset's classes")))
     in_chans: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("the dataset's channels")))
     img_size: int | None = field(default=None, metadata=_at_least(1))  # for ViTs; passed to timm only when set
-    pretrained: bool = False
-    kwargs: dict = field(default_factory=dict)  # any other timm.create_model keyword
+    pretrained: bool = False  # timm names only
+    kwargs: dict = field(default_factory=dict)  # any other timm.create_model keyword, or the factory's keywords
     # start from these weights: a run's best.pt / last.pt (its backbone) or a timm / torch weights file;
     # how to train a finished run longer under a new schedule
     checkpoint: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What the run calls the model in its log, plot and summary: the timm name or the factory."""
+        return self.name if self.name is not None else self.factory
+
+
+def _check_reference(key: str, value) -> None:
+    if value is not None and not (is_reference(value) and value.count(":") == 1 and all(value.split(":"))):
+        raise AugLocalError(f"recipe key {key} is {value!r}; give package.module:function, e.g. "
+                            "mypackage.models:make_net")
+
+
+def _check_dataset(key: str, value) -> None:
+    if value in DATASETS:
+        return
+    if not is_reference(value):
+        raise AugLocalError(f"recipe key {key} is {value!r}; choose one of {', '.join(DATASETS)}, or give your own "
+                            "as package.module:function")
+    _check_reference(key, value)
+
+
+def _check_val_split(key: str, value) -> None:
+    if value is None:
+        return
+    if value < 0 or (isinstance(value, float) and value >= 1 and not value.is_integer()):
+        raise AugLocalError(f"recipe key {key} must be a fraction in (0, 1) or a count of images >= 1, got {value}; "
+                            "0 holds out none, null the dataset's default")
 
 
 def _conversion_section() -> type:
@@ -84,7 +117,14 @@ def conversion_options(recipe: TrainRecipe, **measured) -> PlanConfig:
 
 @dataclass
 class DataSection:
-    dataset: str = field(metadata=_choices(DATASETS))
+    # a built-in name, or your own data as "package.module:function" returning (train, test) or
+    # (train, val, test) Datasets of (input, label) pairs, called with kwargs (data.py build_data)
+    dataset: str = field(metadata={"check": _check_dataset})
+    kwargs: dict = field(default_factory=dict)  # your dataset function's keywords
+    # training images held out for validation (best.pt is chosen on them): a fraction in (0, 1) or a
+    # count, drawn with a fixed seed from the (train_limit-cut) training set; 0: none; null: the
+    # dataset's default (0.1 without an official validation set; imagefolder: none)
+    val_split: int | float | None = field(default=None, metadata={"check": _check_val_split})
     root: str | None = None  # default: the Debian path for fashion_mnist, ~/.cache/auglocal-fx/data else
     download: bool = False
     image_size: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("the dataset's own size")))
@@ -129,6 +169,16 @@ class ParallelSection:
 
 
 @dataclass
+class MixupSection:
+    """timm.data.Mixup: blend pairs of training images and their labels (off while both alphas are 0)."""
+    mixup_alpha: float = field(default=0.0, metadata=_at_least(0))  # timm --mixup (0.8 in timm's recipes)
+    cutmix_alpha: float = field(default=0.0, metadata=_at_least(0))  # timm --cutmix (1.0)
+    prob: float = field(default=1.0, metadata=_at_least(0, most=1))  # of mixing a batch at all
+    switch_prob: float = field(default=0.5, metadata=_at_least(0, most=1))  # cutmix instead of mixup, both on
+    mode: str = field(default="batch", metadata=_choices(("batch", "pair", "elem")))
+
+
+@dataclass
 class TrainRecipe:
     model: ModelSection
     data: DataSection
@@ -140,6 +190,18 @@ class TrainRecipe:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     eval_batch_size: int | None = field(default=None, metadata=_at_least(1, _DEFAULT.format("batch_size")))
     bf16: bool = False  # bf16 autocast for forward passes
+    mixup: MixupSection = field(default_factory=MixupSection)
+    label_smoothing: float = field(default=0.0, metadata=_at_least(0, most=0.99))  # of every loss's targets
+    # exponential moving average of the weights, per unit (timm's ModelEmaV3): what is evaluated and
+    # goes into best.pt; null: off; timm's recipes use 0.9998 (long runs), 0.99-0.999 for a few epochs
+    ema_decay: float | None = field(default=None, metadata=_at_least(0, above=True, most=0.999999))
+    clip_grad: float | None = field(default=None, metadata=_at_least(0, above=True))  # per unit, by norm
+    channels_last: bool = False  # 4-d inputs and weights in channels-last memory format (faster convs)
+    # torch.set_num_threads for a CPU run; null: torch's choice (all cores; 1 under torchrun, which sets
+    # OMP_NUM_THREADS=1); give cores / processes when several share a machine
+    threads: int | None = field(default=None, metadata=_at_least(1))
+    tensorboard: bool = False  # also write TensorBoard events to <output>/tensorboard (pip install tensorboard)
+    log_interval: int = field(default=50, metadata=_at_least(1))  # steps between progress lines and loss checks
     seed: int = 0
     device: str = field(default="auto", metadata=_choices(("auto", "cpu", "cuda")))
     output: str | None = None  # default: runs/<recipe file name>
@@ -211,6 +273,9 @@ def _build(cls, data, path: str):
         if f.metadata.get("option"):  # a planning option: checked as PlanConfig checks it (recipe_from_dict)
             kwargs[name] = value
             continue
+        check = f.metadata.get("check")
+        if check is not None:
+            check(key, value)
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices():
             raise AugLocalError(f"recipe key {key} is {value!r}; choose one of {', '.join(choices())}")
@@ -241,6 +306,8 @@ def _join(path: str, key) -> str:
 def recipe_from_dict(data: dict) -> TrainRecipe:
     """Validate a parsed recipe; errors name the key path (``optimizer.lr``)."""
     recipe = _build(TrainRecipe, data, "")
+    _check_model_section(recipe.model)
+    _check_data_section(recipe.data)
     betas = recipe.optimizer.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise AugLocalError(f"recipe key optimizer.betas must be two numbers in [0, 1), got {betas}")
@@ -249,6 +316,33 @@ def recipe_from_dict(data: dict) -> TrainRecipe:
     except AugLocalError as exc:
         raise AugLocalError(exc.worded(RECIPE_KEYS)) from exc
     return recipe
+
+
+def _check_model_section(m: ModelSection) -> None:
+    if m.name is None and m.factory is None:
+        raise AugLocalError("recipe key model.name is missing; give a timm name, or model.factory: "
+                            "package.module:function for your own model")
+    if m.name is not None and m.factory is not None:
+        raise AugLocalError(f"recipe keys model.name ({m.name!r}) and model.factory ({m.factory!r}) are both given; "
+                            "keep one: a timm name or your own model's factory")
+    if m.factory is not None and m.pretrained:
+        raise AugLocalError("recipe key model.pretrained is for timm names; load your weights in model.factory, "
+                            "or give them as model.checkpoint")
+
+
+def _check_data_section(d: DataSection) -> None:
+    if d.dataset in DATASETS:
+        if d.kwargs:
+            raise AugLocalError(f"recipe key data.kwargs is for a dataset given as package.module:function; "
+                                f"{d.dataset} takes data.root, data.download, data.image_size and data.augment")
+        return
+    for key in ("root", "image_size"):  # the built-ins' keys: silently unused with your own data
+        if getattr(d, key) is not None:
+            raise AugLocalError(f"recipe key data.{key} is for the built-in datasets; pass what your dataset "
+                                f"{d.dataset} needs in data.kwargs")
+    if d.download:
+        raise AugLocalError(f"recipe key data.download is for the built-in datasets; pass what your dataset "
+                            f"{d.dataset} needs in data.kwargs")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

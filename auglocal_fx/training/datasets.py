@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ..errors import AugLocalError
 
-__all__ = ["IdxImages", "SyntheticImages", "read_idx"]
+__all__ = ["IdxImages", "SyntheticImages", "Split", "read_idx"]
 
 def read_idx(path: Path) -> torch.Tensor:
     """A uint8 IDX file (optionally ``.gz``) as a tensor: magic 0x000008NN, then NN big-endian dims."""
@@ -63,7 +63,7 @@ class IdxImages(Dataset):
 class SyntheticImages(Dataset):
     """Learnable random images for tests and smoke runs: one smooth template per class plus noise.
 
-    Deterministic in ``seed``; train and test sets share templates (``split`` changes the noise).
+    Deterministic in ``seed``; the train, val and test sets share templates (``split`` changes the noise).
     """
 
     def __init__(self, size: int, num_classes: int, shape: tuple[int, int, int], seed: int = 0,
@@ -72,7 +72,7 @@ class SyntheticImages(Dataset):
         c, h, w = shape
         low = torch.rand(num_classes, c, max(h // 4, 1), max(w // 4, 1), generator=g)
         templates = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-        g.manual_seed(seed + (1 if split == "train" else 2))
+        g.manual_seed(seed + {"train": 1, "test": 2, "val": 3}[split])
         self.labels = torch.arange(size) % num_classes
         noise = torch.randn(size, c, h, w, generator=g) * 0.25
         self.images = ((templates[self.labels] + noise).clamp(0, 1) * 255).to(torch.uint8)
@@ -84,3 +84,22 @@ class SyntheticImages(Dataset):
     def __getitem__(self, i: int):
         x = self.images[i]
         return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+class Split(Dataset):
+    """Samples ``indices`` of ``base``, their inputs passed through ``transform``.
+
+    How one training set serves both the training split (augmented) and the validation images
+    held out of it (test-time transforms): ``base`` is made without a transform, and each split
+    applies its own, so the set is loaded once.
+    """
+
+    def __init__(self, base: Dataset, indices, transform=None):
+        self.base, self.indices, self.transform = base, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[int(self.indices[i])]
+        return (self.transform(x) if self.transform is not None else x), y
