@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from ..errors import AugLocalError
 from ..training import load_recipe, train
 from ..training.run_folder import check_run_folder
-from .common import run_cli
+from .common import LAUNCHED, recorded_error, run_cli, torchrun_rank
 
 PROG = "auglocal-train"
 
@@ -19,9 +20,10 @@ PROG = "auglocal-train"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Train a timm model with supervised local learning from a YAML recipe. Under "
-                    "torchrun (torchrun --nproc_per_node N -m auglocal_fx.cli.train ...) it trains "
-                    "data-parallel, or in pipeline stages of blocks with --set parallel.pipeline=P.")
+        description="Train a timm model, or your own (model.factory), with supervised local learning from a "
+                    "YAML recipe. With --nproc N (or under torchrun: torchrun --nproc_per_node N -m "
+                    "auglocal_fx.cli.train ...) it trains data-parallel, or in pipeline stages of blocks with "
+                    "--set parallel.pipeline=P.")
     p.add_argument("recipe", help="recipe file, e.g. recipes/fashion_mnist_auglocal.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set epochs=1 --set optimizer.lr=0.05 (repeatable)")
@@ -33,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
                    help="replace the run the output folder holds (its checkpoints, metrics, plot); without it "
                         "such a folder is refused unless --resume continues it")
     p.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train in N processes on this machine (torchrun --standalone --nproc_per_node N, started "
+                        "here): an error in them is one line and exit status 2, without torchrun's report")
     return p
 
 
@@ -44,6 +49,8 @@ def _main(argv=None) -> int:
         return 0
     if args.stop_after is not None and args.stop_after < 1:
         raise AugLocalError(f"--stop-after must be at least 1, got {args.stop_after}")
+    if args.nproc is not None and args.nproc < 1:
+        raise AugLocalError(f"--nproc must be at least 1, got {args.nproc}")
     resume = args.resume
     if resume == "auto":
         last = Path(recipe.output) / "last.pt"
@@ -52,6 +59,8 @@ def _main(argv=None) -> int:
         raise AugLocalError("--resume continues the run in the output folder and --overwrite replaces it; "
                             "pass one of them")
     check_run_folder(recipe.output, resume, args.overwrite, words="cli", source=args.recipe)  # train() checks too, in Python's words
+    if args.nproc is not None and args.nproc > 1:
+        return _launch(args)
     s = train(recipe, resume=resume, stop_after=args.stop_after, overwrite=args.overwrite)
     if s is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
@@ -62,6 +71,55 @@ def _main(argv=None) -> int:
           f"(best {100 * s['best_test_acc']:.2f}% at epoch {s['best_epoch']}); "
           f"{s['model']} {s['rule']} with {s['blocks']} block{'s' if s['blocks'] != 1 else ''}")
     print(f"wrote {s['output']}/last.pt, metrics.jsonl, curves.png, summary.json")
+    return 0
+
+
+def _launch(args) -> int:
+    """Run this command in ``args.nproc`` processes, as ``torchrun --standalone`` would (torch's own
+    launcher, ``torch.distributed.run``), and answer for them: a user error in any of them is one
+    line (the first process's to fail; they record it, see ``common.py``) and exit status 2; any
+    other failure names the process and its exit status (its traceback is in its output above)."""
+    if torchrun_rank() is not None:
+        raise AugLocalError("--nproc starts the processes itself; run auglocal-train --nproc N without torchrun, "
+                            "or torchrun without --nproc")
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchelastic logs each failure and each process it stops (warnings, errors): reported below instead
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    worker = [args.recipe, *(a for kv in args.overrides for a in ("--set", kv))]
+    if args.resume is not None:
+        worker += ["--resume", args.resume]
+    if args.stop_after is not None:
+        worker += ["--stop-after", str(args.stop_after)]
+    if args.overwrite:
+        worker.append("--overwrite")
+    os.environ[LAUNCHED] = "1"  # the processes inherit it: they leave the reporting to this one
+    try:
+        run(parse_args(["--standalone", "--nproc_per_node", str(args.nproc), "-m", "auglocal_fx.cli.train",
+                        *worker]))
+    except ChildFailedError as exc:
+        failures = sorted(exc.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        # the first user error recorded (a process may record one and then be stopped by the launcher)
+        user = next((line for _, f in failures if (line := recorded_error(PROG, f.message))), None)
+        if user is not None:
+            print(user, file=sys.stderr)
+            return 2
+        rank, first = exc.get_first_failure()
+        how = (f"was stopped by signal {first.signal_name()}" if first.exitcode < 0
+               else f"exited with status {first.exitcode}")
+        print(f"{PROG}: the process of rank {rank} {how}; its output above says why", file=sys.stderr)
+        return 1
+    except SignalException:  # Ctrl-C (SIGINT) or SIGTERM: torchelastic stopped the processes
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        os.environ.pop(LAUNCHED, None)
     return 0
 
 
