@@ -43,7 +43,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for ea, eb in zip(ha, hb):
         torch.testing.assert_close(torch.tensor(eb["step_losses"]), torch.tensor(ea["step_losses"]), rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.tensor(eb["local_losses"]), torch.tensor(ea["local_losses"]), rtol=0, atol=1e-5)
-        assert eb["test_acc"] == ea["test_acc"] and eb["aux_test_acc"] == ea["aux_test_acc"]
+        assert eb["val_acc"] == ea["val_acc"] and eb["aux_val_acc"] == ea["aux_val_acc"]
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:

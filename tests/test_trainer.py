@@ -41,9 +41,8 @@ def _trainer(tmp_path, **over) -> Trainer:
 def test_host_looks_at_the_losses_once_per_log_interval(tmp_path, monkeypatch):
     """No .item() per step: the steps' losses stay on the device until the log interval's end (here 2
     of the epoch's 4 steps), then one copy each; the epoch's record is one more reduce."""
-    t = _trainer(tmp_path)
+    t = _trainer(tmp_path, log_interval=2, **{"data.val_split": 0})
     assert len(t.run.train_loader) == 4
-    monkeypatch.setattr(trainer_module, "LOG_INTERVAL", 2)
     calls = {"reduce": 0, "item": 0, "tolist": 0}
     reduce, item, tolist = Sums.reduce, torch.Tensor.item, torch.Tensor.tolist
 
@@ -65,6 +64,7 @@ def test_host_looks_at_the_losses_once_per_log_interval(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
     record = t.train_epoch(1)
     assert calls == {"reduce": 2 + 1, "item": 0, "tolist": 0}
+    assert len(record["step_losses"]) == 4 and len(record["local_losses"]) == 3
     assert len(record["step_losses"]) == 4 and len(record["local_losses"]) == 3
     assert 0 <= record["train_acc"] <= 1
 

@@ -236,9 +236,11 @@ def test_short_run_per_rule(tmp_path, capsys, rule):
     assert record["epoch"] == 1 and len(record["step_losses"]) == 4
     assert all(torch.isfinite(torch.tensor(record["step_losses"])))
     n_aux = 0 if rule == "bp" else 3
-    assert len(record["aux_test_acc"]) == len(record["local_losses"]) == n_aux  # one per aux head
+    assert len(record["aux_val_acc"]) == len(record["local_losses"]) == n_aux  # one per aux head
+    assert "test_acc" not in record  # the test set is evaluated once, on best.pt, in the summary
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rule"] == rule and summary["epochs_done"] == 1
+    assert summary["rule"] == rule and summary["epochs_done"] == 1 and summary["selected_on"] == "val"
+    assert len(summary["aux_test_acc"]) == n_aux and 0 <= summary["test_acc"] <= 1
     # the checkpoint rebuilds the trained net (bp: the whole model is one block) with the trained weights
     net = load_auglocal(out / "last.pt")
     assert (len(net.blocks), len(net.aux)) == (1 if rule == "bp" else 4, n_aux)
@@ -260,7 +262,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert train_main([str(path), "--resume", str(Path(split["output"]) / "last.pt")]) == 0
     a, b = history(Path(full["output"])), history(Path(split["output"]))
     assert [h["step_losses"] for h in a] == [h["step_losses"] for h in b]  # exactly, on CPU
-    assert [h["test_acc"] for h in a] == [h["test_acc"] for h in b]
+    assert [h["val_acc"] for h in a] == [h["val_acc"] for h in b]
     sa = torch.load(Path(full["output"]) / "last.pt", weights_only=False)["model_state"]
     sb = torch.load(Path(split["output"]) / "last.pt", weights_only=False)["model_state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -365,7 +367,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.tensor(hb["local_losses"]), torch.tensor(ha["local_losses"]),
                                    rtol=1e-4, atol=1e-5)
-        assert abs(ha["test_acc"] - hb["test_acc"]) <= 1 / 64
+        assert abs(ha["val_acc"] - hb["val_acc"]) <= 1 / 64
 
 
 @pytest.mark.parametrize("name,layers", [("resnet32_cifar", 16), ("resnet110_cifar", 55)])

@@ -67,8 +67,11 @@ def _main(argv=None) -> int:
     if s["test_acc"] is None:
         print(f"nothing to do: {s['output']} already holds {s['epochs_done']} of {s['epochs']} epochs")
         return 0
-    print(f"test accuracy {100 * s['test_acc']:.2f}% after {s['epochs_done']}/{s['epochs']} epochs "
-          f"(best {100 * s['best_test_acc']:.2f}% at epoch {s['best_epoch']}); "
+    if s["selected_on"] == "val":
+        which = f"of best.pt (epoch {s['best_epoch']}, chosen on validation accuracy {100 * s['best_val_acc']:.2f}%)"
+    else:
+        which = f"at the last epoch (best {100 * s['best_test_acc']:.2f}% at epoch {s['best_epoch']}; no validation split)"
+    print(f"test accuracy {100 * s['test_acc']:.2f}% {which} after {s['epochs_done']}/{s['epochs']} epochs; "
           f"{s['model']} {s['rule']} with {s['blocks']} block{'s' if s['blocks'] != 1 else ''}")
     print(f"wrote {s['output']}/last.pt, metrics.jsonl, curves.png, summary.json")
     return 0

@@ -100,10 +100,12 @@ class PredSimLoss(LocalLoss):
 
     def forward(self, out, target, image, criterion):
         logits, feats = out
-        if target.dim() != 1 or logits.dim() != 2:
-            raise AugLocalError(f"the predsim rule matches the similarity of class labels and needs one label per "
-                                f"sample, not targets of shape {tuple(target.shape)}; use rule='auglocal' or 'dgl'")
-        labels = F.one_hot(target, logits.shape[1]).float()
+        soft = target.is_floating_point() and target.shape == logits.shape  # mixup's class distributions
+        if not soft and (target.dim() != 1 or logits.dim() != 2):
+            raise AugLocalError(f"the predsim rule matches the similarity of class labels and needs one label (or "
+                                f"class distribution) per sample, not targets of shape {tuple(target.shape)}; use "
+                                "rule='auglocal' or 'dgl'")
+        labels = target.float() if soft else F.one_hot(target, logits.shape[1]).float()
         sim = F.mse_loss(similarity_matrix(feats), similarity_matrix(labels))
         return self.sim_weight * sim + self.pred_weight * criterion(logits, target), logits
 

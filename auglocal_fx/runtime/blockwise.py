@@ -76,7 +76,8 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
                    loss_fn: Callable | None = None, autocast_dtype: torch.dtype | None = None,
                    scaler: torch.amp.GradScaler | None = None,
                    optimizer: torch.optim.Optimizer | None = None, image: torch.Tensor | None = None,
-                   hand_on: Callable[[Bundle], None] | None = None, sync: bool = True) -> StepOutput:
+                   hand_on: Callable[[Bundle], None] | None = None, sync: bool = True,
+                   clip_grad: float | None = None) -> StepOutput:
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
@@ -99,10 +100,16 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     ``hand_on(h)`` receives the last unit's detached output as soon as its forward is done, before
     its backward, so the next stage can start on it while this one finishes.
 
+    ``clip_grad``: each unit's gradients are clipped to this norm right after its backward (its
+    parameters' gradients are all there then, and no other unit's).
+
     ``sync=False`` returns the losses and accuracies as tensors on the device (``loss`` 0-d, the
     others 1-d) instead of floats, so a loop that reads them only now and then never waits for the
     device between steps.
     """
+    if clip_grad is not None and scaler is not None:
+        raise AugLocalError("training_step(clip_grad=..., scaler=...): scaled gradients would be clipped at the "
+                            "wrong norm; call scaler.unscale_(opt) and clip yourself, or use bfloat16 autocast")
     if optimizer is not None and scaler is not None:
         raise AugLocalError("training_step(optimizer=..., scaler=...): a GradScaler steps once per update; "
                             "pass optimizer=None and call scaler.step(opt) after the step")
@@ -123,6 +130,8 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
         with record_function("auglocal.backward"):
             # frees this unit's graph before the next unit runs
             (loss if scaler is None else scaler.scale(loss)).backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(local.parameters(), clip_grad)
         if optimizer is not None:
             with record_function("auglocal.optimizer"):
                 optimizer.step()  # only this unit's parameters hold gradients now

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import AugLocalError
 
-__all__ = ["Env", "setup", "teardown", "wrap_units", "all_reduce_sum", "gather_states", "gather_to_main"]
+__all__ = ["Env", "setup", "teardown", "barrier", "wrap_units", "all_reduce_sum", "gather_states", "gather_to_main"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,12 @@ def setup(device_pref: str = "auto") -> Env:
 def teardown(env: Env) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(env: Env) -> None:
+    """Wait for every process (nothing to wait for in one)."""
+    if env.distributed:
+        dist.barrier()
 
 
 def wrap_units(units: list, env: Env, group=None, size: int | None = None) -> list:

@@ -58,11 +58,17 @@ class EpochProgress:
             self._bar.stop()
 
 
+def held_out(r: dict) -> str:
+    """The split an epoch was evaluated on: "val" when the run has a validation split, else "test"."""
+    return "val" if "val_acc" in r else "test"
+
+
 def epoch_line(r: dict, epochs: int) -> str:
-    aux = r.get("aux_test_acc") or []
+    split = held_out(r)
+    aux = r.get(f"aux_{split}_acc") or []
     aux_txt = f"  aux heads {' '.join(f'{100 * a:.1f}' for a in aux)}" if aux else ""
     return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.2f}%  "
-            f"test acc {100 * r['test_acc']:.2f}%{aux_txt}  lr {r['lr']:.3g}  "
+            f"{split} acc {100 * r[f'{split}_acc']:.2f}%{aux_txt}  lr {r['lr']:.3g}  "
             f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.0f}s")
 
 
@@ -72,7 +78,8 @@ def write_metrics(path: Path, history: list[dict]) -> None:
 
 
 def plot_curves(path: Path, history: list[dict], title: str) -> None:
-    """Training loss and test accuracy per epoch (final head bold, aux heads faint) as a PNG."""
+    """Training loss and held-out accuracy per epoch (validation, else test; final head bold, aux
+    heads faint) as a PNG."""
     import matplotlib  # imported here: heavy, and needed only at the end of an epoch
 
     matplotlib.use("Agg")
@@ -94,11 +101,12 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
         ax_loss.plot(epochs, [r["local_losses"][i] for r in history], marker=".", alpha=0.35, lw=1,
                      color="tab:orange", label="local losses (epoch mean)" if i == 0 else None)
     ax_loss.set(xlabel="epoch", ylabel="train loss")
-    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], marker="o", color="tab:blue", label="final head")
-    for i in range(len(history[-1].get("aux_test_acc") or [])):
-        ax_acc.plot(epochs, [100 * r["aux_test_acc"][i] for r in history], marker=".", alpha=0.35, lw=1,
+    split = held_out(history[-1])
+    ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker="o", color="tab:blue", label="final head")
+    for i in range(len(history[-1].get(f"aux_{split}_acc") or [])):
+        ax_acc.plot(epochs, [100 * r[f"aux_{split}_acc"][i] for r in history], marker=".", alpha=0.35, lw=1,
                     color="tab:orange", label="aux heads" if i == 0 else None)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax_acc.set(xlabel="epoch", ylabel=f"{'validation' if split == 'val' else 'test'} accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -74,9 +74,11 @@ class DataParallel:
         self.mine = list(range(len(units)))
         return wrap_units(units, self.env, self.dp_group)
 
-    def batches(self, loader):
+    def batches(self, loader, prepare):
+        """``(input, targets, image)`` per step; ``prepare(x, y)`` moves a loaded batch to the device
+        (and mixes it, in training)."""
         for x, y in loader:
-            x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+            x, y = prepare(x, y)
             yield x, y, x
 
     def hand_on(self, y, image):
@@ -101,11 +103,12 @@ class DataParallel:
         """What the optimizer steps: every parameter of the net, in its order (checkpoints index it so)."""
         return list(net.parameters())
 
-    def checkpoint(self, net, units: list, optimizer, scheduler) -> dict | None:
-        """This run's part of ``last.pt``'s training state (rank 0; None elsewhere)."""
+    def checkpoint(self, net, units: list, optimizer, scheduler, ema: list | None = None) -> dict | None:
+        """This run's part of ``last.pt``'s training state (rank 0; None elsewhere); ``ema``: the
+        averaged weights of this process's units."""
         if not self.env.is_main:
             return None
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema}
 
     def restore(self, net, optimizer, scheduler, train: dict) -> None:
         if "pipeline" in train:
@@ -179,11 +182,12 @@ class PipelineStages:
         return found[0]
 
     # -- moving batches between stages ----------------------------------------------------------------
-    def batches(self, loader):
-        """This stage's inputs, one per step: loaded on the first stage, received on the others."""
+    def batches(self, loader, prepare):
+        """This stage's inputs, one per step: loaded (and ``prepare``d) on the first stage, received
+        on the others."""
         if self.first:
             for x, y in loader:
-                x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+                x, y = prepare(x, y)
                 yield x, y, x
             return
         for _ in range(len(loader)):
@@ -230,7 +234,7 @@ class PipelineStages:
                 "stage_blocks": self.split.units}
 
     # -- checkpoints -----------------------------------------------------------------------------------
-    def _own_state(self, net, units, optimizer, scheduler) -> dict:
+    def _own_state(self, net, units, optimizer, scheduler, ema) -> dict:
         """This stage's weights, buffers, optimizer and schedule (what no other stage updates)."""
         owned = set()
         for u in units:
@@ -238,7 +242,7 @@ class PipelineStages:
             owned.update(id(t) for t in [*u.parameters(), *u.buffers()])
         model = {k: v.detach() for k, v in net.model.state_dict(keep_vars=True).items() if id(v) in owned}
         aux = {k: v for k, v in net.aux.state_dict().items() if int(k.split(".", 1)[0]) in self.mine}
-        return {"stage": self.stage, "model": model, "aux": aux,
+        return {"stage": self.stage, "model": model, "aux": aux, "ema": ema,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
 
     def parameters(self, net, units: list) -> list:
@@ -246,11 +250,11 @@ class PipelineStages:
         make the same updates as one over the whole net."""
         return unique_parameters([getattr(u, "module", u) for u in units])
 
-    def checkpoint(self, net, units: list, optimizer, scheduler) -> dict | None:
-        """Every stage's weights loaded into rank 0's net, and their optimizer and schedule states
-        (rank 0; None elsewhere)."""
-        states = gather_to_main(self._own_state(net, units, optimizer, scheduler) if self.replica == 0 else None,
-                                self.env)
+    def checkpoint(self, net, units: list, optimizer, scheduler, ema: list | None = None) -> dict | None:
+        """Every stage's weights loaded into rank 0's net, and their optimizer and schedule states and
+        averaged weights (rank 0; None elsewhere)."""
+        own = self._own_state(net, units, optimizer, scheduler, ema) if self.replica == 0 else None
+        states = gather_to_main(own, self.env)
         if not self.env.is_main:
             return None
         stages = [s for s in states if s is not None]
@@ -258,6 +262,7 @@ class PipelineStages:
             net.model.load_state_dict(s["model"], strict=False)
             net.aux.load_state_dict(s["aux"], strict=False)
         return {"optimizer": [s["optimizer"] for s in stages], "scheduler": [s["scheduler"] for s in stages],
+                "ema": None if ema is None else [e for s in stages for e in s["ema"]],  # in unit order
                 "pipeline": {"stages": self.stages, "replicas": self.replicas, "units": self.split.units}}
 
     def restore(self, net, optimizer, scheduler, train: dict) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -27,20 +29,27 @@ from ..options import word_options
 from ..plan import Plan
 from ..runtime.blockwise import blockwise_step
 from ..runtime.bundles import call
+from ..runtime.checkpoint import read_checkpoint
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
-from .distributed import Env, gather_states, setup, teardown
+from .distributed import Env, barrier, gather_states, setup, teardown
 from .metrics import Sums
 from .optim import build_optimizer, build_scheduler
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .run_folder import check_run_folder, check_writable, clear_run
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 from .strategies import make_strategy
+from .techniques import (
+    Mixing,
+    UnitEma,
+    check_techniques,
+    hard_labels,
+    loss_function,
+    tensorboard_writer,
+    write_scalars,
+)
 
 __all__ = ["Trainer", "train"]
-
-# steps between the host's looks at the losses (progress, the finite check): the device runs ahead
-LOG_INTERVAL = 50
 
 # the library's parameters as a recipe sets them: planning options are conversion keys; the input
 # size comes from the data and model sections
@@ -117,10 +126,13 @@ class Trainer:
             check_writable(self.out)
             if overwrite and resume is None:
                 clear_run(self.out)
+        if recipe.threads is not None:
+            torch.set_num_threads(recipe.threads)
+        check_techniques(recipe, recipe.batch_size // strategy.data_env.world)
         saved = read_training(resume) if resume else None
         if saved is not None:
             _check_same_model(saved["train"]["recipe"], recipe, resume)
-        self.log(f"building {recipe.model.name} ({recipe.conversion.rule}) ...", flush=True)
+        self.log(f"building {recipe.model.label} ({recipe.conversion.rule}) ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are logged below, as recipe keys
             self.run: Run = build_run(recipe, strategy.data_env, Plan.from_dict(saved["plan"]) if saved else None)
@@ -128,22 +140,37 @@ class Trainer:
         for note in r.net.plan.notes:
             self.log(f"note: {word_options(note, RECIPE_KEYS)}")
         self.autocast = torch.bfloat16 if recipe.bf16 else None
+        if recipe.channels_last:
+            r.net.to(memory_format=torch.channels_last)  # 4-d weights; Mixing does the inputs
         self.units = strategy.attach(r.net.local_units(), r.net, recipe, saved, self.autocast, self.log)
+        classes = r.net.plan.head.out_shape[-1] if r.net.plan.head.out_shape else r.data.classes
+        self.mixing, self.loss_fn = Mixing(recipe, classes, env.device), loss_function(recipe)
+        self.ema = UnitEma(self.units, recipe.ema_decay) if recipe.ema_decay else None
         r.optimizer = build_optimizer(strategy.parameters(r.net, self.units), recipe.optimizer)
         r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
         self.epoch, self.history, self.best = 0, [], -1.0
         if saved is not None:
             self._restore(saved, resume)
         else:
-            torch.manual_seed(recipe.seed + 1_000_003 * env.rank)  # augmentation/dropout differ per rank
+            # augmentation, dropout and mixup (numpy's generator) differ per rank, the same every run
+            seed = recipe.seed + 1_000_003 * env.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
         if env.is_main:
             atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        self.writer = tensorboard_writer(self.out) if recipe.tensorboard and env.is_main else None
 
     def _restore(self, saved: dict, path) -> None:
         r, t = self.run, saved["train"]
         self.strategy.restore(r.net, r.optimizer, r.scheduler, t)  # refuses another layout first
         r.net.model.load_state_dict(saved["model_state"])
         r.net.aux.load_state_dict(saved["aux_state"])
+        if self.ema is not None:
+            if not t.get("ema"):
+                raise AugLocalError(f"cannot resume from {path}: it was trained without ema_decay; resume without it "
+                                    "or start a new run from its weights (--set model.checkpoint=...)")
+            self.ema.load([t["ema"][i] for i in self.strategy.mine])
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
         set_rng_state(t["rng"][self.env.rank] if self.env.rank < len(t["rng"]) else t["rng"][0])
         self.log(f"resumed from epoch {self.epoch}")
@@ -160,21 +187,24 @@ class Trainer:
                      **s.metric_sizes()}, device)
         window = _Window(self, sums, epoch, EpochProgress(f"epoch {epoch}/{recipe.epochs}{s.title}", steps,
                                                           s.shows_progress))
+        interval = recipe.log_interval
         per_unit = dict(optimizer=r.optimizer) if recipe.optimizer.per_unit else {}
         s.start_epoch()
         busy, start = 0.0, time.perf_counter()
         try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
-            for step, (h, y, image) in enumerate(s.batches(loader), 1):
+            for step, (h, y, image) in enumerate(s.batches(loader, lambda x, y: self.mixing(x, y, True)), 1):
                 t0 = time.perf_counter()
                 # per unit: the optimizer steps inside, after each unit's backward (its step below is a no-op)
-                out = blockwise_step(self.units, h, y, None, self.autocast, None, image=image,
-                                     hand_on=s.hand_on(y, image), sync=False, **per_unit)
+                out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
+                                     hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad, **per_unit)
                 r.optimizer.step()
                 r.optimizer.zero_grad(set_to_none=True)
                 r.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.units)
                 busy += time.perf_counter() - t0
                 window.add(step, out, y)
-                if step % LOG_INTERVAL == 0 or step == steps:
+                if step % interval == 0 or step == steps:
                     window.close(step)
         finally:
             window.bar.close()
@@ -198,16 +228,22 @@ class Trainer:
                                 f"({kept}); lower optimizer.lr or add schedule.warmup_epochs")
 
     @torch.no_grad()
-    def evaluate(self, loader=None) -> dict:
-        """Accuracy of the final head and of every aux head on ``loader`` (default: the test set), one
-        pass through the blocks; under a pipeline the batches stream through the stages as in training."""
+    def evaluate(self, loader=None, units: list | None = None) -> dict:
+        """``acc``, ``loss`` of the final head and ``aux_acc`` of every aux head on ``loader`` (default:
+        the test set), one pass through the blocks, with ``units`` (default: the averaged ones under
+        ``ema_decay``, else the trained ones); under a pipeline the batches stream through the stages
+        as in training."""
         r, s = self.run, self.strategy
         r.net.eval()
-        units = [getattr(u, "module", u) for u in self.units]
+        if units is None:
+            units = self.ema.units if self.ema is not None else self.units
+        units = [getattr(u, "module", u) for u in units]
+        for u in units:
+            u.eval()
         amp = torch.autocast(self.env.device.type, self.autocast) if self.autocast else nullcontext()
         m = len(r.net.blocks)
         sums = Sums({"correct": m, "loss": 1, "images": 1}, self.env.device)
-        for h, y, image in s.batches(r.eval_loader if loader is None else loader):
+        for h, y, image in s.batches(r.eval_loader if loader is None else loader, lambda x, y: self.mixing(x, y, False)):
             with amp:
                 for i, unit in zip(s.mine, units):
                     h, top = call(unit, h)
@@ -221,49 +257,83 @@ class Trainer:
         s.flush()
         red = sums.reduce()
         n = max(red["images"][0], 1)
-        return {"test_acc": red["correct"][m - 1] / n, "test_loss": red["loss"][0] / n,
-                "aux_test_acc": [c / n for c in red["correct"][:m - 1]]}
+        return {"acc": red["correct"][m - 1] / n, "loss": red["loss"][0] / n,
+                "aux_acc": [c / n for c in red["correct"][:m - 1]]}
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
+        """Train until ``recipe.epochs`` (or ``stop_after``). ``best.pt`` is chosen on the validation
+        split when the run has one (else on the test set, as the record says); the test set is then
+        evaluated once, on that checkpoint."""
+        r = self.run
+        split, loader = ("val", r.val_loader) if r.val_loader is not None else ("test", r.eval_loader)
         last_epoch = min(self.recipe.epochs, stop_after or self.recipe.epochs)
         for epoch in range(self.epoch + 1, last_epoch + 1):
             record = self.train_epoch(epoch)
-            record.update(self.evaluate())
+            found = self.evaluate(loader)
+            record.update({f"{split}_acc": found["acc"], f"{split}_loss": found["loss"],
+                           f"aux_{split}_acc": found["aux_acc"]})
             self.epoch = epoch
             self.history.append(record)
-            improved = record["test_acc"] > self.best
-            self.best = max(self.best, record["test_acc"])
+            improved = record[f"{split}_acc"] > self.best
+            self.best = max(self.best, record[f"{split}_acc"])
             self._save(improved)
+            if self.writer is not None:
+                write_scalars(self.writer, record, epoch)
             self.log(epoch_line(record, self.recipe.epochs), flush=True)
-        return self._summary()
+        if self.writer is not None:
+            self.writer.close()
+        chosen = self._test_chosen() if split == "val" and self.history else None
+        return self._summary(split, chosen)
+
+    def _test_chosen(self) -> dict:
+        """The test set on ``best.pt``'s weights (the checkpoint chosen on validation), read back by
+        every process once process 0 has written it."""
+        barrier(self.env)
+        payload = read_checkpoint(self.out / "best.pt")
+        net = self.run.net
+        net.model.load_state_dict(payload["model_state"])  # the averaged weights under ema_decay
+        net.aux.load_state_dict(payload["aux_state"])
+        return self.evaluate(units=self.units)
 
     def _save(self, improved: bool) -> None:
         rngs = gather_states(rng_state(), self.env)  # every rank's, so a resumed run draws the same
         r = self.run
-        train = self.strategy.checkpoint(r.net, self.units, r.optimizer, r.scheduler)
+        ema = self.ema.state_dicts() if self.ema is not None else None
+        train = self.strategy.checkpoint(r.net, self.units, r.optimizer, r.scheduler, ema)
         if train is None:  # not rank 0
             return
         train.update({"epoch": self.epoch, "rng": rngs, "history": self.history, "best_acc": self.best,
                       "recipe": self.recipe.to_dict()})
         save_training(r.net, self.out / "last.pt", train, r.model_kwargs)
-        if improved:
+        if improved and train["ema"] is not None:  # best.pt holds what was evaluated: the averaged weights
+            live = {k: v.clone() for k, v in r.net.state_dict().items()}
+            for unit, state in zip(r.net.local_units(), train["ema"]):
+                unit.load_state_dict(state)
+            save_training(r.net, self.out / "best.pt", train, r.model_kwargs)
+            r.net.load_state_dict(live)
+        elif improved:
             copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
         write_metrics(self.out / "metrics.jsonl", self.history)
         plot_curves(self.out / "curves.png", self.history,
-                    f"{self.recipe.model.name} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
+                    f"{self.recipe.model.label} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
 
-    def _summary(self) -> dict:
+    def _summary(self, split: str, chosen: dict | None) -> dict:
+        """What the run ends with: the test accuracy of the checkpoint chosen on validation (or, without
+        a validation split, of the last epoch, with the best epoch's beside it)."""
         net, last = self.run.net, self.history[-1] if self.history else {}
-        best_epoch = max(self.history, key=lambda h: h["test_acc"])["epoch"] if self.history else None
-        summary = {"model": self.recipe.model.name, "rule": self.recipe.conversion.rule,
+        best = max(self.history, key=lambda h: h[f"{split}_acc"]) if self.history else {}
+        summary = {"model": self.recipe.model.label, "rule": self.recipe.conversion.rule,
                    "blocks": len(net.blocks), "epochs_done": self.epoch, "epochs": self.recipe.epochs,
-                   "test_acc": last.get("test_acc"), "aux_test_acc": last.get("aux_test_acc"),
-                   "best_test_acc": self.best if self.history else None, "best_epoch": best_epoch,
-                   "backbone_params": sum(p.numel() for p in net.model.parameters()),
-                   "aux_params": sum(p.numel() for p in net.aux.parameters()),
-                   "train_time_s": sum(h["epoch_time_s"] for h in self.history),
-                   "output": str(self.out)}
+                   "selected_on": split, "best_epoch": best.get("epoch"), f"best_{split}_acc": best.get(f"{split}_acc")}
+        if chosen is not None:  # the test set, once, on best.pt
+            summary.update(test_acc=chosen["acc"], test_loss=chosen["loss"], aux_test_acc=chosen["aux_acc"])
+        else:
+            summary.update(test_acc=last.get("test_acc"), aux_test_acc=last.get("aux_test_acc"))
+        summary.update({"backbone_params": sum(p.numel() for p in net.model.parameters()),
+                        "aux_params": sum(p.numel() for p in net.aux.parameters()),
+                        "train_time_s": sum(h["epoch_time_s"] for h in self.history),
+                        "output": str(self.out)})
         if self.env.is_main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
@@ -282,7 +352,8 @@ class _Window:
 
     def add(self, step: int, out, y: torch.Tensor) -> None:
         losses = torch.cat([out.local_losses, out.loss.reshape(1)])  # of this process's units, in order
-        correct = (out.logits.argmax(1) == y).sum() if self.trainer.strategy.has_head else losses.new_zeros(())
+        has_head = self.trainer.strategy.has_head
+        correct = (out.logits.argmax(1) == hard_labels(y)).sum() if has_head else losses.new_zeros(())
         self.rows.append(torch.cat([losses * len(y), correct.reshape(1).to(losses.dtype)]))
         self.sizes.append(len(y))
         self.bar.update(step)
