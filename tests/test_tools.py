@@ -125,7 +125,8 @@ def test_bench_accuracy_jobs_run_in_children_with_their_own_logs(capsys, tmp_pat
     res = _json_run(capsys, "bench_accuracy", argv)
     assert sorted(r["rule"] for r in res["runs"]) == ["auglocal", "bp"] and res["threads"] == 1
     for r in res["runs"]:
-        assert r["test_acc_per_epoch"] == [r["test_acc"]]
+        assert r["selected_on"] == r["held_out"] == "val" and len(r["held_out_acc_per_epoch"]) == 1
+        assert 0 <= r["test_acc"] <= 1 and r["best_epoch"] == 1
         assert "epoch 1/1" in (tmp_path / f"{r['rule']}-seed0" / "train.log").read_text()
     assert (tmp_path / "curves.png").stat().st_size > 0
 

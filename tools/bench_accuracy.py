@@ -60,9 +60,12 @@ def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: 
     last = run_dir / "last.pt"
     summary = train(recipe, resume=str(last) if last.is_file() else None, log=log)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    split = summary["selected_on"]  # "val": best.pt chosen on the validation split, tested once
     return {"rule": rule, "seed": seed, "blocks": summary["blocks"], "epochs": recipe.epochs,
-            "test_acc": history[-1]["test_acc"], "aux_test_acc": history[-1].get("aux_test_acc") or [],
-            "test_acc_per_epoch": [h["test_acc"] for h in history],
+            "test_acc": summary["test_acc"], "aux_test_acc": summary.get("aux_test_acc") or [],
+            "selected_on": split, "best_epoch": summary["best_epoch"],
+            "held_out": split, "held_out_acc_per_epoch": [h[f"{split}_acc"] for h in history],
+            "train_acc_per_epoch": [h["train_acc"] for h in history],
             "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
             "images_per_s": statistics.mean(h["images_per_s"] for h in history),
             "aux_params": summary["aux_params"], "backbone_params": summary["backbone_params"]}
@@ -125,7 +128,7 @@ def plot(path: Path, summary: dict, title: str) -> None:
 
 
 def plot_curves(path: Path, runs: list[dict], title: str) -> None:
-    """Test accuracy after every epoch, mean over seeds, one line per rule."""
+    """Held-out accuracy (validation, else test) after every epoch, mean over seeds, one line per rule."""
     import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
@@ -133,13 +136,14 @@ def plot_curves(path: Path, runs: list[dict], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for rule in dict.fromkeys(r["rule"] for r in runs):
-        curves = [r["test_acc_per_epoch"] for r in runs if r["rule"] == rule and r.get("test_acc_per_epoch")]
+        curves = [r["held_out_acc_per_epoch"] for r in runs if r["rule"] == rule and r.get("held_out_acc_per_epoch")]
         if curves:
             n = min(map(len, curves))
             ax.plot(range(1, n + 1), [100 * statistics.mean(c[e] for c in curves) for e in range(n)],
                     marker="o", ms=3, label=rule, color=COLORS.get(rule, "tab:purple"))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%), mean over seeds")
+    split = "validation" if any(r.get("held_out") == "val" for r in runs) else "test"
+    ax.set_ylabel(f"{split} accuracy (%), mean over seeds")
     ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
