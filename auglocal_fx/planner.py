@@ -239,12 +239,12 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
         raise AugLocalError.bad_value("blocks", blocks, f"is out of range for {name} (it has {n} layers): "
                                       f"use 1..{n}")
     tau, depth = float(c.pyramid), c.aux_depth
-    if policy.split_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
+    if policy.partition_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
         aux = aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light,
                           width=c.light_width)
         kept = len(apply_tail([[i] for i in range(blocks)], depth, c.tail))
         unit = unit_cost(layers, aux, c.batch, lambda j: j < kept - 1, recompute=c.recompute, aux_dtype=c.aux_dtype)
-        groups = policy.split_units(n, blocks, unit)
+        groups = policy.partition_units(n, blocks, unit)
     else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
         extra = (aux_extra(layers, head, blocks, depth, tau, c.tail, light, c.light_width)
                  if policy.weighs_aux and kind.copies_layers else None)

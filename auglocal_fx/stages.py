@@ -29,7 +29,7 @@ from .errors import AugLocalError
 from .passes.partition import equal_counts, min_max_partition
 from .plan import Plan, is_size_kind
 
-__all__ = ["STAGE_BALANCES", "StagePlan", "split_stages", "check_stages", "stages_summary", "stage_table"]
+__all__ = ["STAGE_BALANCES", "StagePlan", "assign_stages", "check_stages", "stages_summary", "stage_table"]
 
 STAGE_BALANCES = ("time", "cost", "units")  # "time": measured seconds per unit (auglocal-train only)
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def check_stages(stages, units: int, where: str = "stages") -> int:
     return stages
 
 
-def split_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: int = 0,
+def assign_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: int = 0,
                  where: str = "stages", costs: list[float] | None = None,
                  groups: list[list[int]] | None = None) -> StagePlan:
     """Group ``plan``'s units into ``stages`` contiguous stages (``balance``: "cost" or "units"; with

@@ -16,7 +16,7 @@ from auglocal_fx import AugLocalError, build_plan
 from auglocal_fx.cifar_resnet import CifarResNet
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.costs import unit_costs
-from auglocal_fx.stages import split_stages
+from auglocal_fx.stages import assign_stages
 from auglocal_fx.training import load_recipe, train
 
 # GroupNorm: no batch statistics, so nothing but floating-point order may differ
@@ -60,9 +60,9 @@ def test_stages_balance_training_flops_and_count_what_crosses(plan):
     costs = unit_costs(plan)
     assert len(costs) == 10 and costs[-1] == 3 * (plan.block_sum(plan.blocks[-1], "flops") + plan.head.flops)
     for p in (2, 3, 4):
-        sp = split_stages(plan, p)
+        sp = assign_stages(plan, p)
         assert [u for us in sp.units for u in us] == list(range(10)) and sp.stages == p
-        by_count = split_stages(plan, p, "units")
+        by_count = assign_stages(plan, p, "units")
         assert max(sp.costs) <= max(by_count.costs)  # the exact min-max split is never worse
         assert [len(us) for us in by_count.units] in ([4, 3, 3], [5, 5], [3, 3, 2, 2])
         for s, us in enumerate(sp.units[:-1]):  # the boundary tensor (float32) and an int64 label per sample
@@ -71,7 +71,7 @@ def test_stages_balance_training_flops_and_count_what_crosses(plan):
         assert sp.sent[-1] == 0 and sp.imbalance >= 1.0
     with pytest.raises(AugLocalError, match=r"^stages = 11 is more pipeline stages than the 10 block\(s\) the plan "
                                             r"has; use at most 10, or convert into more blocks$"):
-        split_stages(plan, 11)
+        assign_stages(plan, 11)
 
 
 # -- exactness ----------------------------------------------------------------------------------------
@@ -188,10 +188,10 @@ def test_unit_timing_leaves_the_run_untouched():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
-    sp = split_stages(net.plan, 2, "time", costs=seconds)
+    sp = assign_stages(net.plan, 2, "time", costs=seconds)
     assert sp.costs == [sum(seconds[u] for u in us) for us in sp.units]
     with pytest.raises(AugLocalError, match="needs measured costs"):
-        split_stages(net.plan, 2, "time")
+        assign_stages(net.plan, 2, "time")
 
 
 def _p2p_worker(rank: int, store: str, out: str) -> None:

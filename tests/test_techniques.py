@@ -13,8 +13,8 @@ from test_pipeline import GN, _assert_same_run, _sequential, _torchrun
 from test_training import history, tiny_recipe, write_recipe
 
 from auglocal_fx import load_auglocal
-from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.cifar_resnet import CifarResNet
+from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.compiler import to_auglocal
 from auglocal_fx.runtime.blockwise import blockwise_step
 from auglocal_fx.training import recipe_from_dict

@@ -9,7 +9,7 @@ GPU (backward = 2x forward); links carry ``--link-gbs`` GB/s per GPU in each dir
 transfer overlaps compute (a step takes the larger of the two), which favours every scheme alike.
 
 - local pipeline (``parallel.pipeline: P``): the K units split into P stages by FLOPs
-  (``stages.split_stages``); a step of ``--batch`` images takes the slowest stage's forward +
+  (``stages.assign_stages``); a step of ``--batch`` images takes the slowest stage's forward +
   backward of its blocks and aux nets; forward only, the boundary activations (float32) and labels.
 - 1F1B backprop: the backbone's layers split into P stages by FLOPs, ``--microbatches`` m (default
   4P): a step takes (m + P - 1) / m x the slowest stage (the bubble); activations go forward and
@@ -41,7 +41,7 @@ from auglocal_fx.costs import BACKWARD_FACTOR, unit_costs  # noqa: E402
 from auglocal_fx.errors import AugLocalError  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.passes.partition import min_max_partition  # noqa: E402
-from auglocal_fx.stages import split_stages  # noqa: E402
+from auglocal_fx.stages import assign_stages  # noqa: E402
 
 PROG = "pipeline_model"
 MODELS = ("resnet50:16", "vit_base_patch16_224:12")  # name:K, each at its default input size
@@ -70,7 +70,7 @@ def model_rows(plan, ps: list[int], batch: int, tflops: float, link: float, micr
     for p in ps:
         if p > len(plan.blocks):
             continue
-        sp = split_stages(plan, p, "cost")
+        sp = assign_stages(plan, p, "cost")
         send = max(sp.sent) * batch  # the busiest link, bytes per step
         t_local = max(max(sp.costs) * batch / flops_per_s, send / bytes_per_s)
         # 1F1B backprop over the backbone's layers (head with the last)

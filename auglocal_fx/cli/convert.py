@@ -19,7 +19,7 @@ from ..models import create_model, default_input_size
 from ..options import add_arguments, from_arguments, word_options
 from ..plan import PlanConfig
 from ..plan_plot import plot_plan
-from ..stages import STAGE_BALANCES, check_stages, split_stages, stage_table, stages_summary
+from ..stages import STAGE_BALANCES, assign_stages, check_stages, stage_table, stages_summary
 from .common import flag_names, run_cli
 
 PROG = "auglocal-convert"
@@ -109,7 +109,7 @@ def _main(argv=None) -> int:
     if args.stages is not None:
         image = 4 * plan.config.input_size[0] * plan.config.input_size[1] * plan.config.input_size[2]
         needs_image = any(getattr(loss, "needs_image", False) for loss in net.aux_losses)
-        stages = split_stages(plan, args.stages, args.stage_balance, image if needs_image else 0, "--stages")
+        stages = assign_stages(plan, args.stages, args.stage_balance, image if needs_image else 0, "--stages")
         memory = {**memory, "pipeline": stages_summary(plan, stages)}
     for note in plan.notes:
         print(f"{PROG}: note: {word_options(note, flag_names(parser()))}", file=sys.stderr)

@@ -111,7 +111,7 @@ class Balance:
     """A balance policy: the cost of one layer, and how blocks are cut from the costs.
 
     ``weighs_aux``: a block's cost also counts its aux net's (``extra``), as activation memory must.
-    ``split_units``: given a whole-unit cost model (``UnitCost``: what a block and its aux net hold
+    ``partition_units``: given a whole-unit cost model (``UnitCost``: what a block and its aux net hold
     all step and while they run), the planner calls this instead of ``split``.
     """
 
@@ -120,7 +120,7 @@ class Balance:
     layer_cost: Callable[[LayerInfo], float]
     split: Split
     weighs_aux: bool = False
-    split_units: Callable[[int, int, UnitCost], list[list[int]]] | None = None
+    partition_units: Callable[[int, int, UnitCost], list[list[int]]] | None = None
 
 
 BALANCERS: Registry[Balance] = Registry("balance", "a balance")
@@ -143,7 +143,7 @@ register_balance(Balance("flops", "minimise the largest block's forward FLOPs", 
 register_balance(Balance("memory", "minimise the step's peak memory: weights + optimizer state of every "
                          "unit, and the largest unit's gradients + activations at the plan's batch",
                          lambda layer: layer.act_bytes + layer.carried_bytes, min_max_partition, weighs_aux=True,
-                         split_units=min_total_partition))
+                         partition_units=min_total_partition))
 
 
 def partition(costs: Sequence[float], k: int, balance: str = "layers", extra: Extra | None = None) -> list[list[int]]:

@@ -42,7 +42,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from ..errors import AugLocalError
 from ..runtime.net import unique_parameters
-from ..stages import split_stages
+from ..stages import assign_stages
 from .distributed import Env, gather_to_main, wrap_units
 from .p2p import Sender, recv_tensors
 from .stage_timing import unit_seconds
@@ -156,7 +156,7 @@ class PipelineStages:
             else None  # resuming: the split the run was trained with
         balance = recipe.parallel.balance
         costs = self._measure(units, net, recipe, autocast_dtype, log) if balance == "time" and groups is None else None
-        self.split = split_stages(net.plan, self.stages, balance, image_bytes,
+        self.split = assign_stages(net.plan, self.stages, balance, image_bytes,
                                   where="recipe key parallel.pipeline", costs=costs, groups=groups)
         check_disjoint(units, self.split.units)
         self.mine = self.split.units[self.stage]
