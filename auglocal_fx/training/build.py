@@ -1,4 +1,5 @@
-"""Everything a run needs before its first step: data, model, converted net, optimizer, schedule.
+"""Everything a run needs before its first step: data, model, converted net, loaders (the Trainer
+adds the optimizer and schedule over what its strategy trains).
 
 Built the same way for a new run and a resumed one; a resumed run then loads the saved state
 (the saved plan rebuilds the exact same blocks and aux nets, no re-profiling).
@@ -23,7 +24,6 @@ from ..runtime.net import AugLocalNet
 from .config import TrainRecipe, conversion_options
 from .data import DATASETS, DataBundle, build_data, eval_loader, train_loader
 from .distributed import Env
-from .optim import build_optimizer, build_scheduler
 
 __all__ = ["Run", "build_run", "model_kwargs", "load_weights"]
 
@@ -34,11 +34,12 @@ class Run:
     data: DataBundle
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader  # the test set
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     model_kwargs: dict  # what the model was made with (the checkpoint keeps them: load_auglocal re-makes it)
     # the validation images (data.val_split or the dataset's own), sharded like eval_loader; None: none
     val_loader: torch.utils.data.DataLoader | None = None
+    # over the parameters this process trains (which the strategy says): set by the Trainer
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 # the keywords timm's models take that a recipe sets outside model.kwargs
@@ -158,6 +159,4 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
                             "training images; lower it")
     evals = eval_loader(data.test, eval_batch, workers, env.rank, env.world, pin)
     vals = eval_loader(data.val, eval_batch, workers, env.rank, env.world, pin) if data.val is not None else None
-    opt = build_optimizer(net.parameters(), recipe.optimizer)
-    sched = build_scheduler(opt, recipe.schedule, recipe.epochs, len(train))
-    return Run(net, data, train, evals, opt, sched, kwargs, vals)
+    return Run(net, data, train, evals, kwargs, vals)
