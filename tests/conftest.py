@@ -125,6 +125,7 @@ HEAVY_MODULES = {
     "test_zoo": "the zoo check's stages on timm and torchvision families",
     "test_export": "ONNX export and onnxruntime",
     "test_bundles": "timm families' granularity",
+    "test_own_model": "training runs of a recipe's own model and data, the CLIs in subprocesses, ONNX export",
 }
 
 

@@ -135,6 +135,22 @@ def _duplicate_key(tmp: Path) -> list[str]:
     return [str(path)]
 
 
+def _own(tmp: Path, model: str = "own_model_fixture:small_cnn", dataset: str = "own_model_fixture:blobs",
+         **change) -> str:
+    """A recipe of your own model and data (tests/own_model_fixture.py), changed as ``_recipe`` does."""
+    return _recipe(tmp, model={"factory": model}, data={"dataset": dataset, "num_workers": 0}, **change)
+
+
+def _factory_checkpoint(tmp: Path) -> Path:
+    """A checkpoint auglocal-train made with a model.factory that cannot be imported where it is read."""
+    from own_model_fixture import small_cnn
+
+    net = to_auglocal(small_cnn(), 2, input_size=(3, 8, 8))
+    net.options.update(model_factory="no_such_package.models:small_cnn", model_kwargs={"num_classes": 4})
+    net.save(tmp / "own.pt")
+    return tmp / "own.pt"
+
+
 # (id, CLI main, argv builder(tmp, monkeypatch), words the message must contain)
 CLI_CASES = [
     ("unknown-model", convert_main, lambda t, m: ["--model", "resnet5O", "--blocks", "4"],
@@ -245,6 +261,32 @@ CLI_CASES = [
      ["gives key 'epochs' twice (lines", "keep one of them"]),
     ("stages-above-blocks", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--stages", "5"],
      ["--stages 5 is more pipeline stages than the 4 block(s) the plan has; use at most 4"]),
+    ("model-name-and-factory", train_main, lambda t, m: [_recipe(t, model={"name": "resnet18", "factory": "a.b:c"})],
+     ["recipe keys model.name ('resnet18') and model.factory ('a.b:c') are both given; keep one"]),
+    ("factory-not-importable", train_main, lambda t, m: [_own(t, model="no_such_package.models:make")],
+     ["recipe key model.factory 'no_such_package.models:make': module no_such_package.models cannot be imported",
+      "check PYTHONPATH"]),
+    ("factory-not-found", train_main, lambda t, m: [_own(t, model="own_model_fixture:smal_cnn")],
+     ["own_model_fixture has no attribute 'smal_cnn'; did you mean small_cnn?"]),
+    ("factory-not-callable", train_main, lambda t, m: [_own(t, model="own_model_fixture:NOT_CALLABLE")],
+     ["'own_model_fixture:NOT_CALLABLE' is an int, not callable"]),
+    ("factory-not-a-module", train_main, lambda t, m: [_own(t, model="own_model_fixture:not_a_module")],
+     ["'own_model_fixture:not_a_module' returned a dict, not an nn.Module"]),
+    ("factory-kwargs-not-taken", train_main, lambda t, m: [_own(t, **{"model.kwargs": {"depth": 3}})],
+     ["cannot be called with depth=3", "give the keywords it takes in model.kwargs"]),
+    ("dataset-not-splits", train_main, lambda t, m: [_own(t, dataset="own_model_fixture:one_dataset")],
+     ["returned a Blobs; return (train, test) or (train, val, test) Datasets"]),
+    ("dataset-not-pairs", train_main, lambda t, m: [_own(t, dataset="own_model_fixture:unlabelled")],
+     ["a train sample is a Tensor; samples are (input, label) pairs"]),
+    ("dataset-classes-unknown", train_main,
+     lambda t, m: [_own(t, model="own_model_fixture:token_classifier", dataset="own_model_fixture:token_ids")],
+     ["the number of classes is unknown; set recipe key model.num_classes, or give the training set a classes"]),
+    ("val-split-leaves-none", train_main, lambda t, m: [_own(t, **{"data.val_split": 64})],
+     ["recipe key data.val_split = 64 holds out 64 of own_model_fixture:blobs's 64 training images, leaving none"]),
+    ("export-factory-not-importable", export_main,
+     lambda t, m: [str(_factory_checkpoint(t)), "--out", str(t / "m.onnx")],
+     ["own.pt was made by model factory 'no_such_package.models:small_cnn': module no_such_package.models cannot "
+      "be imported", "check PYTHONPATH"]),
 ]
 
 
