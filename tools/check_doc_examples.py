@@ -9,6 +9,12 @@ A block that cannot run here says so on its first line, visibly, with the reason
 
     # doc-check: skip (needs a GPU: float16 autocast with a CUDA GradScaler)
 
+A block that is a module the page's other blocks import (your model and data, named in a recipe
+as ``my_project:tiny_net``) says so on its first line and is written to that file in the scratch
+folder instead of run (the folder is the script's, so ``import my_project`` finds it):
+
+    # file: my_project.py
+
     python tools/check_doc_examples.py               # README.md and docs/**/*.md
     python tools/check_doc_examples.py docs/guide/python.md
     python tools/check_doc_examples.py --list        # the blocks, run or skipped, without running
@@ -32,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 SKIP = re.compile(r"^#\s*doc-check:\s*skip\s*\((?P<reason>[^)]+)\)")
+FILE = re.compile(r"^#\s*file:\s*(?P<name>[\w-]+\.py)\s*$")
 TIMEOUT = 600  # seconds per file
 
 
@@ -41,6 +48,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     code: str
     skip: str | None  # the reason, when marked
+    file: str | None = None  # written to this file of the scratch folder, not run
 
 
 def blocks_of(path: Path) -> list[Block]:
@@ -52,8 +60,9 @@ def blocks_of(path: Path) -> list[Block]:
                  for line in m["body"].splitlines()]
         code = "\n".join(lines) + "\n"
         first = next((line for line in lines if line.strip()), "")
-        skip = SKIP.match(first.strip())
-        out.append(Block(path, text.count("\n", 0, m.start()) + 1, code, skip["reason"] if skip else None))
+        skip, file = SKIP.match(first.strip()), FILE.match(first.strip())
+        out.append(Block(path, text.count("\n", 0, m.start()) + 1, code, skip["reason"] if skip else None,
+                         file["name"] if file else None))
     return out
 
 
@@ -61,7 +70,7 @@ def program(blocks: list[Block]) -> str:
     """One script running the file's blocks in order; each announces itself, so a failure names it."""
     parts = ["import sys, warnings\nwarnings.simplefilter('ignore')\n"]
     for b in blocks:
-        if b.skip:
+        if b.skip or b.file:
             continue
         rel = b.path.relative_to(ROOT)
         parts.append(f"print('--- {rel}:{b.line}', file=sys.stderr, flush=True)\n")
@@ -75,6 +84,9 @@ def run_file(path: Path, blocks: list[Block]) -> tuple[bool, str, float]:
         work = Path(tmp)
         for name in ("tests", "recipes"):
             (work / name).symlink_to(ROOT / name)
+        for b in blocks:
+            if b.file:
+                (work / b.file).write_text(b.code, encoding="utf-8")
         script = work / "_doc_examples.py"
         script.write_text(program(blocks), encoding="utf-8")
         env = dict(os.environ, PYTHONWARNINGS="ignore", MPLBACKEND="Agg")
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 todo.setdefault(path, []).append(b)
                 if args.list:
-                    print(f"run  {rel}:{b.line}")
+                    print(f"file {rel}:{b.line}: {b.file}" if b.file else f"run  {rel}:{b.line}")
     if args.list:
         return 0
     start = time.perf_counter()
