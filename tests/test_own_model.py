@@ -238,8 +238,10 @@ def _fail(message: str):
 
 def test_workers_print_once_and_record_for_the_launcher(tmp_path, monkeypatch, capsys):
     error_file = tmp_path / "error.json"
-    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
+    assert run_cli("auglocal-train", _fail("bad value")) == 2  # RANK alone (not torchrun): printed
+    assert capsys.readouterr().err == "auglocal-train: error: bad value\n"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchelastic's agent sets for its workers
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     assert run_cli("auglocal-train", _fail("bad value")) == 2
     assert capsys.readouterr().err == ""  # rank 1 records it, rank 0 prints it

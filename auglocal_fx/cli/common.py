@@ -38,8 +38,10 @@ def run_cli(prog: str, body: Callable[[], int | None], parser: argparse.Argument
 
 
 def torchrun_rank() -> int | None:
-    """This process's global rank when torchrun (or ``auglocal-train --nproc``) started it, else None."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+    """This process's global rank when torchrun (or ``auglocal-train --nproc``) started it, else None
+    (torchelastic's agent sets TORCHELASTIC_RUN_ID for its workers; a LOCAL_RANK left in a shell is
+    not enough: the command would then print nothing on a rank other than 0)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     return int(os.environ.get("RANK", "0"))
 
