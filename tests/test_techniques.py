@@ -92,6 +92,17 @@ def test_ema_is_evaluated_kept_in_best_and_resumes_exactly(tmp_path):
     assert summary["selected_on"] == "val" and 0 <= summary["test_acc"] <= 1
 
 
+def test_resuming_with_ema_switched_on_or_off_is_refused(tmp_path, capsys):
+    for before, after in ((None, 0.9), (0.9, None)):
+        recipe = tiny_recipe(tmp_path / str(before), epochs=2, ema_decay=before)
+        path = str(write_recipe(tmp_path, recipe, f"{before}.yaml"))
+        assert train_main([path, "--stop-after", "1"]) == 0
+        capsys.readouterr()
+        assert train_main([path, "--resume", "auto", "--set", f"ema_decay={'null' if after is None else after}"]) == 2
+        err = capsys.readouterr().err
+        assert f"it was trained with ema_decay = {before!r}, this recipe says {after!r}" in err, err
+
+
 def test_channels_last_and_threads(tmp_path, monkeypatch):
     from auglocal_fx.training.distributed import setup
     from auglocal_fx.training.trainer import Trainer

@@ -90,6 +90,12 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
                 raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
                                     f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "
                                     "a new output folder")
+    # the averaged weights are what a run evaluates and keeps: switching them on or off mid-run
+    # would evaluate another model than the one the run chose its best epoch on
+    if saved.get("ema_decay") != now["ema_decay"]:
+        raise AugLocalError(f"cannot resume from {path}: it was trained with ema_decay = {saved.get('ema_decay')!r}, "
+                            f"this recipe says {now['ema_decay']!r}; keep it, or start a new run from its weights "
+                            f"(--set model.checkpoint={path})")
     # a schedule is defined for the run's length: resuming under another one would jump the learning
     # rate (a finished cosine restarting upwards); a longer run starts anew from the weights
     longer = saved.get("epochs") not in (None, now["epochs"]) and now["schedule"]["name"] != "constant"
