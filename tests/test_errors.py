@@ -225,8 +225,8 @@ CLI_CASES = [
     ("batch-below-1", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", *SMALL, "--batch", "0"],
      ["--batch 0 is not a batch size: give an integer >= 1"]),
     ("pipeline-without-processes", train_main, lambda t, m: [_recipe(t), "--set", "parallel.pipeline=2"],
-     ["recipe key parallel.pipeline is 2 but 1 process(es) were started; launch a multiple of 2: torchrun "
-      "--nproc_per_node 2"]),
+     ["recipe key parallel.pipeline is 2 but 1 process(es) were started; launch a multiple of 2: auglocal-train "
+      "--nproc 2"]),
     ("save-exists", convert_main,
      lambda t, m: (_write(t, "trained_best.pt", b"weeks of training"),
                    ["--model", "resnet18", "--blocks", "4", *SMALL, "--save", str(t / "trained_best.pt")])[1],

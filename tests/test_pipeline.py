@@ -124,7 +124,7 @@ def test_pipeline_resumes_exactly_and_refuses_another_layout(tmp_path):
     # another number of stages, or none, cannot continue it: one line each, what to launch instead
     proc = _torchrun(2, path, "--resume", "auto", "--set", "parallel.pipeline=2")
     assert proc.returncode != 0 and ("cannot resume: the checkpoint was trained as 3 stages x 1 replicas (3 processes), "
-                                     "this launch is 2 x 1; launch torchrun --nproc_per_node 3 with --set "
+                                     "this launch is 2 x 1; launch 3 processes (auglocal-train --nproc 3) with --set "
                                      "parallel.pipeline=3") in proc.stderr  # torchrun exits 1 when a process exits 2
     with pytest.raises(AugLocalError, match="3-stage pipeline checkpoint"):
         train(load_recipe(path, ["parallel.pipeline=1"]), resume=str(Path(p3["output"]) / "last.pt"))

@@ -96,3 +96,17 @@ def test_strategy_is_chosen_by_the_recipe_and_can_be_given(tmp_path):
     assert PipelineStages  # the pipeline strategy itself runs under torchrun: test_pipeline.py
     t = Trainer(one, env, strategy=DataParallel(env), log=lambda *a, **k: None)
     assert t.strategy.mine == [0, 1, 2, 3] and len(t.units) == 4
+
+
+def test_stage_timing_runs_a_model_of_token_ids():
+    """parallel.balance: time times every unit on a batch of the model's input dtype: random floats
+    would not index an embedding table."""
+    from own_model_fixture import token_classifier
+
+    from auglocal_fx import to_auglocal
+    from auglocal_fx.training.stage_timing import unit_seconds
+
+    net = to_auglocal(token_classifier(), 2, example_inputs=torch.randint(0, 32, (2, 12)))
+    seconds = unit_seconds(net.local_units(), net.plan.config.input_size, 4, 2, torch.device("cpu"),
+                           input_dtype=getattr(torch, net.plan.config.input_dtype))
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)

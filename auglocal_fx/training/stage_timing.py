@@ -23,15 +23,20 @@ __all__ = ["unit_seconds"]
 
 
 def unit_seconds(units: list, input_size: list[int], classes: int, batch: int, device: torch.device,
-                 repeats: int = 3, autocast_dtype: torch.dtype | None = None) -> list[float]:
+                 repeats: int = 3, autocast_dtype: torch.dtype | None = None,
+                 input_dtype: torch.dtype = torch.float32) -> list[float]:
     """Median seconds of each unit's forward + local loss + backward, after one warm-up step
-    (forwards under autocast to ``autocast_dtype`` when the run uses it). The copy briefly doubles
+    (forwards under autocast to ``autocast_dtype`` when the run uses it) on inputs of ``input_dtype``
+    (integer ids: zeros). The copy briefly doubles
     the net's memory on ``device``."""
     units = copy.deepcopy(units)  # one memo: blocks keep sharing the copied backbone's modules
     for u in units:
         u.train()
     gen = torch.Generator().manual_seed(0)  # a private stream: the run's random draws are untouched
-    x = torch.randn(batch, *input_size, generator=gen).to(device)
+    if input_dtype.is_floating_point:
+        x = torch.randn(batch, *input_size, generator=gen).to(device, input_dtype)
+    else:  # token ids: 0 is an entry of every embedding table
+        x = torch.zeros(batch, *input_size, dtype=input_dtype, device=device)
     y = torch.randint(0, max(classes, 1), (batch,), generator=gen).to(device)
     times = [[] for _ in units]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws leave no trace

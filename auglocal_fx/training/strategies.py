@@ -126,8 +126,8 @@ class PipelineStages:
     def __init__(self, stages: int, env: Env):
         if not env.distributed or env.world % stages:
             raise AugLocalError(f"recipe key parallel.pipeline is {stages} but {env.world} process(es) were started; "
-                                f"launch a multiple of {stages}: torchrun --nproc_per_node {stages} -m "
-                                "auglocal_fx.cli.train ...")
+                                f"launch a multiple of {stages}: auglocal-train --nproc {stages} ... (or torchrun "
+                                f"--nproc_per_node {stages} -m auglocal_fx.cli.train ...)")
         self.env, self.stages, self.replicas = env, stages, env.world // stages
         # rank = stage * replicas + replica; every rank creates every group of both dimensions
         self.mesh = init_device_mesh(env.device.type, (stages, self.replicas), mesh_dim_names=("pp", "dp"))
@@ -177,7 +177,8 @@ class PipelineStages:
             classes = net.plan.head.out_shape[-1] if net.plan.head.out_shape else 0
             log("timing every block for the stage split ...", flush=True)
             found = [unit_seconds(units, net.plan.config.input_size, classes, recipe.batch_size // self.replicas,
-                                  self.env.device, autocast_dtype=autocast_dtype)]
+                                  self.env.device, autocast_dtype=autocast_dtype,
+                                  input_dtype=getattr(torch, net.plan.config.input_dtype))]
         dist.broadcast_object_list(found, src=0)
         return found[0]
 
@@ -273,8 +274,8 @@ class PipelineStages:
         if (p["stages"], p["replicas"]) != (self.stages, self.replicas):
             raise AugLocalError(f"cannot resume: the checkpoint was trained as {p['stages']} stages x {p['replicas']} "
                                 f"replicas ({p['stages'] * p['replicas']} processes), this launch is {self.stages} x "
-                                f"{self.replicas}; launch torchrun --nproc_per_node {p['stages'] * p['replicas']} with "
-                                f"--set parallel.pipeline={p['stages']}")
+                                f"{self.replicas}; launch {p['stages'] * p['replicas']} processes (auglocal-train --nproc "
+                                f"{p['stages'] * p['replicas']}) with --set parallel.pipeline={p['stages']}")
         optimizer.load_state_dict(train["optimizer"][self.stage])
         scheduler.load_state_dict(train["scheduler"][self.stage])
 
