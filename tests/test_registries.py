@@ -18,7 +18,7 @@ from auglocal_fx.passes.partition import BALANCERS, Balance, min_max_partition, 
 from auglocal_fx.passes.selection import TAILS
 from auglocal_fx.rules import RULES, Rule, auglocal, register_rule
 from auglocal_fx.training import recipe_from_dict
-from auglocal_fx.training.config import ConversionSection, DataSection, OptimizerSection, ScheduleSection
+from auglocal_fx.training.config import ConversionSection, OptimizerSection, ScheduleSection
 from auglocal_fx.training.data import DATASETS
 from auglocal_fx.training.optim import OPTIMIZERS, SCHEDULES
 
@@ -48,7 +48,10 @@ def test_cli_and_recipe_choices_come_from_the_registries():
     assert _field_choices(ConversionSection, "tail") == tuple(TAILS)
     assert _field_choices(ConversionSection, "aux_init") == tuple(AUX_INITS)
     assert _field_choices(ConversionSection, "aux_head") == tuple(AUX_HEADS)
-    assert _field_choices(DataSection, "dataset") == tuple(DATASETS)
+    # data.dataset takes a registered name or your own package.module:function: the check names the registry
+    with pytest.raises(AugLocalError, match="choose one of " + ", ".join(DATASETS) + ", or give your own"):
+        recipe_from_dict({"model": {"name": "resnet18"}, "data": {"dataset": "no_such_set"}, "epochs": 1,
+                          "batch_size": 2})
     assert _field_choices(OptimizerSection, "name") == tuple(OPTIMIZERS)
     assert _field_choices(ScheduleSection, "name") == tuple(SCHEDULES)
 
