@@ -16,6 +16,7 @@ from auglocal_fx import AugLocalError, build_plan
 from auglocal_fx.cifar_resnet import CifarResNet
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.costs import unit_costs
+from auglocal_fx.runtime.checkpoint import read_checkpoint
 from auglocal_fx.stages import assign_stages
 from auglocal_fx.training import load_recipe, train
 
@@ -31,7 +32,8 @@ def _torchrun(procs: int, recipe: Path, *args: str) -> subprocess.CompletedProce
 
 
 def _weights(run: Path) -> dict:
-    saved = torch.load(run / "last.pt", weights_only=True)
+    """Every weight of the run's last.pt (a pipeline's: gathered from the stages' shards)."""
+    saved = read_checkpoint(run / "last.pt")
     return {**{f"model.{k}": v for k, v in saved["model_state"].items()},
             **{f"aux.{k}": v for k, v in saved["aux_state"].items()}}
 
@@ -100,6 +102,8 @@ def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tm
     last = history(Path(p2["output"]))[-1]
     assert len(last["stage_busy"]) == 2 and all(0 < b <= 1 for b in last["stage_busy"])
     assert [u for us in last["stage_blocks"] for u in us] == list(range(5))
+    assert len(last["peak_rss_gib"]) == 2 and all(g > 0 for g in last["peak_rss_gib"])  # per process
+    _sharded_checkpoint_exports(tmp_path, Path(p2["output"]))
 
     seq_info = tiny_recipe(tmp_path / "seq_info", "infopro", **GN)
     _sequential(tmp_path, seq_info, "seq_info.yaml")
@@ -108,6 +112,33 @@ def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(Path(seq_info["output"]), Path(p3["output"]))
     assert len(history(Path(p3["output"]))[-1]["stage_busy"]) == 3
+
+
+def _sharded_checkpoint_exports(tmp_path: Path, run: Path) -> None:
+    """Each stage wrote its own shard (torch.distributed.checkpoint); the files name the folder, only
+    folders a file names are kept, and auglocal-export reads the shards directly (onnxruntime parity)."""
+    import onnxruntime as ort
+
+    from auglocal_fx import load_auglocal
+    from auglocal_fx.cli.export import main as export_main
+
+    kept = {read_checkpoint(run / name, weights=False)["shards"] for name in ("last.pt", "best.pt")}
+    assert {f"shards/{d.name}" for d in (run / "shards").iterdir()} == kept
+    assert read_checkpoint(run / "last.pt", weights=False)["model_state"] is None  # no weights in the file
+    onnx = tmp_path / "p2.onnx"
+    assert export_main([str(run / "best.pt"), "--out", str(onnx)]) == 0
+    net = load_auglocal(run / "best.pt").eval()
+    x = torch.randn(2, 3, 16, 16)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), net.model(x), rtol=1e-4, atol=1e-4)
+    # a checkpoint whose shards are gone is one line, not a traceback
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "last.pt").write_bytes((run / "last.pt").read_bytes())
+    with pytest.raises(AugLocalError, match="keeps its weights in .*, which is missing or incomplete; copy the run "
+                                            "folder whole"):
+        load_auglocal(broken / "last.pt")
 
 
 @pytest.mark.slow  # four launches; the exactness of the stages themselves is in the default suite

@@ -12,6 +12,9 @@ data; ``epochs: 2``, ``--steps`` steps per epoch), in its own process(es):
 - ``ddp P``: data parallel under torchrun, P processes with one thread each;
 - ``bp xP``: backprop (rule ``bp``), one process, P threads.
 
+Each row also gives every process's peak resident memory (the epoch records' ``peak_rss_gib``) and
+the largest one's over the one-process run's: what a pipeline saves per machine or device.
+
 Images/s is the second epoch's (the first pays for warm-up: allocator, thread pools, a pipeline's
 fill happens every epoch and is counted). For the pipeline, each stage's share of the epoch spent
 computing (forward, local losses, backward, optimizer), blocked sending, and waiting for its input
@@ -65,7 +68,9 @@ def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: P
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = history[-1]
     row = {"name": name, "processes": procs, "threads": threads, "images_per_s": last["images_per_s"],
-           "epoch_time_s": last["epoch_time_s"], "steps": len(last["step_losses"])}
+           "epoch_time_s": last["epoch_time_s"], "steps": len(last["step_losses"]),
+           # each process's peak resident memory over the run (a checkpoint included)
+           "peak_rss_gib": last.get("peak_rss_gib")}
     for key in ("stage_busy", "stage_send", "stage_blocks"):
         if key in last:
             row[key] = last[key]
@@ -100,6 +105,9 @@ def _main(argv=None) -> int:
     base = next((r for r in rows if r["name"] == "sequential x1"), None)
     for r in rows:
         r["vs_sequential_x1"] = r["images_per_s"] / base["images_per_s"] if base else None
+        # the largest process's peak RSS over the one process's (what must fit on one machine / device)
+        r["rss_vs_sequential_x1"] = max(r["peak_rss_gib"]) / max(base["peak_rss_gib"]) \
+            if base and r["peak_rss_gib"] and base["peak_rss_gib"] else None
     pipe = next((r for r in rows if "stage_busy" in r), None)
     if pipe is not None and base is not None:
         # stage compute seconds per step, summed, over the sequential run's seconds per step
@@ -113,10 +121,14 @@ def _main(argv=None) -> int:
         return 0
     print(f"{args.recipe} {' '.join('--set ' + o for o in args.overrides)}, batch {args.global_batch}, "
           f"{args.steps} steps/epoch, epoch 2".strip())
-    print(f"{'run':16s} {'procs x threads':>15s} {'images/s':>9s} {'vs sequential x1':>17s}")
+    print(f"{'run':16s} {'procs x threads':>15s} {'images/s':>9s} {'vs sequential x1':>17s} "
+          f"{'peak RSS per process (GiB)':>27s} {'largest vs x1':>13s}")
     for r in rows:
         ratio = f"{r['vs_sequential_x1']:.2f}x" if r["vs_sequential_x1"] else "-"
-        print(f"{r['name']:16s} {r['processes']:>9d} x {r['threads']:<3d} {r['images_per_s']:9.1f} {ratio:>17s}")
+        rss = " ".join(f"{g:.2f}" for g in r["peak_rss_gib"] or [])
+        mem = f"{r['rss_vs_sequential_x1']:.2f}x" if r["rss_vs_sequential_x1"] else "-"
+        print(f"{r['name']:16s} {r['processes']:>9d} x {r['threads']:<3d} {r['images_per_s']:9.1f} {ratio:>17s} "
+              f"{rss:>27s} {mem:>13s}")
     if pipe is not None:
         for s, (busy, send, blocks) in enumerate(zip(pipe["stage_busy"], pipe["stage_send"], pipe["stage_blocks"])):
             print(f"  stage {s} (blocks {blocks[0]}-{blocks[-1]}): computing {100 * busy:.0f}%, blocked sending {100 * send:.0f}%, "

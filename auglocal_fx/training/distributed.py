@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import AugLocalError
 
-__all__ = ["Env", "setup", "teardown", "barrier", "wrap_units", "all_reduce_sum", "gather_states", "gather_to_main"]
+__all__ = ["Env", "setup", "teardown", "barrier", "wrap_units", "all_reduce_sum", "gather_states", "to_bytes", "from_bytes"]
 
 
 @dataclass(frozen=True)
@@ -95,25 +95,16 @@ def gather_states(state: dict, env: Env) -> list[dict]:
     if not env.distributed:
         return [state]
     gathered = [None] * env.world
-    dist.all_gather_object(gathered, _to_bytes(state))
-    return [_from_bytes(b) for b in gathered]
+    dist.all_gather_object(gathered, to_bytes(state))
+    return [from_bytes(b) for b in gathered]
 
 
-def gather_to_main(state, env: Env) -> list | None:
-    """Every rank's ``state`` in rank order on rank 0 (None elsewhere); sent as ``torch.save`` bytes."""
-    if not env.distributed:
-        return [state]
-    gathered = [None] * env.world if env.is_main else None
-    dist.gather_object(_to_bytes(state), gathered, dst=0)
-    return [_from_bytes(b) for b in gathered] if env.is_main else None
-
-
-def _to_bytes(state) -> bytes:
+def to_bytes(state) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
 
 
-def _from_bytes(data: bytes):
+def from_bytes(data: bytes):
     """Loaded on the CPU: a GPU rank's tensors must not land on rank 0's view of that device."""
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

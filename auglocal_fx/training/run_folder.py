@@ -7,15 +7,17 @@ would be overwritten by the run's own copy; both are refused before anything is 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..errors import AugLocalError
 
-__all__ = ["CHECKPOINTS", "RUN_FILES", "check_run_folder", "check_writable", "clear_run"]
+__all__ = ["CHECKPOINTS", "RUN_FILES", "SHARDS", "check_run_folder", "check_writable", "clear_run", "drop_unused_shards"]
 
 CHECKPOINTS = ("last.pt", "best.pt")
 # every file a run writes; --overwrite clears them so that the folder never mixes two runs
 RUN_FILES = (*CHECKPOINTS, "metrics.jsonl", "curves.png", "summary.json", "recipe.yaml")
+SHARDS = "shards"  # a pipeline run's checkpoints keep their weights there, a folder per saved epoch
 # how each caller asks to continue a run / write elsewhere / replace it: messages use the caller's words
 _WORDS = {"python": ("resume={last!r}", "another recipe.output", "overwrite=True"),
           "cli": ("--resume auto", "another folder (--set output=DIR)", "--overwrite")}
@@ -58,6 +60,15 @@ def clear_run(out: Path) -> None:
     must not leave the old ``last.pt`` for ``--resume auto`` to continue under the new recipe."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / SHARDS, ignore_errors=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
+def drop_unused_shards(out: Path, kept: set) -> None:
+    """Delete the shard folders no checkpoint file names any more (after last.pt / best.pt moved on)."""
+    for folder in (out / SHARDS).glob("*"):
+        if f"{SHARDS}/{folder.name}" not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_writable(out: Path) -> None:

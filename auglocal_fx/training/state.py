@@ -44,10 +44,16 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def save_training(net, path: str | Path, train: dict, model_kwargs: dict) -> None:
-    """Write ``net`` and the training state atomically (temp file + rename)."""
+def save_training(net, path: str | Path, train: dict, model_kwargs: dict, shards: str | None = None,
+                  shard_weights: str = "model") -> None:
+    """Write ``net`` and the training state atomically (temp file + rename). ``shards``: the weights
+    are in that shard folder (relative to the file's), ``shard_weights`` which of them the file's
+    net is: the trained ones ("model") or their averages ("ema")."""
     net.options["model_kwargs"] = dict(model_kwargs)  # how load_auglocal re-creates the model
-    save_net(net, path, extra={"train": train})
+    if shards is None:
+        save_net(net, path, extra={"train": train})
+    else:
+        save_net(net, path, extra={"train": train, "shards": shards, "shard_weights": shard_weights}, weights=False)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
@@ -56,9 +62,10 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
         atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
 
 
-def read_training(path: str | Path) -> dict:
-    """A checkpoint written by ``auglocal-train`` (one-line errors for anything else)."""
-    payload = read_checkpoint(path)
+def read_training(path: str | Path, weights: bool = True) -> dict:
+    """A checkpoint written by ``auglocal-train`` (one-line errors for anything else); ``weights=False``
+    leaves a sharded checkpoint's weights in its shards."""
+    payload = read_checkpoint(path, weights=weights)
     if "train" not in payload:
         raise AugLocalError(f"{path} holds no training state (written by auglocal-convert?); "
                             "start a new run without --resume")

@@ -34,16 +34,22 @@ weights and optimizer state into one file on rank 0.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 
 from ..errors import AugLocalError
+from ..runtime.checkpoint import read_checkpoint, shard_folder
 from ..runtime.net import unique_parameters
 from ..stages import assign_stages
-from .distributed import Env, gather_to_main, wrap_units
+from .distributed import Env, barrier, from_bytes, to_bytes, wrap_units
 from .p2p import Sender, recv_tensors
 from .stage_timing import unit_seconds
 
@@ -103,21 +109,34 @@ class DataParallel:
         """What the optimizer steps: every parameter of the net, in its order (checkpoints index it so)."""
         return list(net.parameters())
 
-    def checkpoint(self, net, units: list, optimizer, scheduler, ema: list | None = None) -> dict | None:
+    def checkpoint(self, net, units: list, optimizer, scheduler, ema, out: Path, name: str) -> dict | None:
         """This run's part of ``last.pt``'s training state (rank 0; None elsewhere); ``ema``: the
-        averaged weights of this process's units."""
+        averages of the units. The weights go into the file itself (``shards`` None)."""
         if not self.env.is_main:
             return None
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema}
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dicts() if ema is not None else None, "shards": None}
 
-    def restore(self, net, optimizer, scheduler, train: dict) -> None:
+    def restore(self, net, units: list, optimizer, scheduler, ema, payload: dict, path) -> None:
+        """Weights, optimizer, schedule and averages from ``payload`` (read from ``path``)."""
+        train = payload["train"]
         if "pipeline" in train:
             p = train["pipeline"]
             raise AugLocalError(f"cannot resume from a {p['stages']}-stage pipeline checkpoint in one pipeline stage; "
                                 f"launch {p['stages'] * p['replicas']} processes with --set "
                                 f"parallel.pipeline={p['stages']}")
+        net.model.load_state_dict(payload["model_state"])
+        net.aux.load_state_dict(payload["aux_state"])
         optimizer.load_state_dict(train["optimizer"])
         scheduler.load_state_dict(train["scheduler"])
+        if ema is not None:
+            ema.load([train["ema"][i] for i in self.mine])
+
+    def load_weights(self, net, units: list, path) -> None:
+        """The net's weights from checkpoint ``path`` (every process reads the file)."""
+        payload = read_checkpoint(path)
+        net.model.load_state_dict(payload["model_state"])
+        net.aux.load_state_dict(payload["aux_state"])
 
 
 class PipelineStages:
@@ -167,7 +186,13 @@ class PipelineStages:
             span = f"{us[0]}" if len(us) == 1 else f"{us[0]}-{us[-1]}"
             log(f"stage {s}: blocks {span}, {100 * cost / total:.1f}% of {what}"
                 + (f", sends {sent / 1024:,.1f} KiB per sample" if sent else ""))
-        return wrap_units([units[i] for i in self.mine], self.env, self.dp_group, self.replicas)
+        own = [units[i] for i in self.mine]
+        self._keys = _net_keys(net, own)
+        for i, u in enumerate(units):  # never run here, and checkpoints are sharded: gone from this process
+            if i not in self.mine:
+                u.to("meta")
+        _return_freed_memory()
+        return wrap_units(own, self.env, self.dp_group, self.replicas)
 
     def _measure(self, units, net, recipe, autocast_dtype, log) -> list[float]:
         """Seconds per step of every unit, timed once on rank 0 and shared, so every process
@@ -234,40 +259,54 @@ class PipelineStages:
                 "stage_send": [s / w for s, w in zip(reduced["stage_send"], wall)],
                 "stage_blocks": self.split.units}
 
-    # -- checkpoints -----------------------------------------------------------------------------------
-    def _own_state(self, net, units, optimizer, scheduler, ema) -> dict:
-        """This stage's weights, buffers, optimizer and schedule (what no other stage updates)."""
-        owned = set()
-        for u in units:
-            u = getattr(u, "module", u)
-            owned.update(id(t) for t in [*u.parameters(), *u.buffers()])
-        model = {k: v.detach() for k, v in net.model.state_dict(keep_vars=True).items() if id(v) in owned}
-        aux = {k: v for k, v in net.aux.state_dict().items() if int(k.split(".", 1)[0]) in self.mine}
-        return {"stage": self.stage, "model": model, "aux": aux, "ema": ema,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-
     def parameters(self, net, units: list) -> list:
         """What this stage's optimizer steps: its units' parameters, each once. Per-parameter optimizers
         make the same updates as one over the whole net."""
         return unique_parameters([getattr(u, "module", u) for u in units])
 
-    def checkpoint(self, net, units: list, optimizer, scheduler, ema: list | None = None) -> dict | None:
-        """Every stage's weights loaded into rank 0's net, and their optimizer and schedule states and
-        averaged weights (rank 0; None elsewhere)."""
-        own = self._own_state(net, units, optimizer, scheduler, ema) if self.replica == 0 else None
-        states = gather_to_main(own, self.env)
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _state(self, units: list, ema) -> dict:
+        """This stage's weights keyed as in the net ("model.<key>", "aux.<key>"), and its averages
+        ("ema.model.<key>", ...): what goes into, or is read from, the shard folder."""
+        state = {}
+        for keys, u in zip(self._keys, units):
+            for k, v in getattr(u, "module", u).state_dict(keep_vars=True).items():
+                if k in keys:
+                    state[keys[k]] = v.detach()
+        if ema is not None:
+            for keys, u in zip(self._keys, ema.units):
+                for k, v in u.state_dict(keep_vars=True).items():
+                    if k in keys:
+                        state["ema." + keys[k]] = v.detach()
+        return state
+
+    def checkpoint(self, net, units: list, optimizer, scheduler, ema, out: Path, name: str) -> dict | None:
+        """Every process writes its own stage into the shard folder ``out/shards/<name>``
+        (``torch.distributed.checkpoint``: replicas of a stage write once); the folder appears under
+        its name only when every shard is written. Rank 0 gets what the checkpoint file says."""
+        folder = out / "shards" / name
+        tmp = folder.with_name(name + ".tmp")
+        if self.env.is_main and tmp.exists():  # a save a crash cut short
+            shutil.rmtree(tmp)
+        barrier(self.env)
+        state = self._state(units, ema)
+        lead = f"stage{self.stage}"
+        tensors, rest = _split_optimizer(optimizer.state_dict(), f"{lead}.optim")
+        state.update(tensors)  # as tensors: DCP writes a large pickled blob through several copies
+        state[f"{lead}.state"] = to_bytes({"optimizer": rest, "scheduler": scheduler.state_dict()})
+        dcp.save(state, checkpoint_id=str(tmp))
+        barrier(self.env)
         if not self.env.is_main:
             return None
-        stages = [s for s in states if s is not None]
-        for s in stages:  # rank 0 holds every stage's newest weights before it writes the file
-            net.model.load_state_dict(s["model"], strict=False)
-            net.aux.load_state_dict(s["aux"], strict=False)
-        return {"optimizer": [s["optimizer"] for s in stages], "scheduler": [s["scheduler"] for s in stages],
-                "ema": None if ema is None else [e for s in stages for e in s["ema"]],  # in unit order
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return {"shards": f"shards/{name}",
                 "pipeline": {"stages": self.stages, "replicas": self.replicas, "units": self.split.units}}
 
-    def restore(self, net, optimizer, scheduler, train: dict) -> None:
-        p = train.get("pipeline")
+    def restore(self, net, units: list, optimizer, scheduler, ema, payload: dict, path) -> None:
+        """This stage's weights, averages, optimizer and schedule, read from the shard folder."""
+        p = payload["train"].get("pipeline")
         if p is None:
             raise AugLocalError("cannot resume a checkpoint trained without a pipeline with parallel.pipeline="
                                 f"{self.stages}; resume it without parallel.pipeline (or --set parallel.pipeline=1)")
@@ -276,8 +315,66 @@ class PipelineStages:
                                 f"replicas ({p['stages'] * p['replicas']} processes), this launch is {self.stages} x "
                                 f"{self.replicas}; launch {p['stages'] * p['replicas']} processes (auglocal-train --nproc "
                                 f"{p['stages'] * p['replicas']}) with --set parallel.pipeline={p['stages']}")
-        optimizer.load_state_dict(train["optimizer"][self.stage])
-        scheduler.load_state_dict(train["scheduler"][self.stage])
+        folder = shard_folder(path, payload)
+        state = self._state(units, ema)
+        lead = f"stage{self.stage}"
+        stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        optim = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
+                 if k.startswith(f"{lead}.optim.")}  # the optimizer's tensors, allocated as saved
+        state.update(optim)
+        state[f"{lead}.state"] = b""
+        dcp.load(state, checkpoint_id=str(folder))  # the weights in place
+        own = from_bytes(state[f"{lead}.state"])
+        optimizer.load_state_dict(_join_optimizer(own["optimizer"], optim, f"{lead}.optim"))
+        scheduler.load_state_dict(own["scheduler"])
+
+    def load_weights(self, net, units: list, path) -> None:
+        """This stage's weights from checkpoint ``path``'s shards (the averages where the file says so)."""
+        payload = read_checkpoint(path, weights=False)
+        state = self._state(units, None)
+        lead = "ema." if payload.get("shard_weights") == "ema" else ""
+        found = {lead + k: v for k, v in state.items()}
+        dcp.load(found, checkpoint_id=str(shard_folder(path, payload)))
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed weights' pages back to the OS: glibc keeps freed heap memory for reuse, so the
+    process's resident size would not show what releasing the other stages saved."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the memory is reused, only not returned
+        pass
+
+
+def _split_optimizer(state: dict, lead: str) -> tuple[dict, dict]:
+    """An optimizer's state dict as its tensors ("<lead>.<param index>.<name>") and the rest."""
+    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        rest["state"][idx] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{lead}.{idx}.{name}"] = value
+            else:
+                rest["state"][idx][name] = value
+    return tensors, rest
+
+
+def _join_optimizer(rest: dict, tensors: dict, lead: str) -> dict:
+    """``_split_optimizer``'s inverse."""
+    state = {idx: dict(entry) for idx, entry in rest["state"].items()}
+    for key, value in tensors.items():
+        idx, name = key[len(lead) + 1:].split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _net_keys(net, units: list) -> list[dict]:
+    """Per unit, its state-dict keys mapped to the net's ("model.<key>" / "aux.<key>"), found by
+    tensor identity: a unit's block and aux net are the net's own modules."""
+    ids = {id(v): "model." + k for k, v in net.model.state_dict(keep_vars=True).items()}
+    ids.update({id(v): "aux." + k for k, v in net.aux.state_dict(keep_vars=True).items()})
+    return [{k: ids[id(v)] for k, v in getattr(u, "module", u).state_dict(keep_vars=True).items() if id(v) in ids}
+            for u in units]
 
 
 def check_disjoint(units: list, stages: list[list[int]]) -> None:

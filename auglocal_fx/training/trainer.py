@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import time
 import warnings
 from contextlib import nullcontext
@@ -36,7 +37,7 @@ from .distributed import Env, barrier, gather_states, setup, teardown
 from .metrics import Sums
 from .optim import build_optimizer, build_scheduler
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
-from .run_folder import check_run_folder, check_writable, clear_run
+from .run_folder import check_run_folder, check_writable, clear_run, drop_unused_shards
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 from .strategies import make_strategy
 from .techniques import (
@@ -135,7 +136,7 @@ class Trainer:
         if recipe.threads is not None:
             torch.set_num_threads(recipe.threads)
         check_techniques(recipe, recipe.batch_size // strategy.data_env.world)
-        saved = read_training(resume) if resume else None
+        saved = read_training(resume, weights=False) if resume else None  # weights: read by the strategy
         if saved is not None:
             _check_same_model(saved["train"]["recipe"], recipe, resume)
         self.log(f"building {recipe.model.label} ({recipe.conversion.rule}) ...", flush=True)
@@ -155,6 +156,7 @@ class Trainer:
         r.optimizer = build_optimizer(strategy.parameters(r.net, self.units), recipe.optimizer)
         r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
         self.epoch, self.history, self.best = 0, [], -1.0
+        self._shards: dict = {}  # the shard folder each checkpoint file names (pipelines)
         if saved is not None:
             self._restore(saved, resume)
         else:
@@ -169,14 +171,12 @@ class Trainer:
 
     def _restore(self, saved: dict, path) -> None:
         r, t = self.run, saved["train"]
-        self.strategy.restore(r.net, r.optimizer, r.scheduler, t)  # refuses another layout first
-        r.net.model.load_state_dict(saved["model_state"])
-        r.net.aux.load_state_dict(saved["aux_state"])
-        if self.ema is not None:
-            if not t.get("ema"):
-                raise AugLocalError(f"cannot resume from {path}: it was trained without ema_decay; resume without it "
-                                    "or start a new run from its weights (--set model.checkpoint=...)")
-            self.ema.load([t["ema"][i] for i in self.strategy.mine])
+        # refuses another layout first; then weights, averages, optimizer and schedule
+        self.strategy.restore(r.net, self.units, r.optimizer, r.scheduler, self.ema, saved, path)
+        self._shards = {"last.pt": saved.get("shards")}
+        best = self.out / "best.pt"
+        if saved.get("shards") and best.is_file():
+            self._shards["best.pt"] = read_checkpoint(best, weights=False).get("shards")
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
         set_rng_state(t["rng"][self.env.rank] if self.env.rank < len(t["rng"]) else t["rng"][0])
         self.log(f"resumed from epoch {self.epoch}")
@@ -189,8 +189,9 @@ class Trainer:
         loader.generator.manual_seed(recipe.seed * 7919 + epoch * 104729 + s.data_env.rank)
         r.net.train()
         m, steps = len(r.net.blocks), len(loader)
+        world = self.env.world
         sums = Sums({"loss": m, "correct": 1, "images": 1, "step_loss": steps, "step_images": steps, "seconds": 1,
-                     **s.metric_sizes()}, device)
+                     "peak_rss": world, "peak_allocated": world, **s.metric_sizes()}, device)
         window = _Window(self, sums, epoch, EpochProgress(f"epoch {epoch}/{recipe.epochs}{s.title}", steps,
                                                           s.shows_progress))
         interval = recipe.log_interval
@@ -218,6 +219,10 @@ class Trainer:
         s.end_epoch(sums, busy, wall)
         if s.has_head:
             sums.add("seconds", wall)
+        # each process's peak memory so far: resident (KiB on Linux) and, on a GPU, the allocator's
+        sums.add("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, self.env.rank)
+        if device.type == "cuda":
+            sums.add("peak_allocated", torch.cuda.max_memory_allocated(device) / 2**30, self.env.rank)
         red = sums.reduce()  # the epoch's one all_reduce over every process
         n = red["images"][0]
         seconds = red["seconds"][0] / s.data_env.world  # the processes that end the epoch, averaged
@@ -225,6 +230,8 @@ class Trainer:
                 "local_losses": [v / n for v in red["loss"][:m - 1]],
                 "step_losses": [a / b for a, b in zip(red["step_loss"], red["step_images"])],
                 "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": n / seconds, "epoch_time_s": seconds,
+                "peak_rss_gib": red["peak_rss"], **({"peak_allocated_gib": red["peak_allocated"]}
+                                                    if device.type == "cuda" else {}),
                 **s.record(red)}
 
     def _check_finite(self, value: float, block: int, epoch: int, step: int) -> None:
@@ -293,26 +300,29 @@ class Trainer:
         return self._summary(split, chosen)
 
     def _test_chosen(self) -> dict:
-        """The test set on ``best.pt``'s weights (the checkpoint chosen on validation), read back by
-        every process once process 0 has written it."""
+        """The test set on ``best.pt``'s weights (the checkpoint chosen on validation; the averaged
+        weights under ema_decay), read back by every process once process 0 has written it."""
         barrier(self.env)
-        payload = read_checkpoint(self.out / "best.pt")
-        net = self.run.net
-        net.model.load_state_dict(payload["model_state"])  # the averaged weights under ema_decay
-        net.aux.load_state_dict(payload["aux_state"])
+        self.strategy.load_weights(self.run.net, self.units, self.out / "best.pt")
         return self.evaluate(units=self.units)
 
     def _save(self, improved: bool) -> None:
         rngs = gather_states(rng_state(), self.env)  # every rank's, so a resumed run draws the same
         r = self.run
-        ema = self.ema.state_dicts() if self.ema is not None else None
-        train = self.strategy.checkpoint(r.net, self.units, r.optimizer, r.scheduler, ema)
+        train = self.strategy.checkpoint(r.net, self.units, r.optimizer, r.scheduler, self.ema, self.out,
+                                         f"epoch-{self.epoch:04d}")
         if train is None:  # not rank 0
             return
+        shards = train.pop("shards")
         train.update({"epoch": self.epoch, "rng": rngs, "history": self.history, "best_acc": self.best,
                       "recipe": self.recipe.to_dict()})
-        save_training(r.net, self.out / "last.pt", train, r.model_kwargs)
-        if improved and train["ema"] is not None:  # best.pt holds what was evaluated: the averaged weights
+        save_training(r.net, self.out / "last.pt", train, r.model_kwargs, shards)
+        self._shards["last.pt"] = shards
+        if improved and shards is not None:  # the same shards; the file says which weights are the net's
+            save_training(r.net, self.out / "best.pt", train, r.model_kwargs, shards,
+                          "ema" if self.ema is not None else "model")
+            self._shards["best.pt"] = shards
+        elif improved and self.ema is not None:  # best.pt holds what was evaluated: the averaged weights
             live = {k: v.clone() for k, v in r.net.state_dict().items()}
             for unit, state in zip(r.net.local_units(), train["ema"]):
                 unit.load_state_dict(state)
@@ -320,6 +330,8 @@ class Trainer:
             r.net.load_state_dict(live)
         elif improved:
             copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
+        if shards is not None:
+            drop_unused_shards(self.out, set(self._shards.values()))
         write_metrics(self.out / "metrics.jsonl", self.history)
         plot_curves(self.out / "curves.png", self.history,
                     f"{self.recipe.model.label} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
