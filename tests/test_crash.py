@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSI
 
 def _recipe(tmp_path: Path, out: str) -> Path:
     recipe = {"model": {"name": "resnet20_cifar"},
-              "data": {"dataset": "synthetic", "image_size": 32, "train_limit": 768, "test_limit": 64,
+              "data": {"dataset": "synthetic", "image_size": 32, "train_limit": 384, "test_limit": 64,
                        "num_workers": 0},
+              # a progress line every 2 of the epoch's 12 steps: the kill lands mid-epoch
               "conversion": {"blocks": 4}, "epochs": 3, "batch_size": 32, "seed": 5, "device": "cpu",
+              "log_interval": 2,
               "output": str(tmp_path / out)}
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(recipe))

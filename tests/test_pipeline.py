@@ -264,3 +264,37 @@ def test_stages_that_share_a_parameter_are_refused():
     with pytest.raises(AugLocalError, match=r"^blocks 0 and 2 share a parameter, so they cannot train in different "
                                             r"pipeline stages"):
         _check_disjoint(units, [[0, 1], [2]])
+
+
+@pytest.mark.slow  # two launches that rendezvous; the stages themselves are proven above
+def test_two_node_launch_on_one_machine_trains_and_checkpoints(tmp_path):
+    """torchrun --nnodes 2 twice (node ranks 0 and 1, c10d rendezvous on 127.0.0.1), a 2-stage
+    pipeline across the two "nodes": the same run as the sequential one, and its sharded checkpoint
+    resumes. Both launches share the output folder, as nodes share a file system."""
+    import socket
+
+    seq = tiny_recipe(tmp_path / "seq", **GN)
+    _sequential(tmp_path, seq, "seq.yaml")
+    two = tiny_recipe(tmp_path / "nodes", **GN, **{"parallel.pipeline": 2})
+    path = write_recipe(tmp_path, two, "nodes.yaml")
+    def launch(*args: str) -> None:
+        with socket.socket() as sock:  # a free port for this launch's rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        logs = [tmp_path / f"node{node}-{len(list(tmp_path.glob('node*')))}.log" for node in (0, 1)]
+        procs = []
+        for node, log in enumerate(logs):  # to files: a full pipe would stall one node while the other waits
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                     "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                     "-m", "auglocal_fx.cli.train", str(path), *args],
+                    env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=subprocess.STDOUT))
+        for proc, log in zip(procs, logs):
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+    launch("--stop-after", "1")
+    assert len(history(Path(two["output"]))) == 1
+    launch("--resume", "auto")
+    _assert_same_run(Path(seq["output"]), Path(two["output"]))
+
