@@ -3,8 +3,9 @@
 FLOPs predict a CPU's time poorly across a network: a block on a 28x28 map with 16 channels does
 few FLOPs per byte it touches, a block on 7x7 with 64 channels many. So before training, one
 process times every unit's forward, local loss and backward on a random batch of the run's size
-(on a deep copy of the units: the run's weights, batch-norm statistics and random stream are left
-as they were), and the stages are split on those seconds.
+(on a deep copy of one unit at a time: the run's weights, batch-norm statistics and random stream
+are left as they were, and the copy costs one unit's memory, not the net's), and the stages are
+split on those seconds.
 """
 
 from __future__ import annotations
@@ -27,38 +28,37 @@ def unit_seconds(units: list, input_size: list[int], classes: int, batch: int, d
                  input_dtype: torch.dtype = torch.float32) -> list[float]:
     """Median seconds of each unit's forward + local loss + backward, after one warm-up step
     (forwards under autocast to ``autocast_dtype`` when the run uses it) on inputs of ``input_dtype``
-    (integer ids: zeros). The copy briefly doubles
-    the net's memory on ``device``."""
-    units = copy.deepcopy(units)  # one memo: blocks keep sharing the copied backbone's modules
-    for u in units:
-        u.train()
+    (integer ids: zeros), each unit timed on a copy of it on the output of the one before."""
     gen = torch.Generator().manual_seed(0)  # a private stream: the run's random draws are untouched
     if input_dtype.is_floating_point:
         x = torch.randn(batch, *input_size, generator=gen).to(device, input_dtype)
     else:  # token ids: 0 is an entry of every embedding table
         x = torch.zeros(batch, *input_size, dtype=input_dtype, device=device)
     y = torch.randint(0, max(classes, 1), (batch,), generator=gen).to(device)
-    times = [[] for _ in units]
+    seconds, h = [], x
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws leave no trace
-        _time_steps(units, x, y, device, repeats, times, autocast_dtype)
-    return [statistics.median(t) for t in times]
+        for unit in units:
+            copied = copy.deepcopy(unit).train()
+            times, h = _time_unit(copied, h, x, y, device, repeats, autocast_dtype)
+            seconds.append(statistics.median(times))
+            del copied
+    return seconds
 
 
-def _time_steps(units: list, x, y, device: torch.device, repeats: int, times: list[list[float]],
-                autocast_dtype: torch.dtype | None) -> None:
+def _time_unit(unit, h, x, y, device: torch.device, repeats: int, autocast_dtype: torch.dtype | None):
+    """``(seconds of each timed step, the unit's detached output)``; the first step warms up the
+    allocator and kernels."""
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
+    times = []
     for rep in range(repeats + 1):
-        h = x
-        for i, u in enumerate(units):
-            start = time.perf_counter()
-            with amp:
-                out, top = call(u, h)
-                loss, _ = u.local_loss(top, y, x, F.cross_entropy)
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if rep:  # the first pass warms up allocator and kernels
-                times[i].append(time.perf_counter() - start)
-            h = detach(out)
-        for u in units:
-            u.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with amp:
+            out, top = call(unit, h)
+            loss, _ = unit.local_loss(top, y, x, F.cross_entropy)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if rep:
+            times.append(time.perf_counter() - start)
+        unit.zero_grad(set_to_none=True)
+    return times, detach(out)
