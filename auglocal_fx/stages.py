@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .costs import unit_costs
+from .costs import estimate_footprint, unit_costs
 from .errors import AugLocalError
 from .passes.partition import equal_counts, min_max_partition
 from .plan import Plan, is_size_kind
 
-__all__ = ["STAGE_BALANCES", "StagePlan", "assign_stages", "check_stages", "stages_summary", "stage_table"]
+__all__ = ["STAGE_BALANCES", "StagePlan", "assign_stages", "check_stages", "stage_memory", "stages_summary",
+           "stage_table"]
 
 STAGE_BALANCES = ("time", "cost", "units")  # "time": measured seconds per unit (auglocal-train only)
 @dataclass(frozen=True)
@@ -91,11 +92,28 @@ def assign_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: i
     return StagePlan(groups, [sum(costs[u] for u in g) for g in groups], sent + [0])
 
 
+def stage_memory(plan: Plan, sp: StagePlan, batch: int | None = None, depth: int = 2) -> list[dict]:
+    """Per stage, the estimated bytes its process holds at ``batch`` (default: the plan's): resident
+    (its units' weights and optimizer state) and peak (resident + the largest of its units' gradients
+    and activations + the transport buffers: ``depth`` messages in flight to the next stage and one
+    received). The runtime itself (torch, ~0.7 GiB on a CPU) comes on top."""
+    f = estimate_footprint(plan, batch)
+    out = []
+    for s, us in enumerate(sp.units):
+        units = [f.units[u] for u in us]
+        resident = sum(u.weights + u.optimizer for u in units)
+        busiest = max(u.gradients + f.batch * u.act_per_sample for u in units)
+        transport = f.batch * (depth * sp.sent[s] + (sp.sent[s - 1] if s else 0))
+        out.append({"resident_bytes": resident, "peak_bytes": resident + busiest + transport})
+    return out
+
+
 def stages_summary(plan: Plan, sp: StagePlan) -> dict:
     """The stage split as data (``auglocal-convert --stages --format json``)."""
     total = sum(sp.costs) or 1.0
-    return {"stages": [{"stage": s, "blocks": us, "train_flops": c, "share": c / total, "sent_bytes": b}
-                       for s, (us, c, b) in enumerate(zip(sp.units, sp.costs, sp.sent))],
+    memory = stage_memory(plan, sp)
+    return {"stages": [{"stage": s, "blocks": us, "train_flops": c, "share": c / total, "sent_bytes": b, **m}
+                       for s, (us, c, b, m) in enumerate(zip(sp.units, sp.costs, sp.sent, memory))],
             "imbalance": sp.imbalance, "speedup_bound": sp.stages / sp.imbalance}
 
 
@@ -106,11 +124,14 @@ def stage_table(plan: Plan, sp: StagePlan):
     t = Table(title=f"{sp.stages} pipeline stages", title_justify="left",
               caption=f"Training FLOPs per sample: forward + backward of the blocks and their aux nets (the last: the "
                       f"head). Slowest stage / mean {sp.imbalance:.2f}: at most {sp.stages / sp.imbalance:.2f}x one "
-                      "process's throughput.", caption_justify="left")
-    for col in ("stage", "blocks", "train MFLOPs", "share", "sends KiB"):
+                      f"process's throughput. Memory per process at batch {plan.config.batch}: resident (its units' "
+                      "weights + optimizer state) and peak (+ its largest unit's gradients and activations + "
+                      "transport buffers), the runtime not counted.", caption_justify="left")
+    for col in ("stage", "blocks", "train MFLOPs", "share", "sends KiB", "resident MiB", "peak MiB"):
         t.add_column(col, justify="left" if col == "blocks" else "right")
     total = sum(sp.costs) or 1.0
-    for s, (us, c, b) in enumerate(zip(sp.units, sp.costs, sp.sent)):
+    for s, (us, c, b, m) in enumerate(zip(sp.units, sp.costs, sp.sent, stage_memory(plan, sp))):
         t.add_row(str(s), f"{us[0]}" if len(us) == 1 else f"{us[0]}-{us[-1]}", f"{c / 1e6:,.1f}",
-                  f"{100 * c / total:.1f}%", f"{b / 1024:,.1f}" if b else "-")
+                  f"{100 * c / total:.1f}%", f"{b / 1024:,.1f}" if b else "-",
+                  f"{m['resident_bytes'] / 2**20:,.0f}", f"{m['peak_bytes'] / 2**20:,.0f}")
     return t

@@ -71,6 +71,22 @@ def test_stages_balance_training_flops_and_count_what_crosses(plan):
             layer = plan.layers[plan.blocks[us[-1]].layers[-1]]
             assert sp.sent[s] == 4 * sum(torch.Size(t).numel() for t in layer.bundle) + 8
         assert sp.sent[-1] == 0 and sp.imbalance >= 1.0
+    # memory per stage: the units' weights and optimizer state split between the stages, each
+    # stage's peak adding its own largest unit and its transport buffers
+    from auglocal_fx.costs import estimate_footprint
+    from auglocal_fx.stages import stage_memory
+
+    f = estimate_footprint(plan, 8)
+    for p in (1, 2, 4):
+        sp = assign_stages(plan, p)
+        mem = stage_memory(plan, sp, 8)
+        assert sum(m["resident_bytes"] for m in mem) == f.weights + f.optimizer
+        for s, (m, us) in enumerate(zip(mem, sp.units)):
+            busiest = max(f.units[u].gradients + 8 * f.units[u].act_per_sample for u in us)
+            transport = 8 * (2 * sp.sent[s] + (sp.sent[s - 1] if s else 0))
+            assert m["peak_bytes"] == m["resident_bytes"] + busiest + transport
+        if p == 1:  # one stage: the step's estimate, which adds the largest gradients and activations apart
+            assert f.weights + f.optimizer + f.gradients <= mem[0]["peak_bytes"] <= f.total
     with pytest.raises(AugLocalError, match=r"^stages = 11 is more pipeline stages than the 10 block\(s\) the plan "
                                             r"has; use at most 10, or convert into more blocks$"):
         assign_stages(plan, 11)
