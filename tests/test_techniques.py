@@ -16,9 +16,10 @@ from auglocal_fx import load_auglocal
 from auglocal_fx.cifar_resnet import CifarResNet
 from auglocal_fx.cli.train import main as train_main
 from auglocal_fx.compiler import to_auglocal
+from auglocal_fx.errors import AugLocalError
 from auglocal_fx.runtime.blockwise import blockwise_step
 from auglocal_fx.runtime.checkpoint import read_checkpoint
-from auglocal_fx.training import recipe_from_dict
+from auglocal_fx.training import recipe_from_dict, train
 from auglocal_fx.training.techniques import Mixing, hard_labels, loss_function
 
 MIX = {"mixup.mixup_alpha": 0.8, "mixup.cutmix_alpha": 1.0, "label_smoothing": 0.1}
@@ -78,6 +79,9 @@ def test_ema_is_evaluated_kept_in_best_and_resumes_exactly(tmp_path):
     split = tiny_recipe(tmp_path / "b", epochs=2, ema_decay=0.5)
     path = write_recipe(tmp_path, split, "split.yaml")
     assert train_main([str(path), "--stop-after", "1"]) == 0
+    best = Path(split["output"]) / "best.pt"  # the averages: training does not continue from them
+    with pytest.raises(AugLocalError, match="holds the averaged weights .*; resume from .*last.pt"):
+        train(recipe_from_dict(split), resume=str(best))
     assert train_main([str(path), "--resume", "auto"]) == 0
     a, b = Path(full["output"]), Path(split["output"])
     assert [h["step_losses"] for h in history(a)] == [h["step_losses"] for h in history(b)]
@@ -152,7 +156,7 @@ def test_pipeline_with_every_option_is_the_sequential_run(tmp_path):
     _assert_same_run(Path(seq["output"]), Path(p2["output"]))
     # best.pt holds the averaged weights: in one file, or in the stages' shards
     a, b = (read_checkpoint(Path(r["output"]) / "best.pt") for r in (seq, p2))
-    assert a["train"]["epoch"] == b["train"]["epoch"] and b["shard_weights"] == "ema"
+    assert a["train"]["epoch"] == b["train"]["epoch"] and b["weights"] == a["weights"] == "ema"
     for part in ("model_state", "aux_state"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:

@@ -110,3 +110,35 @@ def test_stage_timing_runs_a_model_of_token_ids():
     seconds = unit_seconds(net.local_units(), net.plan.config.input_size, 4, 2, torch.device("cpu"),
                            input_dtype=getattr(torch, net.plan.config.input_dtype))
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
+
+
+def test_release_frees_other_stages_but_keeps_what_this_stage_shares():
+    """A pipeline process moves the other stages' tensors to the meta device, except a tensor its
+    own units hold too (a buffer-only module two stages share)."""
+    from auglocal_fx.training.strategies import _release
+
+    shared = torch.nn.Module()
+    shared.register_buffer("cache", torch.ones(3))
+    mine, theirs = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
+    mine.add_module("rope", shared)
+    theirs.add_module("rope", shared)
+    _release([theirs], [mine])
+    assert theirs[0].weight.device.type == "meta" and theirs[0].bias.device.type == "meta"
+    assert shared.cache.device.type == "cpu" and mine[0].weight.device.type == "cpu"
+
+
+def test_resume_keeps_the_data_and_a_cut_run_reports_validation_only(tmp_path, capsys):
+    from test_training import write_recipe
+
+    from auglocal_fx.cli.train import main as train_main
+
+    recipe = tiny_recipe(tmp_path, epochs=2)
+    path = str(write_recipe(tmp_path, recipe))
+    assert train_main([path, "--stop-after", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped after epoch 1/2: best validation accuracy" in out and "test accuracy" not in out
+    assert train_main([path, "--resume", "auto", "--set", "data.val_split=0"]) == 2
+    assert ("it was trained with data.val_split = None, this recipe says 0; resume with --set data.val_split=null"
+            in capsys.readouterr().err)
+    assert train_main([path, "--resume", "auto"]) == 0
+    assert "test accuracy" in capsys.readouterr().out

@@ -64,6 +64,12 @@ def _main(argv=None) -> int:
     s = train(recipe, resume=resume, stop_after=args.stop_after, overwrite=args.overwrite)
     if s is None:  # not rank 0 under torchrun: rank 0 reports
         return 0
+    if s["test_acc"] is None and s["selected_on"] == "val" and s["best_val_acc"] is not None:
+        print(f"stopped after epoch {s['epochs_done']}/{s['epochs']}: best validation accuracy "
+              f"{100 * s['best_val_acc']:.2f}% at epoch {s['best_epoch']}; the test set is evaluated once the run "
+              "completes (--resume auto)")
+        print(f"wrote {s['output']}/last.pt, metrics.jsonl, curves.png, summary.json")
+        return 0
     if s["test_acc"] is None:
         print(f"nothing to do: {s['output']} already holds {s['epochs_done']} of {s['epochs']} epochs")
         return 0

@@ -92,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict:
                             "by auglocal-train or auglocal-convert --save")
     if weights and payload.get("shards"):
         payload["model_state"], payload["aux_state"] = read_shards(shard_folder(path, payload),
-                                                                   payload.get("shard_weights", "model"))
+                                                                   payload.get("weights", "model"))
     return payload
 
 

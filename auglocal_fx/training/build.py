@@ -33,9 +33,9 @@ class Run:
     net: AugLocalNet
     data: DataBundle
     train_loader: torch.utils.data.DataLoader
-    eval_loader: torch.utils.data.DataLoader  # the test set
+    test_loader: torch.utils.data.DataLoader
     model_kwargs: dict  # what the model was made with (the checkpoint keeps them: load_auglocal re-makes it)
-    # the validation images (data.val_split or the dataset's own), sharded like eval_loader; None: none
+    # the validation images (data.val_split or the dataset's own), sharded like test_loader; None: none
     val_loader: torch.utils.data.DataLoader | None = None
     # over the parameters this process trains (which the strategy says): set by the Trainer
     optimizer: torch.optim.Optimizer | None = None

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import AugLocalError
 
-__all__ = ["Env", "setup", "teardown", "barrier", "wrap_units", "all_reduce_sum", "gather_states", "to_bytes", "from_bytes"]
+__all__ = ["Env", "setup", "teardown", "barrier", "wrap_units", "gather_states", "to_bytes", "from_bytes"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,6 @@ def wrap_units(units: list, env: Env, group=None, size: int | None = None) -> li
         return units
     ids = [env.device.index] if env.device.type == "cuda" else None
     return [DistributedDataParallel(u, device_ids=ids, process_group=group) for u in units]
-
-
-def all_reduce_sum(values: list[float], env: Env) -> list[float]:
-    """Element-wise sum over the ranks (identity in one process)."""
-    if not env.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def gather_states(state: dict, env: Env) -> list[dict]:

@@ -58,13 +58,13 @@ class EpochProgress:
             self._bar.stop()
 
 
-def held_out(r: dict) -> str:
+def held_out_split(r: dict) -> str:
     """The split an epoch was evaluated on: "val" when the run has a validation split, else "test"."""
     return "val" if "val_acc" in r else "test"
 
 
 def epoch_line(r: dict, epochs: int) -> str:
-    split = held_out(r)
+    split = held_out_split(r)
     aux = r.get(f"aux_{split}_acc") or []
     aux_txt = f"  aux heads {' '.join(f'{100 * a:.1f}' for a in aux)}" if aux else ""
     return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.2f}%  "
@@ -101,7 +101,7 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
         ax_loss.plot(epochs, [r["local_losses"][i] for r in history], marker=".", alpha=0.35, lw=1,
                      color="tab:orange", label="local losses (epoch mean)" if i == 0 else None)
     ax_loss.set(xlabel="epoch", ylabel="train loss")
-    split = held_out(history[-1])
+    split = held_out_split(history[-1])
     ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in history], marker="o", color="tab:blue", label="final head")
     for i in range(len(history[-1].get(f"aux_{split}_acc") or [])):
         ax_acc.plot(epochs, [100 * r[f"aux_{split}_acc"][i] for r in history], marker=".", alpha=0.35, lw=1,

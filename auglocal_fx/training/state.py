@@ -45,15 +45,17 @@ def _tuples(x):
 
 
 def save_training(net, path: str | Path, train: dict, model_kwargs: dict, shards: str | None = None,
-                  shard_weights: str = "model") -> None:
-    """Write ``net`` and the training state atomically (temp file + rename). ``shards``: the weights
-    are in that shard folder (relative to the file's), ``shard_weights`` which of them the file's
-    net is: the trained ones ("model") or their averages ("ema")."""
+                  weights: str = "model") -> None:
+    """Write ``net`` and the training state atomically (temp file + rename). ``weights``: which weights
+    the file's net is, the trained ones ("model") or their averages ("ema": a best.pt under
+    ema_decay, which a run does not resume from); ``shards``: they are in that shard folder (relative
+    to the file's), not in the file."""
     net.options["model_kwargs"] = dict(model_kwargs)  # how load_auglocal re-creates the model
+    extra = {"train": train, "weights": weights}
     if shards is None:
-        save_net(net, path, extra={"train": train})
+        save_net(net, path, extra=extra)
     else:
-        save_net(net, path, extra={"train": train, "shards": shards, "shard_weights": shard_weights}, weights=False)
+        save_net(net, path, extra={**extra, "shards": shards}, weights=False)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:

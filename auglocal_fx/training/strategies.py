@@ -28,8 +28,8 @@ Transfers are ``torch.distributed`` ``isend``/``irecv`` (``p2p.py``). ``torch.di
 (``PipelineStage`` + a schedule) is built for pipelined *backprop*: its schedules send gradients to
 the previous stage and have one loss at the last stage; here every stage has its own losses and
 optimizer and nothing goes backward, which its schedules do not express. Each process builds the
-whole net (same seed: same weights) and trains its own units; checkpoints gather every stage's
-weights and optimizer state into one file on rank 0.
+whole net (same seed: same weights), frees the other stages' units and trains its own; each
+process writes its own stage into a sharded checkpoint (``torch.distributed.checkpoint``).
 """
 
 from __future__ import annotations
@@ -188,10 +188,7 @@ class PipelineStages:
                 + (f", sends {sent / 1024:,.1f} KiB per sample" if sent else ""))
         own = [units[i] for i in self.mine]
         self._keys = _net_keys(net, own)
-        for i, u in enumerate(units):  # never run here, and checkpoints are sharded: gone from this process
-            if i not in self.mine:
-                u.to("meta")
-        _return_freed_memory()
+        _release([u for i, u in enumerate(units) if i not in self.mine], own)
         return wrap_units(own, self.env, self.dp_group, self.replicas)
 
     def _measure(self, units, net, recipe, autocast_dtype, log) -> list[float]:
@@ -315,6 +312,10 @@ class PipelineStages:
                                 f"replicas ({p['stages'] * p['replicas']} processes), this launch is {self.stages} x "
                                 f"{self.replicas}; launch {p['stages'] * p['replicas']} processes (auglocal-train --nproc "
                                 f"{p['stages'] * p['replicas']}) with --set parallel.pipeline={p['stages']}")
+        if not payload.get("shards"):
+            raise AugLocalError(f"cannot resume from {path}: it was written before pipeline checkpoints were sharded; "
+                                f"start a new run from its weights: --set model.checkpoint={path} --set output=<a new "
+                                "folder>")
         folder = shard_folder(path, payload)
         state = self._state(units, ema)
         lead = f"stage{self.stage}"
@@ -332,18 +333,32 @@ class PipelineStages:
         """This stage's weights from checkpoint ``path``'s shards (the averages where the file says so)."""
         payload = read_checkpoint(path, weights=False)
         state = self._state(units, None)
-        lead = "ema." if payload.get("shard_weights") == "ema" else ""
+        lead = "ema." if payload.get("weights") == "ema" else ""
         found = {lead + k: v for k, v in state.items()}
         dcp.load(found, checkpoint_id=str(shard_folder(path, payload)))
 
 
-def _return_freed_memory() -> None:
-    """Hand the freed weights' pages back to the OS: glibc keeps freed heap memory for reuse, so the
-    process's resident size would not show what releasing the other stages saved."""
+def _release(others: list, own: list) -> None:
+    """The other stages' weights and buffers leave this process (to the meta device): it never runs
+    those units, and checkpoints are sharded. A tensor this stage's units also hold (a buffer-only
+    module two stages share, a rotary cache) stays."""
+    kept = {id(t) for u in own for t in [*u.parameters(), *u.buffers()]}
+    for unit in others:
+        for module in unit.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in kept and p.device.type != "meta":
+                    module._parameters[name] = torch.nn.Parameter(p.detach().to("meta"), p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in kept and b.device.type != "meta":
+                    module._buffers[name] = b.to("meta")
+    # hand the pages back: glibc keeps freed heap memory for reuse (the resident size would not
+    # show the saving), and CUDA's caching allocator keeps freed blocks reserved
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): the memory is reused, only not returned
         pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _split_optimizer(state: dict, lead: str) -> tuple[dict, dict]:

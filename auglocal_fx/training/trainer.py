@@ -91,6 +91,16 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
                 raise AugLocalError(f"cannot resume from {path}: it was trained with {section}.{key} = "
                                     f"{saved.get(section, {}).get(key)!r}, this recipe says {value!r}; use that recipe or "
                                     "a new output folder")
+    # the data a run trains and chooses on: another split would change the run and mix test and
+    # validation accuracies in its history (runs from before data.val_split held none out)
+    for key, value in now["data"].items():
+        if key in ("num_workers", "root", "download", "test_limit"):  # where and how fast, not what
+            continue
+        before = saved.get("data", {}).get(key, 0 if key == "val_split" else value)
+        if before != value:
+            raise AugLocalError(f"cannot resume from {path}: it was trained with data.{key} = {before!r}, this "
+                                f"recipe says {value!r}; resume with --set data.{key}={_yaml_value(before)}, or "
+                                "start a new run")
     # the averaged weights are what a run evaluates and keeps: switching them on or off mid-run
     # would evaluate another model than the one the run chose its best epoch on
     if saved.get("ema_decay") != now["ema_decay"]:
@@ -107,6 +117,10 @@ def _check_same_model(saved: dict, recipe: TrainRecipe, path) -> None:
                             f"{what}, and this recipe changes it (the learning rate would jump); keep it, or train "
                             f"on from its weights under the new schedule in a new run: --set model.checkpoint={path} "
                             "--set output=<a new folder>")
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 class Trainer:
@@ -161,16 +175,22 @@ class Trainer:
             self._restore(saved, resume)
         else:
             # augmentation, dropout and mixup (numpy's generator) differ per rank, the same every run
-            seed = recipe.seed + 1_000_003 * env.rank
-            torch.manual_seed(seed)
-            np.random.seed(seed % 2**32)
-            random.seed(seed)
+            self._seed(recipe.seed + 1_000_003 * env.rank)
         if env.is_main:
             atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         self.writer = tensorboard_writer(self.out) if recipe.tensorboard and env.is_main else None
 
+    @staticmethod
+    def _seed(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
     def _restore(self, saved: dict, path) -> None:
         r, t = self.run, saved["train"]
+        if saved.get("weights") == "ema":
+            raise AugLocalError(f"cannot resume from {path}: it holds the averaged weights (ema_decay), not the ones "
+                                f"training continues from; resume from {Path(path).with_name('last.pt')}")
         # refuses another layout first; then weights, averages, optimizer and schedule
         self.strategy.restore(r.net, self.units, r.optimizer, r.scheduler, self.ema, saved, path)
         self._shards = {"last.pt": saved.get("shards")}
@@ -178,7 +198,10 @@ class Trainer:
         if saved.get("shards") and best.is_file():
             self._shards["best.pt"] = read_checkpoint(best, weights=False).get("shards")
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
-        set_rng_state(t["rng"][self.env.rank] if self.env.rank < len(t["rng"]) else t["rng"][0])
+        if self.env.rank < len(t["rng"]):
+            set_rng_state(t["rng"][self.env.rank])
+        else:  # more processes than the run had: the new ones draw their own streams
+            self._seed(self.recipe.seed + 1_000_003 * self.env.rank)
         self.log(f"resumed from epoch {self.epoch}")
 
     # -- one epoch -------------------------------------------------------------------------------
@@ -256,7 +279,7 @@ class Trainer:
         amp = torch.autocast(self.env.device.type, self.autocast) if self.autocast else nullcontext()
         m = len(r.net.blocks)
         sums = Sums({"correct": m, "loss": 1, "images": 1}, self.env.device)
-        for h, y, image in s.batches(r.eval_loader if loader is None else loader, lambda x, y: self.mixing(x, y, False)):
+        for h, y, image in s.batches(r.test_loader if loader is None else loader, lambda x, y: self.mixing(x, y, False)):
             with amp:
                 for i, unit in zip(s.mine, units):
                     h, top = call(unit, h)
@@ -279,8 +302,19 @@ class Trainer:
         split when the run has one (else on the test set, as the record says); the test set is then
         evaluated once, on that checkpoint."""
         r = self.run
-        split, loader = ("val", r.val_loader) if r.val_loader is not None else ("test", r.eval_loader)
+        split, loader = ("val", r.val_loader) if r.val_loader is not None else ("test", r.test_loader)
         last_epoch = min(self.recipe.epochs, stop_after or self.recipe.epochs)
+        try:
+            self._epochs(split, loader, last_epoch)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        # the test set once, when the run is complete: a cut run (--stop-after) reports validation only
+        done = self.history and self.epoch == self.recipe.epochs
+        chosen = self._test_chosen() if split == "val" and done else None
+        return self._summary(split, chosen)
+
+    def _epochs(self, split: str, loader, last_epoch: int) -> None:
         for epoch in range(self.epoch + 1, last_epoch + 1):
             record = self.train_epoch(epoch)
             found = self.evaluate(loader)
@@ -294,10 +328,6 @@ class Trainer:
             if self.writer is not None:
                 write_scalars(self.writer, record, epoch)
             self.log(epoch_line(record, self.recipe.epochs), flush=True)
-        if self.writer is not None:
-            self.writer.close()
-        chosen = self._test_chosen() if split == "val" and self.history else None
-        return self._summary(split, chosen)
 
     def _test_chosen(self) -> dict:
         """The test set on ``best.pt``'s weights (the checkpoint chosen on validation; the averaged
@@ -326,7 +356,7 @@ class Trainer:
             live = {k: v.clone() for k, v in r.net.state_dict().items()}
             for unit, state in zip(r.net.local_units(), train["ema"]):
                 unit.load_state_dict(state)
-            save_training(r.net, self.out / "best.pt", train, r.model_kwargs)
+            save_training(r.net, self.out / "best.pt", train, r.model_kwargs, weights="ema")
             r.net.load_state_dict(live)
         elif improved:
             copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
