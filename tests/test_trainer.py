@@ -115,7 +115,7 @@ def test_stage_timing_runs_a_model_of_token_ids():
 def test_release_frees_other_stages_but_keeps_what_this_stage_shares():
     """A pipeline process moves the other stages' tensors to the meta device, except a tensor its
     own units hold too (a buffer-only module two stages share)."""
-    from auglocal_fx.training.strategies import _release
+    from auglocal_fx.training.pipeline_stages import _release
 
     shared = torch.nn.Module()
     shared.register_buffer("cache", torch.ones(3))

@@ -154,7 +154,7 @@ class ScheduleSection:
 @dataclass
 class ParallelSection:
     # pipeline stages: contiguous groups of blocks, one per process, streaming activations forward
-    # (training/strategies.py); torchrun starts pipeline x data-parallel replicas processes
+    # (training/pipeline_stages.py); torchrun starts pipeline x data-parallel replicas processes
     pipeline: int = field(default=1, metadata=_at_least(1))
     # split stages by measured step time, training FLOPs or block count (stages.py)
     balance: str = field(default="time", metadata=_choices(STAGE_BALANCES))
