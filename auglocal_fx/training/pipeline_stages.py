@@ -169,20 +169,16 @@ class PipelineStages:
         return unique_parameters([getattr(u, "module", u) for u in units])
 
     # -- checkpoints -----------------------------------------------------------------------------------
+    def _keyed(self, units: list, lead: str = "") -> dict:
+        """The tensors of ``units`` (this stage's, or copies of them) keyed as in the net, after
+        ``lead`` ("model.<key>", "aux.<key>"; "ema.model.<key>" ...): what the shard folder holds."""
+        return {lead + keys[k]: v.detach() for keys, u in zip(self._keys, units)
+                for k, v in getattr(u, "module", u).state_dict(keep_vars=True).items() if k in keys}
+
     def _state(self, units: list, ema) -> dict:
-        """This stage's weights keyed as in the net ("model.<key>", "aux.<key>"), and its averages
-        ("ema.model.<key>", ...): what goes into, or is read from, the shard folder."""
-        state = {}
-        for keys, u in zip(self._keys, units):
-            for k, v in getattr(u, "module", u).state_dict(keep_vars=True).items():
-                if k in keys:
-                    state[keys[k]] = v.detach()
-        if ema is not None:
-            for keys, u in zip(self._keys, ema.units):
-                for k, v in u.state_dict(keep_vars=True).items():
-                    if k in keys:
-                        state["ema." + keys[k]] = v.detach()
-        return state
+        """This stage's weights, and its averages under ema_decay: what goes into, or is read from,
+        the shard folder."""
+        return {**self._keyed(units), **(self._keyed(ema.units, "ema.") if ema is not None else {})}
 
     def checkpoint(self, net, units: list, optimizer, scheduler, ema, out: Path, name: str) -> dict | None:
         """Every process writes its own stage into the shard folder ``out/shards/<name>``
@@ -239,10 +235,8 @@ class PipelineStages:
     def load_weights(self, net, units: list, path) -> None:
         """This stage's weights from checkpoint ``path``'s shards (the averages where the file says so)."""
         payload = read_checkpoint(path, weights=False)
-        state = self._state(units, None)
         lead = "ema." if payload.get("weights") == "ema" else ""
-        found = {lead + k: v for k, v in state.items()}
-        dcp.load(found, checkpoint_id=str(shard_folder(path, payload)))
+        dcp.load(self._keyed(units, lead), checkpoint_id=str(shard_folder(path, payload)))
 
 
 def _release(others: list, own: list) -> None:
