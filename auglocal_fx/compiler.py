@@ -7,6 +7,7 @@ import dataclasses
 import os
 import warnings
 
+import torch
 from torch import nn
 
 from .assemble.emit import emit_pieces
@@ -26,7 +27,8 @@ __all__ = ["to_auglocal", "load_auglocal"]
 
 
 def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *, plan: Plan | None = None,
-                example_inputs=None, model_kwargs: dict | None = None, **overrides) -> AugLocalNet:
+                example_inputs=None, model_kwargs: dict | None = None, lazy_aux: bool = False,
+                **overrides) -> AugLocalNet:
     """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
 
     ``options``: a ``PlanConfig`` or the number of blocks K; keywords override its fields
@@ -43,6 +45,12 @@ def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     ``Plan`` (no profiling; ``aux_init`` may still be given); a plan made for another model is
     refused, naming the first difference (``fingerprint.py``). A plan's notes (e.g. far fewer layers
     than the model has blocks) are issued as ``AugLocalWarning``.
+
+    Each aux net's random init is seeded from one number drawn from torch's generator here and its
+    index, so it does not depend on which other aux nets are built. ``lazy_aux=True`` builds each
+    aux net only to measure it and leaves it on the meta device (no memory);
+    ``net.materialize_aux(indices)`` then builds the ones this process trains, exactly as the eager
+    conversion would have (a pipeline stage's process does this).
 
     Example:
         >>> net = to_auglocal(timm.create_model("resnet50"), blocks=16)
@@ -68,15 +76,20 @@ def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *,
         model.reset_classifier(config.num_classes)
     # before planning draws random numbers (aux_init="model" builds a fresh model: same seed, same weights)
     init = None if get_rule(config.rule).one_block else found.prepare(model, model_kwargs)
+    # every aux net's init is seeded from this and its index (a rule without aux nets draws nothing)
+    seed = 0 if init is None else int(torch.randint(0, 2 ** 62, ()))
     if plan is None:
         plan = build_plan(model, config, example_inputs=example_inputs)
         _check_head_classes(model, plan, config.num_classes)
         for note in plan.notes:  # e.g. far fewer layers than blocks: the method barely applies
             warnings.warn(note, AugLocalWarning, stacklevel=2)
     block_mods, head, layers, layer_head = emit_pieces(model, plan)
-    aux_nets, built = synthesize_aux(model, plan, layers, layer_head, init or aux_init)
+    aux_nets, built, factory = synthesize_aux(model, plan, layers, layer_head, init or aux_init, seed=seed,
+                                              lazy=lazy_aux)
     plan = dataclasses.replace(plan, aux=built)  # the net's plan: the planned one with the built aux nets' figures
     net = AugLocalNet(model, plan, block_mods, head, aux_nets, {"rule": plan.config.rule, "aux_init": aux_init})
+    if lazy_aux:
+        net.aux_factory = factory
     check_units(net)  # a shape problem is an error here, not in the first step
     return net
 

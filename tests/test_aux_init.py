@@ -11,7 +11,7 @@ from torch import nn
 
 from auglocal_fx import to_auglocal
 from auglocal_fx.assemble.adapters import Adapter
-from auglocal_fx.errors import AugLocalWarning
+from auglocal_fx.errors import AugLocalError, AugLocalWarning
 
 from handwritten import cifar_resnet
 
@@ -105,3 +105,37 @@ def test_fresh_and_copy_are_unchanged_on_a_timm_model():
     assert bn2 and all(torch.equal(g, torch.ones_like(g)) for g in bn2)  # reset_parameters: no zero-init
     convs = [p for q, ps in fresh.items() if q.endswith("conv1.weight") for p in ps]
     assert convs and all(float(p.abs().max()) < 0.5 for p in convs)
+
+
+def test_each_aux_net_starts_alike_whichever_others_a_process_builds():
+    """A pipeline stage's process converts lazily (aux nets on the meta device) and builds only its
+    own: each holds exactly what the eager conversion gives, and the random stream after the
+    conversion is the same, so the stage trains what the one-process run trains."""
+    def convert(**kw):
+        torch.manual_seed(3)
+        model = cifar_resnet(n=3)
+        torch.manual_seed(5)
+        net = to_auglocal(model, 6, input_size=SIZE, **kw)
+        return net, torch.rand(3)
+
+    eager, after_eager = convert()
+    lazy, after_lazy = convert(lazy_aux=True)
+    assert torch.equal(after_eager, after_lazy)
+    assert all(t.device.type == "meta" for t in [*lazy.aux.parameters(), *lazy.aux.buffers()])
+    assert lazy.plan.aux == eager.plan.aux  # the figures of every aux net, measured before it left
+    lazy.materialize_aux([3, 1, 0])
+    lazy.drop_aux_factory()
+    for k, (a, b) in enumerate(zip(eager.aux, lazy.aux)):
+        on_meta = any(t.device.type == "meta" for t in b.parameters())
+        assert on_meta == (k not in (0, 1, 3)), k
+        if not on_meta:
+            sa, sb = a.state_dict(), b.state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa), k
+    # the units still shape-check with aux nets on the meta device, and the built ones train
+    from auglocal_fx.assemble.shapecheck import check_units
+    check_units(lazy)
+    x, y = torch.randn(4, *SIZE), torch.randint(0, 10, (4,))
+    out = lazy.training_step(x, y, units=lazy.local_units()[:2])  # a first stage of units 0 and 1
+    assert len(out.local_losses) == 1 and all(math.isfinite(v) for v in [out.loss, *out.local_losses])
+    with pytest.raises(AugLocalError, match="cannot be built any more"):
+        lazy.materialize_aux([2])

@@ -3,10 +3,14 @@
 At conversion this turns a shape problem in a synthesized aux net into a one-line error there,
 instead of a RuntimeError deep inside the first training step; before the first step at another
 input size than the plan's, it tells whether the net can train at that size. Fake tensors
-(``FakeTensorMode``) propagate shapes without computing or allocating anything.
+(``FakeTensorMode``) propagate shapes without computing or allocating anything; aux nets a lazy
+conversion left on the meta device run on fake stand-ins of their weights, so every unit is checked
+in every process, whichever units it builds.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -30,12 +34,35 @@ def check_units(net: nn.Module, sizes=None, batch: int = 2) -> None:
     sizes = [s for s, _ in specs] if sizes is None else [tuple(s) for s in sizes]
     examples = tuple(torch.zeros(batch, *s, dtype=getattr(torch, d)) for s, (_, d) in zip(sizes, specs))
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake, _fake_meta(net, fake):
             _run_units(net, tuple(fake.from_tensor(x) for x in examples), sizes[0])
         return
     except AugLocalError:
         pass  # a shape problem, or an op fake tensors cannot run: the real run tells which
     _run_units(net, examples, sizes[0])
+
+
+@contextmanager
+def _fake_meta(net: nn.Module, mode: FakeTensorMode):
+    """While the units run on fake tensors, every parameter and buffer on the meta device is a fake
+    tensor on the device the rest of the net is on (tied ones stay tied); put back afterwards."""
+    real = next((t for t in [*net.parameters(), *net.buffers()] if t.device.type != "meta"), None)
+    device = real.device if real is not None else torch.device("cpu")
+    swapped, fakes = [], {}
+    for module in net.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.device.type == "meta":
+                    if id(t) not in fakes:
+                        with mode:
+                            fakes[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    swapped.append((store, name, t))
+                    store[name] = fakes[id(t)]
+    try:
+        yield
+    finally:
+        for store, name, t in swapped:
+            store[name] = t
 
 
 def _run_units(net: nn.Module, xs: tuple[torch.Tensor, ...], size: tuple) -> None:
@@ -46,6 +73,9 @@ def _run_units(net: nn.Module, xs: tuple[torch.Tensor, ...], size: tuple) -> Non
     with eval_mode(net), torch.no_grad():
         for i, unit in enumerate(units):
             what = f"block {i}" if i == len(units) - 1 else f"block {i} or its aux net"
+            if _on_meta(unit.top):  # the real run (fake tensors could not run the model): the block only
+                h = detach(call(unit.block, h))
+                continue
             try:
                 out, top = call(unit, h)
                 logits = unit.logits(top)
@@ -55,6 +85,10 @@ def _run_units(net: nn.Module, xs: tuple[torch.Tensor, ...], size: tuple) -> Non
                 raise AugLocalError(_message(what, size, planned, f"it gives logits of shape "
                                              f"{tuple(logits.shape)}, not {want} as the model's head"))
             h = detach(out)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in module.parameters())
 
 
 def _message(what: str, size: tuple, planned: tuple, why: str) -> str:

@@ -26,29 +26,30 @@ from .adapters import Adapter, norm2d_like
 from .aux_init import AUX_INITS, reset_parameters
 from .light_head import LightHead
 
-__all__ = ["AUX_INITS", "reset_parameters", "synthesize_aux"]
+__all__ = ["AUX_INITS", "AuxFactory", "aux_seed", "reset_parameters", "synthesize_aux"]
 
 
 def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_head: nn.Module,
                    aux_init: str | Callable[[nn.Module], nn.Module] = "model",
-                   model_kwargs: dict | None = None) -> tuple[list[nn.Module], list[AuxRecipe]]:
-    """One aux net per ``plan.aux`` recipe (none for a rule without aux nets), and each recipe with
-    the built net's figures (``adapters``, ``params``, ``flops``, ``act_bytes``) filled in: new
-    recipes, the plan itself is left as it is (the compiler makes the net's plan from both). ``layers`` / ``layer_head`` are the per-layer graph
-    pieces from ``emit_pieces`` that copying rules copy. ``aux_init`` is a name in ``AUX_INITS``
-    (prepared here, with ``model_kwargs``) or an init already prepared (``AuxInit.prepare``)."""
+                   model_kwargs: dict | None = None, seed: int = 0,
+                   lazy: bool = False) -> tuple[list[nn.Module], list[AuxRecipe], AuxFactory | None]:
+    """One aux net per ``plan.aux`` recipe (none for a rule without aux nets), each recipe with
+    the built net's figures (``adapters``, ``params``, ``flops``, ``act_bytes``) filled in (new
+    recipes: the compiler makes the net's plan from both), and the ``AuxFactory`` that built them.
+    ``layers`` / ``layer_head`` are the per-layer graph pieces from ``emit_pieces`` that copying
+    rules copy. ``aux_init`` is a name in ``AUX_INITS`` (prepared here, with ``model_kwargs``) or an
+    init already prepared (``AuxInit.prepare``); ``seed`` seeds each aux net's init (``AuxFactory``).
+    ``lazy``: each aux net is built, measured and moved to the meta device at once (one aux net's
+    memory at a time); ``AuxFactory`` builds the real ones a process trains later."""
     rule = get_rule(plan.config.rule)
-    found = AUX_INITS.lookup(aux_init) if isinstance(aux_init, str) else None
     if rule.one_block:
-        return [], list(plan.aux)
+        return [], list(plan.aux), None
+    found = AUX_INITS.lookup(aux_init) if isinstance(aux_init, str) else None
     init = found.prepare(model, model_kwargs) if found is not None else aux_init
-    classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
-    norm2d = norm2d_like(model)
+    factory = AuxFactory(model, plan, layers, layer_head, init, seed)
     nets, built = [], []
-    for recipe in plan.aux:
-        aux = init(rule.build_aux(AuxContext(plan, recipe, layers, layer_head, classes, norm2d)))
-        if not rule.copies_layers and len(plan.layers[plan.blocks[recipe.block].layers[-1]].bundle) > 1:
-            aux = Chain(PickLast(), aux)  # a head of its own takes the bundle's newest tensor
+    for k, recipe in enumerate(plan.aux):
+        aux = factory(k)
         if rule.copies_layers:  # copies save what the profiled layers do
             flops = _copied_flops(aux, recipe, plan)
             act = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
@@ -57,8 +58,39 @@ def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_
             flops, act = _profile(aux, _in_shape(plan, recipe))
         built.append(dataclasses.replace(recipe, adapters=[m.summary for m in aux.modules() if isinstance(m, Adapter)],
                                          params=sum(p.numel() for p in aux.parameters()), flops=flops, act_bytes=act))
-        nets.append(aux)
-    return nets, built
+        nets.append(aux.to("meta") if lazy else aux)
+    return nets, built, factory
+
+
+class AuxFactory:
+    """Builds aux net ``k`` of ``plan``, initialised alike whichever process builds it and whichever
+    others it builds: each aux net's random draws (adapters, heads, the fallback init) come from its
+    own generator state, seeded from ``seed`` and ``k``, and the global stream is left as it was. So
+    a pipeline stage that builds only its own aux nets holds what the one-process run holds."""
+
+    def __init__(self, model: nn.Module, plan: Plan, layers: list[nn.Module], layer_head: nn.Module,
+                 init: Callable[[nn.Module], nn.Module], seed: int):
+        self.plan, self.layers, self.layer_head, self.init, self.seed = plan, layers, layer_head, init, seed
+        self.rule = get_rule(plan.config.rule)
+        self.classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
+        self.norm2d = norm2d_like(model)
+
+    def __call__(self, k: int) -> nn.Module:
+        recipe = self.plan.aux[k]
+        # manual_seed seeds every CUDA device too: fork them all, so the run's streams are left as they were
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(aux_seed(self.seed, k))
+            aux = self.init(self.rule.build_aux(AuxContext(self.plan, recipe, self.layers, self.layer_head,
+                                                           self.classes, self.norm2d)))
+        if not self.rule.copies_layers and len(self.plan.layers[self.plan.blocks[recipe.block].layers[-1]].bundle) > 1:
+            aux = Chain(PickLast(), aux)  # a head of its own takes the bundle's newest tensor
+        return aux
+
+
+def aux_seed(seed: int, k: int) -> int:
+    """Aux net ``k``'s seed: distinct per net, and unrelated between neighbouring run seeds."""
+    return (seed * 1_000_003 + 7_919 * (k + 1)) % (2 ** 63)
 
 
 def _in_shape(plan: Plan, recipe: AuxRecipe) -> list[int]:

@@ -4,6 +4,7 @@ The per-block backward itself is ``blockwise.blockwise_step``."""
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -50,6 +51,8 @@ class AugLocalNet(nn.Module):
         # the rule's local loss per aux net (parameter-free: no state-dict keys); empty when the
         # aux nets' outputs are logits for the step's loss_fn
         self.aux_losses = nn.ModuleList(_build_losses(plan, head, *self._image_stats) if aux else [])
+        # builds the aux nets a lazy conversion left on the meta device (materialize_aux); None: all built
+        self.aux_factory = None
 
     # -- inference -----------------------------------------------------------------------------
     def forward(self, *inputs, **kwargs) -> torch.Tensor:
@@ -195,6 +198,32 @@ class AugLocalNet(nn.Module):
             check_units(self, sizes)
             self._sizes_checked.add(sizes)
 
+    # -- a process's share (pipeline stages) ------------------------------------------------------
+    def materialize_aux(self, indices) -> None:
+        """Build aux nets ``indices`` for real, on the backbone's device, where a conversion with
+        ``lazy_aux=True`` left them on the meta device: each holds exactly what the eager conversion
+        gives (``AuxFactory``). The others stay on the meta device and take no memory."""
+        todo = [k for k in indices if _on_meta(self.aux[k])]
+        if todo and self.aux_factory is None:
+            raise AugLocalError("this net's aux nets on the meta device cannot be built any more: convert with "
+                                "to_auglocal(..., lazy_aux=True) and call materialize_aux before drop_aux_factory")
+        for k in todo:
+            self.aux[k] = hold_in(self.aux_factory(k), self.plan.config.aux_dtype)
+
+    def unit_copy(self, i: int) -> LocalUnit:
+        """A copy of local unit ``i`` to run on its own (stage timing), its aux net built for it when
+        this net holds that one on the meta device."""
+        unit = self.local_units()[i]
+        if i < len(self.aux) and _on_meta(self.aux[i]) and self.aux_factory is not None:
+            top = hold_in(self.aux_factory(i), self.plan.config.aux_dtype)
+            return LocalUnit(copy.deepcopy(unit.block), top, unit.recompute, unit.loss)
+        return copy.deepcopy(unit)
+
+    def drop_aux_factory(self) -> None:
+        """Let go of what building aux nets needs (a fresh model for ``aux_init="model"``, the
+        per-layer graph pieces): call once this process has built its aux nets."""
+        self.aux_factory = None
+
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:
         """The original model object, whose parameters the blocks train in place."""
@@ -231,6 +260,10 @@ class AugLocalNet(nn.Module):
     def save(self, path) -> None:
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
         save_net(self, path)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()])
 
 
 def unique_parameters(modules) -> list[nn.Parameter]:

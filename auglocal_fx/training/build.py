@@ -111,8 +111,10 @@ def _make_model(recipe: TrainRecipe, kwargs: dict) -> torch.nn.Module:
     return create_model(m.name, pretrained=m.pretrained, **kwargs)
 
 
-def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
-    """Build the run on ``env.device``; with ``plan`` (resuming) the net follows that plan."""
+def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None, lazy_aux: bool = False) -> Run:
+    """Build the run for ``env`` (the net on the CPU: the Trainer places it once its strategy has
+    chosen what this process trains); with ``plan`` (resuming) the net follows that plan. ``lazy_aux``:
+    the aux nets are left on the meta device (``to_auglocal``), for the strategy to build its own."""
     m = recipe.model
     classes = m.num_classes or m.kwargs.get("num_classes")
     data = build_data(recipe.data, channels=m.in_chans, classes=classes if isinstance(classes, int) else None)
@@ -139,17 +141,16 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None) -> Run:
         options = conversion_options(recipe, input_size=size, model=m.name, batch=batch)
         # aux_init=model re-makes a timm model with these keywords; a factory's model is not re-made
         net = to_auglocal(model, options, model_kwargs=kwargs if m.factory is None else None,
-                          example_inputs=example)
+                          example_inputs=example, lazy_aux=lazy_aux)
     else:  # resuming: the saved plan rebuilds the same blocks and aux nets (no profiling), whose
         # weights the checkpoint then replaces: nothing to initialise
         check_fingerprint(model, plan, lead="the checkpoint's plan was made for another model",
                           fix="resume it with the model it was trained with, or start a new run")
-        net = to_auglocal(model, plan=plan, aux_init="copy")
+        net = to_auglocal(model, plan=plan, aux_init="copy", lazy_aux=lazy_aux)
     if m.factory is not None:  # how load_auglocal / auglocal-export re-make the model: import and call it
         net.options["model_factory"] = m.factory
     if data.stats is not None and len(data.stats[0]) == (in_chans or data.channels):
         net.image_stats = data.stats  # what the loader normalises with: infopro restores the images with it
-    net.to(env.device)
     eval_batch = _per_rank(recipe.eval_batch_size or recipe.batch_size, env, "eval_batch_size")
     pin = env.device.type == "cuda"
     workers = recipe.data.num_workers

@@ -25,10 +25,12 @@ __all__ = ["unit_seconds"]
 
 def unit_seconds(units: list, input_size: list[int], classes: int, batch: int, device: torch.device,
                  repeats: int = 3, autocast_dtype: torch.dtype | None = None,
-                 input_dtype: torch.dtype = torch.float32) -> list[float]:
+                 input_dtype: torch.dtype = torch.float32, copy_unit=None) -> list[float]:
     """Median seconds of each unit's forward + local loss + backward, after one warm-up step
     (forwards under autocast to ``autocast_dtype`` when the run uses it) on inputs of ``input_dtype``
-    (integer ids: zeros), each unit timed on a copy of it on the output of the one before."""
+    (integer ids: zeros), each unit timed on a copy of it (``copy_unit(i)``, default a deep copy;
+    ``AugLocalNet.unit_copy`` builds an aux net left on the meta device) on ``device``, on the
+    output of the one before."""
     gen = torch.Generator().manual_seed(0)  # a private stream: the run's random draws are untouched
     if input_dtype.is_floating_point:
         x = torch.randn(batch, *input_size, generator=gen).to(device, input_dtype)
@@ -37,8 +39,8 @@ def unit_seconds(units: list, input_size: list[int], classes: int, batch: int, d
     y = torch.randint(0, max(classes, 1), (batch,), generator=gen).to(device)
     seconds, h = [], x
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws leave no trace
-        for unit in units:
-            copied = copy.deepcopy(unit).train()
+        for i, unit in enumerate(units):
+            copied = (copy_unit(i) if copy_unit is not None else copy.deepcopy(unit)).to(device).train()
             times, h = _time_unit(copied, h, x, y, device, repeats, autocast_dtype)
             seconds.append(statistics.median(times))
             del copied

@@ -38,6 +38,7 @@ class DataParallel:
 
     has_head = True  # this process computes the final logits (accuracy, final loss)
     title = ""
+    lazy_aux = False  # every aux net is trained here: built at conversion
 
     def __init__(self, env: Env):
         self.env = env
@@ -47,9 +48,11 @@ class DataParallel:
         self.data_env = env  # the data is sharded over every process
         self.shows_progress = env.is_main
 
-    def attach(self, units: list, net, recipe, saved: dict | None, autocast_dtype, log) -> list:
-        """The units this process trains (each in its own DDP under torchrun)."""
+    def attach(self, units: list, net, recipe, saved: dict | None, autocast_dtype, log, place) -> list:
+        """The units this process trains (each in its own DDP under torchrun), after ``place(net)``
+        put the net on the run's device."""
         self.mine = list(range(len(units)))
+        place(net)
         return wrap_units(units, self.env, self.dp_group)
 
     def batches(self, loader, prepare):

@@ -100,6 +100,19 @@ class Trainer:
                 self.out.rmdir()
             raise
 
+    def _place(self, module: torch.nn.Module) -> None:
+        """Put ``module`` on the run's device (a pipeline stage: once it holds only its units; the
+        other stages' tensors stay on the meta device, which ``Module.to`` would refuse)."""
+        device, channels_last = self.env.device, self.recipe.channels_last
+
+        def place(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type == "meta":
+                return t
+            t = t.to(device)
+            return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t  # Mixing: inputs
+
+        module._apply(place)
+
     def _start(self, resume, overwrite: bool) -> None:
         recipe, env, strategy = self.recipe, self.env, self.strategy
         if env.is_main:
@@ -115,14 +128,13 @@ class Trainer:
         self.log(f"building {recipe.model.label} ({recipe.conversion.rule}) ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are logged below, as recipe keys
-            self.run: Run = build_run(recipe, strategy.data_env, Plan.from_dict(saved["plan"]) if saved else None)
+            self.run: Run = build_run(recipe, strategy.data_env, Plan.from_dict(saved["plan"]) if saved else None,
+                                      lazy_aux=strategy.lazy_aux)
         r = self.run
         for note in r.net.plan.notes:
             self.log(f"note: {word_options(note, RECIPE_KEYS)}")
         self.autocast = torch.bfloat16 if recipe.bf16 else None
-        if recipe.channels_last:
-            r.net.to(memory_format=torch.channels_last)  # 4-d weights; Mixing does the inputs
-        self.units = strategy.attach(r.net.local_units(), r.net, recipe, saved, self.autocast, self.log)
+        self.units = strategy.attach(r.net.local_units(), r.net, recipe, saved, self.autocast, self.log, self._place)
         classes = r.net.plan.head.out_shape[-1] if r.net.plan.head.out_shape else r.data.classes
         self.mixing, self.loss_fn = Mixing(recipe, classes, env.device), loss_function(recipe)
         self.ema = UnitEma(self.units, recipe.ema_decay) if recipe.ema_decay else None
