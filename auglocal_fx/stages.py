@@ -11,6 +11,10 @@ so that the largest stage cost is as small as it can be (the exact linear partit
 on a CPU the early blocks' large, thin maps run at a fraction of the late blocks' FLOP rate, so
 ``auglocal-train`` defaults to ``"time"``: each unit's forward + local loss + backward timed on
 a copy of the net before training (``training/stage_timing.py``), split the same way.
+``"memory"`` splits for the least memory in the largest process instead (``stage_memory``'s
+estimate: a stage holds its units' weights and optimizer state, and its largest unit's activations
+on top; the early units' large maps make a first stage of few units), for when memory is why you
+pipeline.
 
 What crosses between stages per sample is the boundary's tensors (the bundle the last block of
 the stage hands on) plus the labels, and the input image for rules whose loss compares with it
@@ -32,7 +36,7 @@ from .plan import Plan, is_size_kind
 __all__ = ["STAGE_BALANCES", "StagePlan", "assign_stages", "check_stages", "stage_memory", "stages_summary",
            "stage_table"]
 
-STAGE_BALANCES = ("time", "cost", "units")  # "time": measured seconds per unit (auglocal-train only)
+STAGE_BALANCES = ("time", "cost", "units", "memory")  # "time": measured seconds per unit (auglocal-train only)
 @dataclass(frozen=True)
 class StagePlan:
     """``units[s]``: the unit indices stage ``s`` trains; ``costs[s]``: its cost (training FLOPs per
@@ -71,9 +75,10 @@ def check_stages(stages, units: int, where: str = "stages") -> int:
 def assign_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: int = 0,
                  where: str = "stages", costs: list[float] | None = None,
                  groups: list[list[int]] | None = None) -> StagePlan:
-    """Group ``plan``'s units into ``stages`` contiguous stages (``balance``: "cost" or "units"; with
-    measured ``costs`` per unit, "time"). ``image_bytes``: per-sample bytes of the input when the
-    rule's loss needs it at every stage. ``groups``: a split already made (a resumed run's)."""
+    """Group ``plan``'s units into ``stages`` contiguous stages (``balance``: "cost", "units" or
+    "memory"; with measured ``costs`` per unit, "time"). ``image_bytes``: per-sample bytes of the
+    input when the rule's loss needs it at every stage. ``groups``: a split already made (a resumed
+    run's)."""
     if balance not in STAGE_BALANCES:
         raise AugLocalError(f"stage balance {balance!r} is not one of {', '.join(STAGE_BALANCES)}")
     if balance == "time" and costs is None and groups is None:
@@ -81,15 +86,52 @@ def assign_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: i
                             "use 'cost' to split by FLOPs")
     costs = unit_costs(plan) if costs is None else list(costs)
     check_stages(stages, len(costs), where)
-    if groups is None:
+    if groups is None and balance == "memory":
+        groups = _memory_partition(plan, stages, image_bytes)
+    elif groups is None:
         groups = equal_counts(len(costs), stages) if balance == "units" else min_max_partition(costs, stages)
-    sent = []
-    for g in groups[:-1]:
-        layer = plan.layers[plan.blocks[g[-1]].layers[-1]]
-        dtypes = layer.crossing_dtypes or ["float32"] * len(layer.bundle)
-        sent.append(sum(0 if is_size_kind(d) else getattr(torch, d).itemsize * math.prod(t)  # sizes ride free
-                        for t, d in zip(layer.bundle, dtypes)) + 8 + image_bytes)  # + the int64 label
+    sent = [_sent(plan, g[-1], image_bytes) for g in groups[:-1]]
     return StagePlan(groups, [sum(costs[u] for u in g) for g in groups], sent + [0])
+
+
+def _sent(plan: Plan, unit: int, image_bytes: int) -> int:
+    """Bytes per sample a stage ending with ``unit`` sends on: the boundary's tensors, the label."""
+    layer = plan.layers[plan.blocks[unit].layers[-1]]
+    dtypes = layer.crossing_dtypes or ["float32"] * len(layer.bundle)
+    return (sum(0 if is_size_kind(d) else getattr(torch, d).itemsize * math.prod(t)  # sizes ride free
+                for t, d in zip(layer.bundle, dtypes)) + 8 + image_bytes)  # + the int64 label
+
+
+def _memory_partition(plan: Plan, stages: int, image_bytes: int, depth: int = 2) -> list[list[int]]:
+    """The contiguous split whose largest ``stage_memory`` peak is smallest (exact: dynamic
+    programming over where each stage ends; a stage's peak is not a sum of its units', so the
+    FLOPs partition's algorithm does not apply)."""
+    f = estimate_footprint(plan)
+    n = len(f.units)
+    resident = [u.weights + u.optimizer for u in f.units]
+    busy = [u.gradients + f.batch * u.act_per_sample for u in f.units]
+    sent = [f.batch * _sent(plan, u, image_bytes) for u in range(n - 1)] + [0]
+
+    def peak(i: int, j: int) -> int:  # units i..j-1 as one stage
+        received = sent[i - 1] if i else 0
+        return sum(resident[i:j]) + max(busy[i:j]) + depth * sent[j - 1] + received
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]  # best[s][j]: units 0..j-1 in s stages
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for s in range(1, stages + 1):
+        for j in range(s, n - (stages - s) + 1):
+            for i in range(s - 1, j):
+                v = max(best[s - 1][i], peak(i, j))
+                if v < best[s][j]:
+                    best[s][j], cut[s][j] = v, i
+    ends, j = [], n
+    for s in range(stages, 0, -1):
+        ends.append(j)
+        j = cut[s][j]
+    bounds = [0, *reversed(ends)]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
 def stage_memory(plan: Plan, sp: StagePlan, batch: int | None = None, depth: int = 2) -> list[dict]:

@@ -92,6 +92,28 @@ def test_stages_balance_training_flops_and_count_what_crosses(plan):
         assign_stages(plan, 11)
 
 
+def test_memory_balance_gives_the_split_with_the_smallest_largest_process(plan):
+    """balance="memory": of every contiguous split, the one whose largest estimated stage peak is
+    smallest (checked against all of them); the early units' large maps give the first stage fewer."""
+    import itertools
+
+    from auglocal_fx.stages import StagePlan, stage_memory
+
+    n = len(plan.blocks)
+    for p in (2, 3):
+        sp = assign_stages(plan, p, "memory")
+        assert [u for us in sp.units for u in us] == list(range(n))
+        got = max(m["peak_bytes"] for m in stage_memory(plan, sp))
+        every = []
+        for cuts in itertools.combinations(range(1, n), p - 1):
+            bounds = [0, *cuts, n]
+            groups = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+            split = assign_stages(plan, p, "units", groups=groups)
+            every.append(max(m["peak_bytes"] for m in stage_memory(plan, split)))
+        assert got == min(every)
+        assert isinstance(sp, StagePlan)
+
+
 # -- exactness ----------------------------------------------------------------------------------------
 def _sequential(tmp_path: Path, recipe: dict, name: str) -> None:
     """The reference run, in this process with one thread as each pipeline process has: the same

@@ -45,12 +45,16 @@ def test_bench_memory(capsys):
 
 
 def test_bench_memory_total(capsys):
-    rows = ["bp", "dgl", "auglocal", "auglocal, one step at the end", "auglocal, recompute=block"]
+    rows = ["bp", "bp + checkpointing at the K blocks", "dgl", "auglocal", "auglocal, one step at the end",
+            "auglocal, recompute=block"]
+    timm_ck = "bp + timm set_grad_checkpointing"  # the CIFAR ResNet has none: its row is left out
     res = _json_run(capsys, "bench_memory", ["--part", "total", "--model", "resnet20_cifar", "--blocks", "4",
-                                             "--batch", "4", "--size", "32", "--threads", "1", "--rows", *rows])
+                                             "--batch", "4", "--size", "32", "--threads", "1", "--rows", *rows, timm_ck])
     (setting,) = res["total"]
     got = setting["rows"]
     assert list(got) == rows and setting["crossover"] is not None
+    ck, bp = got["bp + checkpointing at the K blocks"]["estimate"], got["bp"]["estimate"]
+    assert ck["activations"] < bp["activations"] and ck["weights"] == bp["weights"]
     for r in got.values():
         assert r["rss"] >= r["base"] > 0 and r["allocated"] > 0 and r["estimate"]["total"] > 0
     assert got["bp"]["allocated_ratio"] == got["bp"]["estimate_ratio"] == 1.0
@@ -65,6 +69,8 @@ def test_bench_speed(capsys):
                                             "--memory-options"])
     rules = res["rules"]
     assert all(rules[f"auglocal+{o}"]["ratio_to_auglocal"] > 0 for o in ("recompute=block", "bf16 aux"))
+    assert rules["bp+checkpointing"]["ratio_to_bp"] > 0 and 1.0 < rules["bp+checkpointing"]["flops_ratio"] < 2.0
+    assert "bp+timm checkpointing" not in rules  # the CIFAR ResNet has no set_grad_checkpointing
     assert rules["bp"]["ratio_to_bp"] == 1.0 and rules["bp"]["flops_ratio"] == 1.0
     assert rules["auglocal"]["flops_ratio"] > 1.0 and rules["auglocal"]["blocks"] == 4
     phases = rules["auglocal"]["phases_s"]
@@ -131,16 +137,20 @@ def test_bench_accuracy_jobs_run_in_children_with_their_own_logs(capsys, tmp_pat
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # two torchrun launches; the pipeline itself is proven in test_pipeline.py
+@pytest.mark.slow  # three torchrun launches; the pipeline itself is proven in test_pipeline.py
 def test_bench_pipeline_reports_every_way_to_use_two_processors(capsys, tmp_path):
     res = _json_run(capsys, "bench_pipeline", ["--set", "data.dataset=synthetic", "--set", "batch_size=32",
                                                "--set", "conversion.blocks=4", "--steps", "2", "--test-limit", "32",
-                                               "--only", "sequential x1", "pipeline 2", "--out", str(tmp_path)])
+                                               "--stages", "2", "4", "--only", "sequential x1", "pipeline 2",
+                                               "pipeline 4", "--out", str(tmp_path)])
     rows = {r["name"]: r for r in res["rows"]}
-    assert set(rows) == {"sequential x1", "pipeline 2"} and rows["sequential x1"]["vs_sequential_x1"] == 1.0
-    pipe = rows["pipeline 2"]
-    assert pipe["processes"] == 2 and len(pipe["stage_busy"]) == 2 and pipe["images_per_s"] > 0
-    assert pipe["compute_over_sequential"] > 0
+    assert set(rows) == {"sequential x1", "pipeline 2", "pipeline 4"} and rows["sequential x1"]["vs_sequential_x1"] == 1.0
+    assert 0.3 < res["runtime_gib"] < max(rows["sequential x1"]["peak_rss_gib"])
+    for p in (2, 4):
+        pipe = rows[f"pipeline {p}"]
+        assert pipe["processes"] == p and len(pipe["stage_busy"]) == p and pipe["images_per_s"] > 0
+        assert pipe["compute_over_sequential"] > 0 and len(pipe["peak_rss_gib"]) == p
+        assert all(e > res["runtime_gib"] for e in pipe["estimate_with_runtime_gib"])
 
 
 def test_pipeline_model_compares_the_three_schemes(capsys):

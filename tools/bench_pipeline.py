@@ -2,6 +2,7 @@
 
     python tools/bench_pipeline.py                          # P = 2, recipes/fashion_mnist_auglocal.yaml
     python tools/bench_pipeline.py --stages 2 --set batch_size=64 --steps 40 [--json]
+    python tools/bench_pipeline.py --stages 2 4 --only "sequential x1" "pipeline 2" "pipeline 4"  # memory
 
 Every row is an ordinary ``auglocal-train`` run of the same recipe (same model, blocks, batch and
 data; ``epochs: 2``, ``--steps`` steps per epoch), in its own process(es):
@@ -13,7 +14,10 @@ data; ``epochs: 2``, ``--steps`` steps per epoch), in its own process(es):
 - ``bp xP``: backprop (rule ``bp``), one process, P threads.
 
 Each row also gives every process's peak resident memory (the epoch records' ``peak_rss_gib``) and
-the largest one's over the one-process run's: what a pipeline saves per machine or device.
+the largest one's over the one-process run's: what a pipeline saves per machine or device. Beside
+it, per stage, the plan's estimate (``stage_memory``: weights, optimizer state, the largest unit's
+gradients and activations, transport buffers) plus the runtime, measured here as the peak resident
+memory of a process that only imports the trainer (torch, torchvision, timm: it does not divide).
 
 Images/s is the second epoch's (the first pays for warm-up: allocator, thread pools, a pipeline's
 fill happens every epoch and is counted). For the pipeline, each stage's share of the epoch spent
@@ -43,11 +47,22 @@ PROG = "bench_pipeline"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _configs(p: int) -> list[tuple[str, int, int, list[str]]]:
-    """(name, processes, threads per process, extra overrides)."""
-    return [("sequential x1", 1, 1, []), (f"sequential x{p}", 1, p, []),
-            (f"pipeline {p}", p, 1, [f"parallel.pipeline={p}"]), (f"ddp {p}", p, 1, []),
-            (f"bp x{p}", 1, p, ["conversion.rule=bp"])]
+def _configs(ps: list[int]) -> list[tuple[str, int, int, list[str]]]:
+    """(name, processes, threads per process, extra overrides), for every P in ``ps``."""
+    rows = [("sequential x1", 1, 1, [])]
+    for p in ps:
+        rows += [(f"sequential x{p}", 1, p, []), (f"pipeline {p}", p, 1, [f"parallel.pipeline={p}"]),
+                 (f"ddp {p}", p, 1, []), (f"bp x{p}", 1, p, ["conversion.rule=bp"])]
+    return rows
+
+
+def _runtime_gib() -> float:
+    """Peak resident memory of a process that imports the trainer and nothing more (GiB)."""
+    code = ("import resource, auglocal_fx.training.trainer; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return int(out.stdout.split()[-1]) / 2**20
 
 
 def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: Path) -> dict:
@@ -71,7 +86,7 @@ def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: P
            "epoch_time_s": last["epoch_time_s"], "steps": len(last["step_losses"]),
            # each process's peak resident memory over the run (a checkpoint included)
            "peak_rss_gib": last.get("peak_rss_gib")}
-    for key in ("stage_busy", "stage_send", "stage_blocks"):
+    for key in ("stage_busy", "stage_send", "stage_blocks", "stage_estimate_gib"):
         if key in last:
             row[key] = last[key]
     return row
@@ -86,7 +101,8 @@ def _global_batch(recipe: str, overrides: list[str]) -> int:
 def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/fashion_mnist_auglocal.yaml")
-    p.add_argument("--stages", type=int, default=2, help="P: stages, processes and threads to compare (default 2)")
+    p.add_argument("--stages", type=int, nargs="+", default=[2],
+                   help="P: stages, processes and threads to compare (default 2; several: 2 4)")
     p.add_argument("--steps", type=int, default=40, help="training steps per epoch (data.train_limit = steps x batch)")
     p.add_argument("--test-limit", type=int, default=500, help="test images evaluated per epoch (not timed)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -95,10 +111,15 @@ def _main(argv=None) -> int:
     p.add_argument("--out", help="folder for the runs (default: a temporary folder)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.stages < 2 or args.steps < 1:
-        raise AugLocalError(f"--stages {args.stages} --steps {args.steps}: give at least 2 stages and 1 step")
+    if min(args.stages) < 2 or args.steps < 1:
+        raise AugLocalError(f"--stages {' '.join(map(str, args.stages))} --steps {args.steps}: give at least 2 stages "
+                            "and 1 step")
     args.global_batch = _global_batch(args.recipe, args.overrides)
     configs = [c for c in _configs(args.stages) if not args.only or c[0] in args.only]
+    if args.only and len(configs) < len(set(args.only)):
+        known = ", ".join(repr(c[0]) for c in _configs(args.stages))
+        raise AugLocalError(f"--only {' '.join(map(repr, args.only))}: not every name is a row; the rows are {known}")
+    runtime = _runtime_gib()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         rows = [_run(*c, args, out) for c in configs]
@@ -108,14 +129,16 @@ def _main(argv=None) -> int:
         # the largest process's peak RSS over the one process's (what must fit on one machine / device)
         r["rss_vs_sequential_x1"] = max(r["peak_rss_gib"]) / max(base["peak_rss_gib"]) \
             if base and r["peak_rss_gib"] and base["peak_rss_gib"] else None
-    pipe = next((r for r in rows if "stage_busy" in r), None)
-    if pipe is not None and base is not None:
-        # stage compute seconds per step, summed, over the sequential run's seconds per step
-        per_step = pipe["epoch_time_s"] / pipe["steps"]
-        pipe["compute_over_sequential"] = sum(b * per_step for b in pipe["stage_busy"]) / (
-            base["epoch_time_s"] / base["steps"])
+    pipes = [r for r in rows if "stage_busy" in r]
+    for pipe in pipes:
+        if base is not None:  # stage compute seconds per step, summed, over the sequential run's seconds per step
+            per_step = pipe["epoch_time_s"] / pipe["steps"]
+            pipe["compute_over_sequential"] = sum(b * per_step for b in pipe["stage_busy"]) / (
+                base["epoch_time_s"] / base["steps"])
+        pipe["estimate_with_runtime_gib"] = [e + runtime for e in pipe.get("stage_estimate_gib", [])]
     res = {"recipe": args.recipe, "overrides": args.overrides, "stages": args.stages, "steps": args.steps,
-           "batch": args.global_batch, "machine": platform.machine(), "cpus": os.cpu_count(), "rows": rows}
+           "batch": args.global_batch, "machine": platform.machine(), "cpus": os.cpu_count(),
+           "runtime_gib": runtime, "rows": rows}
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -129,10 +152,15 @@ def _main(argv=None) -> int:
         mem = f"{r['rss_vs_sequential_x1']:.2f}x" if r["rss_vs_sequential_x1"] else "-"
         print(f"{r['name']:16s} {r['processes']:>9d} x {r['threads']:<3d} {r['images_per_s']:9.1f} {ratio:>17s} "
               f"{rss:>27s} {mem:>13s}")
-    if pipe is not None:
-        for s, (busy, send, blocks) in enumerate(zip(pipe["stage_busy"], pipe["stage_send"], pipe["stage_blocks"])):
-            print(f"  stage {s} (blocks {blocks[0]}-{blocks[-1]}): computing {100 * busy:.0f}%, blocked sending {100 * send:.0f}%, "
-                  f"waiting for input {100 * max(0.0, 1 - busy - send):.0f}% of the epoch")
+    print(f"runtime (a process that imports the trainer): {runtime:.2f} GiB peak RSS, in every process")
+    for pipe in pipes:
+        print(f"{pipe['name']}:")
+        for s, (busy, send, blocks, rss, est) in enumerate(zip(pipe["stage_busy"], pipe["stage_send"],
+                                                               pipe["stage_blocks"], pipe["peak_rss_gib"],
+                                                               pipe["estimate_with_runtime_gib"])):
+            print(f"  stage {s} (blocks {blocks[0]}-{blocks[-1]}): computing {100 * busy:.0f}%, blocked sending "
+                  f"{100 * send:.0f}%, waiting for input {100 * max(0.0, 1 - busy - send):.0f}% of the epoch; "
+                  f"peak RSS {rss:.2f} GiB, plan's estimate + runtime {est:.2f} GiB")
         if "compute_over_sequential" in pipe:
             print(f"  stages' compute time summed / sequential x1's: {pipe['compute_over_sequential']:.2f}")
     return 0
