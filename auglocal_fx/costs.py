@@ -20,6 +20,7 @@ beside the measured peak. Activations per sample are the profiled saved-for-back
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,22 @@ def bp_footprint(plan: Plan, batch: int | None = None, *, optimizer_slots: int =
     return Footprint(batch, weights, weights, optimizer_slots * weights, batch * act, [unit])
 
 
+def checkpointed_footprint(plan: Plan, batch: int | None = None, *, optimizer_slots: int = 1) -> Footprint:
+    """The same model trained end to end with activation checkpointing at ``plan``'s block
+    boundaries (``checkpointed.py``): bp's weights, gradients and optimizer state; as activations,
+    while block i is recomputed in the backward, the boundaries before it and block i's own (the
+    last block with the head's), the largest of those moments."""
+    bp = bp_footprint(plan, batch, optimizer_slots=optimizer_slots)
+    held, peak = 0, 0
+    for i, b in enumerate(plan.blocks):
+        own = plan.block_act_bytes(b) + plan.layers[b.layers[0]].carried_bytes
+        if i == len(plan.blocks) - 1:
+            own += plan.head.act_bytes - plan.head.shared_bytes
+        peak = max(peak, held + own)
+        held += sum(4 * math.prod(t) for t in plan.layers[b.layers[-1]].bundle)  # its output, kept (float32)
+    return dataclasses.replace(bp, activations=bp.batch * peak)
+
+
 def _unit_acts(plan: Plan) -> list[tuple[int, int]]:
     """Per unit, activation bytes per sample of its block and of what it trains with (aux net or head)."""
     if len(plan.blocks) == 1:
@@ -169,13 +186,14 @@ def memory_summary(plan: Plan) -> dict:
     """The footprint at the plan's batch as plain data, for the plan table and JSON
     (``auglocal-convert``): per unit its weights, gradients, optimizer state and activations per
     sample; the step's total and its parts; bp's total; the crossover batch."""
-    est, bp = estimate_footprint(plan), bp_footprint(plan)
+    est, bp, ck = estimate_footprint(plan), bp_footprint(plan), checkpointed_footprint(plan)
     c = plan.config
     return {"batch": est.batch,
             "assumes": f"SGD with momentum, optimizer step per unit, recompute={c.recompute}, aux {c.aux_dtype}",
             "units": [asdict(u) for u in est.units],
             "total": {k: v for k, v in est.to_dict().items() if k not in ("units", "batch")},
-            "bp_total": bp.total, "crossover_batch": crossover_batch(plan) if len(plan.blocks) > 1 else None}
+            "bp_total": bp.total, "bp_checkpointed_total": ck.total,
+            "crossover_batch": crossover_batch(plan) if len(plan.blocks) > 1 else None}
 
 
 # -- aux nets: estimated from the layers they copy --------------------------------------------------

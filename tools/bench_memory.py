@@ -24,10 +24,12 @@ two training steps with SGD + momentum, measured three ways:
 - ``estimate``: ``costs.estimate_footprint``, the planner's figure (what ``balance=memory``
   minimises), with its breakdown.
 
-Rows: bp; dgl; auglocal with one optimizer step at the end; auglocal with per-unit steps (the
-trainer's default) and, on top, ``balance=memory``, ``recompute=block``, ``recompute=aux``,
-``aux_dtype=bfloat16``, and recompute=block with bfloat16 aux nets. The crossover batch is the
-smallest batch at which auglocal's estimated total (per-unit steps) falls below bp's.
+Rows: bp; bp with activation checkpointing at the plan's K block boundaries (``checkpointed.py``)
+and with timm's own ``set_grad_checkpointing()`` (where the family has it; no estimate); dgl;
+auglocal with one optimizer step at the end; auglocal with per-unit steps (the trainer's default)
+and, on top, ``balance=memory``, ``recompute=block``, ``recompute=aux``, ``aux_dtype=bfloat16``, and
+recompute=block with bfloat16 aux nets. The crossover batch is the smallest batch at which
+auglocal's estimated total (per-unit steps) falls below bp's.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auglocal_fx import to_auglocal  # noqa: E402
+from auglocal_fx.checkpointed import checkpointed  # noqa: E402
 from auglocal_fx.costs import (  # noqa: E402
     bp_footprint,
+    checkpointed_footprint,
     crossover_batch,
     estimate_footprint,
     unit_act_bytes,  # noqa: E402
@@ -67,6 +71,8 @@ TOTAL_SETTINGS = (("resnet50", 16, 224, (8, 32, 128)), ("resnet32_cifar", 16, 32
 # part "total": label -> rule, optimizer step per unit, and to_auglocal's memory options
 TOTAL_ROWS = {
     "bp": ("bp", True, {}),
+    "bp + checkpointing at the K blocks": ("checkpointed", True, {}),
+    "bp + timm set_grad_checkpointing": ("timm-checkpointing", True, {}),
     "dgl": ("dgl", True, {}),
     "auglocal, one step at the end": ("auglocal", False, {}),
     "auglocal": ("auglocal", True, {}),
@@ -137,8 +143,14 @@ def _child(model_name: str, blocks: int, size: int, batch: int, label: str, devi
     model = create_model(model_name, num_classes=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = to_auglocal(model, blocks=blocks, rule=rule, input_size=(3, size, size), batch=batch,
-                          **options).to(device).train()
+        if rule in END_TO_END:
+            net = END_TO_END[rule](model, blocks, size, batch)
+            if net is None:
+                return {"skipped": f"{type(model).__name__} has no set_grad_checkpointing"}
+            net = net.to(device).train()
+        else:
+            net = to_auglocal(model, blocks=blocks, rule=rule, input_size=(3, size, size), batch=batch,
+                              **options).to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -148,15 +160,41 @@ def _child(model_name: str, blocks: int, size: int, batch: int, label: str, devi
 
     def steps():
         for _ in range(2):
-            net.training_step(x, y, optimizer=opt if per_unit else None)
+            if rule in END_TO_END:  # one loss, one backward through the checkpointed blocks
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+            else:
+                net.training_step(x, y, optimizer=opt if per_unit else None)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     allocated = resident + allocated_peak(steps, device)
-    est = estimate_footprint(net.plan, batch, per_unit_steps=per_unit)
-    return {"allocated": allocated, "rss": _rss(), "base": base, "estimate": est.to_dict(),
-            "bp_estimate": bp_footprint(net.plan, batch).total,
+    plan = getattr(net, "plan", None)
+    if plan is None:  # timm's own checkpointing: no plan, so no estimate (the bp row's plan gives bp's)
+        plan = to_auglocal(create_model(model_name, num_classes=10), rule="bp", input_size=(3, size, size),
+                           batch=batch).plan
+        est = None
+    elif rule == "checkpointed":
+        est = checkpointed_footprint(plan, batch)
+    else:
+        est = estimate_footprint(plan, batch, per_unit_steps=per_unit)
+    return {"allocated": allocated, "rss": _rss(), "base": base, "estimate": est.to_dict() if est else None,
+            "bp_estimate": bp_footprint(plan, batch).total,
             "crossover": crossover_batch(net.plan) if rule == "auglocal" and per_unit and not options else None}
+
+
+def _checkpointed(model, blocks: int, size: int, batch: int):
+    return checkpointed(model, blocks=blocks, input_size=(3, size, size), batch=batch)
+
+
+def _timm_checkpointing(model, blocks: int, size: int, batch: int):
+    if not hasattr(model, "set_grad_checkpointing"):
+        return None  # the family has none: the row is left out
+    model.set_grad_checkpointing(True)
+    return model
+
+
+# end-to-end rows: rule name -> how the model is prepared (a module trained with one loss)
+END_TO_END = {"checkpointed": _checkpointed, "timm-checkpointing": _timm_checkpointing}
 
 
 def run_total(model: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int) -> dict:
@@ -171,12 +209,14 @@ def run_total(model: str, blocks: int, size: int, batch: int, label: str, device
 
 def measure_total(model: str, blocks: int, size: int, batch: int, labels, device: str, threads: int) -> dict:
     rows = {label: run_total(model, blocks, size, batch, label, device, threads) for label in labels}
+    rows = {label: r for label, r in rows.items() if "skipped" not in r}
     bp = rows.get("bp")
     for r in rows.values():
         if bp:
             r["allocated_ratio"] = r["allocated"] / bp["allocated"]
             r["rss_ratio"] = r["rss"] / bp["rss"]
-        r["estimate_ratio"] = r["estimate"]["total"] / r["bp_estimate"]
+        if r["estimate"]:
+            r["estimate_ratio"] = r["estimate"]["total"] / r["bp_estimate"]
     crossover = next((r["crossover"] for r in rows.values() if r["crossover"] is not None), None)
     return {"model": model, "blocks": blocks, "size": size, "batch": batch, "device": device, "rows": rows,
             "crossover": crossover}
@@ -189,11 +229,11 @@ def _print_total(res: dict) -> None:
           f"(MiB; peak RSS of the imports alone: {base / 2**20:.0f})")
     for label, r in rows.items():
         e = r["estimate"]
+        est = (f"   estimate {e['total'] / 2**20:6.0f} x{r['estimate_ratio']:.2f} (weights {e['weights'] / 2**20:.0f}, "
+               f"gradients {e['gradients'] / 2**20:.0f}, optimizer {e['optimizer'] / 2**20:.0f}, "
+               f"activations {e['activations'] / 2**20:.0f})" if e else "   estimate -")
         print(f"  {label:38s} allocated {r['allocated'] / 2**20:6.0f}{_ratio(r, 'allocated_ratio')}"
-              f"   peak RSS {r['rss'] / 2**20:6.0f}{_ratio(r, 'rss_ratio')}"
-              f"   estimate {e['total'] / 2**20:6.0f} x{r['estimate_ratio']:.2f} (weights {e['weights'] / 2**20:.0f}, "
-              f"gradients {e['gradients'] / 2**20:.0f}, optimizer {e['optimizer'] / 2**20:.0f}, "
-              f"activations {e['activations'] / 2**20:.0f})")
+              f"   peak RSS {r['rss'] / 2**20:6.0f}{_ratio(r, 'rss_ratio')}{est}")
     if res["crossover"]:
         print(f"  crossover (estimate): auglocal's total falls below bp's from batch {res['crossover']}")
 

@@ -19,8 +19,11 @@ aux net and head compiled), all four interleaved, and reports compiled / eager p
 compiled step (where compilation happens) is a warm-up step, its time reported apart.
 
 ``--memory-options`` adds auglocal with each option that lowers its memory (``recompute=block``,
-``aux_dtype=bfloat16``, both): what each costs in step time, beside what ``bench_memory.py``
-says it saves.
+``aux_dtype=bfloat16``, both), and what a user would pick instead of local learning: bp with
+activation checkpointing at the same K block boundaries (``checkpointed.py``) and with timm's own
+``set_grad_checkpointing()`` (where the family has it): what each costs in step time, beside what
+``bench_memory.py`` says it saves. For checkpointing, ``flops x`` counts the second forward of
+every block but the last.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ from pathlib import Path
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function
+import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import auglocal_fx  # noqa: E402,F401  (registers the CIFAR ResNets)
 from auglocal_fx import to_auglocal  # noqa: E402
+from auglocal_fx.checkpointed import CheckpointedModel, checkpointed  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 
 RULES = ("bp", "dgl", "auglocal")
@@ -51,6 +56,7 @@ COMPILE_RULES = ("bp", "auglocal")  # --compile: each eager and compiled
 MEMORY_OPTIONS = {"auglocal+recompute=block": {"recompute": "block"},  # --memory-options
                   "auglocal+bf16 aux": {"aux_dtype": "bfloat16"},
                   "auglocal+recompute=block+bf16 aux": {"recompute": "block", "aux_dtype": "bfloat16"}}
+CHECKPOINTING = ("bp+checkpointing", "bp+timm checkpointing")  # --memory-options: what users pick instead
 PHASES = {"auglocal.block": "block forward", "auglocal.top": "aux/head forward",
           "auglocal.backward": "backward", "bench.optimizer": "optimizer"}
 
@@ -63,9 +69,34 @@ def _step(net, opt, x, y) -> None:
 
 
 def forward_flops(net) -> tuple[int, int]:
-    """(backbone, aux nets) forward FLOPs per sample, from the plan's profile."""
+    """(backbone, aux nets) forward FLOPs per sample, from the plan's profile (checkpointing: the
+    blocks it runs twice in place of aux nets; timm's: its stages, not known here, so none)."""
     plan = net.plan
-    return sum(x.flops for x in plan.layers) + plan.head.flops, sum(a.flops for a in plan.aux)
+    backbone = sum(x.flops for x in plan.layers) + plan.head.flops
+    if isinstance(net, CheckpointedModel):
+        return backbone, sum(plan.block_sum(b, "flops") for b in plan.blocks[:-1])
+    return backbone, sum(a.flops for a in plan.aux) if not isinstance(net, _TimmCheckpointing) else 0
+
+
+class _TimmCheckpointing(torch.nn.Module):
+    """A timm model with ``set_grad_checkpointing()``, stepped as a net is (``training_step``)."""
+
+    def __init__(self, model, plan):
+        super().__init__()
+        self.model, self.plan, self.blocks = model, plan, [model]
+        model.set_grad_checkpointing(True)
+
+    def training_step(self, x, y):
+        F.cross_entropy(self.model(x), y).backward()
+
+
+def _baseline(name: str, model, blocks: int, size: int):
+    """bp with checkpointing: at the plan's K blocks, or timm's own (None where the family has none)."""
+    if name == "bp+checkpointing":
+        return checkpointed(model, blocks, input_size=(3, size, size))
+    if not hasattr(model, "set_grad_checkpointing"):
+        return None
+    return _TimmCheckpointing(model, to_auglocal(copy.deepcopy(model), rule="bp", input_size=(3, size, size)).plan)
 
 
 def profile_phases(net, opt, x, y) -> dict[str, float]:
@@ -92,8 +123,17 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
         variants.update({f"{r}+compiled": (r, True, {}) for r in COMPILE_RULES})
     if memory_options:
         variants.update({name: ("auglocal", False, o) for name, o in MEMORY_OPTIONS.items()})
+        variants.update({name: (name, False, {}) for name in CHECKPOINTING})
     nets, opts = {}, {}
-    for name, (rule, compiled, options) in variants.items():
+    for name, (rule, compiled, options) in list(variants.items()):
+        if rule in CHECKPOINTING:
+            net = _baseline(rule, copy.deepcopy(base), blocks, size)
+            if net is None:  # no timm checkpointing in this family: no row
+                del variants[name]
+                continue
+            nets[name] = net.to(device, memory_format=fmt).train()
+            opts[name] = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+            continue
         net = to_auglocal(copy.deepcopy(base), blocks, rule=rule, aux_depth=aux_depth, pyramid=pyramid,
                           input_size=(3, size, size), **options).to(device, memory_format=fmt).train()
         if compiled:
