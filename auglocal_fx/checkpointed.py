@@ -7,25 +7,28 @@ blocks, same ``balance``) and returns a module that trains end to end with one l
 the last run under ``torch.utils.checkpoint`` (non-reentrant): a block's forward keeps only its
 input, and its activations are recomputed during the backward, one block at a time. So the
 activations held are every block boundary plus one block's, at the price of a second forward of
-every block but the last (about a third more compute). No aux nets, no extra parameters; eval mode
-(or ``torch.no_grad()``) runs the blocks as they are, and computes exactly what ``model`` does.
+every block but the last (about a third more compute). Batch-norm statistics are updated once, as
+without checkpointing (the recompute's update is undone: ``recompute.frozen_norm_stats``). No aux
+nets, no extra parameters; eval mode (or ``torch.no_grad()``) runs the blocks as they are, and
+computes exactly what ``model`` does.
 ``costs.checkpointed_footprint`` estimates its memory beside ``bp_footprint``.
 
 timm's own ``model.set_grad_checkpointing()`` does the same at the model's stage or block
-granularity, where a family implements it; this one works on any model the compiler can trace.
+granularity, where a family implements it (its recompute updates batch-norm statistics a second
+time); this one works on any model the compiler can trace.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .assemble.emit import emit_pieces
 from .options import resolve
 from .plan import Plan, PlanConfig
 from .planner import build_plan
 from .runtime.bundles import call
+from .runtime.recompute import run_maybe_recomputed
 
 __all__ = ["CheckpointedModel", "checkpointed"]
 
@@ -46,10 +49,8 @@ class CheckpointedModel(nn.Module):
         save_less = self.training and torch.is_grad_enabled()
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            if save_less and i < last:  # the last block's activations are needed at once by the backward
-                h = checkpoint(block, *(h if isinstance(h, tuple) else (h,)), use_reentrant=False)
-            else:
-                h = call(block, h)
+            # the last block's activations are needed at once by the backward: not checkpointed
+            h = run_maybe_recomputed(block, h if isinstance(h, tuple) else (h,), save_less and i < last)
         return call(self.head, h)
 
     def training_step(self, x: torch.Tensor | tuple, target: torch.Tensor, loss_fn=None) -> torch.Tensor:

@@ -34,6 +34,8 @@ def test_same_logits_and_gradients_as_the_model_with_less_saved_in_the_forward()
     assert meter.peak < full.peak / 2
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):  # batch-norm updated once, not twice
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_estimate_holds_the_boundaries_and_one_block():
