@@ -28,6 +28,7 @@ from .options import resolve
 from .plan import Plan, PlanConfig
 from .planner import build_plan
 from .runtime.bundles import call
+from .runtime.net import _own_forward
 from .runtime.recompute import run_maybe_recomputed
 
 __all__ = ["CheckpointedModel", "checkpointed"]
@@ -52,6 +53,14 @@ class CheckpointedModel(nn.Module):
             # the last block's activations are needed at once by the backward: not checkpointed
             h = run_maybe_recomputed(block, h if isinstance(h, tuple) else (h,), save_less and i < last)
         return call(self.head, h)
+
+    def compile(self, *args, **kwargs) -> None:
+        """Compile every block and the head in place with ``torch.compile(*args, **kwargs)``, each
+        under its checkpoint (as ``AugLocalNet.compile``): ``torch.compile(ck)`` whole cannot trace
+        the checkpoint's ``context_fn`` that keeps batch-norm statistics from updating twice."""
+        for module in [*self.blocks, self.head]:
+            _own_forward(module)
+            module.compile(*args, **kwargs)
 
     def training_step(self, x: torch.Tensor | tuple, target: torch.Tensor, loss_fn=None) -> torch.Tensor:
         """One loss on the model's logits and its backward (the caller steps its optimizer), as

@@ -45,3 +45,15 @@ def test_estimate_holds_the_boundaries_and_one_block():
     assert (est.weights, est.gradients, est.optimizer) == (bp.weights, bp.gradients, bp.optimizer)
     largest = max(plan.block_act_bytes(b) for b in plan.blocks)
     assert 8 * largest <= est.activations < bp.activations
+
+
+def test_compile_compiles_each_block_under_its_checkpoint():
+    model, ref = _model(), _model()
+    ck = checkpointed(model, 4, input_size=[3, 32, 32], batch=4)
+    ck.compile(backend="eager")  # torch.compile(ck) whole cannot trace the checkpoint's context_fn
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    ck.train(), ref.train()
+    ck.training_step(x, y)
+    F.cross_entropy(ref(x), y).backward()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)

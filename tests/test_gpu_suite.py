@@ -1,0 +1,122 @@
+"""tools/gpu_suite.py's dry run: every section's code path on CPU at tiny sizes, so the GPU suite
+cannot rot between the sessions that are lent a GPU; and its refusals without CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name: str = "gpu_suite"):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def test_dry_run_exercises_every_section(tmp_path, capsys):
+    suite = _tool()
+    threads = torch.get_num_threads()
+    assert suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # the dry run's one thread is given back
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert capsys.readouterr().out.strip() == md.strip()  # the Markdown is what it prints
+    res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert res["dry_run"] and res["torch"] == torch.__version__ and "budget" not in " ".join(
+        n for sec in res["sections"].values() for n in sec["notes"])
+    sec = res["sections"]
+    assert list(sec) == list(suite.SECTIONS) and all(_number(s["wall_s"]) and "error" not in s for s in sec.values())
+
+    memory = sec["memory"]
+    assert list(memory["batches"]) == [str(b) for b in suite.DRY.memory_batches]
+    for rows in memory["batches"].values():
+        assert list(rows) == list(suite.MEMORY_VARIANTS)
+        assert all(_number(r["peak_bytes"]) and _number(r["ratio_to_bp"]) for r in rows.values())
+        assert rows["bp"]["ratio_to_bp"] == 1.0
+
+    for name in ("speed", "compiled"):
+        rows = sec[name]["rows"]
+        assert list(rows) == list(suite.SPEED_VARIANTS) and rows["bp"]["ratio_to_bp"] == 1.0
+        assert all(_number(r["median_step_s"]) and _number(r["ratio_to_bp"]) and r["timed_steps"] == suite.DRY.steps
+                   for r in rows.values())
+    compiled = sec["compiled"]
+    assert compiled["backend"] == "eager" and set(compiled["first_step_s"]) == set(suite.SPEED_VARIANTS)
+    assert all(_number(r["compiled_over_eager"]) for r in compiled["rows"].values())
+    blocks = suite.DRY.blocks  # every block, aux net and head compiled (bp: one block), none run eagerly
+    assert [compiled["rows"][v]["graphs"] for v in suite.SPEED_VARIANTS] == [2, blocks + 1, 2 * blocks]
+
+    accuracy = sec["accuracy"]
+    assert set(accuracy["rules"]) == {"bp", "auglocal"} and "auglocal_minus_bp_points" in accuracy
+    assert all(0 <= r["test_acc"] <= 1 and _number(r["train_time_s"]) for r in accuracy["rules"].values())
+
+    for heading in ("dry run on CPU", "**Memory**", "**Step time**", "**Accuracy**", "| bp + checkpointing |",
+                    "| auglocal, bf16 aux |"):
+        assert heading in md
+    assert "Notes:" not in md
+
+
+def test_an_oom_or_a_failed_section_costs_only_its_own_figures(tmp_path, monkeypatch, capsys):
+    suite = _tool()
+    monkeypatch.setattr(suite, "DRY", dataclasses.replace(suite.DRY, memory_batches=(2,)))
+    peak = suite._peak_bytes
+
+    def oom_for_bf16_aux(net, s, batch):
+        if getattr(getattr(net, "plan", None), "config", None) is not None and net.plan.config.aux_dtype == "bfloat16":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return peak(net, s, batch)
+
+    def broken(s, clock):
+        raise RuntimeError("simulated failure\nsecond line")
+
+    monkeypatch.setattr(suite, "_peak_bytes", oom_for_bf16_aux)
+    monkeypatch.setattr(suite, "accuracy_section", broken)
+    assert suite.main(["--dry-run", "--out", str(tmp_path), "--sections", "memory", "accuracy"]) == 1
+    res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    rows = res["sections"]["memory"]["batches"]["2"]
+    assert rows["auglocal, bf16 aux"]["peak_bytes"] == "OOM" and "ratio_to_bp" not in rows["auglocal, bf16 aux"]
+    assert _number(rows["auglocal"]["peak_bytes"])
+    assert res["sections"]["accuracy"]["error"] == "RuntimeError: simulated failure"
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "| auglocal, bf16 aux | OOM | - |" in md and "accuracy: failed: RuntimeError: simulated failure" in md
+    assert "out of memory" in md
+
+
+def test_budget_skips_what_does_not_fit(tmp_path, capsys):
+    suite = _tool()
+    # the reserve for writing leaves half a second, less than any item needs: everything is skipped
+    assert suite.main(["--dry-run", "--out", str(tmp_path), "--budget-s", str(suite.RESERVE_S + 0.5),
+                       "--sections", "memory", "speed"]) == 0
+    res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    memory = res["sections"]["memory"]
+    skipped = [r for rows in memory["batches"].values() for r in rows.values() if r.get("skipped")]
+    assert len(skipped) == 2 * len(suite.MEMORY_VARIANTS) and all(r["peak_bytes"] is None for r in skipped)
+    assert any("skipped" in n for n in memory["notes"]) and "skipped" in (tmp_path / "gpu_suite.md").read_text()
+    assert res["sections"]["speed"]["notes"] and not res["sections"]["speed"]["rows"]
+    # the compiled child gets what is left, 2 s here, and is killed when that runs out (its imports alone take longer)
+    assert suite.main(["--dry-run", "--out", str(tmp_path), "--budget-s", str(suite.RESERVE_S + 2),
+                       "--sections", "compiled"]) == 0
+    compiled = json.loads((tmp_path / "gpu_suite.json").read_text())["sections"]["compiled"]
+    assert compiled["rows"] == {} and "the budget ran out" in compiled["notes"][0]
+
+
+def test_without_cuda_it_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    suite = _tool()
+    assert suite.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpu_suite: error:") and "--dry-run" in err[0]
+    assert not (tmp_path / "gpu_suite.json").exists()
+    assert suite.main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path)]) == 2
+    assert "--budget-s" in capsys.readouterr().err
