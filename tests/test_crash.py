@@ -39,6 +39,7 @@ def _steps(out: Path) -> list[list[float]]:
     return [json.loads(line)["step_losses"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 37 s of a real run killed and resumed: in the slow tier, to keep make test in budget
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     recipe = _recipe(tmp_path, "killed")

@@ -69,7 +69,7 @@ def test_bench_speed(capsys):
                                             "--memory-options"])
     rules = res["rules"]
     assert all(rules[f"auglocal+{o}"]["ratio_to_auglocal"] > 0 for o in ("recompute=block", "bf16 aux"))
-    assert rules["bp+checkpointing"]["ratio_to_bp"] > 0 and 1.0 < rules["bp+checkpointing"]["flops_ratio"] < 2.0
+    assert rules["bp+checkpointing"]["ratio_to_bp"] > 0 and 1.0 < rules["bp+checkpointing"]["flops_ratio"] < 1.34
     assert "bp+timm checkpointing" not in rules  # the CIFAR ResNet has no set_grad_checkpointing
     assert rules["bp"]["ratio_to_bp"] == 1.0 and rules["bp"]["flops_ratio"] == 1.0
     assert rules["auglocal"]["flops_ratio"] > 1.0 and rules["auglocal"]["blocks"] == 4

@@ -23,7 +23,7 @@ compiled step (where compilation happens) is a warm-up step, its time reported a
 activation checkpointing at the same K block boundaries (``checkpointed.py``) and with timm's own
 ``set_grad_checkpointing()`` (where the family has it): what each costs in step time, beside what
 ``bench_memory.py`` says it saves. For checkpointing, ``flops x`` counts the second forward of
-every block but the last.
+every block but the last (as a third of its forward FLOPs in the "aux" column: it has no backward).
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def forward_flops(net) -> tuple[int, int]:
     blocks it runs twice in place of aux nets; timm's: its stages, not known here, so none)."""
     plan = net.plan
     backbone = sum(x.flops for x in plan.layers) + plan.head.flops
-    if isinstance(net, CheckpointedModel):
-        return backbone, sum(plan.block_sum(b, "flops") for b in plan.blocks[:-1])
+    if isinstance(net, CheckpointedModel):  # a recomputed forward has no backward of its own: a third
+        # of what an aux net's forward stands for in the ratio (forward + backward = 3x forward)
+        return backbone, sum(plan.block_sum(b, "flops") for b in plan.blocks[:-1]) // 3
     return backbone, sum(a.flops for a in plan.aux) if not isinstance(net, _TimmCheckpointing) else 0
 
 
