@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/auglocal-convert --model resnet50 --blocks 16
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest, to keep the tier in its 12 minutes
 
 # the edit loop: pure-Python units (no subprocess, torchrun, zoo or ONNX; tests/conftest.py HEAVY_MODULES)
 test-fast: $(VENV)/.installed-dev

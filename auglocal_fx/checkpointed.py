@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .assemble.emit import emit_pieces
+from .compiler import set_classes
+from .errors import AugLocalError
 from .options import resolve
 from .plan import Plan, PlanConfig
 from .planner import build_plan
@@ -80,6 +82,9 @@ def checkpointed(model: nn.Module, options: PlanConfig | int | None = None, /, *
         >>> loss = F.cross_entropy(ck(x), y); loss.backward()
     """
     config = resolve(PlanConfig, options, overrides)
+    if config.blocks is None:
+        raise AugLocalError("pass blocks=K, the number of blocks whose boundaries are checkpointed")
+    set_classes(model, config.num_classes)
     plan = build_plan(model, config, example_inputs=example_inputs)
     blocks, head, _, _ = emit_pieces(model, plan)
     return CheckpointedModel(model, plan, blocks, head)

@@ -69,11 +69,7 @@ def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *,
         raise AugLocalError("pass blocks=K, the number of local blocks")
     aux_init = overrides.get("aux_init", config.aux_init)  # with a plan: how to start its aux nets this time
     found = AUX_INITS.lookup(aux_init)
-    if config.num_classes is not None and getattr(model, "num_classes", config.num_classes) != config.num_classes:
-        if not hasattr(model, "reset_classifier"):
-            raise AugLocalError(f"{type(model).__name__} has no reset_classifier; build it with "
-                                f"{config.num_classes} classes")
-        model.reset_classifier(config.num_classes)
+    set_classes(model, config.num_classes)
     # before planning draws random numbers (aux_init="model" builds a fresh model: same seed, same weights)
     init = None if get_rule(config.rule).one_block else found.prepare(model, model_kwargs)
     # every aux net's init is seeded from this and its index (a rule without aux nets draws nothing)
@@ -92,6 +88,14 @@ def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *,
         net.aux_factory = factory
     check_units(net)  # a shape problem is an error here, not in the first step
     return net
+
+
+def set_classes(model: nn.Module, num_classes: int | None) -> None:
+    """Give ``model`` ``num_classes`` outputs through timm's ``reset_classifier`` (None: as it is)."""
+    if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        if not hasattr(model, "reset_classifier"):
+            raise AugLocalError(f"{type(model).__name__} has no reset_classifier; build it with {num_classes} classes")
+        model.reset_classifier(num_classes)
 
 
 def _check_head_classes(model: nn.Module, plan: Plan, num_classes: int | None) -> None:

@@ -50,10 +50,16 @@ def test_estimate_holds_the_boundaries_and_one_block():
 def test_compile_compiles_each_block_under_its_checkpoint():
     model, ref = _model(), _model()
     ck = checkpointed(model, 4, input_size=[3, 32, 32], batch=4)
-    ck.compile(backend="eager")  # torch.compile(ck) whole cannot trace the checkpoint's context_fn
+    from torch._dynamo.utils import counters
+
+    ck.compile(backend="aot_eager")  # torch.compile(ck) whole cannot trace the checkpoint's context_fn
+    before = counters["stats"]["unique_graphs"]
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     ck.train(), ref.train()
     ck.training_step(x, y)
+    assert counters["stats"]["unique_graphs"] - before == len(ck.blocks) + 1  # every block and the head compiled
     F.cross_entropy(ref(x), y).backward()
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):  # batch-norm updated once, compiled too
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

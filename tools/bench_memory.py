@@ -168,6 +168,7 @@ def _child(model_name: str, blocks: int, size: int, batch: int, label: str, devi
             opt.zero_grad(set_to_none=True)
 
     allocated = resident + allocated_peak(steps, device)
+    rss = _rss()  # before the timm row builds a plan for bp's estimate
     plan = getattr(net, "plan", None)
     if plan is None:  # timm's own checkpointing: no plan, so no estimate (the bp row's plan gives bp's)
         plan = to_auglocal(create_model(model_name, num_classes=10), rule="bp", input_size=(3, size, size),
@@ -177,7 +178,7 @@ def _child(model_name: str, blocks: int, size: int, batch: int, label: str, devi
         est = checkpointed_footprint(plan, batch)
     else:
         est = estimate_footprint(plan, batch, per_unit_steps=per_unit)
-    return {"allocated": allocated, "rss": _rss(), "base": base, "estimate": est.to_dict() if est else None,
+    return {"allocated": allocated, "rss": rss, "base": base, "estimate": est.to_dict() if est else None,
             "bp_estimate": bp_footprint(plan, batch).total,
             "crossover": crossover_batch(net.plan) if rule == "auglocal" and per_unit and not options else None}
 

@@ -118,7 +118,7 @@ class Sizes:
 FULL = Sizes("resnet50", 1000, 16, 224, (64, 256), 64, 3, 15, "inductor", "cuda", None, 2,
              ("data.num_workers=4",), (5000, 1000), 25.0, 60.0, 90.0, 60.0)
 # one thread: at these sizes a second one only waits (and on a shared 2-core machine, spins)
-DRY = Sizes("resnet20_cifar", 10, 4, 32, (2, 4), 4, 1, 1, "eager", "cpu", 1, 1,
+DRY = Sizes("resnet20_cifar", 10, 4, 32, (2, 4), 4, 1, 1, "aot_eager", "cpu", 1, 1,
             ("batch_size=8", "eval_batch_size=16", "conversion.blocks=4", "data.train_limit=16",
              "data.test_limit=16", "data.val_split=0"), (16, 16), 1.0, 1.0, 1.0, 1.0)
 
@@ -374,9 +374,9 @@ def compiled_section(s: Sizes, clock: Clock, dry_run: bool, eager: dict | None) 
             res["first_step_s"].update(msg.get("first_step_s", {}))
             res["rows"] = msg.get("rows", res["rows"])
             res["notes"] += msg.get("notes", [])
-    if code not in (0, None):
+    if code not in (0, None):  # keep what it measured before it failed; the failure is a note and an error
         tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"the compiled child exited with {code}: {tail}")
+        res["error"] = f"the compiled child exited with {code}: {tail}"
     for label, row in res["rows"].items():
         if eager and label in eager:
             row["compiled_over_eager"] = row["median_step_s"] / eager[label]["median_step_s"]
@@ -480,8 +480,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     sp, co = sec.get("speed"), sec.get("compiled")
-    if sp or co:
-        head = sp or co
+    head = next((x for x in (sp, co) if x and "steps" in x), None)  # a failed section holds no header
+    if head is not None:
         eager, comp = (sp or {}).get("rows", {}), (co or {}).get("rows", {})
         first = (co or {}).get("first_step_s", {})
         backend = (co or {}).get("backend", "-")
@@ -569,13 +569,14 @@ def _main(argv=None) -> int:
                 out, failed = {"error": _one_line(exc), "notes": []}, True
                 _free(s.device)
             out["wall_s"] = time.monotonic() - start
+            failed = failed or "error" in out  # the compiled child's failure too
             res["sections"][name] = out
     finally:
         torch.set_num_threads(threads)
     res["wall_s"] = clock.elapsed()
     out_dir = Path(args.out)
+    atomic_write_text(out_dir / "gpu_suite.json", json.dumps(res, indent=1) + "\n")  # first: the figures
     text = markdown(res)
-    atomic_write_text(out_dir / "gpu_suite.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(out_dir / "gpu_suite.md", text)
     print(text)
     _log(f"wrote {out_dir / 'gpu_suite.json'} and {out_dir / 'gpu_suite.md'} in {res['wall_s']:.0f} s")

@@ -77,10 +77,13 @@ class AuxFactory:
 
     def __call__(self, k: int) -> nn.Module:
         recipe = self.plan.aux[k]
-        # manual_seed seeds every CUDA device too: fork them all, so the run's streams are left as they were
+        # seed the CPU generator and those of CUDA devices already in use, each restored afterwards
+        # (torch.manual_seed would also queue a seed for CUDA not yet initialised, replacing the user's)
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(aux_seed(self.seed, k))
+            torch.default_generator.manual_seed(aux_seed(self.seed, k))
+            for i in cuda:
+                torch.cuda.default_generators[i].manual_seed(aux_seed(self.seed, k))
             aux = self.init(self.rule.build_aux(AuxContext(self.plan, recipe, self.layers, self.layer_head,
                                                            self.classes, self.norm2d)))
         if not self.rule.copies_layers and len(self.plan.layers[self.plan.blocks[recipe.block].layers[-1]].bundle) > 1:

@@ -207,8 +207,10 @@ class AugLocalNet(nn.Module):
         if todo and self.aux_factory is None:
             raise AugLocalError("this net's aux nets on the meta device cannot be built any more: convert with "
                                 "to_auglocal(..., lazy_aux=True) and call materialize_aux before drop_aux_factory")
+        device = next((t.device for t in self.model.parameters() if t.device.type != "meta"), None)
         for k in todo:
-            self.aux[k] = hold_in(self.aux_factory(k), self.plan.config.aux_dtype)
+            aux = hold_in(self.aux_factory(k), self.plan.config.aux_dtype)
+            self.aux[k] = aux.to(device) if device is not None else aux
 
     def unit_copy(self, i: int) -> LocalUnit:
         """A copy of local unit ``i`` to run on its own (stage timing), its aux net built for it when
@@ -216,7 +218,7 @@ class AugLocalNet(nn.Module):
         unit = self.local_units()[i]
         if i < len(self.aux) and _on_meta(self.aux[i]) and self.aux_factory is not None:
             top = hold_in(self.aux_factory(i), self.plan.config.aux_dtype)
-            return LocalUnit(copy.deepcopy(unit.block), top, unit.recompute, unit.loss)
+            return LocalUnit(copy.deepcopy(unit.block), top, unit.recompute, copy.deepcopy(unit.loss))
         return copy.deepcopy(unit)
 
     def drop_aux_factory(self) -> None:
@@ -259,6 +261,10 @@ class AugLocalNet(nn.Module):
 
     def save(self, path) -> None:
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
+        if any(t.device.type == "meta" for t in [*self.parameters(), *self.buffers()]):
+            raise AugLocalError(f"cannot save {path}: part of this net is on the meta device (a lazy conversion's "
+                                "aux nets, or another pipeline stage's blocks); call materialize_aux(range(len(net.aux))) "
+                                "first, or save from the run's checkpoint")
         save_net(self, path)
 
 

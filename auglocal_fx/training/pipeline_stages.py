@@ -90,7 +90,8 @@ class PipelineStages:
         groups = before["units"] if before and (before["stages"], before["replicas"]) == (self.stages, self.replicas) \
             else None  # resuming: the split the run was trained with
         balance = recipe.parallel.balance
-        costs = self._measure(units, net, recipe, autocast_dtype, log) if balance == "time" and groups is None else None
+        costs = self._measure(units, net, recipe, autocast_dtype, log, place) \
+            if balance == "time" and groups is None else None
         self.split = assign_stages(net.plan, self.stages, balance, image_bytes,
                                   where="recipe key parallel.pipeline", costs=costs, groups=groups)
         check_disjoint(units, self.split.units)
@@ -114,16 +115,22 @@ class PipelineStages:
         place(net)  # only this stage's tensors reach the device
         return wrap_units(own, self.env, self.dp_group, self.replicas)
 
-    def _measure(self, units, net, recipe, autocast_dtype, log) -> list[float]:
+    def _measure(self, units, net, recipe, autocast_dtype, log, place) -> list[float]:
         """Seconds per step of every unit, timed once on rank 0 and shared, so every process
-        splits the stages alike (each timing alone would split differently and deadlock)."""
+        splits the stages alike (each timing alone would split differently and deadlock). Each unit
+        is timed on a copy placed as training places the net (device, channels_last)."""
+        def copy_unit(i: int):
+            unit = net.unit_copy(i)
+            place(unit)
+            return unit
+
         found = [None]
         if self.env.is_main:
             classes = net.plan.head.out_shape[-1] if net.plan.head.out_shape else 0
             log("timing every block for the stage split ...", flush=True)
             found = [unit_seconds(units, net.plan.config.input_size, classes, recipe.batch_size // self.replicas,
                                   self.env.device, autocast_dtype=autocast_dtype,
-                                  input_dtype=getattr(torch, net.plan.config.input_dtype), copy_unit=net.unit_copy)]
+                                  input_dtype=getattr(torch, net.plan.config.input_dtype), copy_unit=copy_unit)]
         dist.broadcast_object_list(found, src=0)
         return found[0]
 
