@@ -303,7 +303,9 @@ def test_compile_inductor_matches_eager():
 
     model, net = _net("hand_resnet", blocks=3)
     twin = copy.deepcopy(net)
-    x, y = _batch(net, n=4)
+    # batch 16: at batch 4 batch-norm's backward over 4 samples of the small late maps amplifies
+    # inductor's reordered reductions to 1.7% of a gradient (1.7e-5 at 16), a conditioning matter
+    x, y = _batch(net, n=16)
     torch._dynamo.reset()
     net.compile()
     out, ref = net.train().training_step(x, y), twin.train().training_step(x, y)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import warnings
@@ -58,7 +57,7 @@ from auglocal_fx.costs import (  # noqa: E402
 )
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.rules import get_rule  # noqa: E402
-from auglocal_fx.runtime.memory import SavedTensorMeter, allocated_peak  # noqa: E402
+from auglocal_fx.runtime.memory import SavedTensorMeter, allocated_peak, peak_rss_bytes  # noqa: E402
 
 SETTINGS = (  # part "activations": model, K, d, size, batch
     ("resnet50", 16, 2, 224, 8),
@@ -132,7 +131,7 @@ def _print_activations(res: dict) -> None:
 
 # -- part "total" ----------------------------------------------------------------------------------
 def _rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_rss_bytes()  # this process's own peak (ru_maxrss would include the parent's, see memory.py)
 
 
 def _child(model_name: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int) -> dict:

@@ -58,11 +58,11 @@ def _configs(ps: list[int]) -> list[tuple[str, int, int, list[str]]]:
 
 def _runtime_gib() -> float:
     """Peak resident memory of a process that imports the trainer and nothing more (GiB)."""
-    code = ("import resource, auglocal_fx.training.trainer; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = ("import auglocal_fx.training.trainer; from auglocal_fx.runtime.memory import peak_rss_bytes; "
+            "print(peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return int(out.stdout.split()[-1]) / 2**20
+    return int(out.stdout.split()[-1]) / 2**30
 
 
 def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: Path) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from ..plan import Plan
 from ..runtime.blockwise import blockwise_step
 from ..runtime.bundles import call
 from ..runtime.checkpoint import read_checkpoint
+from ..runtime.memory import peak_rss_bytes
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
 from .distributed import Env, barrier, gather_states, setup, teardown
@@ -214,7 +214,7 @@ class Trainer:
         if s.has_head:
             sums.add("seconds", wall)
         # each process's peak memory so far: resident (KiB on Linux) and, on a GPU, the allocator's
-        sums.add("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, self.env.rank)
+        sums.add("peak_rss", peak_rss_bytes() / 2**30, self.env.rank)
         if device.type == "cuda":
             sums.add("peak_allocated", torch.cuda.max_memory_allocated(device) / 2**30, self.env.rank)
         red = sums.reduce()  # the epoch's one all_reduce over every process
