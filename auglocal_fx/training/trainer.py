@@ -34,6 +34,7 @@ from ..runtime.memory import peak_rss_bytes
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
 from .distributed import Env, barrier, gather_states, setup, teardown
+from .loss_window import LossWindow
 from .metrics import Sums
 from .optim import build_optimizer, build_scheduler
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
@@ -45,7 +46,6 @@ from .techniques import (
     Mixing,
     UnitEma,
     check_techniques,
-    hard_labels,
     loss_function,
     tensorboard_writer,
     write_scalars,
@@ -186,8 +186,8 @@ class Trainer:
         world = self.env.world
         sums = Sums({"loss": m, "correct": 1, "images": 1, "step_loss": steps, "step_images": steps, "seconds": 1,
                      "peak_rss": world, "peak_allocated": world, **s.metric_sizes()}, device)
-        window = _Window(self, sums, epoch, EpochProgress(f"epoch {epoch}/{recipe.epochs}{s.title}", steps,
-                                                          s.shows_progress))
+        window = LossWindow(s, device, self._check_finite, sums, epoch,
+                            EpochProgress(f"epoch {epoch}/{recipe.epochs}{s.title}", steps, s.shows_progress))
         interval = recipe.log_interval
         per_unit = dict(optimizer=r.optimizer) if recipe.optimizer.per_unit else {}
         s.start_epoch()
@@ -356,49 +356,3 @@ class Trainer:
         if self.env.is_main:
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
-
-
-class _Window:
-    """The steps since the host last looked: their losses stay on the device until ``close``, which
-    adds them to the epoch's sums, checks them, and updates the progress bar, with one copy to the
-    host (and, with data-parallel replicas, one all_reduce over them, so that every replica stops
-    at the same step when a loss is not finite)."""
-
-    def __init__(self, trainer: Trainer, sums: Sums, epoch: int, bar: EpochProgress):
-        self.trainer, self.sums, self.epoch, self.bar = trainer, sums, epoch, bar
-        self.rows, self.sizes = [], []
-        self.seen = [0.0, 0.0, 0.0]  # the epoch so far, over the replicas: final loss sum, correct, images
-
-    def add(self, step: int, out, y: torch.Tensor) -> None:
-        losses = torch.cat([out.local_losses, out.loss.reshape(1)])  # of this process's units, in order
-        has_head = self.trainer.strategy.has_head
-        correct = (out.logits.argmax(1) == hard_labels(y)).sum() if has_head else losses.new_zeros(())
-        self.rows.append(torch.cat([losses * len(y), correct.reshape(1).to(losses.dtype)]))
-        self.sizes.append(len(y))
-        self.bar.update(step)
-
-    def close(self, step: int) -> None:
-        s, device = self.trainer.strategy, self.trainer.env.device
-        first = step - len(self.rows) + 1
-        rows = torch.stack(self.rows).double()  # steps x (losses of this process's units..., correct)
-        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=device)
-        self.sums.add("loss", rows[:, :-1].sum(0), at=slice(s.mine[0], s.mine[-1] + 1))
-        if s.has_head:
-            self.sums.add("correct", rows[:, -1].sum())
-            self.sums.add("images", sizes.sum())
-            self.sums.add("step_loss", rows[:, -2], at=slice(first - 1, step))
-            self.sums.add("step_images", sizes, at=slice(first - 1, step))
-        look = Sums({"rows": rows.numel(), "sizes": len(self.sizes)}, device)
-        look.add("rows", rows.flatten())
-        look.add("sizes", sizes)
-        seen = look.reduce(s.dp_group)
-        width = rows.shape[1]
-        for k in range(len(self.sizes)):
-            row = seen["rows"][k * width:(k + 1) * width]
-            for i, value in zip(s.mine, row[:-1]):
-                self.trainer._check_finite(value / seen["sizes"][k], i, self.epoch, first + k)
-            self.seen = [self.seen[0] + row[-2], self.seen[1] + row[-1], self.seen[2] + seen["sizes"][k]]
-        self.rows, self.sizes = [], []
-        if s.has_head:
-            images = self.seen[2]
-            self.bar.update(step, self.seen[0] / images, self.seen[1] / images, images)
