@@ -20,7 +20,7 @@ from ..errors import AugLocalError, first_line
 from ..modes import eval_mode
 from ..runtime.bundles import call, detach
 
-__all__ = ["check_units"]
+__all__ = ["check_units", "on_meta"]
 
 
 def check_units(net: nn.Module, sizes=None, batch: int = 2) -> None:
@@ -73,7 +73,7 @@ def _run_units(net: nn.Module, xs: tuple[torch.Tensor, ...], size: tuple) -> Non
     with eval_mode(net), torch.no_grad():
         for i, unit in enumerate(units):
             what = f"block {i}" if i == len(units) - 1 else f"block {i} or its aux net"
-            if _on_meta(unit.top):  # the real run (fake tensors could not run the model): the block only
+            if on_meta(unit.top):  # the real run (fake tensors could not run the model): the block only
                 h = detach(call(unit.block, h))
                 continue
             try:
@@ -87,8 +87,9 @@ def _run_units(net: nn.Module, xs: tuple[torch.Tensor, ...], size: tuple) -> Non
             h = detach(out)
 
 
-def _on_meta(module: nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in module.parameters())
+def on_meta(module: nn.Module) -> bool:
+    """Whether any of ``module``'s parameters or buffers is on the meta device (not built here)."""
+    return any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()])
 
 
 def _message(what: str, size: tuple, planned: tuple, why: str) -> str:

@@ -10,7 +10,7 @@ import types
 import torch
 from torch import nn
 
-from ..assemble.shapecheck import check_units
+from ..assemble.shapecheck import check_units, on_meta
 from ..errors import AugLocalError
 from ..passes.trace import positional_names, specialised_args
 from ..plan import Plan
@@ -203,23 +203,26 @@ class AugLocalNet(nn.Module):
         """Build aux nets ``indices`` for real, on the backbone's device, where a conversion with
         ``lazy_aux=True`` left them on the meta device: each holds exactly what the eager conversion
         gives (``AuxFactory``). The others stay on the meta device and take no memory."""
-        todo = [k for k in indices if _on_meta(self.aux[k])]
+        todo = [k for k in indices if on_meta(self.aux[k])]
         if todo and self.aux_factory is None:
             raise AugLocalError("this net's aux nets on the meta device cannot be built any more: convert with "
                                 "to_auglocal(..., lazy_aux=True) and call materialize_aux before drop_aux_factory")
         device = next((t.device for t in self.model.parameters() if t.device.type != "meta"), None)
         for k in todo:
-            aux = hold_in(self.aux_factory(k), self.plan.config.aux_dtype)
+            aux = self._build_aux(k)
             self.aux[k] = aux.to(device) if device is not None else aux
 
     def unit_copy(self, i: int) -> LocalUnit:
         """A copy of local unit ``i`` to run on its own (stage timing), its aux net built for it when
         this net holds that one on the meta device."""
         unit = self.local_units()[i]
-        if i < len(self.aux) and _on_meta(self.aux[i]) and self.aux_factory is not None:
-            top = hold_in(self.aux_factory(i), self.plan.config.aux_dtype)
-            return LocalUnit(copy.deepcopy(unit.block), top, unit.recompute, copy.deepcopy(unit.loss))
+        if i < len(self.aux) and on_meta(self.aux[i]) and self.aux_factory is not None:
+            return LocalUnit(copy.deepcopy(unit.block), self._build_aux(i), unit.recompute, copy.deepcopy(unit.loss))
         return copy.deepcopy(unit)
+
+    def _build_aux(self, k: int) -> nn.Module:
+        """Aux net ``k`` as the eager conversion built it, held in the plan's aux dtype."""
+        return hold_in(self.aux_factory(k), self.plan.config.aux_dtype)
 
     def drop_aux_factory(self) -> None:
         """Let go of what building aux nets needs (a fresh model for ``aux_init="model"``, the
@@ -261,15 +264,11 @@ class AugLocalNet(nn.Module):
 
     def save(self, path) -> None:
         """Write weights, plan and options to ``path`` atomically; read back with ``load_auglocal``."""
-        if any(t.device.type == "meta" for t in [*self.parameters(), *self.buffers()]):
+        if on_meta(self):
             raise AugLocalError(f"cannot save {path}: part of this net is on the meta device (a lazy conversion's "
                                 "aux nets, or another pipeline stage's blocks); call materialize_aux(range(len(net.aux))) "
                                 "first, or save from the run's checkpoint")
         save_net(self, path)
-
-
-def _on_meta(module: nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()])
 
 
 def unique_parameters(modules) -> list[nn.Parameter]:
