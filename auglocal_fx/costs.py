@@ -153,10 +153,7 @@ def checkpointed_footprint(plan: Plan, batch: int | None = None, *, optimizer_sl
         if i == len(plan.blocks) - 1:
             own += plan.head.act_bytes - plan.head.shared_bytes
         peak = max(peak, held + own)
-        out = plan.layers[b.layers[-1]]
-        dtypes = out.crossing_dtypes or ["float32"] * len(out.bundle)
-        held += sum(0 if is_size_kind(d) else getattr(torch, d).itemsize * math.prod(t)  # its output, kept
-                    for t, d in zip(out.bundle, dtypes))
+        held += plan.layers[b.layers[-1]].bundle_bytes  # its output, kept
     return dataclasses.replace(bp, activations=bp.batch * peak)
 
 

@@ -62,6 +62,19 @@ class LayerInfo:
         return self.crossing or [self.out_shape]
 
     @property
+    def kinds(self) -> list[str]:
+        """Per slot of ``bundle``: its dtype or size kind (plans before dtypes were kept: float32)."""
+        return self.crossing_dtypes or ["float32"] * len(self.bundle)
+
+    @property
+    def bundle_bytes(self) -> int:
+        """Per-sample bytes of the tensors that leave the layer (sizes riding along are free)."""
+        import torch  # for dtype sizes only: the plan module itself stays plain data
+
+        return sum(0 if is_size_kind(d) else getattr(torch, d).itemsize * math.prod(t)
+                   for t, d in zip(self.bundle, self.kinds))
+
+    @property
     def tensors(self) -> int:
         """How many tensors leave the layer (sizes riding along not counted)."""
         return sum(not is_size_kind(d) for d in self.crossing_dtypes) or 1

@@ -23,15 +23,12 @@ the stage hands on) plus the labels, and the input image for rules whose loss co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-
-import torch
 
 from .costs import estimate_footprint, unit_costs
 from .errors import AugLocalError
 from .passes.partition import equal_counts, min_max_partition
-from .plan import Plan, is_size_kind
+from .plan import Plan
 
 __all__ = ["STAGE_BALANCES", "StagePlan", "assign_stages", "check_stages", "stage_memory", "stages_summary",
            "stage_table"]
@@ -96,10 +93,7 @@ def assign_stages(plan: Plan, stages: int, balance: str = "cost", image_bytes: i
 
 def _sent(plan: Plan, unit: int, image_bytes: int) -> int:
     """Bytes per sample a stage ending with ``unit`` sends on: the boundary's tensors, the label."""
-    layer = plan.layers[plan.blocks[unit].layers[-1]]
-    dtypes = layer.crossing_dtypes or ["float32"] * len(layer.bundle)
-    return (sum(0 if is_size_kind(d) else getattr(torch, d).itemsize * math.prod(t)  # sizes ride free
-                for t, d in zip(layer.bundle, dtypes)) + 8 + image_bytes)  # + the int64 label
+    return plan.layers[plan.blocks[unit].layers[-1]].bundle_bytes + 8 + image_bytes  # + the int64 label
 
 
 def _memory_partition(plan: Plan, stages: int, image_bytes: int, depth: int = 2) -> list[list[int]]:

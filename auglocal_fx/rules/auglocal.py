@@ -51,8 +51,7 @@ def build_aux(ctx: AuxContext) -> nn.Module:
 
 def _kinds(plan, j: int) -> list[str]:
     """What each slot of the bundle leaving layer ``j`` holds (a dtype, or a size kind)."""
-    layer = plan.layers[j]
-    return layer.crossing_dtypes or ["float32"] * len(layer.bundle)
+    return plan.layers[j].kinds
 
 
 def _needed_inputs(plan, steps: list[int], pieces: list, fed: list[int], light: bool = False) -> list[list[bool]]:
