@@ -96,6 +96,11 @@ def test_bench_accuracy_runs_resumes_and_rejects_overrides(capsys, tmp_path, mon
     summary = res["summary"]
     assert summary["rules"]["bp"]["time_ratio_to_bp"] == 1.0
     assert set(summary["gaps_points"]) == {"auglocal_minus_bp", "auglocal_minus_dgl"}
+    for rule, row in summary["rules"].items():  # the epoch tested (1 of 1) and the train accuracy beside it
+        mine = [r for r in res["runs"] if r["rule"] == rule]
+        assert row["best_epochs"] == [1, 1]
+        assert row["selected_held_out_acc"] == pytest.approx(sum(r["held_out_acc_per_epoch"][0] for r in mine) / 2)
+        assert row["train_acc_last"] == pytest.approx(sum(r["train_acc_per_epoch"][-1] for r in mine) / 2)
     with pytest.raises(SystemExit, match="2"):  # argparse: --rules takes the registered rules
         _tool("bench_accuracy").main([*argv, "--rules", "nope"])
     assert (tmp_path / "accuracy.png").stat().st_size > 0
@@ -105,6 +110,14 @@ def test_bench_accuracy_runs_resumes_and_rejects_overrides(capsys, tmp_path, mon
     assert _tool("bench_accuracy").main([*argv[:-2], "--out", str(tmp_path), "--set", "seed=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seeds" in err[0]
+    assert _tool("bench_accuracy").main([*argv, "--seeds", "0", "1", "2", "--status"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == [f"{rule}-seed{k}" for k in (0, 1, 2) for rule in ("bp", "dgl", "auglocal")]
+    assert all(r.split()[1] == "1/1" and r.endswith("finished") for r in rows[:6])
+    assert all(r.split()[1] == "0/1" and r.endswith("queued") for r in rows[6:])
+    assert _tool("bench_accuracy").main(argv) == 0  # the table: test, held-out and train accuracy per rule
+    table = capsys.readouterr().out
+    assert "held-out" in table and "train" in table and "auglocal minus bp" in table
 
 
 @pytest.mark.parametrize("bad", [["--set", "optimizer.lr=0.5"]])

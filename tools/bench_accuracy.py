@@ -9,12 +9,16 @@ Every (seed, rule) run is an ordinary ``auglocal-train`` run of ``--recipe`` wit
 ``OUT/<rule>-seed<k>/``. Seeds go round the rules (seed 0 of every rule first), so a partial study
 already compares all three. ``OUT/results.json`` is rewritten atomically after each run; running
 the same command again skips finished runs and resumes an interrupted one from its ``last.pt``.
-The table gives the final head's test accuracy as mean ± std (sample std over seeds), the gaps
-the issue's targets are about, and the epoch time relative to bp; ``OUT/accuracy.png`` plots it and
+The table gives the final head's test accuracy (of best.pt, the epoch chosen on the validation
+split) as mean ± std (sample std over seeds), that epoch's validation accuracy, the last epoch's
+train accuracy (equal to the held-out one: the rule still underfits), the gaps auglocal minus each
+other rule, and the time per epoch, also relative to bp; ``OUT/accuracy.png`` plots it and
 ``OUT/curves.png`` the test accuracy after every epoch (mean over seeds), to see whether bp has
 flattened. ``--jobs N`` trains N runs at once in child processes with ``--threads`` each (on a
 small model two one-thread runs finish sooner than two two-thread runs one after the other); each
-child's training log then goes to ``OUT/<rule>-seed<k>/train.log``.
+child's training log then goes to ``OUT/<rule>-seed<k>/train.log``. ``--status`` with the same
+arguments trains nothing and prints where each run stands (epochs done, its last held-out and train
+accuracy), for a study that outlives a session.
 """
 
 from __future__ import annotations
@@ -80,15 +84,34 @@ def _run_in_child(threads: int, recipe_path: str, overrides: list[str], rule: st
         return _run_one(recipe_path, overrides, rule, seed, out, log=lambda *a, **k: print(*a, **{**k, "file": f, "flush": True}))
 
 
+def _selected(run: dict) -> float | None:
+    """Held-out accuracy of the epoch whose checkpoint was tested (best.pt, chosen on validation)."""
+    curve, best = run.get("held_out_acc_per_epoch") or [], run.get("best_epoch")
+    return curve[best - 1] if best and 0 < best <= len(curve) else None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Per rule: mean and sample std of test accuracy over seeds, mean epoch time as a ratio to bp."""
+    """Per rule: mean and sample std of test accuracy over seeds, the selected epoch's held-out
+    accuracy, the last epoch's train accuracy (train = test: still underfitted), the mean epoch time
+    and its ratio to bp's."""
     table = {}
     for rule in dict.fromkeys(r["rule"] for r in runs):
-        accs = [r["test_acc"] for r in runs if r["rule"] == rule]
-        times = [r["epoch_time_s"] for r in runs if r["rule"] == rule]
-        table[rule] = {"seeds": len(accs), "mean": statistics.mean(accs),
-                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
-                       "epoch_time_s": statistics.mean(times)}
+        mine = [r for r in runs if r["rule"] == rule]
+        accs = [r["test_acc"] for r in mine]
+        mean, std = _mean_std(accs)
+        table[rule] = {"seeds": len(accs), "mean": mean, "std": std, "accs": accs,
+                       "epoch_time_s": statistics.mean(r["epoch_time_s"] for r in mine),
+                       "best_epochs": [r.get("best_epoch") for r in mine]}
+        selected = [v for v in map(_selected, mine) if v is not None]
+        if selected:
+            table[rule]["selected_held_out_acc"] = statistics.mean(selected)
+        train = [r["train_acc_per_epoch"][-1] for r in mine if r.get("train_acc_per_epoch")]
+        if train:
+            table[rule]["train_acc_last"] = statistics.mean(train)
     if "bp" in table:
         for row in table.values():
             row["time_ratio_to_bp"] = row["epoch_time_s"] / table["bp"]["epoch_time_s"]
@@ -128,22 +151,25 @@ def plot(path: Path, summary: dict, title: str) -> None:
 
 
 def plot_curves(path: Path, runs: list[dict], title: str) -> None:
-    """Held-out accuracy (validation, else test) after every epoch, mean over seeds, one line per rule."""
+    """Held-out accuracy (validation, else test) after every epoch, solid, and the epoch's train
+    accuracy, dashed, mean over seeds, one colour per rule: where the two meet, the rule underfits."""
     import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
     for rule in dict.fromkeys(r["rule"] for r in runs):
-        curves = [r["held_out_acc_per_epoch"] for r in runs if r["rule"] == rule and r.get("held_out_acc_per_epoch")]
-        if curves:
-            n = min(map(len, curves))
-            ax.plot(range(1, n + 1), [100 * statistics.mean(c[e] for c in curves) for e in range(n)],
-                    marker="o", ms=3, label=rule, color=COLORS.get(rule, "tab:purple"))
+        color = COLORS.get(rule, "tab:purple")
+        for key, style, label in (("held_out_acc_per_epoch", "-", rule), ("train_acc_per_epoch", "--", None)):
+            curves = [r[key] for r in runs if r["rule"] == rule and r.get(key)]
+            if curves:
+                n = min(map(len, curves))
+                ax.plot(range(1, n + 1), [100 * statistics.mean(c[e] for c in curves) for e in range(n)],
+                        style, marker="o" if style == "-" else None, ms=3, label=label, color=color)
     ax.set_xlabel("epoch")
     split = "validation" if any(r.get("held_out") == "val" for r in runs) else "test"
-    ax.set_ylabel(f"{split} accuracy (%), mean over seeds")
+    ax.set_ylabel(f"{split} accuracy (%, solid) and train (dashed)\nmean over seeds")
     ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -151,16 +177,45 @@ def plot_curves(path: Path, runs: list[dict], title: str) -> None:
     atomic_savefig(fig, path)
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def _table(res: dict) -> str:
+    """The study as text: test accuracy of the checkpoint chosen on the held-out split, that split's
+    accuracy, the last epoch's train accuracy, the chosen epochs and the time per epoch."""
     lines = [f"{res['recipe']} {' '.join('--set ' + o for o in res['overrides'])}".rstrip(),
-             f"{'rule':9s} {'seeds':>5s}  {'test acc (mean ± std)':>22s}  {'per seed':24s} {'time vs bp':>10s}"]
+             f"{'rule':9s} {'seeds':>5s}  {'test acc (mean ± std)':>22s}  {'per seed':24s} {'held-out':>8s} "
+             f"{'train':>6s} {'best epoch':>10s} {'s/epoch':>8s} {'vs bp':>6s}"]
     for rule, r in res["summary"]["rules"].items():
         per_seed = " ".join(f"{100 * a:.2f}" for a in r["accs"])
         ratio = f"x{r['time_ratio_to_bp']:.2f}" if "time_ratio_to_bp" in r else "-"
+        best = "/".join(str(b) for b in r.get("best_epochs", []) if b) or "-"
         lines.append(f"{rule:9s} {r['seeds']:5d}  {100 * r['mean']:13.2f} ± {100 * r['std']:5.2f}  "
-                     f"{per_seed:24s} {ratio:>10s}")
+                     f"{per_seed:24s} {_pct(r.get('selected_held_out_acc')):>8s} {_pct(r.get('train_acc_last')):>6s} "
+                     f"{best:>10s} {r['epoch_time_s']:8.0f} {ratio:>6s}")
     for key, value in res["summary"]["gaps_points"].items():
         lines.append(f"{key.replace('_', ' ')}: {value:+.2f} points")
+    return "\n".join(lines)
+
+
+def status(out: Path, rules: list[str], seeds: list[int], epochs: int | None) -> str:
+    """Where a study stands, from each run's metrics.jsonl, without training: for a study that
+    outlives a session (each run resumes from its last.pt when the same command runs again)."""
+    lines = [f"{'run':18s} {'epochs':>7s} {'held-out':>8s} {'train':>6s} {'s/epoch':>8s}  state"]
+    finished = {}
+    if (out / "results.json").is_file():
+        finished = {(r["rule"], r["seed"]) for r in json.loads((out / "results.json").read_text())["runs"]}
+    for seed in seeds:
+        for rule in rules:
+            metrics = out / f"{rule}-seed{seed}" / "metrics.jsonl"
+            history = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+            last = history[-1] if history else {}
+            held = next((last[k] for k in ("val_acc", "test_acc") if k in last), None)
+            state = ("finished" if (rule, seed) in finished else "started" if history or metrics.parent.is_dir()
+                     else "queued")
+            lines.append(f"{rule + '-seed' + str(seed):18s} {len(history):3d}/{epochs or '?':<3} {_pct(held):>8s} "
+                         f"{_pct(last.get('train_acc')):>6s} {last.get('epoch_time_s', 0):8.0f}  {state}")
     return "\n".join(lines)
 
 
@@ -176,6 +231,8 @@ def _main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a child process")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per child with --jobs > 1 (default: this process's threads / jobs)")
+    p.add_argument("--status", action="store_true",
+                   help="print where each run of the study in --out stands (epochs, accuracies) and train nothing")
     args = p.parse_args(argv)
     if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         raise AugLocalError(f"--jobs {args.jobs} --threads {args.threads}: both must be at least 1")
@@ -193,6 +250,11 @@ def _main(argv=None) -> int:
         done = {(r["rule"], r["seed"]): r for r in old["runs"]}
     res = {**key, "machine": platform.machine(), "processor": platform.processor(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "runs": list(done.values())}
+    if args.status:
+        from auglocal_fx.training import load_recipe  # the epochs the study asks for
+
+        print(status(out, args.rules, args.seeds, load_recipe(args.recipe, args.overrides).epochs))
+        return 0
     todo = [(rule, seed) for seed in args.seeds for rule in args.rules if (rule, seed) not in done]
 
     def record(run: dict) -> None:
