@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +152,56 @@ def test_bench_accuracy_jobs_run_in_children_with_their_own_logs(capsys, tmp_pat
         assert 0 <= r["test_acc"] <= 1 and r["best_epoch"] == 1
         assert "epoch 1/1" in (tmp_path / f"{r['rule']}-seed0" / "train.log").read_text()
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid``, from /proc."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # starts two training children and waits for them
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_bench_accuracy_children_end_with_the_study(tmp_path):
+    """Killing the study (a closed session, Ctrl-C's SIGKILL cousin) ends its --jobs children too:
+    an orphan would go on training into the folder of the study started again."""
+    argv = [sys.executable, "tools/bench_accuracy.py", "--set", "epochs=100", "--set", "data.dataset=synthetic",
+            "--set", "data.train_limit=64", "--set", "data.test_limit=32", "--set", "batch_size=32",
+            "--set", "conversion.blocks=4", "--rules", "bp", "auglocal", "--seeds", "0", "--jobs", "2",
+            "--threads", "1", "--out", str(tmp_path)]
+    study = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"{rule}-seed0" / "metrics.jsonl").is_file() for rule in ("bp", "auglocal")):
+            assert study.poll() is None and time.monotonic() < deadline, "the study ended before both runs trained"
+            time.sleep(0.5)
+        children = _children(study.pid)
+        assert len(children) >= 2
+        os.kill(study.pid, signal.SIGKILL)
+        study.wait()
+        deadline = time.monotonic() + 20
+        while alive := {c for c in children if _running(c)}:
+            assert time.monotonic() < deadline, f"children {sorted(alive)} still run after the study was killed"
+            time.sleep(0.5)
+    finally:
+        if study.poll() is None:
+            study.kill()
 
 
 @pytest.mark.slow  # three torchrun launches; the pipeline itself is proven in test_pipeline.py

@@ -28,10 +28,13 @@ import concurrent.futures as futures
 import contextlib
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -73,6 +76,19 @@ def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: 
             "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
             "images_per_s": statistics.mean(h["images_per_s"] for h in history),
             "aux_params": summary["aux_params"], "backbone_params": summary["backbone_params"]}
+
+
+def _exit_with_parent() -> None:
+    """A --jobs child ends when the study's process does (killed, its session closed): an orphan
+    would go on training into the folder of a study started again, two processes per run."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # checkpoints are written atomically: a cut one is never taken for a whole one
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_in_child(threads: int, recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
@@ -270,7 +286,8 @@ def _main(argv=None) -> int:
         threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
         res["threads"] = threads
         # spawn: a forked child would inherit this process's torch thread pool state
-        with futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_exit_with_parent) as pool:
             pending = {pool.submit(_run_in_child, threads, args.recipe, args.overrides, rule, seed, out): (rule, seed)
                        for rule, seed in todo}
             print(f"== {len(todo)} runs, {args.jobs} at once with {threads} thread(s) each; logs in "
