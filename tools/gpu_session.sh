@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One call on a lent GPU, time-boxed: the GPU suite (tools/gpu_suite.py) and the accuracy study
+# at convergence (tools/bench_accuracy.py, BENCHMARKS.md), the two jobs a lent GPU is for here.
+#
+#   bash tools/gpu_session.sh OUT [SECONDS]        # SECONDS: the whole session's wall budget (560)
+#
+# The device tool sends the working tree and nothing else, so Fashion-MNIST travels as the carried,
+# git-ignored folder .fmnist/ (the four .gz files of Debian's dataset-fashion-mnist), read through
+# data.root. Order, chosen so every figure is measured as it would be alone:
+# 1. gpu_suite --sections memory (allocator peaks of its own process: other processes on the card do
+#    not change them) beside the accuracy study, STUDY_S seconds at most (default 390); the study is
+#    then stopped: finished runs are in its results.json, the others' per-epoch metrics are kept;
+# 2. gpu_suite --sections speed compiled alone (step times), in the time left.
+# Every 20 s the study's folder, checkpoints left out, is packed into OUT/accuracy.tgz, so a call cut
+# short still brings back every finished epoch. The Python is $PYTHON (default python3, the device's).
+set -u
+OUT=${1:?usage: bash tools/gpu_session.sh OUT [SECONDS]}
+TOTAL=${2:-560}
+STUDY_S=${STUDY_S:-390}
+PY=${PYTHON:-python3}
+STUDY=${STUDY_DIR:-/tmp/accuracy}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$STUDY"
+
+pack() {  # atomically: a half-written archive never replaces the last whole one
+    tar czf "$OUT/accuracy.tgz.part" -C "$STUDY" --exclude='*.pt' . 2>/dev/null && mv "$OUT/accuracy.tgz.part" "$OUT/accuracy.tgz"
+}
+left() { echo $((TOTAL - SECONDS)); }
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+$PY -c "import sys, torch, torchvision, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
+'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" || exit 1
+
+STUDY_ARGS=(--recipe recipes/fashion_mnist_resnet32.yaml --rules auglocal bp infopro dgl --seeds 0 1
+            --set epochs=10 --set data.val_split=5000 --set data.root="$PWD/.fmnist" --set data.num_workers=1
+            --jobs 4 --threads 2 --out "$STUDY")
+setsid $PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" > "$STUDY/study.out" 2> "$STUDY/study.err" &
+study=$!
+setsid $PY tools/gpu_suite.py --sections memory --budget-s $((STUDY_S - 20)) --out "$OUT/memory" > "$OUT/memory.log" 2>&1 &
+memory=$!
+
+while kill -0 "$study" 2>/dev/null && [ "$SECONDS" -lt "$STUDY_S" ]; do
+    sleep 20
+    pack
+    echo "[$SECONDS s] $(tail -n 1 "$STUDY/study.err" 2>/dev/null)"
+done
+if kill -0 "$study" 2>/dev/null; then
+    echo "[$SECONDS s] study stopped at its share of the time; unfinished runs keep their epochs so far"
+    kill -- -"$study" 2>/dev/null
+fi
+wait "$study"
+echo "study exit status $?"
+wait "$memory"
+echo "memory section exit status $?"
+$PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" --status > "$STUDY/status.txt" 2>&1
+cat "$STUDY/study.out" "$STUDY/status.txt"
+pack
+
+budget=$(( $(left) - 15 ))
+if [ "$budget" -ge 60 ]; then
+    $PY tools/gpu_suite.py --sections speed compiled --budget-s "$budget" --out "$OUT/speed" > "$OUT/speed.log" 2>&1
+    echo "speed sections exit status $?"
+    cat "$OUT/speed/gpu_suite.md" 2>/dev/null
+else
+    echo "speed sections skipped: $(left) s left"
+fi
+cat "$OUT/memory/gpu_suite.md" 2>/dev/null
+echo "session done in $SECONDS s"
