@@ -31,7 +31,8 @@ def test_dry_run_exercises_every_section(tmp_path):
     """As a user runs it, in a process of its own (a training run and profiling leave state in a
     process that later allocator measurements in this one would see)."""
     suite = _tool()
-    proc = subprocess.run([sys.executable, str(TOOLS / "gpu_suite.py"), "--dry-run", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(TOOLS / "gpu_suite.py"), "--dry-run", "--speed-batch", "3",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=TOOLS.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "gpu_suite.md").read_text()
@@ -51,6 +52,7 @@ def test_dry_run_exercises_every_section(tmp_path):
 
     for name in ("speed", "compiled"):
         rows = sec[name]["rows"]
+        assert sec[name]["batch"] == 3  # --speed-batch, also in the compiled child
         assert list(rows) == list(suite.SPEED_VARIANTS) and rows["bp"]["ratio_to_bp"] == 1.0
         assert all(_number(r["median_step_s"]) and _number(r["ratio_to_bp"]) and r["timed_steps"] == suite.DRY.steps
                    for r in rows.values())
@@ -125,3 +127,5 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "gpu_suite.json").exists()
     assert suite.main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path)]) == 2
     assert "--budget-s" in capsys.readouterr().err
+    assert suite.main(["--dry-run", "--speed-batch", "0", "--out", str(tmp_path)]) == 2
+    assert "--speed-batch" in capsys.readouterr().err

@@ -57,7 +57,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr (the CPU stand-in)
@@ -348,7 +348,8 @@ def compiled_section(s: Sizes, clock: Clock, dry_run: bool, eager: dict | None) 
         return res
     _free(s.device)
     timeout = clock.left()
-    spec = json.dumps({"dry_run": dry_run, "seconds": max(1.0, timeout - 2 * s.need_compiled_s / 3)})
+    spec = json.dumps({"dry_run": dry_run, "speed_batch": s.speed_batch,
+                       "seconds": max(1.0, timeout - 2 * s.need_compiled_s / 3)})
     _log(f"compiled ({s.backend}): batch {s.speed_batch}, at most {timeout:.0f} s")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--compiled-child", spec]
     # output to files, not pipes: compile workers the child starts could hold a pipe open after it is
@@ -385,7 +386,7 @@ def compiled_section(s: Sizes, clock: Clock, dry_run: bool, eager: dict | None) 
 
 def _compiled_child(spec: str) -> int:
     args = json.loads(spec)
-    s = DRY if args["dry_run"] else FULL
+    s = replace(DRY if args["dry_run"] else FULL, speed_batch=args["speed_batch"])
     if s.threads:
         torch.set_num_threads(s.threads)
     deadline = time.monotonic() + args["seconds"]
@@ -531,6 +532,9 @@ def _main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget in seconds (default 480)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    help=f"which parts to run (default all: {' '.join(SECTIONS)})")
+    p.add_argument("--speed-batch", type=int, default=None,
+                   help="batch of the speed and compiled sections (default 64; at 64 an H200's eager step is "
+                        "bound by kernel launches, so a larger batch shows the arithmetic's share)")
     p.add_argument("--compiled-child", help=argparse.SUPPRESS)  # the compiled section, in its own process
     args = p.parse_args(argv)
     if args.compiled_child:
@@ -540,7 +544,11 @@ def _main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         raise AugLocalError("CUDA is not available on this machine; run on a GPU, or pass --dry-run to exercise "
                             "the suite on CPU at tiny sizes")
+    if args.speed_batch is not None and args.speed_batch < 1:
+        raise AugLocalError(f"--speed-batch {args.speed_batch} is not positive; give the batch the speed sections train")
     s = DRY if args.dry_run else FULL
+    if args.speed_batch:
+        s = replace(s, speed_batch=args.speed_batch)
     clock = Clock(args.budget_s)
     threads = torch.get_num_threads()
     if s.threads:
