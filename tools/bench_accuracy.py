@@ -73,7 +73,8 @@ def _run_one(recipe_path: str, overrides: list[str], rule: str, seed: int, out: 
             "selected_on": split, "best_epoch": summary["best_epoch"],
             "held_out": split, "held_out_acc_per_epoch": [h[f"{split}_acc"] for h in history],
             "train_acc_per_epoch": [h["train_acc"] for h in history],
-            "epoch_time_s": statistics.mean(h["epoch_time_s"] for h in history),
+            # median: a study that spans sessions has epochs slowed by whatever else ran beside it
+            "epoch_time_s": statistics.median(h["epoch_time_s"] for h in history),
             "images_per_s": statistics.mean(h["images_per_s"] for h in history),
             "aux_params": summary["aux_params"], "backbone_params": summary["backbone_params"]}
 
