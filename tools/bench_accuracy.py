@@ -202,7 +202,7 @@ def _table(res: dict) -> str:
     """The study as text: test accuracy of the checkpoint chosen on the held-out split, that split's
     accuracy, the last epoch's train accuracy, the chosen epochs and the time per epoch."""
     lines = [f"{res['recipe']} {' '.join('--set ' + o for o in res['overrides'])}".rstrip(),
-             f"{'rule':9s} {'seeds':>5s}  {'test acc (mean ± std)':>22s}  {'per seed':24s} {'held-out':>8s} "
+             f"{'rule':9s} {'seeds':>5s}  {'test acc (mean ± std)':>21s}  {'per seed':24s} {'held-out':>8s} "
              f"{'train':>6s} {'best epoch':>10s} {'s/epoch':>8s} {'vs bp':>6s}"]
     for rule, r in res["summary"]["rules"].items():
         per_seed = " ".join(f"{100 * a:.2f}" for a in r["accs"])
