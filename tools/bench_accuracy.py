@@ -13,8 +13,8 @@ The table gives the final head's test accuracy (of best.pt, the epoch chosen on 
 split) as mean ± std (sample std over seeds), that epoch's validation accuracy, the last epoch's
 train accuracy (equal to the held-out one: the rule still underfits), the gaps auglocal minus each
 other rule, and the time per epoch, also relative to bp; ``OUT/accuracy.png`` plots it and
-``OUT/curves.png`` the test accuracy after every epoch (mean over seeds), to see whether bp has
-flattened. ``--jobs N`` trains N runs at once in child processes with ``--threads`` each (on a
+``OUT/curves.png`` the validation accuracy after every epoch and the train accuracy (dashed; mean
+over seeds), to see whether bp has flattened and which rules still underfit. ``--jobs N`` trains N runs at once in child processes with ``--threads`` each (on a
 small model two one-thread runs finish sooner than two two-thread runs one after the other); each
 child's training log then goes to ``OUT/<rule>-seed<k>/train.log``. ``--status`` with the same
 arguments trains nothing and prints where each run stands (epochs done, its last held-out and train
@@ -107,10 +107,6 @@ def _selected(run: dict) -> float | None:
     return curve[best - 1] if best and 0 < best <= len(curve) else None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(runs: list[dict]) -> dict:
     """Per rule: mean and sample std of test accuracy over seeds, the selected epoch's held-out
     accuracy, the last epoch's train accuracy (train = test: still underfitted), the mean epoch time
@@ -119,8 +115,8 @@ def summarise(runs: list[dict]) -> dict:
     for rule in dict.fromkeys(r["rule"] for r in runs):
         mine = [r for r in runs if r["rule"] == rule]
         accs = [r["test_acc"] for r in mine]
-        mean, std = _mean_std(accs)
-        table[rule] = {"seeds": len(accs), "mean": mean, "std": std, "accs": accs,
+        table[rule] = {"seeds": len(accs), "mean": statistics.mean(accs),
+                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
                        "epoch_time_s": statistics.mean(r["epoch_time_s"] for r in mine),
                        "best_epochs": [r.get("best_epoch") for r in mine]}
         selected = [v for v in map(_selected, mine) if v is not None]
