@@ -6,7 +6,9 @@
 #
 # The device tool sends the working tree and nothing else, so Fashion-MNIST travels as the carried,
 # git-ignored folder .fmnist/ (the four .gz files of Debian's dataset-fashion-mnist), read through
-# data.root. Order, chosen so every figure is measured as it would be alone:
+# data.root; make it once with
+#   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/ && echo /.fmnist/ >> .git/info/exclude
+# and name it in the call's carry. Order, chosen so every figure is measured as it would be alone:
 # 1. gpu_suite --sections memory (allocator peaks of its own process: other processes on the card do
 #    not change them) beside the accuracy study, STUDY_S seconds at most (default 390); the study is
 #    then stopped: finished runs are in its results.json, the others' per-epoch metrics are kept;
@@ -20,6 +22,12 @@ STUDY_S=${STUDY_S:-390}
 PY=${PYTHON:-python3}
 STUDY=${STUDY_DIR:-/tmp/accuracy}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+FMNIST=$PWD/.fmnist
+[ -d "$FMNIST" ] || FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+    echo "gpu_session.sh: no Fashion-MNIST in .fmnist/ or $FMNIST; copy Debian's dataset-fashion-mnist files into .fmnist/ and carry it" >&2
+    exit 2
+fi
 mkdir -p "$OUT" "$STUDY"
 
 pack() {  # atomically: a half-written archive never replaces the last whole one
@@ -32,7 +40,7 @@ $PY -c "import sys, torch, torchvision, timm; print(sys.version.split()[0], 'tor
 'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" || exit 1
 
 STUDY_ARGS=(--recipe recipes/fashion_mnist_resnet32.yaml --rules auglocal bp infopro dgl --seeds 0 1
-            --set epochs=10 --set data.val_split=5000 --set data.root="$PWD/.fmnist" --set data.num_workers=1
+            --set epochs=10 --set data.val_split=5000 --set data.root="$FMNIST" --set data.num_workers=1
             --jobs 4 --threads 2 --out "$STUDY")
 setsid $PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" > "$STUDY/study.out" 2> "$STUDY/study.err" &
 study=$!
