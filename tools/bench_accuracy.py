@@ -212,13 +212,11 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def status(out: Path, rules: list[str], seeds: list[int], epochs: int | None) -> str:
+def status(out: Path, rules: list[str], seeds: list[int], epochs: int | None, finished) -> str:
     """Where a study stands, from each run's metrics.jsonl, without training: for a study that
-    outlives a session (each run resumes from its last.pt when the same command runs again)."""
+    outlives a session (each run resumes from its last.pt when the same command runs again).
+    ``finished``: the (rule, seed) pairs results.json already holds."""
     lines = [f"{'run':18s} {'epochs':>7s} {'held-out':>8s} {'train':>6s} {'s/epoch':>8s}  state"]
-    finished = {}
-    if (out / "results.json").is_file():
-        finished = {(r["rule"], r["seed"]) for r in json.loads((out / "results.json").read_text())["runs"]}
     for seed in seeds:
         for rule in rules:
             metrics = out / f"{rule}-seed{seed}" / "metrics.jsonl"
@@ -266,7 +264,7 @@ def _main(argv=None) -> int:
     if args.status:
         from auglocal_fx.training import load_recipe  # the epochs the study asks for
 
-        print(status(out, args.rules, args.seeds, load_recipe(args.recipe, args.overrides).epochs))
+        print(status(out, args.rules, args.seeds, load_recipe(args.recipe, args.overrides).epochs, done))
         return 0
     todo = [(rule, seed) for seed in args.seeds for rule in args.rules if (rule, seed) not in done]
 
