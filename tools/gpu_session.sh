@@ -3,6 +3,11 @@
 # at convergence (tools/bench_accuracy.py, BENCHMARKS.md), the two jobs a lent GPU is for here.
 #
 #   bash tools/gpu_session.sh OUT [SECONDS]        # SECONDS: the whole session's wall budget (560)
+#   SUITE=0 RULES="auglocal dgl bp" SEEDS=1 EPOCHS=15 JOBS=3 bash tools/gpu_session.sh OUT 570
+#
+# The study's runs are chosen by RULES (auglocal bp infopro dgl), SEEDS (0 1), EPOCHS (10), JOBS (4)
+# and THREADS (2) per run; SUITE=0 leaves the GPU suite out and gives the study the whole budget (a
+# session that finishes runs of the study at convergence, which a CPU would take hours over).
 #
 # The device tool sends the working tree and nothing else, so Fashion-MNIST travels as the carried,
 # git-ignored folder .fmnist/ (the four .gz files of Debian's dataset-fashion-mnist), read through
@@ -18,7 +23,10 @@
 set -u
 OUT=${1:?usage: bash tools/gpu_session.sh OUT [SECONDS]}
 TOTAL=${2:-560}
-STUDY_S=${STUDY_S:-390}
+SUITE=${SUITE:-1}
+if [ "$SUITE" = 0 ]; then STUDY_S=${STUDY_S:-$((TOTAL - 30))}; else STUDY_S=${STUDY_S:-390}; fi
+read -r -a RULES <<< "${RULES:-auglocal bp infopro dgl}"
+read -r -a SEEDS <<< "${SEEDS:-0 1}"
 PY=${PYTHON:-python3}
 STUDY=${STUDY_DIR:-/tmp/accuracy}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -39,13 +47,18 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -c "import sys, torch, torchvision, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, \
 'torchvision', torchvision.__version__, 'timm', timm.__version__, torch.cuda.get_device_name(0))" || exit 1
 
-STUDY_ARGS=(--recipe recipes/fashion_mnist_resnet32.yaml --rules auglocal bp infopro dgl --seeds 0 1
-            --set epochs=10 --set data.val_split=5000 --set data.root="$FMNIST" --set data.num_workers=1
-            --jobs 4 --threads 2 --out "$STUDY")
+# channels_last as in the CPU study (BENCHMARKS.md "Accuracy at convergence"): same recipe, same settings
+STUDY_ARGS=(--recipe recipes/fashion_mnist_resnet32.yaml --rules "${RULES[@]}" --seeds "${SEEDS[@]}"
+            --set epochs="${EPOCHS:-10}" --set data.val_split=5000 --set channels_last=true
+            --set data.root="$FMNIST" --set data.num_workers=1
+            --jobs "${JOBS:-4}" --threads "${THREADS:-2}" --out "$STUDY")
 setsid $PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" > "$STUDY/study.out" 2> "$STUDY/study.err" &
 study=$!
-setsid $PY tools/gpu_suite.py --sections memory --budget-s $((STUDY_S - 20)) --out "$OUT/memory" > "$OUT/memory.log" 2>&1 &
-memory=$!
+memory=
+if [ "$SUITE" != 0 ]; then
+    setsid $PY tools/gpu_suite.py --sections memory --budget-s $((STUDY_S - 20)) --out "$OUT/memory" > "$OUT/memory.log" 2>&1 &
+    memory=$!
+fi
 
 while kill -0 "$study" 2>/dev/null && [ "$SECONDS" -lt "$STUDY_S" ]; do
     sleep 20
@@ -58,14 +71,18 @@ if kill -0 "$study" 2>/dev/null; then
 fi
 wait "$study"
 echo "study exit status $?"
-wait "$memory"
-echo "memory section exit status $?"
+if [ -n "$memory" ]; then
+    wait "$memory"
+    echo "memory section exit status $?"
+fi
 $PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" --status > "$STUDY/status.txt" 2>&1
 cat "$STUDY/study.out" "$STUDY/status.txt"
 pack
 
 budget=$(( $(left) - 15 ))
-if [ "$budget" -ge 60 ]; then
+if [ "$SUITE" = 0 ]; then
+    echo "GPU suite left out (SUITE=0)"
+elif [ "$budget" -ge 60 ]; then
     $PY tools/gpu_suite.py --sections speed compiled --budget-s "$budget" --out "$OUT/speed" > "$OUT/speed.log" 2>&1
     echo "speed sections exit status $?"
     cat "$OUT/speed/gpu_suite.md" 2>/dev/null
