@@ -61,7 +61,7 @@ def _runtime_gib() -> float:
     code = ("import auglocal_fx.training.trainer; from auglocal_fx.runtime.memory import peak_rss_bytes; "
             "print(peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     return int(out.stdout.split()[-1]) / 2**30
 
 
@@ -74,7 +74,7 @@ def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: P
     train = ["-m", "auglocal_fx.cli.train", args.recipe, *(a for s in sets for a in ("--set", s)), "--overwrite"]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *train]
            if procs > 1 else [sys.executable, *train])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     print(f"== {name}: {procs} process(es) x {threads} thread(s)", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
