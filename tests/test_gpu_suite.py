@@ -129,3 +129,50 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path, monkeypatch, capsys):
     assert "--budget-s" in capsys.readouterr().err
     assert suite.main(["--dry-run", "--speed-batch", "0", "--out", str(tmp_path)]) == 2
     assert "--speed-batch" in capsys.readouterr().err
+
+
+# -- tools/gpu_session.sh: the one device call, run here with a stub for the device's Python -------
+SESSION = TOOLS / "gpu_session.sh"
+
+
+def _session(tmp_path, total: int, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run gpu_session.sh with PYTHON a stub that logs its arguments: what the call would run."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    stub.chmod(0o755)
+    fmnist = tmp_path / "fmnist"
+    fmnist.mkdir(exist_ok=True)
+    (fmnist / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(stub), "PACK_EVERY": "1", "FMNIST": str(fmnist),
+           "STUDY_DIR": str(tmp_path / "study"), **env}
+    proc = subprocess.run(["bash", str(SESSION), str(tmp_path / "out"), str(total)], capture_output=True, text=True,
+                          cwd=TOOLS.parent, env=env, timeout=60)
+    return proc, log.read_text().splitlines() if log.is_file() else []
+
+
+def test_session_study_alone_runs_the_runs_it_is_given(tmp_path):
+    proc, calls = _session(tmp_path, 100, SUITE="0", RULES="auglocal dgl", SEEDS="1", EPOCHS="15", JOBS="3")
+    assert proc.returncode == 0, proc.stderr
+    study = [c for c in calls if c.startswith("tools/bench_accuracy.py")]
+    assert len(study) == 2 and study[1].endswith("--status")  # the study, then where it stands
+    for part in ("--rules auglocal dgl --seeds 1", "--set epochs=15", "--set channels_last=true", "--jobs 3",
+                 f"--set data.root={tmp_path / 'fmnist'}"):
+        assert part in study[0]
+    assert not any("gpu_suite.py" in c for c in calls) and "GPU suite left out" in proc.stdout
+    assert (tmp_path / "out" / "accuracy.tgz").is_file()
+
+
+def test_session_default_runs_the_suite_beside_the_study(tmp_path):
+    proc, calls = _session(tmp_path, 100)
+    assert proc.returncode == 0, proc.stderr
+    suite = [c for c in calls if c.startswith("tools/gpu_suite.py")]
+    assert [c.split("--budget-s")[0].strip() for c in suite] == [
+        "tools/gpu_suite.py --sections memory", "tools/gpu_suite.py --sections speed compiled"]
+    assert "--rules auglocal bp infopro dgl --seeds 0 1" in calls[1] and "--set epochs=10" in calls[1]
+
+
+def test_session_without_fashion_mnist_refuses_in_one_line(tmp_path):
+    proc, calls = _session(tmp_path, 100, FMNIST=str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Fashion-MNIST" in proc.stderr
+    assert calls == []

@@ -18,8 +18,12 @@
 #    not change them) beside the accuracy study, STUDY_S seconds at most (default 390); the study is
 #    then stopped: finished runs are in its results.json, the others' per-epoch metrics are kept;
 # 2. gpu_suite --sections speed compiled alone (step times), in the time left.
-# Every 20 s the study's folder, checkpoints left out, is packed into OUT/accuracy.tgz, so a call cut
-# short still brings back every finished epoch. The Python is $PYTHON (default python3, the device's).
+# Every PACK_EVERY seconds (20) the study's folder, checkpoints left out, is packed into
+# OUT/accuracy.tgz, so a call cut short still brings back every finished epoch. Checkpoints stay
+# behind (a ResNet-32 AugLocal last.pt is 18 MB, more than a call brings back per file), so plan a
+# call for its runs to finish: on the H200 an epoch of a local rule took 30-35 s with three runs at
+# once, bp's 20 s; 15 epochs of three runs, about 9 minutes. The Python is $PYTHON (default python3,
+# the device's); FMNIST names another folder holding the four .gz files.
 set -u
 OUT=${1:?usage: bash tools/gpu_session.sh OUT [SECONDS]}
 TOTAL=${2:-560}
@@ -30,8 +34,11 @@ read -r -a SEEDS <<< "${SEEDS:-0 1}"
 PY=${PYTHON:-python3}
 STUDY=${STUDY_DIR:-/tmp/accuracy}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-FMNIST=$PWD/.fmnist
-[ -d "$FMNIST" ] || FMNIST=/usr/share/datasets/fashion-mnist
+PACK_EVERY=${PACK_EVERY:-20}
+if [ -z "${FMNIST:-}" ]; then
+    FMNIST=$PWD/.fmnist
+    [ -d "$FMNIST" ] || FMNIST=/usr/share/datasets/fashion-mnist
+fi
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
     echo "gpu_session.sh: no Fashion-MNIST in .fmnist/ or $FMNIST; copy Debian's dataset-fashion-mnist files into .fmnist/ and carry it" >&2
     exit 2
@@ -61,7 +68,7 @@ if [ "$SUITE" != 0 ]; then
 fi
 
 while kill -0 "$study" 2>/dev/null && [ "$SECONDS" -lt "$STUDY_S" ]; do
-    sleep 20
+    sleep "$PACK_EVERY"
     pack
     echo "[$SECONDS s] $(tail -n 1 "$STUDY/study.err" 2>/dev/null)"
 done
