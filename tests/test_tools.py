@@ -227,3 +227,28 @@ def test_pipeline_model_compares_the_three_schemes(capsys):
     for r in model["rows"]:
         assert 0 < r["local_pipeline_speedup"] <= r["stages"] and r["ddp_speedup"] <= r["stages"] + 1e-9
         assert r["onef1b_speedup"] <= r["stages"] and r["local_send_mb"] > 0
+
+
+@pytest.mark.slow  # a training run in a process of its own (the probe is imported at interpreter start-up)
+def test_rss_phases_says_in_which_phase_each_peak_was_reached(tmp_path):
+    from test_training import tiny_recipe, write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    probe, folder = TOOLS / "rss_phases", tmp_path / "rss"
+    env = {**os.environ, "AUGLOCAL_RSS_PHASES": str(folder), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(probe), str(TOOLS.parent)])}
+    run = subprocess.run([sys.executable, "-m", "auglocal_fx.cli.train", str(recipe)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (tsv,) = folder.glob("rss-main-*.tsv")
+    rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:]]
+    phases = {r[1] for r in rows}
+    assert {"Trainer._start", "Trainer.train_epoch", "Trainer.evaluate", "Trainer._save"} <= phases
+    assert {r[2] for r in rows if r[1] == "Trainer.train_epoch"} >= {"auglocal.forward", "auglocal.backward"}
+    assert all(float(r[3]) > 0.3 for r in rows)  # GiB: torch alone is more
+    shown = subprocess.run([sys.executable, str(probe / "sitecustomize.py"), str(folder)], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "Trainer.train_epoch  (at auglocal." in shown.stdout, shown.stdout
+    bad = subprocess.run([sys.executable, str(probe / "sitecustomize.py"), str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
