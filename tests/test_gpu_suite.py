@@ -169,7 +169,8 @@ def test_session_default_runs_the_suite_beside_the_study(tmp_path):
     suite = [c for c in calls if c.startswith("tools/gpu_suite.py")]
     assert [c.split("--budget-s")[0].strip() for c in suite] == [
         "tools/gpu_suite.py --sections memory", "tools/gpu_suite.py --sections speed compiled"]
-    assert "--rules auglocal bp infopro dgl --seeds 0 1" in calls[1] and "--set epochs=10" in calls[1]
+    study = next(c for c in calls if c.startswith("tools/bench_accuracy.py"))  # started beside the memory section
+    assert "--rules auglocal bp infopro dgl --seeds 0 1" in study and "--set epochs=10" in study
 
 
 def test_session_without_fashion_mnist_refuses_in_one_line(tmp_path):

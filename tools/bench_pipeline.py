@@ -56,12 +56,17 @@ def _configs(ps: list[int]) -> list[tuple[str, int, int, list[str]]]:
     return rows
 
 
+def _pythonpath() -> str:
+    """The repository first, then the caller's path (a recipe's own model or data module, a probe)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def _runtime_gib() -> float:
     """Peak resident memory of a process that imports the trainer and nothing more (GiB)."""
     code = ("import auglocal_fx.training.trainer; from auglocal_fx.runtime.memory import peak_rss_bytes; "
             "print(peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+                         env={**os.environ, "PYTHONPATH": _pythonpath()})
     return int(out.stdout.split()[-1]) / 2**30
 
 
@@ -74,7 +79,7 @@ def _run(name: str, procs: int, threads: int, overrides: list[str], args, out: P
     train = ["-m", "auglocal_fx.cli.train", args.recipe, *(a for s in sets for a in ("--set", s)), "--overwrite"]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *train]
            if procs > 1 else [sys.executable, *train])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": _pythonpath()}
     print(f"== {name}: {procs} process(es) x {threads} thread(s)", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:

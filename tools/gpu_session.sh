@@ -70,7 +70,9 @@ fi
 while kill -0 "$study" 2>/dev/null && [ "$SECONDS" -lt "$STUDY_S" ]; do
     sleep "$PACK_EVERY"
     pack
-    echo "[$SECONDS s] $(tail -n 1 "$STUDY/study.err" 2>/dev/null)"
+    for log in "$STUDY"/*/train.log; do  # each run's last progress line
+        [ -f "$log" ] && echo "[$SECONDS s] $(basename "$(dirname "$log")"): $(tail -n 1 "$log" | cut -c1-100)"
+    done
 done
 if kill -0 "$study" 2>/dev/null; then
     echo "[$SECONDS s] study stopped at its share of the time; unfinished runs keep their epochs so far"
