@@ -1,13 +1,16 @@
 """tools/gpu_suite.py's dry run: every section's code path on CPU at tiny sizes, so the GPU suite
-cannot rot between the sessions that are lent a GPU; and its refusals without CUDA."""
+cannot rot between the sessions that are lent a GPU; and its refusals without CUDA. tools/gpu_session.sh
+with a stub for the device's Python: what the one device call runs and what it brings back."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -152,6 +155,11 @@ def _session(tmp_path, total: int, **env) -> tuple[subprocess.CompletedProcess, 
 
 
 def test_session_study_alone_runs_the_runs_it_is_given(tmp_path):
+    for run, finished in (("auglocal-seed1", False), ("dgl-seed1", True)):  # left by the study (a stub here)
+        (tmp_path / "study" / run).mkdir(parents=True)
+        (tmp_path / "study" / run / "last.pt").write_bytes(run.encode() * 1000)
+        if finished:
+            (tmp_path / "study" / run / "summary.json").write_text("{}")
     proc, calls = _session(tmp_path, 100, SUITE="0", RULES="auglocal dgl", SEEDS="1", EPOCHS="15", JOBS="3")
     assert proc.returncode == 0, proc.stderr
     study = [c for c in calls if c.startswith("tools/bench_accuracy.py")]
@@ -161,11 +169,17 @@ def test_session_study_alone_runs_the_runs_it_is_given(tmp_path):
         assert part in study[0]
     assert not any("gpu_suite.py" in c for c in calls) and "GPU suite left out" in proc.stdout
     assert (tmp_path / "out" / "accuracy.tgz").is_file()
+    # the unfinished run's checkpoint comes back, in parts, to be resumed elsewhere; the finished one's does not
+    parts = sorted((tmp_path / "out").glob("checkpoints.tar.part-*"))
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        assert tar.getnames() == ["auglocal-seed1/last.pt"]
+        assert tar.extractfile("auglocal-seed1/last.pt").read() == b"auglocal-seed1" * 1000
 
 
 def test_session_default_runs_the_suite_beside_the_study(tmp_path):
     proc, calls = _session(tmp_path, 100)
     assert proc.returncode == 0, proc.stderr
+    assert not list((tmp_path / "out").glob("checkpoints.tar.part-*"))  # the suite's files take the room
     suite = [c for c in calls if c.startswith("tools/gpu_suite.py")]
     assert [c.split("--budget-s")[0].strip() for c in suite] == [
         "tools/gpu_suite.py --sections memory", "tools/gpu_suite.py --sections speed compiled"]

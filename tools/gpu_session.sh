@@ -19,16 +19,20 @@
 #    then stopped: finished runs are in its results.json, the others' per-epoch metrics are kept;
 # 2. gpu_suite --sections speed compiled alone (step times), in the time left.
 # Every PACK_EVERY seconds (20) the study's folder, checkpoints left out, is packed into
-# OUT/accuracy.tgz, so a call cut short still brings back every finished epoch. Checkpoints stay
-# behind (a ResNet-32 AugLocal last.pt is 18 MB, more than a call brings back per file), so plan a
-# call for its runs to finish: on the H200 an epoch of a local rule took 30-35 s with three runs at
-# once, bp's 20 s; 15 epochs of three runs, about 9 minutes. The Python is $PYTHON (default python3,
-# the device's); FMNIST names another folder holding the four .gz files.
+# OUT/accuracy.tgz, so a call cut short still brings back every finished epoch. When the study is
+# stopped, the last.pt of each run it did not finish comes back too (CKPT=1, the default with
+# SUITE=0): tarred and split into OUT/checkpoints.tar.part-aa, -ab, ... of 15 MiB (a call brings
+# back files of 16 MiB at most, 8 files, 64 MiB in all; a ResNet-32 AugLocal last.pt is 18 MB), so
+# the run resumes here or on the next device:
+#   cat OUT/checkpoints.tar.part-* | tar xf - -C runs/STUDY      # then the same bench_accuracy command
+# On the H200 an epoch of a local rule took 30-35 s with three runs at once, bp's 20 s: 15 epochs of
+# three runs, about 9 minutes. The Python is $PYTHON (default python3, the device's); FMNIST names
+# another folder holding the four .gz files.
 set -u
 OUT=${1:?usage: bash tools/gpu_session.sh OUT [SECONDS]}
 TOTAL=${2:-560}
 SUITE=${SUITE:-1}
-if [ "$SUITE" = 0 ]; then STUDY_S=${STUDY_S:-$((TOTAL - 30))}; else STUDY_S=${STUDY_S:-390}; fi
+if [ "$SUITE" = 0 ]; then STUDY_S=${STUDY_S:-$((TOTAL - 45))}; CKPT=${CKPT:-1}; else STUDY_S=${STUDY_S:-390}; CKPT=${CKPT:-0}; fi
 read -r -a RULES <<< "${RULES:-auglocal bp infopro dgl}"
 read -r -a SEEDS <<< "${SEEDS:-0 1}"
 PY=${PYTHON:-python3}
@@ -87,6 +91,16 @@ fi
 $PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" --status > "$STUDY/status.txt" 2>&1
 cat "$STUDY/study.out" "$STUDY/status.txt"
 pack
+if [ "$CKPT" = 1 ]; then  # the unfinished runs' last.pt (a finished run has its summary.json)
+    cut=()
+    for last in "$STUDY"/*/last.pt; do
+        [ -f "$last" ] && [ ! -f "$(dirname "$last")/summary.json" ] && cut+=("$(basename "$(dirname "$last")")/last.pt")
+    done
+    if [ "${#cut[@]}" -gt 0 ]; then
+        tar cf - -C "$STUDY" "${cut[@]}" | split -b 15m - "$OUT/checkpoints.tar.part-"
+        echo "checkpoints of unfinished runs: ${cut[*]} in $(ls "$OUT"/checkpoints.tar.part-* | wc -l) part(s)"
+    fi
+fi
 
 budget=$(( $(left) - 15 ))
 if [ "$SUITE" = 0 ]; then
