@@ -51,11 +51,10 @@ class _Probe:
         self.phase = prev if prev != "start-up" else "the run's loop"
 
     def write(self) -> None:
+        from auglocal_fx.atomic import atomic_write_text
+
         rows = [f"{v}\t{p}\t{lab}\t{b / 2**30:.3f}" for (v, p, lab), b in list(self.peaks.items())]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("visit\tphase\tlabel\tpeak_gib\n" + "\n".join(rows) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "visit\tphase\tlabel\tpeak_gib\n" + "\n".join(rows) + "\n")
 
     def sample(self) -> None:
         last = 0.0
@@ -70,28 +69,25 @@ class _Probe:
 
     def install(self) -> None:
         """Mark the trainer's phases and the units' profiler labels; sample in a thread."""
-        try:
-            import auglocal_fx.runtime.blockwise as blockwise
-            from auglocal_fx.training import pipeline_stages, trainer
-        except ImportError:  # not a training process (or the package is not on the path): sample only
-            pass
-        else:
-            labelled = blockwise.record_function
+        import auglocal_fx.runtime.blockwise as blockwise
+        from auglocal_fx.training import pipeline_stages, trainer
 
-            @contextlib.contextmanager
-            def record_function(name):
-                prev, self.label = self.label, name
-                try:
-                    with labelled(name):
-                        yield
-                finally:
-                    self.label = prev
+        labelled = blockwise.record_function
 
-            blockwise.record_function = record_function
-            for cls, names in ((trainer.Trainer, ("_start", "train_epoch", "evaluate", "_save")),
-                               (pipeline_stages.PipelineStages, ("attach", "checkpoint"))):
-                for name in names:
-                    self._wrap(cls, name)
+        @contextlib.contextmanager
+        def record_function(name):
+            prev, self.label = self.label, name
+            try:
+                with labelled(name):
+                    yield
+            finally:
+                self.label = prev
+
+        blockwise.record_function = record_function
+        for cls, names in ((trainer.Trainer, ("_start", "train_epoch", "evaluate", "_save")),
+                           (pipeline_stages.PipelineStages, ("attach", "checkpoint"))):
+            for name in names:
+                self._wrap(cls, name)
         threading.Thread(target=self.sample, name="rss-phases", daemon=True).start()
 
     def _wrap(self, cls, name: str) -> None:
@@ -114,7 +110,8 @@ def report(folder: str) -> str:
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".tsv"):
             continue
-        rows = [line.split("\t") for line in open(os.path.join(folder, name)).read().splitlines()[1:] if line]
+        with open(os.path.join(folder, name)) as f:
+            rows = [line.split("\t") for line in f.read().splitlines()[1:] if line]
         phases: list[list] = []  # [visit, phase, peak, label at peak]
         for visit, phase, label, gib in rows:
             g = float(gib)
