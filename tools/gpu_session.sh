@@ -92,13 +92,13 @@ $PY tools/bench_accuracy.py "${STUDY_ARGS[@]}" --status > "$STUDY/status.txt" 2>
 cat "$STUDY/study.out" "$STUDY/status.txt"
 pack
 if [ "$CKPT" = 1 ]; then  # the unfinished runs' last.pt (a finished run has its summary.json)
-    cut=()
+    unfinished=()
     for last in "$STUDY"/*/last.pt; do
-        [ -f "$last" ] && [ ! -f "$(dirname "$last")/summary.json" ] && cut+=("$(basename "$(dirname "$last")")/last.pt")
+        [ -f "$last" ] && [ ! -f "$(dirname "$last")/summary.json" ] && unfinished+=("$(basename "$(dirname "$last")")/last.pt")
     done
-    if [ "${#cut[@]}" -gt 0 ]; then
-        tar cf - -C "$STUDY" "${cut[@]}" | split -b 15m - "$OUT/checkpoints.tar.part-"
-        echo "checkpoints of unfinished runs: ${cut[*]} in $(ls "$OUT"/checkpoints.tar.part-* | wc -l) part(s)"
+    if [ "${#unfinished[@]}" -gt 0 ]; then
+        tar cf - -C "$STUDY" "${unfinished[@]}" | split -b 15m - "$OUT/checkpoints.tar.part-"
+        echo "checkpoints of unfinished runs: ${unfinished[*]} in $(ls "$OUT"/checkpoints.tar.part-* | wc -l) part(s)"
     fi
 fi
 
