@@ -7,7 +7,7 @@
 Python imports ``sitecustomize`` from its path at start-up, so every process started with this folder
 on ``PYTHONPATH`` (torchrun's workers, bench_pipeline's and bench_accuracy's children too) runs this
 module. With ``AUGLOCAL_RSS_PHASES`` set it samples the process's resident size every 2 ms in a
-thread and keeps the peak of each phase: the trainer's steps (building and converting the net,
+thread, and at each unit label's start and end, and keeps the peak of each phase: the trainer's steps (building and converting the net,
 ``attach`` a pipeline stage, each epoch's training, evaluation, checkpoint) and inside training the
 units' labels (``auglocal.forward`` / ``backward`` / ``optimizer`` / ``hand_on``, as
 ``torch.profiler`` sees them). Peak RSS as the trainer reports it (``peak_rss_gib``) is the largest of
@@ -56,12 +56,15 @@ class _Probe:
         rows = [f"{v}\t{p}\t{lab}\t{b / 2**30:.3f}" for (v, p, lab), b in list(self.peaks.items())]
         atomic_write_text(self.path, "visit\tphase\tlabel\tpeak_gib\n" + "\n".join(rows) + "\n")
 
+    def note(self) -> None:
+        key, rss = (self.visit, self.phase, self.label), _rss()
+        if rss > self.peaks.get(key, 0):
+            self.peaks[key] = rss
+
     def sample(self) -> None:
         last = 0.0
         while True:
-            key, rss = (self.visit, self.phase, self.label), _rss()
-            if rss > self.peaks.get(key, 0):
-                self.peaks[key] = rss
+            self.note()
             time.sleep(0.002)
             if time.monotonic() - last > 0.5:
                 last = time.monotonic()
@@ -76,11 +79,15 @@ class _Probe:
 
         @contextlib.contextmanager
         def record_function(name):
+            # noted on entry and exit too: a label shorter than the sampler's period (a small
+            # unit's forward, or the sampler kept off the GIL) still gets its row
             prev, self.label = self.label, name
+            self.note()
             try:
                 with labelled(name):
                     yield
             finally:
+                self.note()
                 self.label = prev
 
         blockwise.record_function = record_function
