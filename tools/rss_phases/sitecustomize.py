@@ -7,9 +7,9 @@
 Python imports ``sitecustomize`` from its path at start-up, so every process started with this folder
 on ``PYTHONPATH`` (torchrun's workers, bench_pipeline's and bench_accuracy's children too) runs this
 module. With ``AUGLOCAL_RSS_PHASES`` set it samples the process's resident size every 2 ms in a
-thread, and at each unit label's start and end, and keeps the peak of each phase: the trainer's steps (building and converting the net,
-``attach`` a pipeline stage, each epoch's training, evaluation, checkpoint) and inside training the
-units' labels (``auglocal.forward`` / ``backward`` / ``optimizer`` / ``hand_on``, as
+thread, and at each unit label's start and end, and keeps the peak of each phase: the trainer's
+steps (building and converting the net, ``attach`` a pipeline stage, each epoch's training,
+evaluation, checkpoint) and inside training the units' labels (``auglocal.forward`` / ``backward`` / ``optimizer`` / ``hand_on``, as
 ``torch.profiler`` sees them). Peak RSS as the trainer reports it (``peak_rss_gib``) is the largest of
 these; this says in which phase it was reached. Written every half second to
 ``<dir>/rss-<rank>-<pid>.tsv`` (atomically), so a process killed or ending with ``os._exit`` leaves
@@ -39,6 +39,7 @@ class _Probe:
         os.makedirs(folder, exist_ok=True)
         self.visit, self.phase, self.label = 0, "start-up", "-"
         self.peaks: dict[tuple, int] = {}  # (visit, phase, label) -> peak bytes, in the order first seen
+        self.lock = threading.Lock()
 
     def enter(self, phase: str) -> str:
         prev, self.phase = self.phase, phase
@@ -58,8 +59,9 @@ class _Probe:
 
     def note(self) -> None:
         key, rss = (self.visit, self.phase, self.label), _rss()
-        if rss > self.peaks.get(key, 0):
-            self.peaks[key] = rss
+        with self.lock:  # the sampler and the training thread both note: keep the larger
+            if rss > self.peaks.get(key, 0):
+                self.peaks[key] = rss
 
     def sample(self) -> None:
         last = 0.0
