@@ -4,17 +4,17 @@
         python tools/bench_pipeline.py --stages 2 --only "sequential x1" "pipeline 2" ...
     python tools/rss_phases/sitecustomize.py /tmp/rss        # the table, one block per process
 
-Python imports ``sitecustomize`` from its path at start-up, so every process started with this folder
-on ``PYTHONPATH`` (torchrun's workers, bench_pipeline's and bench_accuracy's children too) runs this
-module. With ``AUGLOCAL_RSS_PHASES`` set it samples the process's resident size every 2 ms in a
-thread, and at each unit label's start and end, and keeps the peak of each phase: the trainer's
+Python imports ``sitecustomize`` from its path at start-up, so every process started with this
+folder on ``PYTHONPATH`` (torchrun's workers, bench_pipeline's and bench_accuracy's children too)
+runs this module. With ``AUGLOCAL_RSS_PHASES`` set it samples the process's resident size every 2 ms
+in a thread, and at each unit label's start and end, and keeps the peak of each phase: the trainer's
 steps (building and converting the net, ``attach`` a pipeline stage, each epoch's training,
-evaluation, checkpoint) and inside training the units' labels (``auglocal.forward`` / ``backward`` / ``optimizer`` / ``hand_on``, as
-``torch.profiler`` sees them). Peak RSS as the trainer reports it (``peak_rss_gib``) is the largest of
-these; this says in which phase it was reached. Written every half second to
-``<dir>/rss-<rank>-<pid>.tsv`` (atomically), so a process killed or ending with ``os._exit`` leaves
-its figures. A probe: it runs Python in a thread beside training, so time figures taken with it on
-are not the run's.
+evaluation, checkpoint) and inside training the units' labels (``auglocal.forward`` / ``backward`` /
+``optimizer`` / ``hand_on``, as ``torch.profiler`` sees them). Peak RSS as the trainer reports it
+(``peak_rss_gib``) is the largest of these; this says in which phase it was reached. Written every
+half second to ``<dir>/rss-<rank>-<pid>.tsv`` (atomically), so a process killed or ending with
+``os._exit`` leaves its figures. A probe: it runs Python in a thread beside training, so time
+figures taken with it on are not the run's.
 """
 
 from __future__ import annotations
