@@ -54,7 +54,9 @@ class _Probe:
     def write(self) -> None:
         from auglocal_fx.atomic import atomic_write_text
 
-        rows = [f"{v}\t{p}\t{lab}\t{b / 2**30:.3f}" for (v, p, lab), b in list(self.peaks.items())]
+        with self.lock:  # a snapshot: the training thread may add a label's row meanwhile
+            peaks = list(self.peaks.items())
+        rows = [f"{v}\t{p}\t{lab}\t{b / 2**30:.3f}" for (v, p, lab), b in peaks]
         atomic_write_text(self.path, "visit\tphase\tlabel\tpeak_gib\n" + "\n".join(rows) + "\n")
 
     def note(self) -> None:
