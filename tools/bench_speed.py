@@ -24,6 +24,16 @@ activation checkpointing at the same K block boundaries (``checkpointed.py``) an
 ``set_grad_checkpointing()`` (where the family has it): what each costs in step time, beside what
 ``bench_memory.py`` says it saves. For checkpointing, ``flops x`` counts the second forward of
 every block but the last (as a third of its forward FLOPs in the "aux" column: it has no backward).
+
+``--reference-dir DIR`` adds the paper authors' own implementation (their ``LocalResNet`` from a
+checkout of ChenxiangMA/AugLocal at DIR, ``reference_peer.py``) as the row "reference", stepped as
+their ``train.py`` steps it, interleaved with the others on the same batch, device, memory format
+and threads, with the same optimizer. Their code has the CIFAR ResNets only, at K = the layer
+count (``--model resnet32_cifar --blocks 16 --size 32``). Their split is our ``tail="reference"``
+(M = K - d modules), so with ``--reference-dir`` the auglocal rows are built with it (``--tail``
+overrides); the reference row's FLOPs are counted on their model, its ratio to auglocal beside.
+
+    python tools/bench_speed.py --model resnet32_cifar --blocks 16 --aux-depth 3 --batch 128 --size 32 --reference-dir DIR
 """
 
 from __future__ import annotations
@@ -45,11 +55,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # reference_peer, beside this file
+
+import reference_peer  # noqa: E402
 
 import auglocal_fx  # noqa: E402,F401  (registers the CIFAR ResNets)
 from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.checkpointed import CheckpointedModel, checkpointed  # noqa: E402
+from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
+from auglocal_fx.passes.selection import TAILS  # noqa: E402
 
 RULES = ("bp", "dgl", "auglocal")
 COMPILE_RULES = ("bp", "auglocal")  # --compile: each eager and compiled
@@ -57,6 +72,8 @@ MEMORY_OPTIONS = {"auglocal+recompute=block": {"recompute": "block"},  # --memor
                   "auglocal+bf16 aux": {"aux_dtype": "bfloat16"},
                   "auglocal+recompute=block+bf16 aux": {"recompute": "block", "aux_dtype": "bfloat16"}}
 CHECKPOINTING = ("bp+checkpointing", "bp+timm checkpointing")  # --memory-options: what users pick instead
+REFERENCE = "reference"  # --reference-dir: the authors' LocalResNet
+PROG = "bench_speed.py"
 PHASES = {"auglocal.block": "block forward", "auglocal.top": "aux/head forward",
           "auglocal.backward": "backward", "bench.optimizer": "optimizer"}
 
@@ -111,11 +128,29 @@ def profile_phases(net, opt, x, y) -> dict[str, float]:
     return totals
 
 
+def _reference_row(net, x, y) -> dict:
+    """The figures of the authors' model that plans give for ours: FLOPs, modules, parameters."""
+    backbone, aux = reference_peer.forward_flops(net, x, y)
+    params, aux_params = reference_peer.param_counts(net)
+    return {"blocks": net.local_module_num, "backbone_gflops": backbone / 1e9, "aux_gflops": aux / 1e9,
+            "flops_ratio": (backbone + aux) / backbone, "params": params, "aux_params": aux_params}
+
+
+def _params(net) -> dict:
+    aux = net.aux_parameters() if hasattr(net, "aux_parameters") else ()  # checkpointing rows have no aux nets
+    return {"params": sum(p.numel() for p in net.parameters()), "aux_params": sum(p.numel() for p in aux)}
+
+
 def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, warmup: int,
             aux_depth: int = 2, pyramid: float = 0.5, device: str = "cpu", channels_last: bool = False,
-            profile_steps: bool = False, compile_backend: str | None = None, memory_options: bool = False) -> dict:
+            profile_steps: bool = False, compile_backend: str | None = None, memory_options: bool = False,
+            reference_dir: str | None = None, tail: str = "exact") -> dict:
     """Figures per variant: a rule's name, with ``compile_backend`` also ``{rule}+compiled``, with
-    ``memory_options`` also auglocal with each of ``MEMORY_OPTIONS``."""
+    ``memory_options`` also auglocal with each of ``MEMORY_OPTIONS``, with ``reference_dir`` also
+    ``reference``; ``tail`` is the auglocal rows' (``reference`` matches the authors' split)."""
+    if reference_dir is not None:  # a wrong directory or setting fails here, before any model is built
+        reference_peer.check_config(model_name, blocks, aux_depth, pyramid, size)
+        reference_peer.load_reference(reference_dir)
     torch.manual_seed(0)
     base = create_model(model_name, num_classes=10)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -125,8 +160,18 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
     if memory_options:
         variants.update({name: ("auglocal", False, o) for name, o in MEMORY_OPTIONS.items()})
         variants.update({name: (name, False, {}) for name in CHECKPOINTING})
-    nets, opts = {}, {}
+    if reference_dir is not None:
+        variants[REFERENCE] = (REFERENCE, False, {})
+    nets, opts, steppers = {}, {}, {}
     for name, (rule, compiled, options) in list(variants.items()):
+        steppers[name] = _step
+        if rule == REFERENCE:
+            net = reference_peer.build_reference(reference_dir, model_name, blocks, aux_depth, pyramid, batch,
+                                                 size=size)
+            nets[name] = net.to(device, memory_format=fmt).train()
+            opts[name] = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+            steppers[name] = reference_peer.step
+            continue
         if rule in CHECKPOINTING:
             net = _baseline(rule, copy.deepcopy(base), blocks, size)
             if net is None:  # no timm checkpointing in this family: no row
@@ -135,6 +180,8 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
             nets[name] = net.to(device, memory_format=fmt).train()
             opts[name] = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
             continue
+        if rule == "auglocal":  # the other rules keep K blocks: the authors' tail is AugLocal's only
+            options = {"tail": tail, **options}
         net = to_auglocal(copy.deepcopy(base), blocks, rule=rule, aux_depth=aux_depth, pyramid=pyramid,
                           input_size=(3, size, size), **options).to(device, memory_format=fmt).train()
         if compiled:
@@ -150,7 +197,7 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            _step(nets[v], opts[v], x, y)
+            steppers[v](nets[v], opts[v], x, y)
             if device == "cuda":
                 torch.cuda.synchronize()
             first.setdefault(v, time.perf_counter() - start)
@@ -159,10 +206,14 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
     med = {v: statistics.median(t) for v, t in times.items()}
     rows = {}
     for v, (rule, compiled, options) in variants.items():
-        backbone, aux = forward_flops(nets[v])
         bp = "bp+compiled" if compiled else "bp"
-        rows[v] = {"median_step_s": med[v], "ratio_to_bp": med[v] / med[bp], "blocks": len(nets[v].blocks),
-                   "backbone_gflops": backbone / 1e9, "aux_gflops": aux / 1e9, "flops_ratio": (backbone + aux) / backbone}
+        rows[v] = {"median_step_s": med[v], "ratio_to_bp": med[v] / med[bp]}
+        if rule == REFERENCE:  # their model has no plan: counted on it; no labels for --profile
+            rows[v].update(_reference_row(nets[v], x, y), ratio_to_auglocal=med[v] / med["auglocal"])
+            continue
+        backbone, aux = forward_flops(nets[v])
+        rows[v].update({"blocks": len(nets[v].blocks), "backbone_gflops": backbone / 1e9, "aux_gflops": aux / 1e9,
+                        "flops_ratio": (backbone + aux) / backbone, **_params(nets[v])})
         if options:
             rows[v]["ratio_to_auglocal"] = med[v] / med["auglocal"]
         if compiled:
@@ -173,11 +224,15 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
     return {"model": model_name, "blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "batch": batch,
             "size": size, "steps": steps, "threads": torch.get_num_threads(), "device": device,
             "channels_last": channels_last, "compile_backend": compile_backend, "machine": platform.machine(),
-            "torch": torch.__version__, "rules": rows}
+            "torch": torch.__version__, "tail": tail, "reference_dir": reference_dir, "rules": rows}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_cli(PROG, lambda: _main(argv))
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--blocks", type=int, default=16)
     p.add_argument("--aux-depth", type=int, default=2)
@@ -195,28 +250,33 @@ def main(argv=None) -> int:
     p.add_argument("--memory-options", action="store_true",
                    help="also time auglocal with recompute=block, bf16 aux nets, and both")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--reference-dir", metavar="DIR",
+                   help="also time the paper authors' LocalResNet from a checkout of ChenxiangMA/AugLocal at DIR")
+    p.add_argument("--tail", choices=TAILS, help="the auglocal rows' tail (default: reference with "
+                   "--reference-dir, the authors' split M = K - d; else exact, K blocks)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
+    tail = args.tail or ("reference" if args.reference_dir else "exact")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile and args.warmup < 1:
         p.error("--compile needs --warmup 1 or more: the first compiled step compiles")
     res = measure(args.model, args.blocks, args.batch, args.size, args.steps, args.warmup, args.aux_depth,
                   args.pyramid, args.device, args.channels_last, args.profile,
-                  args.backend if args.compile else None, args.memory_options)
+                  args.backend if args.compile else None, args.memory_options, args.reference_dir, tail)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"{res['model']} K={res['blocks']} d={res['aux_depth']} batch {res['batch']} at {res['size']}px on "
           f"{res['device']}{' channels-last' if res['channels_last'] else ''}, {res['threads']} threads, "
-          f"median of {res['steps']} interleaved steps"
+          f"median of {res['steps']} interleaved steps{', auglocal tail=' + tail if tail != 'exact' else ''}"
           f"{', compiled with ' + res['compile_backend'] if res['compile_backend'] else ''}")
     width = max(map(len, res["rules"]))
     for rule, r in res["rules"].items():
         bp = "bp+compiled" if rule.endswith("+compiled") else "bp"
         line = (f"  {rule:{width}s} {1000 * r['median_step_s']:9.1f} ms/step  x{r['ratio_to_bp']:.2f} of {bp}   "
                 f"flops x{r['flops_ratio']:.2f} (backbone {r['backbone_gflops']:.2f} + aux {r['aux_gflops']:.2f} "
-                f"GFLOPs/sample)")
+                f"GFLOPs/sample)  params {r['params'] / 1e6:.2f}M (aux {r['aux_params'] / 1e6:.2f}M)")
         if "ratio_to_auglocal" in r:
             line += f"  x{r['ratio_to_auglocal']:.2f} of auglocal"
         if "compiled_over_eager" in r:
