@@ -30,6 +30,16 @@ auglocal with one optimizer step at the end; auglocal with per-unit steps (the t
 and, on top, ``balance=memory``, ``recompute=block``, ``recompute=aux``, ``aux_dtype=bfloat16``, and
 recompute=block with bfloat16 aux nets. The crossover batch is the smallest batch at which
 auglocal's estimated total (per-unit steps) falls below bp's.
+
+``--reference-dir DIR`` (part total) adds the paper authors' own implementation, their
+``LocalResNet`` from a checkout of ChenxiangMA/AugLocal at DIR (``reference_peer.py``), measured
+as every other row (a fresh process, allocated and peak RSS; no estimate: it has no plan), stepped
+as their ``train.py`` steps it: one optimizer step at the end. Beside it, the row of ours that does
+the same work: auglocal with their split (``tail=reference``, M = K - d) and one step at the end.
+Their code has the CIFAR ResNets only, at K = the layer count; ``--aux-depth`` and ``--pyramid``
+set both, e.g. their ``run.sh``'s ResNet-32:
+
+    python tools/bench_memory.py --part total --model resnet32_cifar --blocks 16 --aux-depth 3 --size 32 --batch 1024 --rows bp --reference-dir DIR
 """
 
 from __future__ import annotations
@@ -45,9 +55,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # reference_peer, beside this file
+
+import reference_peer  # noqa: E402
 
 from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.checkpointed import checkpointed  # noqa: E402
+from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.costs import (  # noqa: E402
     bp_footprint,
     checkpointed_footprint,
@@ -55,6 +69,7 @@ from auglocal_fx.costs import (  # noqa: E402
     estimate_footprint,
     unit_act_bytes,  # noqa: E402
 )
+from auglocal_fx.errors import AugLocalError  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.rules import get_rule  # noqa: E402
 from auglocal_fx.runtime.memory import SavedTensorMeter, allocated_peak, peak_rss_bytes  # noqa: E402
@@ -80,7 +95,13 @@ TOTAL_ROWS = {
     "auglocal, recompute=aux": ("auglocal", True, {"recompute": "aux"}),
     "auglocal, bf16 aux": ("auglocal", True, {"aux_dtype": "bfloat16"}),
     "auglocal, recompute=block + bf16 aux": ("auglocal", True, {"recompute": "block", "aux_dtype": "bfloat16"}),
+    # --reference-dir: the authors' LocalResNet, and ours doing the same work (their split, one step)
+    "auglocal, tail=reference, one step at the end": ("auglocal", False, {"tail": "reference"}),
+    "reference (authors' LocalResNet)": ("reference", False, {}),
 }
+REFERENCE = "reference (authors' LocalResNet)"
+REFERENCE_ROWS = ("auglocal, tail=reference, one step at the end", REFERENCE)  # not in the default rows
+PROG = "bench_memory.py"
 
 
 # -- part "activations" ---------------------------------------------------------------------------
@@ -134,21 +155,26 @@ def _rss() -> int:
     return peak_rss_bytes()  # this process's own peak (ru_maxrss would include the parent's, see memory.py)
 
 
-def _child(model_name: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int) -> dict:
+def _child(model_name: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int,
+           aux_depth: int = 2, pyramid: float = 0.5, reference_dir: str | None = None) -> dict:
     torch.set_num_threads(threads)
     rule, per_unit, options = TOTAL_ROWS[label]
     base = _rss()
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if rule in END_TO_END:
+        if rule == "reference":  # theirs alone: our model is not built (its weights would count in the RSS)
+            net = reference_peer.build_reference(reference_dir, model_name, blocks, aux_depth, pyramid, batch,
+                                                 size=size).to(device).train()
+        elif rule in END_TO_END:
+            model = create_model(model_name, num_classes=10)
             net = END_TO_END[rule](model, blocks, size, batch)
             if net is None:
                 return {"skipped": f"{type(model).__name__} has no set_grad_checkpointing"}
             net = net.to(device).train()
         else:
-            net = to_auglocal(model, blocks=blocks, rule=rule, input_size=(3, size, size), batch=batch,
+            net = to_auglocal(create_model(model_name, num_classes=10), blocks=blocks, rule=rule,
+                              aux_depth=aux_depth, pyramid=pyramid, input_size=(3, size, size), batch=batch,
                               **options).to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -159,6 +185,9 @@ def _child(model_name: str, blocks: int, size: int, batch: int, label: str, devi
 
     def steps():
         for _ in range(2):
+            if rule == "reference":  # as their train.py: zero_grad, forward (every backward inside), step
+                reference_peer.step(net, opt, x, y)
+                continue
             if rule in END_TO_END:  # one loss, one backward through the checkpointed blocks
                 torch.nn.functional.cross_entropy(net(x), y).backward()
             else:
@@ -169,7 +198,7 @@ def _child(model_name: str, blocks: int, size: int, batch: int, label: str, devi
     allocated = resident + allocated_peak(steps, device)
     rss = _rss()  # before the timm row builds a plan for bp's estimate
     plan = getattr(net, "plan", None)
-    if plan is None:  # timm's own checkpointing: no plan, so no estimate (the bp row's plan gives bp's)
+    if plan is None:  # timm's own checkpointing, theirs: no plan, so no estimate (the bp row's plan gives bp's)
         plan = to_auglocal(create_model(model_name, num_classes=10), rule="bp", input_size=(3, size, size),
                            batch=batch).plan
         est = None
@@ -197,18 +226,21 @@ def _timm_checkpointing(model, blocks: int, size: int, batch: int):
 END_TO_END = {"checkpointed": _checkpointed, "timm-checkpointing": _timm_checkpointing}
 
 
-def run_total(model: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int) -> dict:
+def run_total(model: str, blocks: int, size: int, batch: int, label: str, device: str, threads: int,
+              aux_depth: int = 2, pyramid: float = 0.5, reference_dir: str | None = None) -> dict:
     """One row in a fresh interpreter (this file with ``--child``): no run's peak or allocator state
     leaks into another's."""
-    spec = json.dumps([model, blocks, size, batch, label, device, threads])
+    spec = json.dumps([model, blocks, size, batch, label, device, threads, aux_depth, pyramid, reference_dir])
     out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"measuring {label} at batch {batch} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_total(model: str, blocks: int, size: int, batch: int, labels, device: str, threads: int) -> dict:
-    rows = {label: run_total(model, blocks, size, batch, label, device, threads) for label in labels}
+def measure_total(model: str, blocks: int, size: int, batch: int, labels, device: str, threads: int,
+                  aux_depth: int = 2, pyramid: float = 0.5, reference_dir: str | None = None) -> dict:
+    rows = {label: run_total(model, blocks, size, batch, label, device, threads, aux_depth, pyramid, reference_dir)
+            for label in labels}
     rows = {label: r for label, r in rows.items() if "skipped" not in r}
     bp = rows.get("bp")
     for r in rows.values():
@@ -218,21 +250,22 @@ def measure_total(model: str, blocks: int, size: int, batch: int, labels, device
         if r["estimate"]:
             r["estimate_ratio"] = r["estimate"]["total"] / r["bp_estimate"]
     crossover = next((r["crossover"] for r in rows.values() if r["crossover"] is not None), None)
-    return {"model": model, "blocks": blocks, "size": size, "batch": batch, "device": device, "rows": rows,
-            "crossover": crossover}
+    return {"model": model, "blocks": blocks, "aux_depth": aux_depth, "pyramid": pyramid, "size": size,
+            "batch": batch, "device": device, "rows": rows, "crossover": crossover}
 
 
 def _print_total(res: dict) -> None:
     rows = res["rows"]
     base = next(iter(rows.values()))["base"]
-    print(f"total: {res['model']} K={res['blocks']} {res['size']}px batch {res['batch']} on {res['device']} "
-          f"(MiB; peak RSS of the imports alone: {base / 2**20:.0f})")
+    print(f"total: {res['model']} K={res['blocks']} d={res['aux_depth']} tau={res['pyramid']} {res['size']}px "
+          f"batch {res['batch']} on {res['device']} (MiB; peak RSS of the imports alone: {base / 2**20:.0f})")
+    width = max(38, *map(len, rows))
     for label, r in rows.items():
         e = r["estimate"]
         est = (f"   estimate {e['total'] / 2**20:6.0f} x{r['estimate_ratio']:.2f} (weights {e['weights'] / 2**20:.0f}, "
                f"gradients {e['gradients'] / 2**20:.0f}, optimizer {e['optimizer'] / 2**20:.0f}, "
                f"activations {e['activations'] / 2**20:.0f})" if e else "   estimate -")
-        print(f"  {label:38s} allocated {r['allocated'] / 2**20:6.0f}{_ratio(r, 'allocated_ratio')}"
+        print(f"  {label:{width}s} allocated {r['allocated'] / 2**20:6.0f}{_ratio(r, 'allocated_ratio')}"
               f"   peak RSS {r['rss'] / 2**20:6.0f}{_ratio(r, 'rss_ratio')}{est}")
     if res["crossover"]:
         print(f"  crossover (estimate): auglocal's total falls below bp's from batch {res['crossover']}")
@@ -242,17 +275,38 @@ def _ratio(row: dict, key: str) -> str:
     return f" x{row[key]:.2f}" if key in row else ""  # no bp row measured: no ratio
 
 
+def _check_reference(args, settings) -> list[str]:
+    """Part total's rows, with the reference rows added when ``--reference-dir`` is given; a one-line
+    refusal, before any child starts, of a directory or setting their code cannot take."""
+    rows = list(args.rows)
+    if not args.reference_dir:
+        if REFERENCE in rows:
+            raise AugLocalError(f"--rows {REFERENCE!r} needs --reference-dir DIR, a checkout of {reference_peer.REPO}")
+        return rows
+    for model, k, size, _ in settings:
+        reference_peer.check_config(model, k, args.aux_depth, args.pyramid, size)
+    reference_peer.load_reference(args.reference_dir)
+    return rows + [r for r in REFERENCE_ROWS if r not in rows]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_cli(PROG, lambda: _main(argv))
+
+
+def _main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("activations", "total", "both"), default="both")
     p.add_argument("--model", help="one model instead of the default settings")
     p.add_argument("--blocks", type=int, default=16)
-    p.add_argument("--aux-depth", type=int, default=2, help="part activations")
-    p.add_argument("--pyramid", type=float, default=0.5, help="part activations")
+    p.add_argument("--aux-depth", type=int, default=2, help="aux net depth d (both parts)")
+    p.add_argument("--pyramid", type=float, default=0.5, help="pyramid coefficient tau (both parts)")
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rows", nargs="+", choices=list(TOTAL_ROWS), default=list(TOTAL_ROWS), metavar="ROW",
+    p.add_argument("--rows", nargs="+", choices=list(TOTAL_ROWS), metavar="ROW",
+                   default=[r for r in TOTAL_ROWS if r not in REFERENCE_ROWS],
                    help=f"part total: which rows ({', '.join(TOTAL_ROWS)})")
+    p.add_argument("--reference-dir", metavar="DIR", help="part total: also measure the paper authors' "
+                   "LocalResNet from a checkout of ChenxiangMA/AugLocal at DIR, and ours with their split")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="part total: torch threads per process")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -272,10 +326,12 @@ def main(argv=None) -> int:
                 _print_activations(out["settings"][-1])
     if args.part in ("total", "both"):
         settings = [(args.model, args.blocks, args.size, tuple(args.batch))] if args.model else TOTAL_SETTINGS
+        rows = _check_reference(args, settings)
         out["total"] = []
         for model, k, size, batches in settings:
             for batch in batches:
-                out["total"].append(measure_total(model, k, size, batch, args.rows, args.device, args.threads))
+                out["total"].append(measure_total(model, k, size, batch, rows, args.device, args.threads,
+                                                  args.aux_depth, args.pyramid, args.reference_dir))
                 if not args.json:
                     _print_total(out["total"][-1])
     if args.json:
