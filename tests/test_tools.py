@@ -252,3 +252,111 @@ def test_rss_phases_says_in_which_phase_each_peak_was_reached(tmp_path):
     bad = subprocess.run([sys.executable, str(probe / "sitecustomize.py"), str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+# -- the authors' implementation as a peer row (--reference-dir), with a stand-in checkout -----------
+# Their code is not in this repository, not even here: a checkout of a few lines with their interface
+# (resnet32(**kw) -> a model whose forward in train mode runs its own backward) stands in for it.
+STAND_IN = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BUILT, WEIGHTS = [], []  # what the tools passed, for the tests to read
+
+
+class StandIn(nn.Module):
+    def __init__(self, local_module_num, class_num=10, **kw):
+        super().__init__()
+        self.local_module_num = local_module_num
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux_classifier_0_0 = nn.Linear(4, class_num)
+        self.fc = nn.Linear(4, class_num)
+
+    def forward(self, img, target=None, **weights):
+        WEIGHTS.append(weights)
+        h = F.relu(self.stem(img)).mean((2, 3))
+        local = weights.get("ixy_1", 0) * F.cross_entropy(self.aux_classifier_0_0(h), target)
+        if self.training:
+            local.backward()
+        logits = self.fc(h.detach())
+        loss = F.cross_entropy(logits, target)
+        if self.training:
+            loss.backward()
+        return logits, loss, [], [], []
+
+
+def resnet32(**kw):
+    BUILT.append(kw)
+    return StandIn(**kw)
+'''
+
+
+def _stand_in(root: Path, resnet: str = STAND_IN) -> Path:
+    (root / "networks").mkdir(parents=True)
+    (root / "networks" / "__init__.py").write_text("")
+    (root / "networks" / "resnet.py").write_text(resnet)
+    return root
+
+
+@pytest.fixture
+def torch_threads():
+    """The test's --threads 1 (two threads beside another busy process run 3-4x slower) undone after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_speed_reference_row(capsys, tmp_path, torch_threads):
+    ref = _stand_in(tmp_path / "AugLocal")
+    res = _json_run(capsys, "bench_speed", ["--model", "resnet32_cifar", "--blocks", "16", "--aux-depth", "3",
+                                            "--batch", "4", "--size", "32", "--steps", "2", "--warmup", "0",
+                                            "--threads", "1", "--reference-dir", str(ref)])
+    rules = res["rules"]
+    assert set(rules) == {"bp", "dgl", "auglocal", "reference"} and res["tail"] == "reference"
+    row = rules["reference"]
+    assert row["ratio_to_bp"] > 0 and row["ratio_to_auglocal"] > 0 and row["flops_ratio"] > 1.0
+    assert row["params"] == 3 * 4 * 9 + 4 + 2 * (4 * 10 + 10) and row["aux_params"] == 4 * 10 + 10
+    assert row["blocks"] == rules["auglocal"]["blocks"] == 13  # their split, M = K - d, on both sides
+    built = sys.modules["networks.resnet"]
+    assert built.BUILT[-1] | {"batch_size": 4} == {
+        "local_module_num": 13, "batch_size": 4, "image_size": 32, "dataset": "cifar10", "class_num": 10,
+        "rule": "AugLocal", "aux_net_config": "unifSamp", "aux_net_depth": 3, "is_pyramid": True,
+        "paramid_coeff": 0.5}
+    assert built.WEIGHTS[-1] == {"ixx_1": 0.0, "ixy_1": 1.0, "ixx_2": 0.0, "ixy_2": 1.0}  # train.py's
+
+
+def test_bench_memory_total_reference_rows(capsys, tmp_path):
+    ref = _stand_in(tmp_path / "AugLocal")
+    res = _json_run(capsys, "bench_memory", ["--part", "total", "--model", "resnet32_cifar", "--blocks", "16",
+                                             "--aux-depth", "3", "--batch", "4", "--size", "32", "--threads", "1",
+                                             "--rows", "reference (authors' LocalResNet)", "--reference-dir", str(ref)])
+    (setting,) = res["total"]
+    got = setting["rows"]
+    assert list(got) == ["reference (authors' LocalResNet)", "auglocal, tail=reference, one step at the end"]
+    theirs, ours = got["reference (authors' LocalResNet)"], got["auglocal, tail=reference, one step at the end"]
+    assert theirs["estimate"] is None and ours["estimate"]["total"] > 0  # theirs has no plan
+    for r in (theirs, ours):
+        assert r["rss"] >= r["base"] > 0 and r["allocated"] > 0
+    assert theirs["allocated"] < ours["allocated"]  # a few hundred weights against ResNet-32's
+
+
+def test_reference_dir_refused_in_one_line(capsys, tmp_path):
+    speed = ["--model", "resnet32_cifar", "--blocks", "16", "--size", "32", "--steps", "1", "--warmup", "0"]
+    memory = ["--part", "total", "--model", "resnet32_cifar", "--blocks", "16", "--size", "32", "--rows", "bp"]
+    for name, argv in (("bench_speed", speed), ("bench_memory", memory)):
+        assert _tool(name).main([*argv, "--reference-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--reference-dir {tmp_path}: no networks/resnet.py" in err[0], err
+    ref = _stand_in(tmp_path / "AugLocal")
+    assert _tool("bench_speed").main(["--model", "resnet20_cifar", "--reference-dir", str(ref)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resnet32_cifar and resnet110_cifar only" in err[0], err
+    assert _tool("bench_memory").main([*memory[:-2], "--rows", "reference (authors' LocalResNet)"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --reference-dir" in err[0], err
+    broken = _stand_in(tmp_path / "broken", "import no_such_package_here\n")
+    with pytest.raises(_tool("reference_peer").AugLocalError, match=r"broken: importing networks/resnet.py failed: .*no_such_package_here"):
+        _tool("reference_peer").load_reference(broken)
