@@ -15,6 +15,7 @@ from torch.profiler import record_function
 from ..errors import AugLocalError
 from .bundles import Bundle, call, detach
 from .recompute import run_maybe_recomputed
+from .unit_optim import UnitOptimizers
 
 __all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
 
@@ -93,7 +94,9 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     unit's backward and its gradients freed, so at most one unit's gradients are alive: the unit's
     parameters are final once its backward is done, and optimizers skip parameters without a
     gradient, so each step updates exactly that unit. For per-parameter optimizers (SGD, Adam,
-    AdamW, ...) the updates equal one ``optimizer.step()`` after the whole step.
+    AdamW, ...) the updates equal one ``optimizer.step()`` after the whole step. A ``UnitOptimizers``
+    built over these ``units`` steps unit i's own optimizer (``step_unit(i)``); any other optimizer
+    walks all its parameters after every unit.
 
     A pipeline stage runs some of the units on a boundary tensor ``x`` another stage sent: then
     ``image`` is the model's input batch (for rules whose loss compares with it; default ``x``), and
@@ -134,8 +137,11 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
             torch.nn.utils.clip_grad_norm_(local.parameters(), clip_grad)
         if optimizer is not None:
             with record_function("auglocal.optimizer"):
-                optimizer.step()  # only this unit's parameters hold gradients now
-                optimizer.zero_grad(set_to_none=True)
+                if isinstance(optimizer, UnitOptimizers):  # this unit's own parameters, nothing else walked
+                    optimizer.step_unit(i)
+                else:  # only this unit's parameters hold gradients now: the others are skipped
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         # kept as tensors: .item() here would make a GPU wait for every block in turn
         losses.append(loss.detach().float())
         accs.append(_accuracy(logits.detach(), target))

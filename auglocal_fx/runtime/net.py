@@ -19,6 +19,7 @@ from .aux_precision import hold_in
 from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
+from .unit_optim import UnitOptimizers, fused_kwargs
 
 __all__ = ["AugLocalNet", "unique_parameters"]
 
@@ -228,6 +229,24 @@ class AugLocalNet(nn.Module):
         """Let go of what building aux nets needs (a fresh model for ``aux_init="model"``, the
         per-layer graph pieces): call once this process has built its aux nets."""
         self.aux_factory = None
+
+    def unit_optimizers(self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.SGD, units=None,
+                        **kwargs) -> UnitOptimizers:
+        """One ``optimizer_cls(params, **kwargs)`` per local unit over that unit's own parameters, as one
+        optimizer to schedulers and checkpoints (``UnitOptimizers``); on CUDA the fused implementation
+        unless ``fused`` / ``foreach`` is given. ``training_step(optimizer=...)`` then steps each unit's
+        right after its backward, without walking the other units' parameters. ``units``: the units it
+        steps (default ``local_units()``; DDP-wrapped ones for data-parallel training).
+
+        Example:
+            >>> opt = net.unit_optimizers(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True)
+            >>> out = net.training_step(x, y, optimizer=opt)
+        """
+        device = next((p.device for p in self.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        if "fused" not in kwargs and "foreach" not in kwargs:
+            kwargs.update(fused_kwargs(optimizer_cls, device))
+        return UnitOptimizers(self.local_units() if units is None else units,
+                              lambda params: optimizer_cls(params, **kwargs), order=list(self.parameters()))
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:

@@ -12,23 +12,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
+from ..runtime.unit_optim import UnitOptimizers, fused_kwargs
+
 if TYPE_CHECKING:  # config's choices come from the registries here, so config imports this module
     from .config import OptimizerSection, ScheduleSection
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_scheduler"]
 
 
-def _sgd(params: list, cfg: OptimizerSection) -> torch.optim.Optimizer:
+def _sgd(params: list, cfg: OptimizerSection, **impl) -> torch.optim.Optimizer:
     """SGD, Nesterov momentum by default (as the paper)."""
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
+                           nesterov=cfg.nesterov and cfg.momentum > 0, **impl)
 
 
-def _adamw(params: list, cfg: OptimizerSection) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+def _adamw(params: list, cfg: OptimizerSection, **impl) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **impl)
 
 
-OPTIMIZERS: dict[str, Callable[[list, OptimizerSection], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+# (params, cfg, **implementation keywords such as fused=True) -> optimizer
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+_CLASSES = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}  # which implementations each has
 
 # main schedule after the warmup: (optimizer, steps, cfg) -> scheduler
 SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int, ScheduleSection], LRScheduler]] = {
@@ -37,9 +41,11 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int, ScheduleSection], LRS
 }
 
 
-def build_optimizer(params, cfg: OptimizerSection) -> torch.optim.Optimizer:
-    """The recipe's optimizer over ``params``; weight decay on every parameter."""
-    return OPTIMIZERS[cfg.name](list(params), cfg)
+def build_optimizer(units: list, order: list, cfg: OptimizerSection, device: torch.device) -> UnitOptimizers:
+    """The recipe's optimizer, one per unit over its own parameters (``UnitOptimizers``; the fused
+    implementation on CUDA), indexed in checkpoints by ``order``; weight decay on every parameter."""
+    impl = fused_kwargs(_CLASSES.get(cfg.name, object), device)
+    return UnitOptimizers(units, lambda params: OPTIMIZERS[cfg.name](params, cfg, **impl), order=order)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleSection, epochs: int,

@@ -138,7 +138,7 @@ class Trainer:
         classes = r.net.plan.head.out_shape[-1] if r.net.plan.head.out_shape else r.data.classes
         self.mixing, self.loss_fn = Mixing(recipe, classes, env.device), loss_function(recipe)
         self.ema = UnitEma(self.units, recipe.ema_decay) if recipe.ema_decay else None
-        r.optimizer = build_optimizer(strategy.parameters(r.net, self.units), recipe.optimizer)
+        r.optimizer = build_optimizer(self.units, strategy.parameters(r.net, self.units), recipe.optimizer, env.device)
         r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
         self.epoch, self.history, self.best = 0, [], -1.0
         self._shards: dict = {}  # the shard folder each checkpoint file names (pipelines)
@@ -189,17 +189,19 @@ class Trainer:
         window = LossWindow(s, device, self._check_finite, sums, epoch,
                             EpochProgress(f"epoch {epoch}/{recipe.epochs}{s.title}", steps, s.shows_progress))
         interval = recipe.log_interval
-        per_unit = dict(optimizer=r.optimizer) if recipe.optimizer.per_unit else {}
+        per_unit = recipe.optimizer.per_unit
         s.start_epoch()
         busy, start = 0.0, time.perf_counter()
         try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
             for step, (h, y, image) in enumerate(s.batches(loader, lambda x, y: self.mixing(x, y, True)), 1):
                 t0 = time.perf_counter()
-                # per unit: the optimizer steps inside, after each unit's backward (its step below is a no-op)
+                # per unit: each unit's optimizer steps right after its backward; else all at the end
                 out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
-                                     hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad, **per_unit)
-                r.optimizer.step()
-                r.optimizer.zero_grad(set_to_none=True)
+                                     hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
+                                     optimizer=r.optimizer if per_unit else None)
+                if not per_unit:
+                    r.optimizer.step()
+                    r.optimizer.zero_grad(set_to_none=True)
                 r.scheduler.step()
                 if self.ema is not None:
                     self.ema.update(self.units)
