@@ -17,7 +17,7 @@ from .bundles import Bundle, call, detach
 from .recompute import run_maybe_recomputed
 from .unit_optim import UnitOptimizers
 
-__all__ = ["LocalUnit", "StepOutput", "blockwise_step"]
+__all__ = ["LocalUnit", "StepOutput", "blockwise_step", "unit_step"]
 
 
 @dataclass
@@ -123,39 +123,48 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     losses, accs = [], []
     last = len(units) - 1
     for i, unit in enumerate(units):
-        local = getattr(unit, "module", unit)  # the LocalUnit inside a DistributedDataParallel
-        with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
-            out, top = call(unit, h)
-            loss, logits = local.local_loss(top, target, image, loss_fn)
-        if hand_on is not None and i == last:
-            with record_function("auglocal.hand_on"):
-                hand_on(detach(out))
-        with record_function("auglocal.backward"):
-            # frees this unit's graph before the next unit runs
-            (loss if scaler is None else scaler.scale(loss)).backward()
-        if clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(local.parameters(), clip_grad)
-        if optimizer is not None:
-            with record_function("auglocal.optimizer"):
-                if isinstance(optimizer, UnitOptimizers):  # this unit's own parameters, nothing else walked
-                    optimizer.step_unit(i)
-                else:  # only this unit's parameters hold gradients now: the others are skipped
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        # kept as tensors: .item() here would make a GPU wait for every block in turn
-        losses.append(loss.detach().float())
-        accs.append(_accuracy(logits.detach(), target))
-        h = detach(out)
-        del out, top, loss
+        h, loss, acc, logits = unit_step(i, unit, h, target, image, loss_fn, amp, scaler, optimizer, clip_grad,
+                                         hand_on if i == last else None)
+        losses.append(loss)
+        accs.append(acc)
     losses, accs = torch.stack(losses), torch.stack(accs)
     if sync:
         losses, accs = losses.tolist(), accs.tolist()  # one sync per step
     return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
 
 
+def unit_step(i: int, unit: nn.Module, h: Bundle, target: torch.Tensor, image: torch.Tensor, loss_fn: Callable,
+              amp, scaler=None, optimizer=None, clip_grad: float | None = None,
+              hand_on: Callable[[Bundle], None] | None = None) -> tuple[Bundle, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit ``i``'s part of ``blockwise_step``: forward (under the context ``amp``), local loss, backward,
+    clipping and update. Returns ``(its detached output, loss, accuracy, logits)``, the last three
+    detached tensors on the device: no host sync, so a CUDA graph can hold it whole (``graphs.py``)."""
+    local = getattr(unit, "module", unit)  # the LocalUnit inside a DistributedDataParallel
+    with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
+        out, top = call(unit, h)
+        loss, logits = local.local_loss(top, target, image, loss_fn)
+    if hand_on is not None:
+        with record_function("auglocal.hand_on"):
+            hand_on(detach(out))
+    with record_function("auglocal.backward"):
+        # frees this unit's graph before the next unit runs
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(local.parameters(), clip_grad)
+    if optimizer is not None:
+        with record_function("auglocal.optimizer"):
+            if isinstance(optimizer, UnitOptimizers):  # this unit's own parameters, nothing else walked
+                optimizer.step_unit(i)
+            else:  # only this unit's parameters hold gradients now: the others are skipped
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    # kept as tensors: .item() here would make a GPU wait for every block in turn
+    return detach(out), loss.detach().float(), _accuracy(logits.detach(), target), logits.detach()
+
+
 def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy of class logits (N, classes), or per position of (N, ..., classes) logits against
     integer targets (N, ...) (a language model's per-token logits); NaN for anything else."""
     if target.is_floating_point() or logits.dim() < 2 or tuple(target.shape) != tuple(logits.shape[:-1]):
-        return torch.tensor(float("nan"), device=logits.device)
+        return torch.full((), float("nan"), device=logits.device)  # a fill, not a copy from the host: capturable
     return (logits.argmax(dim=-1) == target).float().mean()

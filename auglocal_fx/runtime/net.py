@@ -19,6 +19,7 @@ from .aux_precision import hold_in
 from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
+from .graphs import CapturedStep
 from .unit_optim import UnitOptimizers, fused_kwargs
 
 __all__ = ["AugLocalNet", "unique_parameters"]
@@ -247,6 +248,25 @@ class AugLocalNet(nn.Module):
             kwargs.update(fused_kwargs(optimizer_cls, device))
         return UnitOptimizers(self.local_units() if units is None else units,
                               lambda params: optimizer_cls(params, **kwargs), order=list(self.parameters()))
+
+    def capture(self, example_batch: tuple, optimizer: UnitOptimizers, *, loss_fn=None,
+                autocast_dtype: torch.dtype | None = None, clip_grad: float | None = None, warmup: int = 3,
+                units=None, log=print) -> CapturedStep:
+        """A training step in which every local unit's whole step (forward, local loss, backward, its
+        optimizer update) replays as one CUDA graph (``graphs.py``): one launch per unit instead of
+        hundreds. ``example_batch``: ``(x, y)`` of the shape to capture at (not trained on);
+        ``optimizer``: the units' own (``unit_optimizers``; fused on CUDA). The first ``warmup``
+        batches run eagerly, the next is captured; a batch of another shape runs eagerly. Returns the
+        step: ``step(x, y)`` gives a ``StepOutput`` whose losses are device tensors. Needs a CUDA device.
+
+        Example:
+            >>> net.cuda(); opt = net.unit_optimizers(torch.optim.SGD, lr=0.1, momentum=0.9)
+            >>> step = net.capture((x, y), opt, autocast_dtype=torch.bfloat16)
+            >>> for x, y in loader: out = step(x.cuda(), y.cuda()); sched.step()
+        """
+        return CapturedStep(self.local_units() if units is None else units, optimizer, example_batch,
+                            loss_fn=loss_fn, autocast_dtype=autocast_dtype, clip_grad=clip_grad, warmup=warmup,
+                            log=log)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:

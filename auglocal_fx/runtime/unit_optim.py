@@ -122,7 +122,9 @@ class UnitOptimizers(torch.optim.Optimizer):
             for k, v in local["state"].items():
                 state[index[id(flat[k])]] = v
             for g, saved in zip(opt.param_groups, local["param_groups"]):
-                groups.append({**saved, "params": [index[id(p)] for p in g["params"]]})
+                lr = saved.get("lr")  # a float in the file, also where CUDA graphs hold it as a tensor
+                groups.append({**saved, "params": [index[id(p)] for p in g["params"]],
+                               **({"lr": float(lr)} if isinstance(lr, torch.Tensor) else {})})
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:

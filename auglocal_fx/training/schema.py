@@ -189,6 +189,9 @@ class TrainRecipe:
     ema_decay: float | None = field(default=None, metadata=_at_least(0, above=True, most=0.999999))
     clip_grad: float | None = field(default=None, metadata=_at_least(0, above=True))  # per unit, by norm
     channels_last: bool = False  # 4-d inputs and weights in channels-last memory format (faster convs)
+    # each unit's whole step (forward, loss, backward, its optimizer update) replayed as one CUDA graph
+    # (runtime/graphs.py): one launch per unit; needs device cuda, one process, optimizer.per_unit
+    cuda_graphs: bool = False
     # torch.set_num_threads for a CPU run; null: torch's choice (all cores; 1 under torchrun, which sets
     # OMP_NUM_THREADS=1); give cores / processes when several share a machine
     threads: int | None = field(default=None, metadata=_at_least(1))

@@ -28,8 +28,18 @@ from ..errors import AugLocalError
 __all__ = ["Mixing", "UnitEma", "check_techniques", "loss_function", "hard_labels", "tensorboard_writer"]
 
 
-def check_techniques(recipe, batch_per_process: int) -> None:
-    """One-line refusals before anything is built."""
+def check_techniques(recipe, batch_per_process: int, env=None) -> None:
+    """One-line refusals before anything is built (``env``: the run's processes and device)."""
+    if recipe.cuda_graphs and not recipe.optimizer.per_unit:
+        raise AugLocalError("recipe key cuda_graphs captures each unit's optimizer update with the unit; set "
+                            "optimizer.per_unit: true, or cuda_graphs: false")
+    if recipe.cuda_graphs and env is not None:
+        if env.device.type != "cuda":
+            raise AugLocalError(f"recipe key cuda_graphs needs a CUDA device and this run is on {env.device.type}; "
+                                "set device: cuda on a machine with a GPU, or cuda_graphs: false")
+        if env.world > 1:
+            raise AugLocalError(f"recipe key cuda_graphs captures the units of one process and this run has {env.world} "
+                                "(torchrun); train in one process, or set cuda_graphs: false")
     m = recipe.mixup
     if (m.mixup_alpha or m.cutmix_alpha) and batch_per_process % 2:
         raise AugLocalError(f"recipe key mixup needs an even batch per process (it blends each sample with the "

@@ -30,6 +30,7 @@ from ..plan import Plan
 from ..runtime.blockwise import blockwise_step
 from ..runtime.bundles import call
 from ..runtime.checkpoint import read_checkpoint
+from ..runtime.graphs import CapturedStep
 from ..runtime.memory import peak_rss_bytes
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
@@ -121,7 +122,7 @@ class Trainer:
                 clear_run(self.out)
         if recipe.threads is not None:
             torch.set_num_threads(recipe.threads)
-        check_techniques(recipe, recipe.batch_size // strategy.data_env.world)
+        check_techniques(recipe, recipe.batch_size // strategy.data_env.world, env)
         saved = read_training(resume, weights=False) if resume else None  # weights: read by the strategy
         if saved is not None:
             check_resume(saved["train"]["recipe"], recipe, resume)
@@ -138,6 +139,7 @@ class Trainer:
         classes = r.net.plan.head.out_shape[-1] if r.net.plan.head.out_shape else r.data.classes
         self.mixing, self.loss_fn = Mixing(recipe, classes, env.device), loss_function(recipe)
         self.ema = UnitEma(self.units, recipe.ema_decay) if recipe.ema_decay else None
+        self.captured: CapturedStep | None = None  # cuda_graphs: made on the first batch, kept for the run
         r.optimizer = build_optimizer(self.units, strategy.parameters(r.net, self.units), recipe.optimizer, env.device)
         r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
         self.epoch, self.history, self.best = 0, [], -1.0
@@ -196,9 +198,12 @@ class Trainer:
             for step, (h, y, image) in enumerate(s.batches(loader, lambda x, y: self.mixing(x, y, True)), 1):
                 t0 = time.perf_counter()
                 # per unit: each unit's optimizer steps right after its backward; else all at the end
-                out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
-                                     hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
-                                     optimizer=r.optimizer if per_unit else None)
+                if recipe.cuda_graphs:
+                    out = self._captured_step(h, y)
+                else:
+                    out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
+                                         hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
+                                         optimizer=r.optimizer if per_unit else None)
                 if not per_unit:
                     r.optimizer.step()
                     r.optimizer.zero_grad(set_to_none=True)
@@ -225,10 +230,18 @@ class Trainer:
         return {"epoch": epoch, "train_loss": red["loss"][m - 1] / n, "train_acc": red["correct"][0] / n,
                 "local_losses": [v / n for v in red["loss"][:m - 1]],
                 "step_losses": [a / b for a, b in zip(red["step_loss"], red["step_images"])],
-                "lr": r.optimizer.param_groups[0]["lr"], "images_per_s": n / seconds, "epoch_time_s": seconds,
+                "lr": float(r.optimizer.param_groups[0]["lr"]),  # a tensor under cuda_graphs "images_per_s": n / seconds, "epoch_time_s": seconds,
                 "peak_rss_gib": red["peak_rss"], **({"peak_allocated_gib": red["peak_allocated"]}
                                                     if device.type == "cuda" else {}),
                 **s.record(red)}
+
+    def _captured_step(self, h, y):
+        """The step with every unit replayed as a CUDA graph (recipe key cuda_graphs), captured at the
+        first batch's shape after warm-up steps."""
+        if self.captured is None:
+            self.captured = CapturedStep(self.units, self.run.optimizer, (h, y), loss_fn=self.loss_fn,
+                                         autocast_dtype=self.autocast, clip_grad=self.recipe.clip_grad, log=self.log)
+        return self.captured(h, y)
 
     def _check_finite(self, value: float, block: int, epoch: int, step: int) -> None:
         if not math.isfinite(value):
