@@ -230,7 +230,8 @@ class Trainer:
         return {"epoch": epoch, "train_loss": red["loss"][m - 1] / n, "train_acc": red["correct"][0] / n,
                 "local_losses": [v / n for v in red["loss"][:m - 1]],
                 "step_losses": [a / b for a, b in zip(red["step_loss"], red["step_images"])],
-                "lr": float(r.optimizer.param_groups[0]["lr"]),  # a tensor under cuda_graphs "images_per_s": n / seconds, "epoch_time_s": seconds,
+                "lr": float(r.optimizer.param_groups[0]["lr"]),  # float(): a tensor under cuda_graphs
+                "images_per_s": n / seconds, "epoch_time_s": seconds,
                 "peak_rss_gib": red["peak_rss"], **({"peak_allocated_gib": red["peak_allocated"]}
                                                     if device.type == "cuda" else {}),
                 **s.record(red)}
