@@ -235,6 +235,7 @@ def test_short_run_per_rule(tmp_path, capsys, rule):
     (record,) = history(out)
     assert record["epoch"] == 1 and len(record["step_losses"]) == 4
     assert all(torch.isfinite(torch.tensor(record["step_losses"])))
+    assert record["images_per_s"] > 0 and record["epoch_time_s"] > 0 and isinstance(record["lr"], float)
     n_aux = 0 if rule == "bp" else 3
     assert len(record["aux_val_acc"]) == len(record["local_losses"]) == n_aux  # one per aux head
     assert "test_acc" not in record  # the test set is evaluated once, on best.pt, in the summary
