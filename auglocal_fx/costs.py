@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .assemble.light_head import LIGHT_WIDTH, input_kind
+from .errors import AugLocalError
 from .passes.layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout
 from .passes.partition import Extra, UnitCost
 from .passes.selection import apply_tail, pyramid_depths, select_layers
@@ -102,12 +103,14 @@ def unit_bytes(params: int, aux: int, own_act: int, aux_act: int, batch: int, *,
 
 def estimate_footprint(plan: Plan, batch: int | None = None, *, per_unit_steps: bool = True,
                        optimizer_slots: int = 1, recompute: str | None = None,
-                       aux_dtype: str | None = None) -> Footprint:
+                       aux_dtype: str | None = None, offload: str = "none") -> Footprint:
     """The step's peak at ``batch`` (default: the plan's ``config.batch``) for an optimizer holding
     ``optimizer_slots`` tensors per parameter (1: SGD with momentum, 2: Adam), with or without
     per-unit optimizer steps, with ``recompute`` ("block": each block's forward is recomputed in
     its backward, so a block's and its aux net's activations are never alive together) and aux
-    nets held in ``aux_dtype`` (both default to the plan's).
+    nets held in ``aux_dtype`` (both default to the plan's). ``offload="aux"``: the aux nets' weights
+    and optimizer state are on the device only for the unit that trains and the next one (the
+    largest two in a row).
 
     Example:
         >>> f = estimate_footprint(net.plan, batch=32)
@@ -124,10 +127,18 @@ def estimate_footprint(plan: Plan, batch: int | None = None, *, per_unit_steps: 
         act = unit_bytes(params, aux, own, top, 1, **opts)[2] - weights
         units.append(UnitFootprint(params, aux, weights, weights, opt, act))
     grads = [u.gradients for u in units]
-    return Footprint(batch=batch, weights=sum(u.weights for u in units),
-                     gradients=max(grads) if per_unit_steps else sum(grads),
-                     optimizer=sum(u.optimizer for u in units),
-                     activations=batch * max(u.act_per_sample for u in units), units=units)
+    weights, optimizer = sum(u.weights for u in units), sum(u.optimizer for u in units)
+    if offload == "aux":
+        # the aux part of each unit's weights and state; what is resident: two aux nets in a row
+        aux_w = [u.weights - unit_bytes(u.params - u.aux_params, 0, 0, 0, 0, **options)[0]
+                 for u in units if u.aux_params]
+        resident = max((a + b for a, b in zip(aux_w, aux_w[1:])), default=sum(aux_w))
+        weights += resident - sum(aux_w)
+        optimizer += optimizer_slots * (resident - sum(aux_w))
+    elif offload != "none":
+        raise AugLocalError(f"offload={offload!r}: choose none or aux")
+    return Footprint(batch=batch, weights=weights, gradients=max(grads) if per_unit_steps else sum(grads),
+                     optimizer=optimizer, activations=batch * max(u.act_per_sample for u in units), units=units)
 
 
 def bp_footprint(plan: Plan, batch: int | None = None, *, optimizer_slots: int = 1) -> Footprint:
@@ -192,6 +203,7 @@ def memory_summary(plan: Plan) -> dict:
             "assumes": f"SGD with momentum, optimizer step per unit, recompute={c.recompute}, aux {c.aux_dtype}",
             "units": [asdict(u) for u in est.units],
             "total": {k: v for k, v in est.to_dict().items() if k not in ("units", "batch")},
+            "offload_total": estimate_footprint(plan, offload="aux").total if plan.aux else None,
             "bp_total": bp.total, "bp_checkpointed_total": ck.total,
             "crossover_batch": crossover_batch(plan) if len(plan.blocks) > 1 else None}
 

@@ -112,7 +112,7 @@ def test_a_unit_that_cannot_be_captured_is_named():
 
 @pytest.mark.parametrize("overrides, says", [
     ({}, "recipe key cuda_graphs needs a CUDA device and this run is on cpu"),
-    ({"optimizer.per_unit": False}, "captures each unit's optimizer update with the unit; set optimizer.per_unit"),
+    ({"optimizer.per_unit": False}, "recipe key cuda_graphs works on each unit's optimizer update as it happens; set optimizer.per_unit"),
 ])
 def test_recipe_key_cuda_graphs_is_refused_where_it_cannot_run(tmp_path, capsys, overrides, says):
     from test_training import tiny_recipe, write_recipe

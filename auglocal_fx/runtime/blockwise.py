@@ -78,7 +78,7 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
                    scaler: torch.amp.GradScaler | None = None,
                    optimizer: torch.optim.Optimizer | None = None, image: torch.Tensor | None = None,
                    hand_on: Callable[[Bundle], None] | None = None, sync: bool = True,
-                   clip_grad: float | None = None) -> StepOutput:
+                   clip_grad: float | None = None, offload=None) -> StepOutput:
     """Forward and backward through ``units`` in order, each on the previous one's detached output
     (every tensor of a bundle detached).
 
@@ -106,6 +106,9 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     ``clip_grad``: each unit's gradients are clipped to this norm right after its backward (its
     parameters' gradients are all there then, and no other unit's).
 
+    ``offload`` (an ``AuxOffload`` over these units and ``optimizer``): each aux net is brought onto
+    the device before its unit and back to host memory after its update (``offload.py``).
+
     ``sync=False`` returns the losses and accuracies as tensors on the device (``loss`` 0-d, the
     others 1-d) instead of floats, so a loop that reads them only now and then never waits for the
     device between steps.
@@ -116,6 +119,9 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     if optimizer is not None and scaler is not None:
         raise AugLocalError("training_step(optimizer=..., scaler=...): a GradScaler steps once per update; "
                             "pass optimizer=None and call scaler.step(opt) after the step")
+    if offload is not None and (optimizer is None or optimizer is not offload.optimizer):
+        raise AugLocalError("training_step(offload=...): the aux nets go back to the host after their update; "
+                            "pass the optimizer the offload was made with (optimizer=...)")
     loss_fn = loss_fn or F.cross_entropy
     h, image = x, x if image is None else image
     amp = (torch.autocast(device_type=image.device.type, dtype=autocast_dtype)
@@ -123,8 +129,12 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     losses, accs = [], []
     last = len(units) - 1
     for i, unit in enumerate(units):
+        if offload is not None:
+            offload.ready(i)
         h, loss, acc, logits = unit_step(i, unit, h, target, image, loss_fn, amp, scaler, optimizer, clip_grad,
                                          hand_on if i == last else None)
+        if offload is not None:
+            offload.done(i)
         losses.append(loss)
         accs.append(acc)
     losses, accs = torch.stack(losses), torch.stack(accs)

@@ -20,6 +20,7 @@ from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
 from .graphs import CapturedStep
+from .offload import AuxOffload
 from .unit_optim import UnitOptimizers, fused_kwargs
 
 __all__ = ["AugLocalNet", "unique_parameters"]
@@ -168,7 +169,7 @@ class AugLocalNet(nn.Module):
     def training_step(self, x: torch.Tensor | tuple, target: torch.Tensor, loss_fn=None,
                       autocast_dtype: torch.dtype | None = None, units=None,
                       scaler: torch.amp.GradScaler | None = None,
-                      optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
+                      optimizer: torch.optim.Optimizer | None = None, offload: AuxOffload | None = None) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
 
         ``x`` is the input batch, or for a model converted with several inputs the tuple of them
@@ -183,13 +184,15 @@ class AugLocalNet(nn.Module):
         e.g. with DDP-wrapped units. ``optimizer``: stepped after each unit's backward, its gradients
         freed at once (at most one unit's gradients alive); the updates equal one ``optimizer.step()``
         after the step for per-parameter optimizers (SGD, Adam, AdamW), and you then call only your
-        scheduler.
+        scheduler. ``offload`` (``offload_aux(optimizer)``): the aux nets live in host memory but for the
+        unit that trains and the next.
         """
         h = self._as_bundle(x)
         self._check_size(h)
         units = self.local_units() if units is None else units
         image = h[0] if isinstance(h, tuple) else None  # what a rule's loss compares with
-        return blockwise_step(units, h, target, loss_fn, autocast_dtype, scaler, optimizer, image=image)
+        return blockwise_step(units, h, target, loss_fn, autocast_dtype, scaler, optimizer, image=image,
+                              offload=offload)
 
     def _check_size(self, h) -> None:
         """Before the first step at an input size other than the plan's, run every unit on fake
@@ -267,6 +270,22 @@ class AugLocalNet(nn.Module):
         return CapturedStep(self.local_units() if units is None else units, optimizer, example_batch,
                             loss_fn=loss_fn, autocast_dtype=autocast_dtype, clip_grad=clip_grad, warmup=warmup,
                             log=log)
+
+    def offload_aux(self, optimizer: UnitOptimizers, units=None) -> AuxOffload:
+        """Keep every aux net's weights and optimizer state in pinned host memory but for the unit that
+        trains and the next (``offload.py``); pass the result to ``training_step(offload=...)`` with
+        the same ``optimizer`` (the units' own, ``unit_optimizers``), made after any
+        ``optimizer.load_state_dict``. Evaluate every aux head inside ``with offload.resident():``;
+        call ``offload.synchronize()`` before reading the aux nets' weights on the CPU. Needs a CUDA
+        device.
+
+        Example:
+            >>> net.cuda(); opt = net.unit_optimizers(torch.optim.SGD, lr=0.1, momentum=0.9)
+            >>> off = net.offload_aux(opt)
+            >>> out = net.training_step(x, y, optimizer=opt, offload=off)
+        """
+        device = next((p.device for p in self.model.parameters() if p.device.type != "meta"), None)
+        return AuxOffload(self.local_units() if units is None else units, optimizer, device)
 
     # -- parameter groups ----------------------------------------------------------------------
     def backbone(self) -> nn.Module:

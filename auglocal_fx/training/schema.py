@@ -192,6 +192,9 @@ class TrainRecipe:
     # each unit's whole step (forward, loss, backward, its optimizer update) replayed as one CUDA graph
     # (runtime/graphs.py): one launch per unit; needs device cuda, one process, optimizer.per_unit
     cuda_graphs: bool = False
+    # aux: every aux net's weights and optimizer state in pinned host memory but for the unit training
+    # and the next one (runtime/offload.py); needs device cuda, one process, optimizer.per_unit
+    offload: str = field(default="none", metadata=_choices(("none", "aux")))
     # torch.set_num_threads for a CPU run; null: torch's choice (all cores; 1 under torchrun, which sets
     # OMP_NUM_THREADS=1); give cores / processes when several share a machine
     threads: int | None = field(default=None, metadata=_at_least(1))

@@ -30,16 +30,25 @@ __all__ = ["Mixing", "UnitEma", "check_techniques", "loss_function", "hard_label
 
 def check_techniques(recipe, batch_per_process: int, env=None) -> None:
     """One-line refusals before anything is built (``env``: the run's processes and device)."""
-    if recipe.cuda_graphs and not recipe.optimizer.per_unit:
-        raise AugLocalError("recipe key cuda_graphs captures each unit's optimizer update with the unit; set "
-                            "optimizer.per_unit: true, or cuda_graphs: false")
-    if recipe.cuda_graphs and env is not None:
-        if env.device.type != "cuda":
-            raise AugLocalError(f"recipe key cuda_graphs needs a CUDA device and this run is on {env.device.type}; "
-                                "set device: cuda on a machine with a GPU, or cuda_graphs: false")
-        if env.world > 1:
-            raise AugLocalError(f"recipe key cuda_graphs captures the units of one process and this run has {env.world} "
-                                "(torchrun); train in one process, or set cuda_graphs: false")
+    offload = recipe.offload != "none"
+    if recipe.cuda_graphs and offload:
+        raise AugLocalError("recipe keys cuda_graphs and offload: a graph replays fixed addresses and offloading moves "
+                            "the aux nets every step; choose one (offload for memory, cuda_graphs for speed)")
+    if offload and recipe.ema_decay:
+        raise AugLocalError("recipe key offload keeps the aux nets in host memory and ema_decay averages them on the "
+                            "device; drop one of them")
+    for key, on, off_value in (("cuda_graphs", recipe.cuda_graphs, "false"), ("offload", offload, "none")):
+        if not on:
+            continue
+        if not recipe.optimizer.per_unit:
+            raise AugLocalError(f"recipe key {key} works on each unit's optimizer update as it happens; set "
+                                f"optimizer.per_unit: true, or {key}: {off_value}")
+        if env is not None and env.device.type != "cuda":
+            raise AugLocalError(f"recipe key {key} needs a CUDA device and this run is on {env.device.type}; set "
+                                f"device: cuda on a machine with a GPU, or {key}: {off_value}")
+        if env is not None and env.world > 1:
+            raise AugLocalError(f"recipe key {key} works on the units of one process and this run has {env.world} "
+                                f"(torchrun); train in one process, or set {key}: {off_value}")
     m = recipe.mixup
     if (m.mixup_alpha or m.cutmix_alpha) and batch_per_process % 2:
         raise AugLocalError(f"recipe key mixup needs an even batch per process (it blends each sample with the "

@@ -32,6 +32,7 @@ from ..runtime.bundles import call
 from ..runtime.checkpoint import read_checkpoint
 from ..runtime.graphs import CapturedStep
 from ..runtime.memory import peak_rss_bytes
+from ..runtime.offload import AuxOffload
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
 from .distributed import Env, barrier, gather_states, setup, teardown
@@ -140,6 +141,7 @@ class Trainer:
         self.mixing, self.loss_fn = Mixing(recipe, classes, env.device), loss_function(recipe)
         self.ema = UnitEma(self.units, recipe.ema_decay) if recipe.ema_decay else None
         self.captured: CapturedStep | None = None  # cuda_graphs: made on the first batch, kept for the run
+        self.offload: AuxOffload | None = None  # offload: aux, made at the first step (after a resume's load)
         r.optimizer = build_optimizer(self.units, strategy.parameters(r.net, self.units), recipe.optimizer, env.device)
         r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
         self.epoch, self.history, self.best = 0, [], -1.0
@@ -201,9 +203,11 @@ class Trainer:
                 if recipe.cuda_graphs:
                     out = self._captured_step(h, y)
                 else:
+                    if recipe.offload == "aux" and self.offload is None:
+                        self.offload = AuxOffload(self.units, r.optimizer, device)
                     out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
                                          hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
-                                         optimizer=r.optimizer if per_unit else None)
+                                         optimizer=r.optimizer if per_unit else None, offload=self.offload)
                 if not per_unit:
                     r.optimizer.step()
                     r.optimizer.zero_grad(set_to_none=True)
@@ -266,6 +270,17 @@ class Trainer:
         amp = torch.autocast(self.env.device.type, self.autocast) if self.autocast else nullcontext()
         m = len(r.net.blocks)
         sums = Sums({"correct": m, "loss": 1, "images": 1}, self.env.device)
+        with self.offload.resident() if self.offload is not None else nullcontext():  # every aux head runs
+            self._evaluate(s, loader, units, amp, sums)
+        s.flush()
+        red = sums.reduce()
+        n = max(red["images"][0], 1)
+        return {"acc": red["correct"][m - 1] / n, "loss": red["loss"][0] / n,
+                "aux_acc": [c / n for c in red["correct"][:m - 1]]}
+
+    def _evaluate(self, s, loader, units: list, amp, sums) -> None:
+        """``evaluate``'s pass over ``loader``, adding into ``sums``."""
+        r = self.run
         for h, y, image in s.batches(r.test_loader if loader is None else loader, lambda x, y: self.mixing(x, y, False)):
             with amp:
                 for i, unit in zip(s.mine, units):
@@ -277,11 +292,6 @@ class Trainer:
                 sums.add("images", len(y))
             else:
                 s.hand_on(y, image)(h)
-        s.flush()
-        red = sums.reduce()
-        n = max(red["images"][0], 1)
-        return {"acc": red["correct"][m - 1] / n, "loss": red["loss"][0] / n,
-                "aux_acc": [c / n for c in red["correct"][:m - 1]]}
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict:
@@ -320,10 +330,14 @@ class Trainer:
         """The test set on ``best.pt``'s weights (the checkpoint chosen on validation; the averaged
         weights under ema_decay), read back by every process once process 0 has written it."""
         barrier(self.env)
+        if self.offload is not None:
+            self.offload.settle()  # the weights load into the aux nets' host copies
         self.strategy.load_weights(self.run.net, self.units, self.out / "best.pt")
         return self.evaluate(units=self.units)
 
     def _save(self, improved: bool) -> None:
+        if self.offload is not None:
+            self.offload.settle()  # the aux nets' host copies hold the last update
         rngs = gather_states(rng_state(), self.env)  # every rank's, so a resumed run draws the same
         r = self.run
         train = self.strategy.checkpoint(r.net, self.units, r.optimizer, r.scheduler, self.ema, self.out,
