@@ -17,7 +17,7 @@ from .bundles import Bundle, call, detach
 from .recompute import run_maybe_recomputed
 from .unit_optim import UnitOptimizers
 
-__all__ = ["LocalUnit", "StepOutput", "blockwise_step", "unit_step"]
+__all__ = ["LocalUnit", "StepOutput", "blockwise_step", "unit_step", "finish_unit"]
 
 
 @dataclass
@@ -47,11 +47,18 @@ class LocalUnit(nn.Module):
         self.loss = loss
 
     def forward(self, *h: torch.Tensor) -> tuple[Bundle, torch.Tensor | tuple]:
+        out = self.block_forward(*h)
+        return out, self.top_forward(out)
+
+    def block_forward(self, *h: torch.Tensor) -> Bundle:
+        """The block's part of ``forward`` (``overlap.py`` runs it apart from the top's)."""
         with record_function("auglocal.block"):
-            out = run_maybe_recomputed(self.block, h, self.recompute == "block")
+            return run_maybe_recomputed(self.block, h, self.recompute == "block")
+
+    def top_forward(self, out: Bundle) -> torch.Tensor | tuple:
+        """The aux net's (or head's) part of ``forward``, on the block's output ``out``."""
         with record_function("auglocal.top"):
-            args = out if isinstance(out, tuple) else (out,)
-            return out, run_maybe_recomputed(self.top, args, self.recompute == "aux")
+            return run_maybe_recomputed(self.top, out if isinstance(out, tuple) else (out,), self.recompute == "aux")
 
     def local_loss(self, top: torch.Tensor | tuple, target: torch.Tensor, image: torch.Tensor,
                    loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +159,15 @@ def unit_step(i: int, unit: nn.Module, h: Bundle, target: torch.Tensor, image: t
     local = getattr(unit, "module", unit)  # the LocalUnit inside a DistributedDataParallel
     with amp, record_function("auglocal.forward"):  # labels for torch.profiler (tools/bench_speed.py)
         out, top = call(unit, h)
+    return finish_unit(i, local, out, top, target, image, loss_fn, amp, scaler, optimizer, clip_grad, hand_on)
+
+
+def finish_unit(i: int, local: LocalUnit, out: Bundle, top, target: torch.Tensor, image: torch.Tensor,
+                loss_fn: Callable, amp, scaler=None, optimizer=None, clip_grad: float | None = None,
+                hand_on: Callable[[Bundle], None] | None = None) -> tuple[Bundle, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``unit_step`` after the unit's forward (block output ``out``, top output ``top``): local loss,
+    backward, clipping and update, with the same returns."""
+    with amp, record_function("auglocal.forward"):
         loss, logits = local.local_loss(top, target, image, loss_fn)
     if hand_on is not None:
         with record_function("auglocal.hand_on"):

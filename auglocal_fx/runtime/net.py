@@ -21,6 +21,7 @@ from .bundles import call, detach
 from .checkpoint import save_net
 from .graphs import CapturedStep
 from .offload import AuxOffload
+from .overlap import overlapped_step
 from .unit_optim import UnitOptimizers, fused_kwargs
 
 __all__ = ["AugLocalNet", "unique_parameters"]
@@ -169,7 +170,8 @@ class AugLocalNet(nn.Module):
     def training_step(self, x: torch.Tensor | tuple, target: torch.Tensor, loss_fn=None,
                       autocast_dtype: torch.dtype | None = None, units=None,
                       scaler: torch.amp.GradScaler | None = None,
-                      optimizer: torch.optim.Optimizer | None = None, offload: AuxOffload | None = None) -> StepOutput:
+                      optimizer: torch.optim.Optimizer | None = None, offload: AuxOffload | None = None,
+                      overlap: bool = False) -> StepOutput:
         """Forward and backward, block by block; the caller steps its optimizer afterwards.
 
         ``x`` is the input batch, or for a model converted with several inputs the tuple of them
@@ -185,12 +187,18 @@ class AugLocalNet(nn.Module):
         freed at once (at most one unit's gradients alive); the updates equal one ``optimizer.step()``
         after the step for per-parameter optimizers (SGD, Adam, AdamW), and you then call only your
         scheduler. ``offload`` (``offload_aux(optimizer)``): the aux nets live in host memory but for the
-        unit that trains and the next.
+        unit that trains and the next. ``overlap``: each block's forward runs beside the previous
+        unit's aux net, backward and update, on two CUDA streams (``overlap.py``; the same updates).
         """
         h = self._as_bundle(x)
         self._check_size(h)
         units = self.local_units() if units is None else units
         image = h[0] if isinstance(h, tuple) else None  # what a rule's loss compares with
+        if overlap:
+            if scaler is not None:
+                raise AugLocalError("training_step(overlap=True, scaler=...): use bfloat16 autocast, which needs no "
+                                    "GradScaler, or train without overlap")
+            return overlapped_step(units, h, target, loss_fn, autocast_dtype, optimizer, image=image, offload=offload)
         return blockwise_step(units, h, target, loss_fn, autocast_dtype, scaler, optimizer, image=image,
                               offload=offload)
 

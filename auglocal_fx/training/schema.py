@@ -195,6 +195,9 @@ class TrainRecipe:
     # aux: every aux net's weights and optimizer state in pinned host memory but for the unit training
     # and the next one (runtime/offload.py); needs device cuda, one process, optimizer.per_unit
     offload: str = field(default="none", metadata=_choices(("none", "aux")))
+    # each block's forward beside the previous unit's aux net, backward and update, on two CUDA streams
+    # (runtime/overlap.py): the same updates, one more block's activations held; device cuda, one process
+    overlap: bool = False
     # torch.set_num_threads for a CPU run; null: torch's choice (all cores; 1 under torchrun, which sets
     # OMP_NUM_THREADS=1); give cores / processes when several share a machine
     threads: int | None = field(default=None, metadata=_at_least(1))

@@ -37,10 +37,14 @@ def check_techniques(recipe, batch_per_process: int, env=None) -> None:
     if offload and recipe.ema_decay:
         raise AugLocalError("recipe key offload keeps the aux nets in host memory and ema_decay averages them on the "
                             "device; drop one of them")
-    for key, on, off_value in (("cuda_graphs", recipe.cuda_graphs, "false"), ("offload", offload, "none")):
+    if recipe.cuda_graphs and recipe.overlap:
+        raise AugLocalError("recipe keys cuda_graphs and overlap: a unit's graph holds its whole step, so its parts "
+                            "cannot run beside the next unit's; choose one")
+    for key, on, off_value in (("cuda_graphs", recipe.cuda_graphs, "false"), ("offload", offload, "none"),
+                               ("overlap", recipe.overlap, "false")):
         if not on:
             continue
-        if not recipe.optimizer.per_unit:
+        if key != "overlap" and not recipe.optimizer.per_unit:
             raise AugLocalError(f"recipe key {key} works on each unit's optimizer update as it happens; set "
                                 f"optimizer.per_unit: true, or {key}: {off_value}")
         if env is not None and env.device.type != "cuda":

@@ -33,6 +33,7 @@ from ..runtime.checkpoint import read_checkpoint
 from ..runtime.graphs import CapturedStep
 from ..runtime.memory import peak_rss_bytes
 from ..runtime.offload import AuxOffload
+from ..runtime.overlap import overlapped_step
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
 from .distributed import Env, barrier, gather_states, setup, teardown
@@ -205,9 +206,14 @@ class Trainer:
                 else:
                     if recipe.offload == "aux" and self.offload is None:
                         self.offload = AuxOffload(self.units, r.optimizer, device)
-                    out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
-                                         hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
-                                         optimizer=r.optimizer if per_unit else None, offload=self.offload)
+                    if recipe.overlap:
+                        out = overlapped_step(self.units, h, y, self.loss_fn, self.autocast, r.optimizer if per_unit
+                                              else None, image, sync=False, clip_grad=recipe.clip_grad,
+                                              offload=self.offload)
+                    else:
+                        out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
+                                             hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
+                                             optimizer=r.optimizer if per_unit else None, offload=self.offload)
                 if not per_unit:
                     r.optimizer.step()
                     r.optimizer.zero_grad(set_to_none=True)
