@@ -2,7 +2,7 @@
 bookkeeping (static batch, chained unit outputs, tensor learning rates under a schedule, warm-up,
 eager batches of another shape) runs through a stand-in whose "replay" re-runs the recorded step, and
 must train exactly as the eager per-unit step does. The graphs themselves run on a GPU
-(tools/gpu_suite.py)."""
+(tools/bench_gpu.py)."""
 
 from __future__ import annotations
 
@@ -15,27 +15,9 @@ import torch
 from auglocal_fx import AugLocalError, to_auglocal
 from auglocal_fx.runtime.blockwise import blockwise_step
 from auglocal_fx.runtime.graphs import CapturedStep
+from auglocal_fx.testing.stand_ins import GraphsStandIn as StandIn
 
 from handwritten import cifar_resnet
-
-
-class StandIn:
-    """What ``CudaGraphs`` does, minus the GPU: a capture records and computes nothing (as a CUDA
-    graph's capture does not), a replay runs the recorded step."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, fail_at: int | None = None):
-        self.captured, self.fail_at = 0, fail_at
-
-    def eager(self, fn):
-        return fn()
-
-    def capture(self, fn):
-        if self.captured == self.fail_at:
-            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
-        self.captured += 1
-        return fn, (None, None, None, None)
 
 
 def _net():

@@ -1,7 +1,7 @@
 """Aux nets off the card (``offload: aux``): exact against the plain per-unit step, at most two aux
 nets resident at a time, every aux head evaluated, refused in one line without a CUDA device. The
 host <-> device copies run through a stand-in that copies between CPU tensors (so every swap of
-storage is exercised); the CUDA streams and pinned memory run on a GPU (tools/gpu_suite.py)."""
+storage is exercised); the CUDA streams and pinned memory run on a GPU (tools/bench_gpu.py)."""
 
 from __future__ import annotations
 
@@ -12,35 +12,9 @@ import torch
 
 from auglocal_fx import AugLocalError, to_auglocal
 from auglocal_fx.runtime.offload import AuxOffload
+from auglocal_fx.testing.stand_ins import TransfersStandIn as StandIn
 
 from handwritten import cifar_resnet
-
-
-class StandIn:
-    """``CudaTransfers`` between two places on the CPU: every fetch and write-back a real copy."""
-
-    def __init__(self):
-        self.fetched = 0
-
-    def host_copy(self, t):
-        return t.detach().clone()
-
-    def to_device(self, host):
-        self.fetched += 1
-        return host.clone()
-
-    def fence(self):
-        return None
-
-    def wait(self, event, tensors):
-        pass
-
-    def write_back(self, pairs):
-        for host, dev in pairs:
-            host.copy_(dev)
-
-    def synchronize(self):
-        pass
 
 
 def _net():

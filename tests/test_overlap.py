@@ -1,45 +1,22 @@
 """Overlapped units (``overlap``): each block's forward issued before the previous unit's aux net,
 backward and update. On the CPU the streams are a stand-in and the reordering itself is what is
 tested: the same losses and the same weights as the plain step, also with the aux nets offloaded.
-The two CUDA streams run on a GPU (tools/gpu_suite.py)."""
+The two CUDA streams run on a GPU (tools/bench_gpu.py)."""
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 
 import pytest
 import torch
-from test_offload import StandIn as HostStandIn
 
 from auglocal_fx import AugLocalError, to_auglocal
 from auglocal_fx.runtime.offload import AuxOffload
 from auglocal_fx.runtime.overlap import overlapped_step
+from auglocal_fx.testing.stand_ins import StreamsStandIn as Streams
+from auglocal_fx.testing.stand_ins import TransfersStandIn as HostStandIn
 
 from handwritten import cifar_resnet
-
-
-class Streams:
-    """``CudaStreams`` without a GPU: it records which unit's work was issued on which stream."""
-
-    def __init__(self):
-        self.order = []
-
-    def begin(self, tensors):
-        pass
-
-    def on(self, k):
-        self.order.append(k)
-        return nullcontext()
-
-    def mark(self, k):
-        return None
-
-    def hand(self, event, tensors, k):
-        pass
-
-    def end(self):
-        pass
 
 
 def _net(recompute="none"):

@@ -360,3 +360,26 @@ def test_reference_dir_refused_in_one_line(capsys, tmp_path):
     broken = _stand_in(tmp_path / "broken", "import no_such_package_here\n")
     with pytest.raises(_tool("reference_peer").AugLocalError, match=r"broken: importing networks/resnet.py failed: .*no_such_package_here"):
         _tool("reference_peer").load_reference(broken)
+
+
+def test_bench_gpu_dry_run_steps_every_variant(capsys, tmp_path, torch_threads):
+    """Every variant of the GPU table (graphs, overlap and offload through their CPU stand-ins) steps,
+    and the table is written; the figures of a dry run mean nothing."""
+    tool = _tool("bench_gpu")
+    assert tool.main(["--dry-run", "--out", str(tmp_path), "--warmup", "3", "--steps", "1"]) == 0
+    res = json.loads((tmp_path / "bench_gpu.json").read_text())
+    (setting,) = res["settings"]
+    assert list(setting["rows"]) == [v for v in tool.VARIANTS if v != "reference"]
+    assert all(row["median_step_s"] > 0 and row["timed_steps"] == 1 for row in setting["rows"].values())
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert "| auglocal + graphs |" in table and "dry run" in table
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--device", "cuda"], "--device cuda: no CUDA device here"),
+    (["--dry-run", "--warmup", "2"], "--warmup 2: the graphs variant captures at its third step"),
+])
+def test_bench_gpu_refuses_in_one_line(capsys, tmp_path, argv, says):
+    assert _tool("bench_gpu").main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err, err
