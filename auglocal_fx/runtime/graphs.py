@@ -11,8 +11,9 @@ in the order they were captured (what sharing a pool requires).
 
 What a capture needs, and is checked for: a CUDA device; the units' own optimizers
 (``UnitOptimizers``) in an implementation that runs inside a graph (fused, or ``capturable=True``),
-their learning rates held as tensors on the device so an LR schedule reaches the replays (done
-here); autocast without its weight cache. The first ``warmup`` batches run eagerly on a side stream
+their learning rates held as float32 tensors on the device so an LR schedule reaches the replays
+(done here; an update then differs from one with a Python float's rate in the rate's last bits);
+autocast without its weight cache. The first ``warmup`` batches run eagerly on a side stream
 (cuDNN's autotuning, the optimizers' lazily made state), the next one is captured and replayed; a
 batch of another shape (the last, smaller one of an epoch) runs eagerly. Anything inside a unit
 that needs the host mid-step (``.item()``, a branch on a tensor's value) cannot be captured: the
@@ -68,7 +69,8 @@ class CudaGraphs:
         """Record ``fn()`` as a graph; returns ``(replay, fn's outputs)``: ``replay()`` runs the
         recorded kernels again and returns the same output tensors, now holding the new results."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the DataLoader's pin-memory thread may call CUDA while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
 
         def replay():
