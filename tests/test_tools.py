@@ -315,7 +315,8 @@ def test_bench_speed_reference_row(capsys, tmp_path, torch_threads):
                                             "--batch", "4", "--size", "32", "--steps", "2", "--warmup", "0",
                                             "--threads", "1", "--reference-dir", str(ref)])
     rules = res["rules"]
-    assert set(rules) == {"bp", "dgl", "auglocal", "reference"} and res["tail"] == "reference"
+    assert set(rules) == {"bp", "dgl", "auglocal", "reference", "auglocal+unit optimizers"}
+    assert res["tail"] == "reference" and rules["auglocal+unit optimizers"]["blocks"] == 13
     row = rules["reference"]
     assert row["ratio_to_bp"] > 0 and row["ratio_to_auglocal"] > 0 and row["flops_ratio"] > 1.0
     assert row["params"] == 3 * 4 * 9 + 4 + 2 * (4 * 10 + 10) and row["aux_params"] == 4 * 10 + 10

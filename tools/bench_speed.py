@@ -32,6 +32,8 @@ and threads, with the same optimizer. Their code has the CIFAR ResNets only, at 
 count (``--model resnet32_cifar --blocks 16 --size 32``). Their split is our ``tail="reference"``
 (M = K - d modules), so with ``--reference-dir`` the auglocal rows are built with it (``--tail``
 overrides); the reference row's FLOPs are counted on their model, its ratio to auglocal beside.
+The row "auglocal+unit optimizers" beside them is ours as ``auglocal-train`` steps it: each unit's
+own optimizer (``net.unit_optimizers``) stepped right after the unit's backward.
 
     python tools/bench_speed.py --model resnet32_cifar --blocks 16 --aux-depth 3 --batch 128 --size 32 --reference-dir DIR
 """
@@ -73,6 +75,7 @@ MEMORY_OPTIONS = {"auglocal+recompute=block": {"recompute": "block"},  # --memor
                   "auglocal+recompute=block+bf16 aux": {"recompute": "block", "aux_dtype": "bfloat16"}}
 CHECKPOINTING = ("bp+checkpointing", "bp+timm checkpointing")  # --memory-options: what users pick instead
 REFERENCE = "reference"  # --reference-dir: the authors' LocalResNet
+UNIT_OPTIMIZERS = "auglocal+unit optimizers"  # --reference-dir: each unit's own optimizer, stepped per unit
 PROG = "bench_speed.py"
 PHASES = {"auglocal.block": "block forward", "auglocal.top": "aux/head forward",
           "auglocal.backward": "backward", "bench.optimizer": "optimizer"}
@@ -83,6 +86,11 @@ def _step(net, opt, x, y) -> None:
     with record_function("bench.optimizer"):
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def _unit_step(net, opt, x, y) -> None:
+    """Each unit's own optimizer stepped right after its backward (``net.unit_optimizers``)."""
+    net.training_step(x, y, optimizer=opt)
 
 
 def forward_flops(net) -> tuple[int, int]:
@@ -162,6 +170,7 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
         variants.update({name: (name, False, {}) for name in CHECKPOINTING})
     if reference_dir is not None:
         variants[REFERENCE] = (REFERENCE, False, {})
+        variants[UNIT_OPTIMIZERS] = ("auglocal", False, {})  # ours as the trainer steps it, beside theirs
     nets, opts, steppers = {}, {}, {}
     for name, (rule, compiled, options) in list(variants.items()):
         steppers[name] = _step
@@ -187,6 +196,9 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
         if compiled:
             net.compile(backend=compile_backend)
         nets[name], opts[name] = net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        if name == UNIT_OPTIMIZERS:
+            opts[name] = net.unit_optimizers(torch.optim.SGD, lr=1e-3, momentum=0.9)
+            steppers[name] = _unit_step
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
