@@ -7,7 +7,6 @@ must train exactly as the eager per-unit step does. The graphs themselves run on
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,19 +89,3 @@ def test_a_unit_that_cannot_be_captured_is_named():
                                             r"RuntimeError: operation not permitted") as exc:
         step(x, y)
     assert "\n" not in str(exc.value)
-
-
-@pytest.mark.parametrize("overrides, says", [
-    ({}, "recipe key cuda_graphs needs a CUDA device and this run is on cpu"),
-    ({"optimizer.per_unit": False}, "recipe key cuda_graphs works on each unit's optimizer update as it happens; set optimizer.per_unit"),
-])
-def test_recipe_key_cuda_graphs_is_refused_where_it_cannot_run(tmp_path, capsys, overrides, says):
-    from test_training import tiny_recipe, write_recipe
-
-    from auglocal_fx.cli.train import main as train_main
-
-    recipe = tiny_recipe(tmp_path, cuda_graphs=True, **overrides)
-    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and says in err
-    assert not Path(recipe["output"]).exists()  # refused before anything was written

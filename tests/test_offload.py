@@ -113,23 +113,3 @@ def test_the_plans_estimate_counts_the_weights_a_step_holds_on_the_device():
     est = estimate_footprint(net.plan, 8, offload="aux")
     assert est.weights == max(held) < estimate_footprint(net.plan, 8).weights
     assert est.optimizer == est.weights  # SGD's momentum: one slot
-
-
-@pytest.mark.parametrize("overrides, says", [
-    ({}, "recipe key offload needs a CUDA device and this run is on cpu"),
-    ({"optimizer.per_unit": False}, "recipe key offload works on each unit's optimizer update as it happens"),
-    ({"ema_decay": 0.99}, "recipe key offload keeps the aux nets in host memory and ema_decay"),
-    ({"cuda_graphs": True}, "recipe keys cuda_graphs and offload"),
-])
-def test_recipe_key_offload_is_refused_where_it_cannot_run(tmp_path, capsys, overrides, says):
-    from pathlib import Path
-
-    from test_training import tiny_recipe, write_recipe
-
-    from auglocal_fx.cli.train import main as train_main
-
-    recipe = tiny_recipe(tmp_path, offload="aux", **overrides)
-    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and says in err, err
-    assert not Path(recipe["output"]).exists()

@@ -56,21 +56,3 @@ def test_overlap_is_refused_without_a_cuda_device():
     with pytest.raises(AugLocalError, match="overlap runs units on two CUDA streams, and the batch is on cpu") as exc:
         net.train().training_step(x, y, overlap=True)
     assert "\n" not in str(exc.value)
-
-
-@pytest.mark.parametrize("overrides, says", [
-    ({}, "recipe key overlap needs a CUDA device and this run is on cpu"),
-    ({"cuda_graphs": True}, "recipe keys cuda_graphs and overlap"),
-])
-def test_recipe_key_overlap_is_refused_where_it_cannot_run(tmp_path, capsys, overrides, says):
-    from pathlib import Path
-
-    from test_training import tiny_recipe, write_recipe
-
-    from auglocal_fx.cli.train import main as train_main
-
-    recipe = tiny_recipe(tmp_path, overlap=True, **overrides)
-    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and says in err, err
-    assert not Path(recipe["output"]).exists()

@@ -161,3 +161,24 @@ def test_pipeline_with_every_option_is_the_sequential_run(tmp_path):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             torch.testing.assert_close(b[part][k].float(), a[part][k].float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys, says", [
+    ({"cuda_graphs": True}, "recipe key cuda_graphs needs a CUDA device and this run is on cpu"),
+    ({"cuda_graphs": True, "optimizer.per_unit": False},
+     "recipe key cuda_graphs works on each unit's optimizer update as it happens; set optimizer.per_unit"),
+    ({"offload": "aux"}, "recipe key offload needs a CUDA device and this run is on cpu"),
+    ({"offload": "aux", "optimizer.per_unit": False}, "recipe key offload works on each unit's optimizer update"),
+    ({"offload": "aux", "ema_decay": 0.99}, "recipe key offload keeps the aux nets in host memory and ema_decay"),
+    ({"offload": "aux", "cuda_graphs": True}, "recipe keys cuda_graphs and offload"),
+    ({"overlap": True}, "recipe key overlap needs a CUDA device and this run is on cpu"),
+    ({"overlap": True, "cuda_graphs": True}, "recipe keys cuda_graphs and overlap"),
+])
+def test_gpu_schedules_are_refused_in_one_line_where_they_cannot_run(tmp_path, capsys, keys, says):
+    """cuda_graphs, offload and overlap (runtime/graphs.py, offload.py, overlap.py) on the CPU, with a
+    combination that cannot work, or without per-unit steps: refused before anything is written."""
+    recipe = tiny_recipe(tmp_path, **keys)
+    assert train_main([str(write_recipe(tmp_path, recipe))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says in err, err
+    assert not Path(recipe["output"]).exists()

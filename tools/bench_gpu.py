@@ -17,7 +17,8 @@ Variants, each with bf16 autocast and channels_last weights and inputs (``cudnn.
   every parameter); ``auglocal``: each unit's own fused SGD (``net.unit_optimizers``);
 - ``auglocal + graphs`` (``net.capture``: each unit's whole step one CUDA graph), ``auglocal +
   overlap`` (two streams), ``auglocal + offload`` (aux nets in pinned host memory but for two), and
-  offload with the memory options: ``balance=memory`` and bf16 aux nets;
+  offload with the memory options: ``balance=memory`` and bf16 aux nets, and with
+  ``recompute=block`` too;
 - ``reference``: the authors' ``LocalResNet`` (``--reference-dir``, CIFAR ResNet-32 only; see
   ``reference_peer.py``), stepped as their ``train.py`` steps it.
 
@@ -230,6 +231,9 @@ VARIANTS: dict[str, Callable[[Ctx], Callable[[], None]]] = {
     "auglocal + offload": _offloaded,
     "auglocal + offload + overlap": lambda c: _overlap(c, offload=True),
     "auglocal + offload, balance=memory, bf16 aux": lambda c: _offloaded(c, balance="memory", aux_dtype="bfloat16"),
+    # every memory option at once: the plan's estimate for resnet50 K=16 at batch 64 is 0.21x bp's
+    "auglocal + offload, balance=memory, recompute=block, bf16 aux":
+        lambda c: _offloaded(c, balance="memory", recompute="block", aux_dtype="bfloat16"),
     "reference": _reference,
 }
 
