@@ -31,8 +31,8 @@ def _batches(sizes):
     return [(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
 
 
-@pytest.mark.parametrize("clip", [None, 0.5])
-def test_captured_step_trains_exactly_as_the_eager_step(clip):
+@pytest.mark.parametrize("clip, amp", [(None, None), (0.5, None), (None, torch.bfloat16)])
+def test_captured_step_trains_exactly_as_the_eager_step(clip, amp):
     eager, graphed = _net(), _net()
     opt_e = eager.unit_optimizers(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     opt_g = graphed.unit_optimizers(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -44,9 +44,10 @@ def test_captured_step_trains_exactly_as_the_eager_step(clip):
     notes = []
     backend = StandIn()
     step = CapturedStep(graphed.train().local_units(), opt_g, batches[0], clip_grad=clip, warmup=2,
-                        log=notes.append, backend=backend)
+                        log=notes.append, backend=backend, autocast_dtype=amp)
     for x, y in batches:
-        out_e = blockwise_step(eager.train().local_units(), x, y, optimizer=opt_e, clip_grad=clip)
+        out_e = blockwise_step(eager.train().local_units(), x, y, optimizer=opt_e, clip_grad=clip,
+                               autocast_dtype=amp)
         out_g = step(x, y)
         assert out_g.loss.item() == out_e.loss and out_g.local_losses.tolist() == out_e.local_losses
         sched_e.step()
