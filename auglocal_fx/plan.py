@@ -372,14 +372,13 @@ def _memory_caption(m: dict) -> str:
     text = (f"Estimated peak of a training step at batch {m['batch']} ({m['assumes']}): "
             f"{_bytes(t['total'])} = weights {_bytes(t['weights'])} + optimizer {_bytes(t['optimizer'])} "
             f"+ gradients {_bytes(t['gradients'])} (one unit's) + activations {_bytes(t['activations'])} "
-            f"(the largest unit's)")
-    off = m.get("offload_total")  # plans written before it have none
-    if off:
-        text += f"; with the aux nets in host memory (offload: aux) {_bytes(off)} ({off / m['bp_total']:.2f}x bp)"
-    text += f"; bp {_bytes(m['bp_total'])} ({t['total'] / m['bp_total']:.2f}x)"
+            f"(the largest unit's); bp {_bytes(m['bp_total'])} ({t['total'] / m['bp_total']:.2f}x)")
     ck = m.get("bp_checkpointed_total")  # plans written before it have none
     text += (f", bp with checkpointing at these {len(m['units'])} blocks {_bytes(ck)} "
-             f"({t['total'] / ck:.2f}x)." if ck and len(m["units"]) > 1 else ".")
+             f"({t['total'] / ck:.2f}x)" if ck and len(m["units"]) > 1 else "")
+    off = m.get("offload_total")  # plans written before it have none
+    text += (f"; with the aux nets in host memory (offload: aux) {_bytes(off)} ({off / m['bp_total']:.2f}x bp's)."
+             if off else ".")
     if len(m["units"]) > 1:
         c = m["crossover_batch"]
         text += (f" Below bp's from batch {c}." if c else " Never below bp's: the aux nets' activations per sample "

@@ -200,20 +200,7 @@ class Trainer:
         try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
             for step, (h, y, image) in enumerate(s.batches(loader, lambda x, y: self.mixing(x, y, True)), 1):
                 t0 = time.perf_counter()
-                # per unit: each unit's optimizer steps right after its backward; else all at the end
-                if recipe.cuda_graphs:
-                    out = self._captured_step(h, y)
-                else:
-                    if recipe.offload == "aux" and self.offload is None:
-                        self.offload = AuxOffload(self.units, r.optimizer, device)
-                    if recipe.overlap:
-                        out = overlapped_step(self.units, h, y, self.loss_fn, self.autocast, r.optimizer if per_unit
-                                              else None, image, sync=False, clip_grad=recipe.clip_grad,
-                                              offload=self.offload)
-                    else:
-                        out = blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, image=image,
-                                             hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad,
-                                             optimizer=r.optimizer if per_unit else None, offload=self.offload)
+                out = self._step(h, y, image)
                 if not per_unit:
                     r.optimizer.step()
                     r.optimizer.zero_grad(set_to_none=True)
@@ -246,13 +233,26 @@ class Trainer:
                                                     if device.type == "cuda" else {}),
                 **s.record(red)}
 
-    def _captured_step(self, h, y):
-        """The step with every unit replayed as a CUDA graph (recipe key cuda_graphs), captured at the
-        first batch's shape after warm-up steps."""
-        if self.captured is None:
-            self.captured = CapturedStep(self.units, self.run.optimizer, (h, y), loss_fn=self.loss_fn,
-                                         autocast_dtype=self.autocast, clip_grad=self.recipe.clip_grad, log=self.log)
-        return self.captured(h, y)
+    def _step(self, h, y, image):
+        """One training step as the recipe schedules it: every unit replayed as a CUDA graph
+        (``cuda_graphs``, captured at the first batch's shape after warm-up steps), or block by block,
+        overlapped on two streams (``overlap``) or in turn, with the aux nets in host memory
+        (``offload``, set up at the first step, after a resume's load). Per unit (``optimizer.per_unit``)
+        each unit's optimizer steps right after its backward; else the caller steps it after."""
+        r, recipe, s = self.run, self.recipe, self.strategy
+        opt = r.optimizer if recipe.optimizer.per_unit else None
+        if recipe.cuda_graphs:
+            if self.captured is None:
+                self.captured = CapturedStep(self.units, r.optimizer, (h, y), loss_fn=self.loss_fn,
+                                             autocast_dtype=self.autocast, clip_grad=recipe.clip_grad, log=self.log)
+            return self.captured(h, y)
+        if recipe.offload == "aux" and self.offload is None:
+            self.offload = AuxOffload(self.units, r.optimizer, self.env.device)
+        if recipe.overlap:
+            return overlapped_step(self.units, h, y, self.loss_fn, self.autocast, opt, image, sync=False,
+                                   clip_grad=recipe.clip_grad, offload=self.offload)
+        return blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, opt, image=image,
+                              hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad, offload=self.offload)
 
     def _check_finite(self, value: float, block: int, epoch: int, step: int) -> None:
         if not math.isfinite(value):
