@@ -97,10 +97,12 @@ TOTAL_ROWS = {
     "auglocal, recompute=block + bf16 aux": ("auglocal", True, {"recompute": "block", "aux_dtype": "bfloat16"}),
     # --reference-dir: the authors' LocalResNet, and ours doing the same work (their split, one step)
     "auglocal, tail=reference, one step at the end": ("auglocal", False, {"tail": "reference"}),
+    "auglocal, tail=reference": ("auglocal", True, {"tail": "reference"}),  # as the trainer steps it
     "reference (authors' LocalResNet)": ("reference", False, {}),
 }
 REFERENCE = "reference (authors' LocalResNet)"
-REFERENCE_ROWS = ("auglocal, tail=reference, one step at the end", REFERENCE)  # not in the default rows
+REFERENCE_ROWS = ("auglocal, tail=reference, one step at the end", "auglocal, tail=reference",
+                  REFERENCE)  # not in the default rows
 PROG = "bench_memory.py"
 
 
