@@ -44,8 +44,9 @@ class UnitOptimizers(torch.optim.Optimizer):
     steps unit i's and frees its gradients.
 
     ``units``: the local units in order (``net.local_units()``, or DDP-wrapped ones). ``order``: the
-    parameters as a single optimizer would have held them (default ``net.parameters()`` order is
-    what the trainer passes; else the units' own order): the state dict's indices.
+    parameters in the order one optimizer over them would hold them, which the state dict's indices
+    follow (the trainer and ``net.unit_optimizers`` pass ``net.parameters()``; default: the units'
+    own order).
 
     Example:
         >>> opt = net.unit_optimizers(torch.optim.SGD, lr=0.1, momentum=0.9)
