@@ -277,6 +277,39 @@ def test_resume_refuses_another_conversion(tmp_path, capsys):
     assert "conversion.blocks = 4, this recipe says 3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("changes, listed", [
+    (["optimizer.lr=0.5"], "optimizer.lr 0.05 -> 0.5"),
+    (["batch_size=16"], "batch_size 32 -> 16"),  # a cosine schedule counted in the old steps
+    (["label_smoothing=0.5", "clip_grad=1e-9"], "label_smoothing 0.0 -> 0.5, clip_grad null -> 1.0e-09"),
+    (["seed=4", "threads=1"], "seed 3 -> 4)"),  # only what changes the run is listed
+])
+def test_resume_refuses_every_key_that_changes_what_the_run_computes(tmp_path, capsys, changes, listed):
+    """A resume is the recorded run or a refusal naming each change; the run folder's recipe.yaml
+    keeps saying what the run used."""
+    recipe = tiny_recipe(tmp_path, epochs=2)
+    path, out = str(write_recipe(tmp_path, recipe)), Path(recipe["output"])
+    assert train_main([path, "--stop-after", "1"]) == 0
+    kept = (out / "recipe.yaml").read_text()
+    capsys.readouterr()
+    sets = [a for c in changes for a in ("--set", c)]
+    assert train_main([path, "--resume", "auto", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "changes what the run computes" in err and listed in err, err
+    assert "--set model.checkpoint=" in err
+    assert (out / "recipe.yaml").read_text() == kept
+
+
+def test_resume_may_change_how_the_run_goes_and_says_so(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, epochs=2)
+    path, out = str(write_recipe(tmp_path, recipe)), Path(recipe["output"])
+    assert train_main([path, "--stop-after", "1"]) == 0
+    capsys.readouterr()
+    assert train_main([path, "--resume", "auto", "--set", "threads=1", "--set", "log_interval=7"]) == 0
+    assert "resuming with threads: null -> 1; log_interval: 50 -> 7" in capsys.readouterr().out
+    assert [h["epoch"] for h in history(out)] == [1, 2]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["threads"] == 1  # what the run now uses
+
+
 def test_second_run_into_a_used_folder_is_refused(tmp_path, capsys):
     """Another model, or the same recipe without --resume, would have replaced best.pt and last.pt."""
     recipe = tiny_recipe(tmp_path, epochs=1)

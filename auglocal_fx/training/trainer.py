@@ -126,8 +126,9 @@ class Trainer:
             torch.set_num_threads(recipe.threads)
         check_techniques(recipe, recipe.batch_size // strategy.data_env.world, env)
         saved = read_training(resume, weights=False) if resume else None  # weights: read by the strategy
-        if saved is not None:
-            check_resume(saved["train"]["recipe"], recipe, resume)
+        free = check_resume(saved["train"]["recipe"], recipe, resume) if saved is not None else []
+        if free:  # how the run goes, not what it computes
+            self.log(f"resuming with {'; '.join(free)}")
         self.log(f"building {recipe.model.label} ({recipe.conversion.rule}) ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AugLocalWarning)  # the plan's notes are logged below, as recipe keys
