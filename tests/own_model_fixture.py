@@ -47,6 +47,18 @@ def blobs(n: int = 64, test: int = 32):
     return Blobs(n, seed=1), Blobs(test, seed=2)
 
 
+def two_score_cnn(width: int = 8) -> nn.Module:
+    """``small_cnn`` made for 2 classes whatever the data has (it takes no num_classes)."""
+    return small_cnn(2, width)
+
+
+def mislabelled(n: int = 64, test: int = 32):
+    """``blobs`` whose training set has one label past its classes (4, for classes a..d): a data bug."""
+    train, test_set = blobs(n, test)
+    train.labels[n // 2] = len(train.classes)
+    return train, test_set
+
+
 class TokenIds(Dataset):
     """Sequences of 12 int64 token ids; the class is which quarter of the vocabulary dominates."""
 

@@ -229,6 +229,28 @@ def test_recipe_errors(tmp_path, recipe, words):
     assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+# -- labels and the model's class scores: refused in one line, not an IndexError in the first step --------
+@pytest.mark.parametrize("change, words", [
+    ({"model.num_classes": 2}, "the recipe gives 2 classes (model.num_classes or model.kwargs.num_classes) but "
+                               "recipe key data.dataset 'own_model_fixture:blobs' has 4"),
+    ({"data.dataset": "own_model_fixture:mislabelled", "data.val_split": 0},
+     "a training label is 4 but the model gives 4 class scores (labels 0 to 3)"),
+])
+def test_labels_past_the_models_class_scores_are_one_line(tmp_path, change, words):
+    with pytest.raises(AugLocalError) as err:
+        train(recipe_from_dict(own_recipe(tmp_path, **change)), log=lambda *a, **k: None)
+    assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_model_with_fewer_outputs_than_the_data_has_classes_is_refused_before_it_writes(tmp_path):
+    recipe = own_recipe(tmp_path, **{"model.factory": "own_model_fixture:two_score_cnn"})
+    with pytest.raises(AugLocalError, match=r"the model gives 2 class scores but own_model_fixture:blobs has 4 "
+                                            r"classes \(labels up to 3\)") as err:
+        train(recipe_from_dict(recipe), log=lambda *a, **k: None)
+    assert "\n" not in str(err.value)
+    assert not Path(recipe["output"]).exists()
+
+
 # -- user errors under torchrun -----------------------------------------------------------------------
 def _fail(message: str):
     def body():

@@ -97,6 +97,17 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                             "architecture") from exc
 
 
+def _check_outputs(net: AugLocalNet, data: DataBundle, recipe: TrainRecipe) -> None:
+    """A model with fewer class scores than the data has classes fails at its first step on a label
+    past the last score (an IndexError on the CPU, a device assert on a GPU): refused before the run
+    writes anything."""
+    shape = net.plan.head.out_shape
+    if shape and data.classes and shape[-1] < data.classes:
+        raise AugLocalError(f"the model gives {shape[-1]} class scores but {recipe.data.dataset} has {data.classes} "
+                            f"classes (labels up to {data.classes - 1}); give it at least {data.classes} outputs "
+                            "(model.num_classes, model.kwargs.num_classes or your factory's)")
+
+
 def _per_rank(total: int, env: Env, key: str) -> int:
     if total % env.world:
         raise AugLocalError(f"recipe key {key} ({total}) must divide evenly across the {env.world} data-parallel "
@@ -147,6 +158,7 @@ def build_run(recipe: TrainRecipe, env: Env, plan: Plan | None = None, lazy_aux:
         check_fingerprint(model, plan, lead="the checkpoint's plan was made for another model",
                           fix="resume it with the model it was trained with, or start a new run")
         net = to_auglocal(model, plan=plan, aux_init="copy", lazy_aux=lazy_aux)
+    _check_outputs(net, data, recipe)
     if m.factory is not None:  # how load_auglocal / auglocal-export re-make the model: import and call it
         net.options["model_factory"] = m.factory
     if data.stats is not None and len(data.stats[0]) == (in_chans or data.channels):

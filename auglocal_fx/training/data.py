@@ -251,7 +251,11 @@ def _own_data(cfg: DataSection, classes: int | None) -> DataBundle:
         if ds is not None and (x := _first_input(ds, what, ref, name)).shape != x0.shape:
             raise AugLocalError(f"{what} {ref!r}: the {name} set's inputs are {tuple(x.shape)}, the training set's "
                                 f"{tuple(x0.shape)}; give every sample the same shape")
-    n_cls = classes or _classes_of(train)
+    declared = _classes_of(train)
+    if classes is not None and declared is not None and classes < declared:  # its labels would pass the logits
+        raise AugLocalError(f"the recipe gives {classes} classes (model.num_classes or model.kwargs.num_classes) but "
+                            f"{what} {ref!r} has {declared} (its classes attribute); remove it or give at least {declared}")
+    n_cls = classes or declared
     if n_cls is None:
         raise AugLocalError(f"{what} {ref!r}: the number of classes is unknown; set recipe key model.num_classes, "
                             "or give the training set a classes attribute (a list of class names, as torchvision's "

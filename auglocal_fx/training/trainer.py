@@ -140,6 +140,7 @@ class Trainer:
         self.autocast = torch.bfloat16 if recipe.bf16 else None
         self.units = strategy.attach(r.net.local_units(), r.net, recipe, saved, self.autocast, self.log, self._place)
         classes = r.net.plan.head.out_shape[-1] if r.net.plan.head.out_shape else r.data.classes
+        self.classes, self._labels_checked = classes, False
         self.mixing, self.loss_fn = Mixing(recipe, classes, env.device), loss_function(recipe)
         self.ema = UnitEma(self.units, recipe.ema_decay) if recipe.ema_decay else None
         self.captured: CapturedStep | None = None  # cuda_graphs: made on the first batch, kept for the run
@@ -201,7 +202,15 @@ class Trainer:
         try:  # the bar goes away even when a step raises (non-finite loss, Ctrl-C)
             for step, (h, y, image) in enumerate(s.batches(loader, lambda x, y: self.mixing(x, y, True)), 1):
                 t0 = time.perf_counter()
-                out = self._step(h, y, image)
+                if not self._labels_checked:  # one look at the host, at the first step
+                    self._check_labels(y)
+                try:
+                    out = self._step(h, y, image)
+                except IndexError as exc:  # cross-entropy's "Target N is out of bounds", on the CPU
+                    if "out of bounds" not in str(exc):
+                        raise
+                    self._check_labels(y)
+                    raise
                 if not per_unit:
                     r.optimizer.step()
                     r.optimizer.zero_grad(set_to_none=True)
@@ -233,6 +242,19 @@ class Trainer:
                 "peak_rss_gib": red["peak_rss"], **({"peak_allocated_gib": red["peak_allocated"]}
                                                     if device.type == "cuda" else {}),
                 **s.record(red)}
+
+    def _check_labels(self, y: torch.Tensor) -> None:
+        """Class labels within the model's scores (a label past them fails inside the loss, on a GPU
+        as a device assert the run cannot recover from)."""
+        self._labels_checked = True
+        if y.is_floating_point() or y.numel() == 0:  # mixup's soft targets, made from checked labels
+            return
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= self.classes:
+            bad = high if high >= self.classes else low
+            raise AugLocalError(f"a training label is {bad} but the model gives {self.classes} class scores (labels 0 "
+                                f"to {self.classes - 1}); fix {self.recipe.data.dataset}'s labels, or give the model at "
+                                f"least {high + 1} outputs (model.num_classes)")
 
     def _step(self, h, y, image):
         """One training step as the recipe schedules it: every unit replayed as a CUDA graph
