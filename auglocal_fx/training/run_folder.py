@@ -33,12 +33,16 @@ def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = 
     """
     out = Path(out)
     _check_inputs_kept(out, [source, resume])
+    cont, elsewhere, replace = _WORDS[words]
+    folders = [name for name in RUN_FILES if (out / name).is_dir()]
+    if folders:  # found now, not when the first epoch's checkpoint fails to be written
+        raise AugLocalError(f"output folder {out} holds a folder named {folders[0]} where the run writes that file; "
+                            f"move it away, or write to {elsewhere}")
     held = [name for name in CHECKPOINTS if (out / name).is_file()]
     if overwrite or not held:
         return
     if resume is not None and Path(resume).resolve().parent == out.resolve():
         return
-    cont, elsewhere, replace = _WORDS[words]
     cont = cont.format(last=str(out / held[0]))
     raise AugLocalError(f"output folder {out} already holds a run ({', '.join(held)}); continue it with {cont}, "
                         f"write to {elsewhere}, or pass {replace} to replace it")
