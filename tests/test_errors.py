@@ -135,6 +135,13 @@ def _duplicate_key(tmp: Path) -> list[str]:
     return [str(path)]
 
 
+def _best_only(tmp: Path) -> list[str]:
+    """A finished run whose last.pt is gone: its best.pt alone is no point to continue from."""
+    train_main([_recipe(tmp)])
+    (tmp / "run" / "last.pt").unlink()
+    return [_recipe(tmp)]
+
+
 def _own(tmp: Path, model: str = "own_model_fixture:small_cnn", dataset: str = "own_model_fixture:blobs",
          **change) -> str:
     """A recipe of your own model and data (tests/own_model_fixture.py), changed as ``_recipe`` does."""
@@ -166,6 +173,7 @@ CLI_CASES = [
     ("bad-input-size", convert_main, lambda t, m: ["--model", "resnet18", "--blocks", "4", "--input-size", "3", "0", "9"],
      ["--input-size (3, 0, 9) is not a shape", "positive integers"]),
     ("recipe-missing", train_main, lambda t, m: [str(t / "nope.yaml")], ["recipe", "does not exist"]),
+    ("recipe-is-folder", train_main, lambda t, m: [str(t)], ["recipe", "is a folder; give a recipe file in it"]),
     ("recipe-not-yaml", train_main, lambda t, m: [_write(t, "r.yaml", b"model: {name: [\n")],
      ["is not valid YAML at line"]),
     ("recipe-unknown-key", train_main, lambda t, m: [_recipe(t, **{"optimizer": {"lrr": 0.1}})],
@@ -179,6 +187,8 @@ CLI_CASES = [
      ["fashion_mnist not found", "apt-get install dataset-fashion-mnist"]),
     ("output-not-writable", train_main, lambda t, m: [_recipe(t, output="/proc/no-such-dir")],
      ["output directory /proc/no-such-dir is not writable"]),
+    ("output-is-file", train_main, lambda t, m: [_recipe(t, output=str(_write(t, "notes.txt", b"mine")))],
+     ["recipe key output", "notes.txt is a file; give a folder for the run's files"]),
     ("non-finite-loss", train_main, _nan_loss,
      ["loss of block 0 became nan at epoch 2 step 1", "holds epoch 1", "lower optimizer.lr"]),
     ("resume-other-conversion", train_main,
@@ -206,6 +216,8 @@ CLI_CASES = [
      ["folder", "does not exist"]),
     ("output-holds-run", train_main, _second_run,
      ["already holds a run", "--resume auto", "--overwrite"]),
+    ("output-holds-best-only", train_main, lambda t, m: _best_only(t),
+     ["holds a run's best.pt but no last.pt to continue from", "model.checkpoint=", "--overwrite"]),
     ("run-file-is-folder", train_main, lambda t, m: ((t / "run" / "last.pt").mkdir(parents=True), [_recipe(t)])[1],
      ["output folder", "holds a folder named last.pt where the run writes that file; move it away",
       "(--set output=DIR)"]),
@@ -261,6 +273,8 @@ CLI_CASES = [
     ("resume-changes-the-run", train_main,
      lambda t, m: (train_main([_recipe(t)]), [_recipe(t), "--resume", "auto", "--set", "optimizer.lr=0.5"])[1],
      ["cannot resume", "this recipe changes what the run computes (optimizer.lr", "-> 0.5)", "--set model.checkpoint="]),
+    ("resume-missing", train_main, lambda t, m: [_recipe(t), "--resume", str(t / "missing.pt")],
+     ["cannot resume from", "missing.pt: no such file; give a run's last.pt", "--resume auto"]),
     ("recipe-is-run-output", train_main, lambda t, m: _recipe_in_output(t),
      ["is an input of this run, and the run writes recipe.yaml", "rename the recipe or write to another folder"]),
     ("recipe-duplicate-key", train_main, lambda t, m: _duplicate_key(t),

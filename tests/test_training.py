@@ -362,6 +362,17 @@ def test_same_seed_same_losses(tmp_path):
     assert runs[0] == runs[1]
 
 
+def test_ctrl_c_says_how_to_continue(monkeypatch, capsys):
+    from auglocal_fx.cli import train as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert cli.main([]) == 130
+    assert "interrupted; the same command with --resume auto continues from the last finished epoch" in \
+        capsys.readouterr().err
+
+
 def test_output_not_writable(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path, output="/proc/auglocal-cannot-write-here")
     assert train_main([str(write_recipe(tmp_path, recipe))]) == 2

@@ -24,16 +24,18 @@ __all__ = ["run_cli", "flag_names", "LAUNCHED", "torchrun_rank", "recorded_error
 LAUNCHED = "AUGLOCAL_FX_LAUNCHED"
 
 
-def run_cli(prog: str, body: Callable[[], int | None], parser: argparse.ArgumentParser | None = None) -> int:
+def run_cli(prog: str, body: Callable[[], int | None], parser: argparse.ArgumentParser | None = None,
+            interrupted: str = "") -> int:
     """Run ``body``; an AugLocalError prints ``prog: error: message`` (one line, the parameter it is
-    about named by its flag in ``parser``, e.g. ``--blocks 40 is ...``) and returns 2."""
+    about named by its flag in ``parser``, e.g. ``--blocks 40 is ...``) and returns 2. Ctrl-C prints
+    ``prog: interrupted`` and ``interrupted``, what to do next, and returns 130."""
     try:
         return body() or 0
     except AugLocalError as exc:
         _report(f"{prog}: error: {exc.worded(flag_names(parser))}")
         return 2
     except KeyboardInterrupt:
-        _report(f"{prog}: interrupted", record=False)
+        _report(f"{prog}: interrupted{interrupted}", record=False)
         return 130
 
 

@@ -83,6 +83,10 @@ def _main(argv=None) -> int:
     return 0
 
 
+# what Ctrl-C leaves: every finished epoch is in last.pt
+INTERRUPTED = "; the same command with --resume auto continues from the last finished epoch"
+
+
 def _launch(args) -> int:
     """Run this command in ``args.nproc`` processes, as ``torchrun --standalone`` would (torch's own
     launcher, ``torch.distributed.run``), and answer for them: a user error in any of them is one
@@ -125,7 +129,7 @@ def _launch(args) -> int:
         print(f"{PROG}: the process of rank {rank} {how}; its output above says why", file=sys.stderr)
         return 1
     except SignalException:  # Ctrl-C (SIGINT) or SIGTERM: torchelastic stopped the processes
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted{INTERRUPTED}", file=sys.stderr)
         return 130
     finally:
         os.environ.pop(LAUNCHED, None)
@@ -133,7 +137,7 @@ def _launch(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(PROG, lambda: _main(argv))
+    return run_cli(PROG, lambda: _main(argv), interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

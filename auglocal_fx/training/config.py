@@ -194,6 +194,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> TrainRecipe:
     """Read, override and validate a recipe file. ``output`` defaults to ``runs/<file name>``."""
     path = Path(path)
+    if path.is_dir():
+        raise AugLocalError(f"recipe {path} is a folder; give a recipe file in it (YAML), see recipes/ for examples")
     if not path.is_file():
         raise AugLocalError(f"recipe {path} does not exist; see recipes/ for examples")
     try:

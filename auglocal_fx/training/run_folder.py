@@ -43,6 +43,10 @@ def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = 
         return
     if resume is not None and Path(resume).resolve().parent == out.resolve():
         return
+    if "last.pt" not in held:  # nothing to continue from: best.pt is a chosen epoch, not where training stood
+        raise AugLocalError(f"output folder {out} holds a run's best.pt but no last.pt to continue from; train on from "
+                            f"its weights in a new run (recipe key model.checkpoint={out / 'best.pt'}) written to "
+                            f"{elsewhere}, or pass {replace} to replace it")
     cont = cont.format(last=str(out / held[0]))
     raise AugLocalError(f"output folder {out} already holds a run ({', '.join(held)}); continue it with {cont}, "
                         f"write to {elsewhere}, or pass {replace} to replace it")
@@ -76,6 +80,8 @@ def drop_unused_shards(out: Path, kept: set) -> None:
 
 
 def check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise AugLocalError(f"recipe key output {out} is a file; give a folder for the run's files (a new or empty one)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".auglocal-write-test"

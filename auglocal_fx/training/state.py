@@ -67,6 +67,9 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
 def read_training(path: str | Path, weights: bool = True) -> dict:
     """A checkpoint written by ``auglocal-train`` (one-line errors for anything else); ``weights=False``
     leaves a sharded checkpoint's weights in its shards."""
+    if not Path(path).exists():
+        raise AugLocalError(f"cannot resume from {path}: no such file; give a run's last.pt, or resume the run in the "
+                            "recipe's output folder with --resume auto")
     payload = read_checkpoint(path, weights=weights)
     if "train" not in payload:
         raise AugLocalError(f"{path} holds no training state (written by auglocal-convert?); "
