@@ -336,7 +336,10 @@ def test_bench_memory_total_reference_rows(capsys, tmp_path):
                                              "--rows", "reference (authors' LocalResNet)", "--reference-dir", str(ref)])
     (setting,) = res["total"]
     got = setting["rows"]
-    assert list(got) == ["reference (authors' LocalResNet)", "auglocal, tail=reference, one step at the end"]
+    assert list(got) == ["reference (authors' LocalResNet)", "auglocal, tail=reference, one step at the end",
+                         "auglocal, tail=reference"]
+    assert got["auglocal, tail=reference"]["estimate"]["gradients"] < \
+        got["auglocal, tail=reference, one step at the end"]["estimate"]["gradients"]  # one unit's, as the trainer
     theirs, ours = got["reference (authors' LocalResNet)"], got["auglocal, tail=reference, one step at the end"]
     assert theirs["estimate"] is None and ours["estimate"]["total"] > 0  # theirs has no plan
     for r in (theirs, ours):
@@ -363,6 +366,7 @@ def test_reference_dir_refused_in_one_line(capsys, tmp_path):
         _tool("reference_peer").load_reference(broken)
 
 
+@pytest.mark.slow  # a tool harness, about 20 s: the runtime's stand-in tests are in the default tier
 def test_bench_gpu_dry_run_steps_every_variant(capsys, tmp_path, torch_threads):
     """Every variant of the GPU table (graphs, overlap and offload through their CPU stand-ins) steps,
     and the table is written; the figures of a dry run mean nothing."""
