@@ -371,13 +371,20 @@ def test_bench_gpu_dry_run_steps_every_variant(capsys, tmp_path, torch_threads):
     """Every variant of the GPU table (graphs, overlap and offload through their CPU stand-ins) steps,
     and the table is written; the figures of a dry run mean nothing."""
     tool = _tool("bench_gpu")
+
+    def fails(c):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    tool.VARIANTS = {"a variant that fails": fails, **tool.VARIANTS}  # a fresh module per _tool call
     assert tool.main(["--dry-run", "--out", str(tmp_path), "--warmup", "3", "--steps", "1"]) == 0
     res = json.loads((tmp_path / "bench_gpu.json").read_text())
     (setting,) = res["settings"]
-    assert list(setting["rows"]) == [v for v in tool.VARIANTS if v != "reference"]
-    assert all(row["median_step_s"] > 0 and row["timed_steps"] == 1 for row in setting["rows"].values())
+    rows = setting["rows"]
+    assert list(rows) == [v for v in tool.VARIANTS if v != "reference"]
+    failed = rows.pop("a variant that fails")  # its row says why; the variants after it still ran
+    assert failed["median_step_s"] == "failed" and failed["error"].startswith("RuntimeError: operation not permitted")
+    assert all(row["median_step_s"] > 0 and row["timed_steps"] == 1 for row in rows.values())
     table = (tmp_path / "bench_gpu.md").read_text()
-    assert "| auglocal + graphs |" in table and "dry run" in table
+    assert "| auglocal + graphs |" in table and "dry run" in table and "a variant that fails: RuntimeError" in table
 
 
 @pytest.mark.parametrize("argv, says", [

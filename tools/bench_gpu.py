@@ -27,7 +27,8 @@ after two of them), then ``--steps`` timed steps; its figures are the median ste
 bp's) and ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over all of it (peaks reset
 before it is built; the previous variant freed). On a card with nothing beside it, timing the
 variants in turn rather than interleaved costs nothing in accuracy and lets each peak be its own.
-A variant that runs out of memory is recorded as ``OOM``; one that would not fit the time left of
+A variant that runs out of memory is recorded as ``OOM``, one that fails otherwise as ``failed`` with
+its error's first line (the others still run); one that would not fit the time left of
 ``--budget-s`` is skipped with a note. Results go to ``OUT/bench_gpu.json`` and ``OUT/bench_gpu.md``
 after every variant (atomically), so a run cut short keeps what it measured.
 
@@ -66,7 +67,7 @@ from auglocal_fx import to_auglocal  # noqa: E402
 from auglocal_fx.atomic import atomic_write_text  # noqa: E402
 from auglocal_fx.checkpointed import checkpointed  # noqa: E402
 from auglocal_fx.cli.common import run_cli  # noqa: E402
-from auglocal_fx.errors import AugLocalError  # noqa: E402
+from auglocal_fx.errors import AugLocalError, first_line  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.runtime.graphs import CapturedStep  # noqa: E402
 from auglocal_fx.runtime.offload import AuxOffload  # noqa: E402
@@ -271,6 +272,8 @@ def measure_variant(c: Ctx, label: str, warmup: int, steps: int) -> dict:
                        max_reserved=torch.cuda.max_memory_reserved(c.device))
     except torch.OutOfMemoryError:
         row = {"median_step_s": "OOM"}
+    except Exception as exc:  # noqa: BLE001  one variant's failure (a capture that fails) costs only its row
+        row = {"median_step_s": "failed", "error": first_line(exc, 300)}
     row["wall_s"] = time.monotonic() - start
     del step
     return row
@@ -332,6 +335,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {label} | {ms} | {_cell(r, 'step_vs_bp', 'x')} | {_cell(r, 'max_allocated', 'GiB')} | "
                          f"{_cell(r, 'allocated_vs_bp', 'x')} | {_cell(r, 'max_reserved', 'GiB')} |")
     lines += [f"- {n}" for n in res["notes"]]
+    lines += [f"- {e['model']} batch {e['batch']} {label}: {r['error']}" for e in res["settings"]
+              for label, r in e["rows"].items() if "error" in r]
     return "\n".join(lines) + "\n"
 
 
