@@ -135,6 +135,31 @@ def _duplicate_key(tmp: Path) -> list[str]:
     return [str(path)]
 
 
+_HELD: list = []  # run-folder locks a case holds while its command runs
+
+
+@pytest.fixture(autouse=True)
+def _release_held():
+    yield
+    while _HELD:
+        _HELD.pop().release()
+
+
+def _in_use(tmp: Path) -> list[str]:
+    """A run folder another run holds (its lock taken here, let go when the test ends)."""
+    from auglocal_fx.training.run_folder import RunLock
+
+    (tmp / "run").mkdir()
+    _HELD.append(RunLock(tmp / "run", {"recipe": "first.yaml"}))
+    return [_recipe(tmp)]
+
+
+def _users_file(tmp: Path) -> list[str]:
+    (tmp / "run").mkdir()
+    _write(tmp / "run", "notes.txt", b"mine")
+    return [_recipe(tmp)]
+
+
 def _best_only(tmp: Path) -> list[str]:
     """A finished run whose last.pt is gone: its best.pt alone is no point to continue from."""
     train_main([_recipe(tmp)])
@@ -218,6 +243,11 @@ CLI_CASES = [
      ["already holds a run", "--resume auto", "--overwrite"]),
     ("output-holds-best-only", train_main, lambda t, m: _best_only(t),
      ["holds a run's best.pt but no last.pt to continue from", "model.checkpoint=", "--overwrite"]),
+    ("output-holds-users-files", train_main, lambda t, m: _users_file(t),
+     ["output folder", "holds files no run wrote (notes.txt); a run writes into a new or empty folder",
+      "(--set output=DIR)"]),
+    ("output-in-use", train_main, lambda t, m: _in_use(t),
+     ["is in use by another run (process", "wait for it to end, or write to another folder"]),
     ("run-file-is-folder", train_main, lambda t, m: ((t / "run" / "last.pt").mkdir(parents=True), [_recipe(t)])[1],
      ["output folder", "holds a folder named last.pt where the run writes that file; move it away",
       "(--set output=DIR)"]),

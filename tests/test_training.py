@@ -428,3 +428,42 @@ def test_resnet_cifar_plans_have_paper_layer_counts(name, layers):
 def test_load_recipe_raises_auglocal_error():
     with pytest.raises(AugLocalError, match="does not exist"):
         load_recipe("/nonexistent/recipe.yaml")
+
+
+def test_a_folder_holding_the_users_files_is_refused_overwrite_or_not(tmp_path, capsys):
+    """A run writes into a new or empty folder, or one a run made (its marker): a hand-written
+    recipe.yaml and summary.json in a folder with no checkpoint were replaced without a word."""
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    out = Path(recipe["output"])
+    out.mkdir()
+    mine = {"recipe.yaml": "# my notes\n", "summary.json": "{}\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    path = str(write_recipe(tmp_path, recipe))
+    for extra in ([], ["--overwrite"]):
+        assert train_main([path, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "holds files no run wrote (recipe.yaml, summary.json)" in err, err
+        assert "--set output=DIR" in err
+    assert {name: (out / name).read_text() for name in mine} == mine and sorted(os.listdir(out)) == sorted(mine)
+
+
+def test_a_run_folder_in_use_is_refused_naming_the_process_that_holds_it(tmp_path, capsys):
+    """Two runs into one folder: the second is refused while the first writes there; a lock whose
+    holder is gone (a killed run) blocks nothing."""
+    from auglocal_fx.training.run_folder import RunLock
+
+    recipe = tiny_recipe(tmp_path, epochs=1)
+    out = Path(recipe["output"])
+    out.mkdir()
+    path = str(write_recipe(tmp_path, recipe))
+    first = RunLock(out, {"recipe": "first.yaml"})  # the first run, holding the folder
+    try:
+        assert train_main([path]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"output folder {out} is in use by another run (process {os.getpid()}" in err
+        assert not (out / "last.pt").exists()
+    finally:
+        first.release()  # as when its process ends, however it ends
+    assert train_main([path]) == 0
+    assert (out / "last.pt").is_file()

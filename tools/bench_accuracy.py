@@ -95,8 +95,10 @@ def _exit_with_parent() -> None:
 def _run_in_child(threads: int, recipe_path: str, overrides: list[str], rule: str, seed: int, out: Path) -> dict:
     """One run in a worker process: its own thread count, its log in its folder (not interleaved)."""
     torch.set_num_threads(threads)
+    from auglocal_fx.training.run_folder import mark_run_folder
+
     log_path = out / f"{rule}-seed{seed}" / "train.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(log_path.parent)  # the log is written there before the run starts: the folder is a run's
     with open(log_path, "a") as f, contextlib.redirect_stderr(f):  # progress lines too
         return _run_one(recipe_path, overrides, rule, seed, out, log=lambda *a, **k: print(*a, **{**k, "file": f, "flush": True}))
 

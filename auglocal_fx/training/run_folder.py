@@ -2,17 +2,28 @@
 
 A run folder holds one run: its checkpoints, metrics, plot, summary and filled-in recipe. Starting
 a second run there would replace hours of training without a word, and a recipe saved inside it
-would be overwritten by the run's own copy; both are refused before anything is built.
+would be overwritten by the run's own copy; both are refused before anything is built. A run writes
+only into a new or empty folder, or one a run made: it leaves a marker there (``MARKER``, a note of
+the run), and a folder that holds files but no marker (nor, from before the marker, a checkpoint of
+a run) is refused, ``overwrite`` or not. While a run writes there, the marker is also its lock: an OS
+lock (``fcntl.flock``) a second run into the folder cannot take, released when the holder ends,
+however it ends, so a killed run never blocks the next.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 from ..errors import AugLocalError
 
-__all__ = ["CHECKPOINTS", "RUN_FILES", "SHARDS", "check_run_folder", "check_writable", "clear_run", "drop_unused_shards"]
+__all__ = ["CHECKPOINTS", "MARKER", "RUN_FILES", "SHARDS", "RunLock", "check_run_folder", "check_writable",
+           "clear_run", "drop_unused_shards", "mark_run_folder"]
+
+MARKER = ".auglocal-run"  # this tool made the folder; the run's note, and its lock while it writes there
 
 CHECKPOINTS = ("last.pt", "best.pt")
 # every file a run writes; --overwrite clears them so that the folder never mixes two runs
@@ -39,6 +50,7 @@ def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = 
         raise AugLocalError(f"output folder {out} holds a folder named {folders[0]} where the run writes that file; "
                             f"move it away, or write to {elsewhere}")
     held = [name for name in CHECKPOINTS if (out / name).is_file()]
+    _check_made_here(out, held, elsewhere)
     if overwrite or not held:
         return
     if resume is not None and Path(resume).resolve().parent == out.resolve():
@@ -50,6 +62,64 @@ def check_run_folder(out, resume=None, overwrite: bool = False, *, words: str = 
     cont = cont.format(last=str(out / held[0]))
     raise AugLocalError(f"output folder {out} already holds a run ({', '.join(held)}); continue it with {cont}, "
                         f"write to {elsewhere}, or pass {replace} to replace it")
+
+
+def _check_made_here(out: Path, held: list[str], elsewhere: str) -> None:
+    """A folder that holds files is a run's only when a run made it (its marker, or from before the
+    marker, its checkpoints): anything else there is the user's, and nothing of theirs is replaced."""
+    if not out.is_dir() or held or (out / MARKER).is_file():
+        return
+    found = sorted(p.name for p in out.iterdir() if not p.name.startswith(".auglocal"))  # not ours (a write probe)
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise AugLocalError(f"output folder {out} holds files no run wrote ({shown}); a run writes into a new or "
+                            f"empty folder, or one a run made: write to {elsewhere}")
+
+
+def mark_run_folder(out: Path) -> None:
+    """Make ``out`` a run's folder before the run starts (a tool that writes its own file there first,
+    a training log): the run then takes it as made by a run."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+
+
+class RunLock:
+    """The run folder's lock while this process writes there: ``fcntl.flock`` on ``MARKER``, which
+    keeps a note of the holder (process, start, recipe) for the refusal a second run gets."""
+
+    def __init__(self, out: Path, note: dict, elsewhere: str = "another folder (recipe key output)"):
+        self.path, self.fd = Path(out) / MARKER, None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the folder is marked, not locked
+            fcntl = None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_note(fd)
+                os.close(fd)
+                who = f"process {holder['pid']}, started {holder.get('started', '?')}" if "pid" in holder else "a process"
+                raise AugLocalError(f"output folder {out} is in use by another run ({who}); wait for it to end, or "
+                                    f"write to {elsewhere}") from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), **note}) + "\n")
+                 .encode())
+
+    def release(self) -> None:
+        """Let go of the lock (the marker stays: the folder is a run's)."""
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases its flock
+            self.fd = None
+
+
+def _read_note(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (ValueError, OSError):
+        return {}
 
 
 def _check_inputs_kept(out: Path, inputs) -> None:

@@ -42,7 +42,7 @@ from .metrics import Sums
 from .optim import build_optimizer, build_scheduler
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .resume_checks import check_resume
-from .run_folder import check_run_folder, check_writable, clear_run, drop_unused_shards
+from .run_folder import MARKER, RunLock, check_run_folder, check_writable, clear_run, drop_unused_shards
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 from .strategies import make_strategy
 from .techniques import (
@@ -73,6 +73,7 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
     # every rank, before any work: all refuse alike
     check_run_folder(recipe.output, resume, overwrite, source=getattr(recipe, "source", None))
     env = setup(recipe.device)
+    trainer = None
     try:
         trainer = Trainer(recipe, env, resume=resume, log=log, overwrite=overwrite)
         summary = trainer.fit(stop_after)
@@ -82,6 +83,8 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
             raise AugLocalError(exc.worded(_WORDS) + _HINTS.get(exc.param, "")) from exc
         raise
     finally:
+        if trainer is not None:
+            trainer.release()
         teardown(env)
 
 
@@ -94,14 +97,23 @@ class Trainer:
         self.recipe, self.env = recipe, env
         self.log = log if env.is_main else (lambda *a, **k: None)
         self.out = Path(recipe.output)
+        self.lock: RunLock | None = None  # the run folder's, held by process 0 while the run writes there
         created = not self.out.exists()
         try:
             self.strategy = strategy if strategy is not None else make_strategy(recipe, env)
             self._start(resume, overwrite)
-        except BaseException:  # a run that did not start leaves no empty folder behind
-            if created and env.is_main and self.out.is_dir() and not any(self.out.iterdir()):
+        except BaseException:  # a run that did not start leaves no folder behind it made
+            self.release()
+            if created and env.is_main and self.out.is_dir() and {p.name for p in self.out.iterdir()} <= {MARKER}:
+                (self.out / MARKER).unlink(missing_ok=True)
                 self.out.rmdir()
             raise
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (the run ended, or did not start)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _place(self, module: torch.nn.Module) -> None:
         """Put ``module`` on the run's device (a pipeline stage: once it holds only its units; the
@@ -120,6 +132,8 @@ class Trainer:
         recipe, env, strategy = self.recipe, self.env, self.strategy
         if env.is_main:
             check_writable(self.out)
+            self.lock = RunLock(self.out, {"recipe": str(getattr(recipe, "source", None) or ""),
+                                           "model": recipe.model.label, "resume": str(resume or "")})
             if overwrite and resume is None:
                 clear_run(self.out)
         if recipe.threads is not None:
