@@ -114,6 +114,9 @@ class RunLock:
             os.close(self.fd)  # closing the file releases its flock
             self.fd = None
 
+    def __del__(self) -> None:  # a Trainer made without train() (tests, tools) lets go when collected
+        self.release()
+
 
 def _read_note(fd: int) -> dict:
     try:
