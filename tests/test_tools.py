@@ -329,6 +329,7 @@ def test_bench_speed_reference_row(capsys, tmp_path, torch_threads):
     assert built.WEIGHTS[-1] == {"ixx_1": 0.0, "ixy_1": 1.0, "ixx_2": 0.0, "ixy_2": 1.0}  # train.py's
 
 
+@pytest.mark.slow  # three rows, each a fresh training process: about 25 s
 def test_bench_memory_total_reference_rows(capsys, tmp_path):
     ref = _stand_in(tmp_path / "AugLocal")
     res = _json_run(capsys, "bench_memory", ["--part", "total", "--model", "resnet32_cifar", "--blocks", "16",
