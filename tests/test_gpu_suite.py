@@ -13,6 +13,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -30,6 +31,7 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
+@pytest.mark.slow  # a tool harness, about 45 s: in CI's slow tier, so the suite still cannot rot
 def test_dry_run_exercises_every_section(tmp_path):
     """As a user runs it, in a process of its own (a training run and profiling leave state in a
     process that later allocator measurements in this one would see)."""

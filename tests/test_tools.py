@@ -48,6 +48,7 @@ def test_bench_memory(capsys):
     assert "estimate" not in rules["dgl"]
 
 
+@pytest.mark.slow  # a tool harness: a fresh training process per row, about 40 s
 def test_bench_memory_total(capsys):
     rows = ["bp", "bp + checkpointing at the K blocks", "dgl", "auglocal", "auglocal, one step at the end",
             "auglocal, recompute=block"]

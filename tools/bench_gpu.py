@@ -34,7 +34,7 @@ after every variant (atomically), so a run cut short keeps what it measured.
 
 ``--dry-run`` runs every variant on the CPU at tiny sizes (CIFAR ResNet-20, K=4, batch 4) with the
 CPU stand-ins of ``auglocal_fx.testing.stand_ins`` in place of CUDA graphs, streams and pinned
-transfers, and ``torch.compile(backend="eager")``: the code paths, not figures (``make test`` runs it).
+transfers, and ``torch.compile(backend="eager")``: the code paths, not figures (the slow tier runs it, in CI).
 """
 
 from __future__ import annotations

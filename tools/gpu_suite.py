@@ -34,7 +34,7 @@ seconds: a session lent a GPU runs it and puts that Markdown into BENCHMARKS.md.
 ``--dry-run`` runs the same code on CPU at tiny sizes (CIFAR ResNet-20 at 32 px, K=4, batch 2-4,
 ``torch.compile`` backend ``eager``, a few synthetic training steps; the CPU profiler's allocator
 peak stands in for ``max_memory_allocated``), in well under a minute: ``tests/test_gpu_suite.py``
-runs it in ``make test``, so the suite cannot rot between GPU sessions. Its figures mean nothing.
+runs it in the slow tier (CI runs it), so the suite cannot rot between GPU sessions. Its figures mean nothing.
 Exit status: 0, 1 when a section failed (its error is in the output, the other sections still
 ran), 2 on bad input (no CUDA without ``--dry-run``).
 """
