@@ -17,7 +17,7 @@ from .bundles import Bundle, call, detach
 from .recompute import run_maybe_recomputed
 from .unit_optim import UnitOptimizers
 
-__all__ = ["LocalUnit", "StepOutput", "blockwise_step", "unit_step", "finish_unit"]
+__all__ = ["LocalUnit", "StepOutput", "autocast_context", "blockwise_step", "unit_step", "finish_unit"]
 
 
 @dataclass
@@ -126,13 +126,11 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     if optimizer is not None and scaler is not None:
         raise AugLocalError("training_step(optimizer=..., scaler=...): a GradScaler steps once per update; "
                             "pass optimizer=None and call scaler.step(opt) after the step")
-    if offload is not None and (optimizer is None or optimizer is not offload.optimizer):
-        raise AugLocalError("training_step(offload=...): the aux nets go back to the host after their update; "
-                            "pass the optimizer the offload was made with (optimizer=...)")
+    if offload is not None:
+        offload.check_optimizer(optimizer)
     loss_fn = loss_fn or F.cross_entropy
     h, image = x, x if image is None else image
-    amp = (torch.autocast(device_type=image.device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else nullcontext())
+    amp = autocast_context(image.device.type, autocast_dtype)
     losses, accs = [], []
     last = len(units) - 1
     for i, unit in enumerate(units):
@@ -148,6 +146,11 @@ def blockwise_step(units: Sequence[nn.Module], x: torch.Tensor, target: torch.Te
     if sync:
         losses, accs = losses.tolist(), accs.tolist()  # one sync per step
     return StepOutput(logits.detach(), losses[-1], losses[:-1], accs[:-1])
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """What a step's forward passes and losses run under: autocast to ``dtype``, or nothing."""
+    return torch.autocast(device_type=device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def unit_step(i: int, unit: nn.Module, h: Bundle, target: torch.Tensor, image: torch.Tensor, loss_fn: Callable,

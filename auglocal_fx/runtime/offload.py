@@ -108,6 +108,13 @@ class AuxOffload:
             self._new_state_on_host(k)  # a resumed run's loaded state
             self._to_host(k)
 
+    def check_optimizer(self, optimizer) -> None:
+        """A step with this offload steps the optimizer it was made with: the aux nets go back to the
+        host after their update, their optimizer state with them."""
+        if optimizer is None or optimizer is not self.optimizer:
+            raise AugLocalError("training_step(offload=...): the aux nets go back to the host after their update; "
+                                "pass the optimizer the offload was made with (optimizer=...)")
+
     @property
     def count(self) -> int:
         return len(self.tensors)

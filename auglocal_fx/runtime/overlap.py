@@ -14,14 +14,14 @@ backward runs, one more block's than the plain step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AugLocalError
-from .blockwise import StepOutput, finish_unit
+from .blockwise import StepOutput, autocast_context, finish_unit
 from .bundles import Bundle, detach
 
 __all__ = ["CudaStreams", "overlapped_step"]
@@ -81,13 +81,11 @@ def overlapped_step(units: list[nn.Module], x: Bundle, target: torch.Tensor, los
             raise AugLocalError(f"overlap runs units on two CUDA streams, and the batch is on {device}; train on a "
                                 "GPU, or without overlap")
         streams = CudaStreams(device)
-    if offload is not None and (optimizer is None or optimizer is not offload.optimizer):
-        raise AugLocalError("training_step(offload=...): the aux nets go back to the host after their update; "
-                            "pass the optimizer the offload was made with (optimizer=...)")
+    if offload is not None:
+        offload.check_optimizer(optimizer)
     loss_fn = loss_fn or F.cross_entropy
     image = _tensors(x)[0] if image is None else image
-    amp = (torch.autocast(device_type=image.device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else nullcontext())
+    amp = autocast_context(image.device.type, autocast_dtype)
     streams.begin(tensors)
     losses, accs, last = [], [], len(units) - 1
     with streams.on(0), amp:
