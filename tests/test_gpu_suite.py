@@ -1,5 +1,5 @@
 """tools/gpu_suite.py's dry run: every section's code path on CPU at tiny sizes, so the GPU suite
-cannot rot between the sessions that are lent a GPU; and its refusals without CUDA. tools/gpu_session.sh
+cannot rot between runs on a GPU; and its refusals without CUDA. tools/gpu_session.sh
 with a stub for the device's Python: what the one device call runs and what it brings back."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU, time-boxed: the GPU suite (tools/gpu_suite.py) and the accuracy study
-# at convergence (tools/bench_accuracy.py, BENCHMARKS.md), the two jobs a lent GPU is for here.
+# One time-boxed call on a GPU: the GPU suite (tools/gpu_suite.py) and the accuracy study
+# at convergence (tools/bench_accuracy.py, BENCHMARKS.md), the two GPU jobs of BENCHMARKS.md.
 #
 #   bash tools/gpu_session.sh OUT [SECONDS]        # SECONDS: the whole session's wall budget (560)
 #   SUITE=0 RULES="auglocal dgl bp" SEEDS=1 EPOCHS=15 JOBS=3 bash tools/gpu_session.sh OUT 570
@@ -21,9 +21,8 @@
 # Every PACK_EVERY seconds (20) the study's folder, checkpoints left out, is packed into
 # OUT/accuracy.tgz, so a call cut short still brings back every finished epoch. When the study is
 # stopped, the last.pt of each run it did not finish comes back too (CKPT=1, the default with
-# SUITE=0): tarred and split into OUT/checkpoints.tar.part-aa, -ab, ... of 15 MiB (a call brings
-# back files of 16 MiB at most, 8 files, 64 MiB in all; a ResNet-32 AugLocal last.pt is 18 MB), so
-# the run resumes here or on the next device:
+# SUITE=0): tarred and split into OUT/checkpoints.tar.part-aa, -ab, ... (parts of 15 MiB, for
+# transfers that limit a file's size), so the run resumes on another machine:
 #   cat OUT/checkpoints.tar.part-* | tar xf - -C runs/STUDY      # then the same bench_accuracy command
 # On the H200 an epoch of a local rule took 30-35 s with three runs at once, bp's 20 s: 15 epochs of
 # three runs, about 9 minutes. The Python is $PYTHON (default python3, the device's); FMNIST names

@@ -29,7 +29,7 @@ Every section and every item in it first checks the time left of ``--budget-s`` 
 what would not fit is skipped with a note in the output instead of overrunning. The run writes
 ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` (atomically) and prints the Markdown, headed with
 the card's name (``torch.cuda.get_device_name``), torch and CUDA versions and each section's wall
-seconds: a session lent a GPU runs it and puts that Markdown into BENCHMARKS.md.
+seconds: run it on a GPU and put that Markdown into BENCHMARKS.md with the card's name.
 
 ``--dry-run`` runs the same code on CPU at tiny sizes (CIFAR ResNet-20 at 32 px, K=4, batch 2-4,
 ``torch.compile`` backend ``eager``, a few synthetic training steps; the CPU profiler's allocator
