@@ -12,7 +12,6 @@ from torch import nn
 
 from ..assemble.shapecheck import check_units, on_meta
 from ..errors import AugLocalError
-from ..passes.trace import positional_names, specialised_args
 from ..plan import Plan
 from ..rules import IMAGENET_MEAN, IMAGENET_STD, AuxContext, get_rule
 from .aux_precision import hold_in
@@ -20,6 +19,7 @@ from .blockwise import LocalUnit, StepOutput, blockwise_step
 from .bundles import call, detach
 from .checkpoint import save_net
 from .graphs import CapturedStep
+from .inputs import as_bundle, check_fixed_args, split_inputs
 from .offload import AuxOffload
 from .overlap import overlapped_step
 from .unit_optim import UnitOptimizers, fused_kwargs
@@ -64,9 +64,9 @@ class AugLocalNet(nn.Module):
         (``net(ids, mask)``, when it was converted with ``example_inputs=(ids, mask)``). The model's
         other forward arguments were fixed at conversion; passing one with another value is an
         ``AugLocalError``."""
-        h, args, kwargs = self._split_inputs(inputs, kwargs)
+        h, args, kwargs = split_inputs(self.model, self.plan.config.inputs, inputs, kwargs)
         if args or kwargs:
-            self._check_fixed_args(args, kwargs)
+            check_fixed_args(self.model, self.plan.config.inputs, args, kwargs)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             h = call(block, h)
@@ -80,38 +80,13 @@ class AugLocalNet(nn.Module):
         One pass through the blocks; used to report each local module's test accuracy. ``x``: the
         input, or a tuple of the model's inputs.
         """
-        outs, h = [], self._as_bundle(x)
+        outs, h = [], as_bundle(self.model, self.plan.config.inputs, x)
         for i, block in enumerate(self.blocks):
             h = call(block, h)
             if i < len(self.aux):
                 out = call(self.aux[i], h)
                 outs.append(self.aux_losses[i].logits(out) if self.aux_losses else out)
         return outs + [call(self.head, h)]
-
-    def _split_inputs(self, inputs: tuple, kwargs: dict):
-        """``(the model's inputs as the first block takes them, further positional arguments,
-        keyword arguments)``; an input may be passed by its forward's name (``mask=...``)."""
-        n = self.plan.config.inputs
-        if len(inputs) < n:
-            names = positional_names(self.model)[len(inputs):n]
-            if kwargs and all(name in kwargs for name in names):
-                kwargs = dict(kwargs)
-                inputs = (*inputs, *(kwargs.pop(name) for name in names))
-            else:
-                raise AugLocalError(f"net(...) got {len(inputs)} input(s); {type(self.model).__name__} was converted "
-                                    f"with {n} ({', '.join(positional_names(self.model)[:n])}): pass all of them")
-        xs = inputs[:n]
-        return (xs[0] if n == 1 else tuple(xs)), inputs[n:], kwargs
-
-    def _as_bundle(self, x):
-        """A training or evaluation batch's input as the first block takes it: the tensor, or the
-        tuple of the model's inputs, checked against how many it was converted with."""
-        n = self.plan.config.inputs
-        got = len(x) if isinstance(x, tuple | list) else 1
-        if got != n:
-            raise AugLocalError(f"{type(self.model).__name__} was converted with {n} input(s) and got {got}: pass "
-                                + ("one tensor" if n == 1 else f"a tuple of {n} tensors ({', '.join(positional_names(self.model)[:n])})"))
-        return tuple(x) if n > 1 else (x[0] if isinstance(x, tuple | list) else x)
 
     # -- the input's normalisation -------------------------------------------------------------
     @property
@@ -133,25 +108,6 @@ class AugLocalNet(nn.Module):
         self._image_stats = (mean, std)
         for loss in self.aux_losses:
             loss.set_image_stats(mean, std)
-
-    def _check_fixed_args(self, args: tuple, kwargs: dict) -> None:
-        """Accept arguments after the input only at the values they were fixed to at conversion."""
-        model, n = type(self.model).__name__, self.plan.config.inputs
-        names = positional_names(self.model)[n:]
-        if len(args) > len(names):
-            raise AugLocalError(f"net(x, ...) got {len(args) + n} positional arguments but {model}.forward "
-                                f"takes {len(names) + n}; pass the input{'s' if n > 1 else ''} only")
-        fixed = specialised_args(self.model, n)
-        for name, value in {**dict(zip(names, args)), **kwargs}.items():
-            if name not in fixed:
-                raise AugLocalError(f"net(x, {name}=...): {model}.forward has no argument {name!r}; "
-                                    "pass the input only")
-            if not _same_value(value, fixed[name]):
-                raise AugLocalError(
-                    f"net(x, {name}=...): {name} was fixed to {_short(fixed[name])} when {model} was converted "
-                    "(torch.fx specialises the arguments after the input); to vary it, convert a subclass "
-                    f"whose forward(x) returns super().forward(x, {name}=self.{name}) and set that buffer "
-                    "before each call")
 
     # -- training ------------------------------------------------------------------------------
     def local_units(self) -> list[LocalUnit]:
@@ -190,7 +146,7 @@ class AugLocalNet(nn.Module):
         unit that trains and the next. ``overlap``: each block's forward runs beside the previous
         unit's aux net, backward and update, on two CUDA streams (``overlap.py``; the same updates).
         """
-        h = self._as_bundle(x)
+        h = as_bundle(self.model, self.plan.config.inputs, x)
         self._check_size(h)
         units = self.local_units() if units is None else units
         image = h[0] if isinstance(h, tuple) else None  # what a rule's loss compares with
@@ -368,25 +324,6 @@ def _build_losses(plan: Plan, head: nn.Module, mean: tuple, std: tuple) -> list[
     classes = plan.head.out_shape[-1] if plan.head.out_shape else 0
     return [rule.build_loss(AuxContext(plan, recipe, [], head, classes, image_mean=mean, image_std=std))
             for recipe in plan.aux]
-
-
-def _same_value(value, fixed) -> bool:
-    if value is fixed:
-        return True
-    if isinstance(value, torch.Tensor) or isinstance(fixed, torch.Tensor):
-        return False
-    try:
-        return bool(value == fixed)
-    except (TypeError, ValueError, RuntimeError):  # an == that gives no single truth value (arrays)
-        return False
-
-
-def _short(value) -> str:
-    """A default as one short line (a tensor's repr spans lines)."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _own_forward(module: nn.Module) -> None:
