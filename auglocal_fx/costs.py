@@ -29,7 +29,7 @@ import torch
 
 from .assemble.light_head import LIGHT_WIDTH, input_kind
 from .errors import AugLocalError
-from .passes.layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, resolve_layout
+from .passes.layouts import SEQUENCE, TOKENS, UNKNOWN, VECTOR, channel_axis, is_channels_last, resolve_layout
 from .passes.partition import Extra, UnitCost
 from .passes.selection import apply_tail, pyramid_depths, select_layers
 from .plan import LayerInfo, Plan, is_size_kind
@@ -83,7 +83,7 @@ def unit_params(plan: Plan) -> list[tuple[int, int]]:
             out.append((own + plan.head.params, 0))
             continue
         aux = recipe.params or aux_params(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
-                                          recipe.light_head, plan.config.light_width)
+                                          recipe.light_head, plan.config.light_width, plan.config.adapters == "widen")
         out.append((own + aux, aux))
     return out
 
@@ -212,40 +212,77 @@ def memory_summary(plan: Plan) -> dict:
 
 
 def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int],
-                  light: bool = False, width: int = LIGHT_WIDTH) -> int:
+                  light: bool = False, width: int = LIGHT_WIDTH, widen: bool = True) -> int:
     """Estimated activation bytes (per sample) of an aux net that copies layers ``selected`` after a
     block ending at layer ``last`` (``light``: then a light head of hidden ``width`` instead of the
-    model's head).
+    model's head; ``widen``: copies widened where they can be, ``PlanConfig.adapters``).
 
     Copied layers see the shapes they see in the backbone, so they save what they save there; a
     map adapter's norm also saves its conv's output (for every tensor of a bundle it makes);
-    the head copy saves what the head does, a light head what ``light_head_info`` estimates.
+    the head copy saves what the head does, a light head what ``light_head_info`` estimates. A
+    widened copy's convolutions save the tensor handed to them, which the step before saves too.
     """
-    total, bundle = 0, layers[last].bundle
-    for j in _copy_steps(layers, selected, light):
-        into = layers[j - 1].bundle  # what layer j (or the head) takes
-        if into != bundle:
-            total += sum(4 * math.prod(t) for t, lay in zip(into, layers[j - 1].layouts)  # float32, as profiled
+    total = 0
+    for j, src, dst in _adapted_steps(layers, last, selected, light):
+        change = _widening(layers, j, src, dst) if widen else None
+        if change is not None:
+            total += change[1]
+        else:
+            total += sum(4 * math.prod(t) for t, lay in zip(dst[0], dst[1])  # float32, as profiled
                          if _is_map(resolve_layout(t, lay)))
-        bundle = layers[j].bundle if j < len(layers) else into
     return total + _aux_head(layers, head, last, selected, light, width).act_bytes + \
         sum(layers[j].act_bytes for j in selected)
 
 
 def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: list[int], light: bool = False,
-               width: int = LIGHT_WIDTH) -> int:
+               width: int = LIGHT_WIDTH, widen: bool = True) -> int:
     """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
     profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
-    channels change."""
-    total, bundle, lays = 0, layers[last].bundle, layers[last].layouts
+    channels change, or a widened copy's rebuilt convolutions (and the adapter it keeps)."""
+    total = 0
+    for j, src, dst in _adapted_steps(layers, last, selected, light):
+        change = _widening(layers, j, src, dst) if widen else None
+        if change is not None:
+            total += change[0]
+        else:
+            total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
+                         zip(src[0][-len(dst[0]):], dst[0], src[1][-len(dst[0]):], dst[1]))
+    return total + _aux_head(layers, head, last, selected, light, width).params + \
+        sum(layers[j].params for j in selected)
+
+
+def _adapted_steps(layers: list[LayerInfo], last: int, selected: list[int], light: bool):
+    """``(j, (shapes, layouts) handed on, (shapes, layouts) step j takes)`` for each step of the aux
+    net whose input differs from what it took in the backbone (an adapter or a widened copy goes there)."""
+    bundle, lays = layers[last].bundle, layers[last].layouts
     for j in _copy_steps(layers, selected, light):
         into, into_lays = layers[j - 1].bundle, layers[j - 1].layouts
         if into != bundle:
-            total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
-                         zip(bundle[-len(into):], into, lays[-len(into):], into_lays))
+            yield j, (bundle, lays), (into, into_lays)
         bundle, lays = (layers[j].bundle, layers[j].layouts) if j < len(layers) else (into, into_lays)
-    return total + _aux_head(layers, head, last, selected, light, width).params + \
-        sum(layers[j].params for j in selected)
+
+
+def _widening(layers: list[LayerInfo], j: int, src, dst) -> tuple[int, int] | None:
+    """``(parameters, activation bytes)`` of step ``j`` as a widened copy adds them beside the copy's
+    profiled figures, or None where ``assemble/widen.py`` keeps an adapter in front: it widens a
+    copy that takes one channels-first map through plain convolutions, where the adapter would be a
+    1x1 conv + norm with one integer stride on every axis."""
+    if j >= len(layers) or not layers[j].entry_convs or len(src[0]) != 1 or len(dst[0]) != 1:
+        return None
+    (a,), (b,) = src[0], dst[0]
+    la, lb = resolve_layout(a, src[1][0]), resolve_layout(b, dst[1][0])
+    if not (_is_map(la) and _is_map(lb)) or is_channels_last(la) or is_channels_last(lb) or len(a) != len(b):
+        return None
+    ratios = {x // y if y and x % y == 0 else 0 for x, y in zip(a[1:], b[1:])}
+    (c, c2), convs = (a[0], b[0]), layers[j].entry_convs
+    if len(ratios) != 1 or 0 in ratios or any(conv[0] != c2 for conv in convs):
+        return None
+    params = sum(out * k * (c - c2) for _, out, k, _ in convs)  # each conv reads c channels instead of c2
+    acts = -4 * math.prod(b) if layers[j].entry_others != "saves" else 0  # they save the handed tensor
+    if layers[j].entry_others:  # the adapter stays, on the other readers' path
+        params += _adapter_params(a, b, la, lb)
+        acts += 4 * math.prod(b)
+    return params, acts
 
 
 def _copy_steps(layers: list[LayerInfo], selected: list[int], light: bool) -> list[int]:
@@ -313,7 +350,8 @@ def unit_act_bytes(plan: Plan) -> list[int]:
         if b.index < len(plan.aux):  # a built aux net's figure, else the estimate for copies
             recipe = plan.aux[b.index]
             own += recipe.act_bytes or aux_act_bytes(plan.layers, plan.head, b.layers[-1], recipe.selected_layers,
-                                                     recipe.light_head, plan.config.light_width)
+                                                     recipe.light_head, plan.config.light_width,
+                                                     plan.config.adapters == "widen")
         else:  # the head runs in the same unit: what it shares with the last layer counts once
             own += plan.head.act_bytes - plan.head.shared_bytes
         out.append(own)
@@ -326,7 +364,7 @@ def slot_bytes(shape: list[int], kind: str) -> int:
 
 
 def aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-                 tail: str, copies: bool, light: bool = False, width: int = LIGHT_WIDTH):
+                 tail: str, copies: bool, light: bool = False, width: int = LIGHT_WIDTH, widen: bool = True):
     """``(j, last) -> (params, activation bytes per sample)`` of what block j trains with beside its
     own layers: its aux net (estimated from the copies, ending with a light head when ``light``;
     nothing for a rule whose aux nets copy no layers) or, for the block that trains with the model's
@@ -342,17 +380,18 @@ def aux_figures(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth
         if not copies:
             return 0, 0
         selected = select_layers(last, n, depths[j])
-        return (aux_params(layers, head, last, selected, light, width),
-                aux_act_bytes(layers, head, last, selected, light, width))
+        return (aux_params(layers, head, last, selected, light, width, widen),
+                aux_act_bytes(layers, head, last, selected, light, width, widen))
 
     return figures
 
 
 def aux_extra(layers: list[LayerInfo], head: LayerInfo, blocks: int, aux_depth: int, pyramid: float,
-               tail: str, light: bool, width: int = LIGHT_WIDTH) -> Extra:
+               tail: str, light: bool, width: int = LIGHT_WIDTH, widen: bool = True) -> Extra:
     """``extra(j, last)`` for a balance that weighs aux nets: what block j's aux net (or, for the
     block that trains with the model's head, the head) holds alive beside the block's own activations."""
-    aux = aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light, width=width)
+    aux = aux_figures(layers, head, blocks, aux_depth, pyramid, tail, copies=True, light=light, width=width,
+                      widen=widen)
     return lambda j, last: aux(j, last)[1]
 
 

@@ -50,6 +50,11 @@ class LayerInfo:
     # per sample: bytes of what this layer saves for backward that the layer before saves too (the
     # tensor handed between them, saved on both sides): counted once when both run in one block
     shared_bytes: int = 0
+    # the plain convolutions (nn.ConvNd, one group) that read the layer's input, one tensor, directly:
+    # [in channels, out channels, kernel elements, bias 0/1] each; a widened copy rebuilds them
+    # (PlanConfig.adapters); and what else reads that input: "" nothing, "reads", "saves" (for backward)
+    entry_convs: list[list[int]] = field(default_factory=list)
+    entry_others: str = "reads"
 
     @property
     def layouts(self) -> list[str]:
@@ -211,6 +216,10 @@ class PlanConfig:
                            "MLP; auto: light when the head holds over a quarter of the parameters (VGG), else copy",
                            choices="assemble.light_head:AUX_HEADS", kind="an aux head policy")
     aux_init: str = option("model", "how aux nets' weights start", choices="assemble.aux_init:AUX_INITS", kind="an aux init")
+    adapters: str = option("widen", "where a copied layer sees another shape than in the backbone: widen: its "
+                           "first convolutions take the aux net's tensor (input channels, stride), as the reference "
+                           "builds them, an adapter only on its other paths; front: an adapter in front of an "
+                           "unchanged copy", choices="assemble.widen:ADAPTER_MODES", kind="an adapter mode")
     light_width: int = option(512, "hidden width of a light aux head's MLP (aux_head light, or auto on a heavy head; "
                               "512 as the reference's VGG aux heads)", low=1)
     # measured by planning, not options
@@ -253,7 +262,8 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         try:
             return cls(
-                config=PlanConfig(**d["config"]),
+                # a plan written before copies were widened built adapters in front: it still does
+                config=PlanConfig(**{"adapters": "front", **d["config"]}),
                 layers=[LayerInfo(**x) for x in d["layers"]],
                 head=LayerInfo(**d["head"]),
                 blocks=[BlockInfo(**x) for x in d["blocks"]],

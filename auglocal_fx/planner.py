@@ -7,6 +7,7 @@ planning arguments, and turns the traced graph into the plain figures the plan c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .assemble.light_head import HEAVY_HEAD_SHARE, LIGHT_WIDTH
+from .assemble.widen import entry_conv
 from .costs import aux_extra, aux_figures, light_head_info, slot_bytes, unit_cost
 from .errors import AugLocalError
 from .fingerprint import plan_fingerprint
@@ -154,7 +156,10 @@ def _layer_info(a: Analysis, span: LayerSpan, in_node: fx.Node, seen: set[int]) 
     saved = _saved(span)
     out = span.boundary if span.boundary.op != "output" else (span.nodes[-1] if span.nodes else in_node)
     crossing = a.live.get(span.boundary, ()) if span.boundary.op != "output" else ()
+    convs, others = _entry(a, span, in_node)
     return LayerInfo(
+        entry_convs=convs,
+        entry_others=others,
         name=span.name,
         boundary=span.boundary.name,
         in_shape=list(in_node.meta.get("shape") or ())[1:],
@@ -202,6 +207,25 @@ def layer_infos(a: Analysis) -> tuple[list[LayerInfo], LayerInfo]:
     return infos, head
 
 
+def _entry(a: Analysis, span: LayerSpan, in_node: fx.Node) -> tuple[list[list[int]], str]:
+    """``LayerInfo.entry_convs`` and ``entry_others`` of the layer ``span`` that takes ``in_node``'s value."""
+    if len(a.live.get(in_node, (in_node,))) != 1:  # a bundle comes in: copies are not widened
+        return [], "reads"
+    nodes = set(span.nodes)
+    convs, others = [], []
+    for u in in_node.users:
+        if u not in nodes:
+            continue
+        m = entry_conv(a.gm, u, in_node)
+        if m is not None:
+            convs.append([m.in_channels, m.out_channels, math.prod(m.kernel_size), int(m.bias is not None)])
+        else:
+            others.append(u)
+    key = in_node.meta.get("storage")
+    saves = key is not None and any(key in u.meta.get("saved", {}) for u in others)
+    return convs, ("saves" if saves else "reads") if others else ""
+
+
 def _saved(span: LayerSpan) -> dict[int, int]:
     """Storage key -> bytes of what the span's nodes save for backward (one fake run: keys agree)."""
     saved: dict[int, int] = {}
@@ -241,12 +265,12 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     tau, depth = float(c.pyramid), c.aux_depth
     if policy.partition_units is not None:  # a whole-unit cost: aux nets estimated only where they copy layers
         aux = aux_figures(layers, head, blocks, depth, tau, c.tail, copies=kind.copies_layers, light=light,
-                          width=c.light_width)
+                          width=c.light_width, widen=c.adapters == "widen")
         kept = len(apply_tail([[i] for i in range(blocks)], depth, c.tail))
         unit = unit_cost(layers, aux, c.batch, lambda j: j < kept - 1, recompute=c.recompute, aux_dtype=c.aux_dtype)
         groups = policy.partition_units(n, blocks, unit)
     else:  # a balance that weighs aux nets can only estimate copies of layers (their profile is known)
-        extra = (aux_extra(layers, head, blocks, depth, tau, c.tail, light, c.light_width)
+        extra = (aux_extra(layers, head, blocks, depth, tau, c.tail, light, c.light_width, c.adapters == "widen")
                  if policy.weighs_aux and kind.copies_layers else None)
         groups = policy.split([policy.layer_cost(x) for x in layers], blocks, extra)
     groups = apply_tail(groups, depth, c.tail)

@@ -11,6 +11,8 @@ from torch import nn
 
 from auglocal_fx import to_auglocal
 from auglocal_fx.assemble.adapters import Adapter
+from auglocal_fx.assemble.emit import DualModeGraph
+from auglocal_fx.assemble.widen import WidenedCopy
 from auglocal_fx.errors import AugLocalError, AugLocalWarning
 
 from handwritten import cifar_resnet
@@ -19,13 +21,24 @@ SIZE = (3, 32, 32)
 
 
 def _copies(net) -> dict[str, list[torch.Tensor]]:
-    """Every aux copy's parameters by the qualified name they have in the model."""
+    """Every aux copy's parameters by the qualified name they have in the model (a widened copy's
+    convolutions that read its input, and the adapter it holds, are new layers: left out)."""
     out: dict[str, list[torch.Tensor]] = {}
     for aux in net.aux:
-        for name, p in aux.named_parameters():
-            if ".train_graph." in name:
-                out.setdefault(name.split(".train_graph.", 1)[1], []).append(p)
+        for piece in (m for m in aux.modules() if isinstance(m, DualModeGraph)):
+            new = {id(p) for p in _widened_params(piece)}
+            for name, p in piece.train_graph.named_parameters():
+                if id(p) not in new:
+                    out.setdefault(name, []).append(p)
     return out
+
+
+def _widened_params(piece) -> list[torch.Tensor]:
+    if not isinstance(piece, WidenedCopy):
+        return []
+    g = piece.train_graph
+    x = next(n for n in g.graph.nodes if n.op == "placeholder")
+    return [p for u in x.users if u.op == "call_module" for p in g.get_submodule(u.target).parameters()]
 
 
 def _scramble(model: nn.Module) -> None:
@@ -54,9 +67,11 @@ def test_model_init_copies_are_a_fresh_timm_model_under_the_same_seed(name, kwar
         assert gammas and all(torch.count_nonzero(g) == 0 for g in gammas)
         convs = [m for aux in net.aux for a in aux.modules() if isinstance(a, Adapter)
                  for m in a.modules() if isinstance(m, nn.Conv2d)]
-        assert convs  # adapters are no copies: kaiming-normal fan-out, as the fallback scheme
-        for c in convs:
-            assert abs(float(c.weight.detach().std()) / math.sqrt(2 / c.out_channels) - 1) < 0.1
+        widened = [p for aux in net.aux for w in aux.modules() for p in _widened_params(w) if p.dim() == 4]
+        assert convs and widened  # adapters and widened convs are no copies: kaiming-normal fan-out
+        for w in [c.weight for c in convs] + widened:
+            fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+            assert abs(float(w.detach().std()) / math.sqrt(2 / fan_out) - 1) < 0.1
     else:  # ViT linears are trunc-normal std 0.02, none left at the scrambled backbone's 0.5
         linears = [p for q, ps in copies.items() if q.endswith("fc1.weight") for p in ps]
         assert linears and all(abs(float(w.std()) - 0.02) < 0.002 for w in linears)

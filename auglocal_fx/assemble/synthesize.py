@@ -25,6 +25,7 @@ from ..runtime.memory import SavedTensorMeter
 from .adapters import Adapter, norm2d_like
 from .aux_init import AUX_INITS, reset_parameters
 from .light_head import LightHead
+from .widen import WidenedCopy
 
 __all__ = ["AUX_INITS", "AuxFactory", "aux_seed", "reset_parameters", "synthesize_aux"]
 
@@ -53,10 +54,11 @@ def synthesize_aux(model: nn.Module, plan: Plan, layers: list[nn.Module], layer_
         if rule.copies_layers:  # copies save what the profiled layers do
             flops = _copied_flops(aux, recipe, plan)
             act = aux_act_bytes(plan.layers, plan.head, plan.blocks[recipe.block].layers[-1],
-                                recipe.selected_layers, recipe.light_head, plan.config.light_width)
+                                recipe.selected_layers, recipe.light_head, plan.config.light_width,
+                                plan.config.adapters == "widen")
         else:
             flops, act = _profile(aux, _in_shape(plan, recipe))
-        built.append(dataclasses.replace(recipe, adapters=[m.summary for m in aux.modules() if isinstance(m, Adapter)],
+        built.append(dataclasses.replace(recipe, adapters=_adapter_summaries(aux),
                                          params=sum(p.numel() for p in aux.parameters()), flops=flops, act_bytes=act))
         nets.append(aux.to("meta") if lazy else aux)
     return nets, built, factory
@@ -100,14 +102,24 @@ def _in_shape(plan: Plan, recipe: AuxRecipe) -> list[int]:
     return plan.layers[plan.blocks[recipe.block].layers[-1]].out_shape
 
 
+def _adapter_summaries(aux: nn.Module) -> list[str]:
+    """What each shape adapter of ``aux`` does: a widened copy's label stands for the adapter it holds."""
+    inside = {id(m) for w in aux.modules() if isinstance(w, WidenedCopy) for m in w.modules() if m is not w}
+    return [m.summary for m in aux.modules() if isinstance(m, Adapter | WidenedCopy) and id(m) not in inside]
+
+
 def _copied_flops(aux: nn.Module, recipe: AuxRecipe, plan: Plan) -> int:
     """Forward FLOPs per sample of an aux net made of copied layers: they see the shapes they see
-    in the backbone, so their FLOPs are the profiled ones; only adapters and a light head are
-    counted anew."""
+    in the backbone, so their FLOPs are the profiled ones; only adapters, widened copies (with the
+    adapter they hold) and a light head are counted anew."""
     copied = sum(plan.layers[j].flops for j in recipe.selected_layers)
     if not recipe.light_head:
         copied += plan.head.flops
-    return copied + sum(_flops(a, a.in_shape) for a in aux.modules() if isinstance(a, Adapter | LightHead))
+    widened = [w for w in aux.modules() if isinstance(w, WidenedCopy)]
+    inside = {id(m) for w in widened for m in w.modules()}
+    anew = [a for a in aux.modules() if isinstance(a, Adapter | LightHead) and id(a) not in inside]
+    return (copied + sum(_flops(a, a.in_shape) for a in anew)
+            + sum(_flops(w, w.in_shape) - plan.layers[w.layer].flops for w in widened))
 
 
 def _flops(module: nn.Module, shape: list[int]) -> int:

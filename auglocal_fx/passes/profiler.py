@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 from contextlib import contextmanager
 
@@ -57,8 +58,18 @@ class _Profiler(ShapeProp):
         n.meta["shape"] = tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
         n.meta["flops"] = int(counter.get_total_flops())
         n.meta["saved"] = saved
+        n.meta["storage"] = _key(out)  # which ``saved`` entries of later nodes hold this node's value
         n.meta["value"] = out if type(out) is int else None  # shape reads (H, W): a cut may hand them on
         return out
+
+
+def _key(out) -> int | None:
+    if not isinstance(out, torch.Tensor):
+        return None
+    try:
+        return storage_key(out)
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def profile_graph(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor, ...], fake: bool = True):
@@ -88,8 +99,17 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor
         n, cause = profiler.current, exc.__cause__ or exc
         what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
         size = tuple(examples[0].shape[1:])
+        why = _proxies_read(first_line(cause), gm.graph)
         raise AugLocalError.bad_value("input_size", size, f"does not run: node '{n.name}' ({n.op} {what}) "
-                                      f"failed with {first_line(cause)}; give the input size the model takes") from exc
+                                      f"failed with {why}; give the input size the model takes") from exc
+
+
+def _proxies_read(message: str, graph: fx.Graph) -> str:
+    """``message`` with every ``Proxy(name)`` fx wrote into it at trace time (a model's own assert
+    formatted with a traced size) replaced by the value that node had in this run."""
+    values = {n.name: n.meta.get("value") for n in graph.nodes}
+    return re.sub(r"Proxy\((\w+)\)", lambda m: str(values.get(m.group(1)) if values.get(m.group(1)) is not None
+                                                  else m.group(0)), message)
 
 
 def _run(profiler: _Profiler, *examples: torch.Tensor):

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..assemble.adapters import bundle_sources, make_bundle_adapter
 from ..assemble.light_head import light_head
+from ..assemble.widen import widen
 from ..errors import AugLocalError
 from ..runtime.bundles import Chain
 from .rule import AuxContext, Rule, register_rule
@@ -43,9 +44,15 @@ def build_aux(ctx: AuxContext) -> nn.Module:
             into = plan.layers[j].name if j < len(plan.layers) else "the head"
             raise AugLocalError(f"aux net of block {ctx.recipe.block}, from layer {plan.layers[f].name!r}'s "
                                 f"output into a copy of {into!r}: {exc}") from exc
-        if adapter is not None:
-            mods.append(adapter)
-        mods.append(copy.deepcopy(piece))
+        copied = copy.deepcopy(piece)
+        widened = widen(adapter, copied) if adapter is not None and plan.config.adapters == "widen" else None
+        if widened is not None:
+            widened.layer = j  # for its FLOPs (synthesize)
+            mods.append(widened)
+        elif adapter is not None:
+            mods += [adapter, copied]
+        else:
+            mods.append(copied)
     return Chain(*mods)
 
 
