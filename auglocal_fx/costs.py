@@ -222,14 +222,8 @@ def aux_act_bytes(layers: list[LayerInfo], head: LayerInfo, last: int, selected:
     the head copy saves what the head does, a light head what ``light_head_info`` estimates. A
     widened copy's convolutions save the tensor handed to them, which the step before saves too.
     """
-    total = 0
-    for j, src, dst in _adapted_steps(layers, last, selected, light):
-        change = _widening(layers, j, src, dst) if widen else None
-        if change is not None:
-            total += change[1]
-        else:
-            total += sum(4 * math.prod(t) for t, lay in zip(dst[0], dst[1])  # float32, as profiled
-                         if _is_map(resolve_layout(t, lay)))
+    total = sum(_step_figures(layers, j, src, dst, widen)[1] for j, src, dst in
+                _adapted_steps(layers, last, selected, light))
     return total + _aux_head(layers, head, last, selected, light, width).act_bytes + \
         sum(layers[j].act_bytes for j in selected)
 
@@ -239,16 +233,22 @@ def aux_params(layers: list[LayerInfo], head: LayerInfo, last: int, selected: li
     """Estimated parameters of the aux net ``aux_act_bytes`` describes: its copies and head as
     profiled (or the light head's), plus a 1x1 conv (or linear) and norm per adapter where the
     channels change, or a widened copy's rebuilt convolutions (and the adapter it keeps)."""
-    total = 0
-    for j, src, dst in _adapted_steps(layers, last, selected, light):
-        change = _widening(layers, j, src, dst) if widen else None
-        if change is not None:
-            total += change[0]
-        else:
-            total += sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
-                         zip(src[0][-len(dst[0]):], dst[0], src[1][-len(dst[0]):], dst[1]))
+    total = sum(_step_figures(layers, j, src, dst, widen)[0] for j, src, dst in
+                _adapted_steps(layers, last, selected, light))
     return total + _aux_head(layers, head, last, selected, light, width).params + \
         sum(layers[j].params for j in selected)
+
+
+def _step_figures(layers: list[LayerInfo], j: int, src, dst, widen: bool) -> tuple[int, int]:
+    """``(parameters, activation bytes per sample)`` an adapted step adds beside its copy's profiled
+    figures: a widened copy's change, else the adapter's (a map adapter's norm saves its conv's output)."""
+    change = _widening(layers, j, src, dst) if widen else None
+    if change is not None:
+        return change
+    params = sum(_adapter_params(a, b, la, lb) for a, b, la, lb in
+                 zip(src[0][-len(dst[0]):], dst[0], src[1][-len(dst[0]):], dst[1]))
+    acts = sum(4 * math.prod(t) for t, lay in zip(dst[0], dst[1]) if _is_map(resolve_layout(t, lay)))  # float32
+    return params, acts
 
 
 def _adapted_steps(layers: list[LayerInfo], last: int, selected: list[int], light: bool):
