@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import numbers
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaml
+from rich.console import Console
 from rich.table import Table
 
 from .errors import AugLocalError, first_line
@@ -319,9 +321,16 @@ class Plan:
         return len(self.layers)
 
     # -- display --------------------------------------------------------------------------------
-    def table(self, memory: dict | None = None):
-        """A ``rich`` renderable: one row per block, with its aux recipe; with ``memory``
-        (``costs.memory_summary``) also each unit's bytes and the step's estimated peak."""
+    def __str__(self) -> str:
+        """The plan as a text table (``print(plan)``); ``repr`` stays the dataclass's."""
+        return str(self.table())
+
+    def table(self, memory: dict | None = None, wide: bool = False) -> PlanTable:
+        """A ``rich`` table, one row per block with its aux recipe, that prints as text too
+        (``print(plan.table())``); with ``memory`` (``costs.memory_summary``) also each unit's
+        activations and the step's estimated peak. Compact columns unless ``wide`` (all of them:
+        how many tensors a cut hands on, the block's activations, aux depth and adapters, each
+        unit's weights, gradients and optimizer state)."""
         c = self.config
         title = (f"{c.model}: {self.num_layers} layers -> {len(self.blocks)} blocks "
                  f"(input {'x'.join(map(str, c.input_size))}, balance={c.balance}, "
@@ -332,17 +341,23 @@ class Plan:
         if self.aux and backbone:  # the rule's price in one figure: aux nets' FLOPs beside the backbone's
             title += (f"; aux nets: {sum(a.flops for a in self.aux) / backbone:.3g}x the backbone's FLOPs, "
                       f"{_si(sum(a.params for a in self.aux))} parameters")
-        t = Table(title=title, title_justify="left")
-        for col, just in [("block", "right"), ("layers", "left"), ("out shape", "left"), ("tensors", "right"),
-                          ("params", "right"), ("MFLOPs", "right"), ("act MiB", "right"),
-                          ("aux depth", "right"), ("aux copies", "left"), ("adapters", "left"),
-                          ("aux params", "right"), ("aux MFLOPs", "right")]:
-            t.add_column(col, justify=just)
+        t = PlanTable(title=title, title_justify="left")
+        columns = [("block", "right"), ("layers", "left"), ("out shape", "left"), ("tensors", "right"),
+                   ("params", "right"), ("MFLOPs", "right"), ("act MiB", "right"),
+                   ("aux depth", "right"), ("aux copies", "left"), ("adapters", "left"),
+                   ("aux params", "right"), ("aux MFLOPs", "right")]
         units = memory["units"] if memory else [None] * len(self.blocks)
         if memory:
-            t.add_column("unit act MiB", justify="right")
-            t.add_column("w+g+opt MiB", justify="right")
+            columns += [("unit act MiB", "right"), ("w+g+opt MiB", "right")]
             t.caption, t.caption_justify = _memory_caption(memory), "left"
+        narrow = Console().width < NARROW  # an 80-column terminal: the shapes make room for the layer names
+        shown = [i for i, (col, _) in enumerate(columns)
+                 if wide or (col not in WIDE_ONLY and not (narrow and col == "out shape"))]
+        for i in shown:  # figures keep their width; names and lists wrap; headers take two lines
+            col, just = columns[i]
+            head = col if wide else col.replace("aux ", "aux\n").replace("unit act ", "unit act\n")
+            t.add_column(head, justify=just, no_wrap=just == "right" or col == "out shape")
+        rows = []
         for b, unit in zip(self.blocks, units):
             first, last = self.layers[b.layers[0]], self.layers[b.layers[-1]]
             span = f"{b.layers[0]}" if len(b.layers) == 1 else f"{b.layers[0]}-{b.layers[-1]}"
@@ -351,7 +366,7 @@ class Plan:
             extra = [] if unit is None else [
                 f"{unit['act_per_sample'] / 2**20:,.2f}",
                 f"{(unit['weights'] + unit['gradients'] + unit['optimizer']) / 2**20:,.0f}"]
-            t.add_row(
+            rows.append([
                 str(b.index), f"{span} {names}", "x".join(map(str, last.out_shape)), str(last.tensors),
                 _si(self.block_sum(b, "params")), f"{self.block_sum(b, 'flops') / 1e6:,.1f}",
                 f"{self.block_sum(b, 'act_bytes') / 2**20:,.2f}",
@@ -359,13 +374,32 @@ class Plan:
                 _copies(aux) if aux else "final head",
                 ", ".join(aux.adapters) if aux and aux.adapters else "",
                 _si(aux.params) if aux else "", f"{aux.flops / 1e6:,.1f}" if aux else "", *extra,
-            )
+            ])
         h = self.head
+        head = ["head", h.name if h.name != "head" else "(pooling, classifier)",
+                "x".join(map(str, h.out_shape)), "", _si(h.params), f"{h.flops / 1e6:,.1f}",
+                f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "", *([""] * (2 * bool(memory)))]
+        for row in rows:
+            t.add_row(*(row[i] for i in shown))
         t.add_section()
-        t.add_row("head", h.name if h.name != "head" else "(pooling, classifier)",
-                  "x".join(map(str, h.out_shape)), "", _si(h.params), f"{h.flops / 1e6:,.1f}",
-                  f"{h.act_bytes / 2**20:,.2f}", "", "", "", "", "", *([""] * (2 * bool(memory))))
+        t.add_row(*(head[i] for i in shown))
         return t
+
+
+# the plan table's columns shown only when asked for all (``Plan.table(wide=True)``, ``--wide``)
+WIDE_ONLY = ("tensors", "act MiB", "aux depth", "adapters", "w+g+opt MiB")
+NARROW = 100  # terminal columns below which the compact table leaves out the output shapes too
+
+
+class PlanTable(Table):
+    """A ``rich`` table that prints as text as well: ``str()`` renders it at the terminal's width
+    (``COLUMNS`` where set), as ``rich`` would on a console."""
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=Console().width, color_system=None)
+        with console.capture() as captured:
+            console.print(self)
+        return captured.get().rstrip("\n")
 
 
 def _copies(aux: AuxRecipe) -> str:

@@ -109,7 +109,7 @@ def test_plan_json_and_table_carry_the_footprint():
     assert m["total"]["total"] == estimate_footprint(plan).total and m["bp_total"] == bp_footprint(plan).total
     assert Plan.from_dict(d) == plan  # derived: ignored on the way back
     console = Console(width=250, record=True, file=io.StringIO())
-    console.print(plan.table(memory))
+    console.print(plan.table(memory, wide=True))
     text = console.export_text()
     assert "w+g+opt MiB" in text and "Estimated peak of a training step at batch 32" in text
 

@@ -106,3 +106,31 @@ def test_table_renders_narrow(plan):
     text = _render(plan.table(), width=60)
     assert plan.config.model in text and "head" in text
     assert max(map(len, text.splitlines())) <= 60  # rich wraps the columns to the console's width
+
+
+def test_a_plan_prints_as_text(plan, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    print(plan.table())
+    print(plan)
+    out = capsys.readouterr().out
+    assert "<rich" not in out and "Table object" not in out
+    assert out.count(f"{len(plan.layers)} layers -> {len(plan.blocks)} blocks") == 2
+    assert max(map(len, out.splitlines())) <= 120
+
+
+def test_convert_table_fits_the_terminal_and_wide_shows_every_column(capsys, monkeypatch):
+    from auglocal_fx.cli.convert import main
+
+    args = ["--model", "resnet18", "--blocks", "4", "--input-size", "3", "32", "32"]
+    for columns in ("80", "120"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert main(args) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(map(len, lines)) <= int(columns), columns
+        assert not any("adapters" in line for line in lines)  # a wide-only column
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main([*args, "--wide"]) == 0
+    header = " ".join(capsys.readouterr().out.splitlines()[:8])
+    assert all(col in header for col in ("tensors", "act MiB", "aux depth", "adapters", "w+g+opt MiB"))
+    assert main([*args, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["aux"]  # JSON is the plan, whatever the terminal

@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PATH", help="load these local weights (timm's checkpoint_path: a state "
                                                         "dict or a timm/torch checkpoint file)")
     p.add_argument("--format", choices=("table", "json", "yaml"), default="table", help="stdout format")
+    p.add_argument("--wide", action="store_true", help="every column of the table (tensors handed on, activations, "
+                   "aux depth, adapters, each unit's weights + gradients + optimizer state); default: the ones that "
+                   "fit a terminal")
     p.add_argument("--out", help="also write the plan here (.json: JSON, else YAML)")
     p.add_argument("--save", metavar="PATH", help="write the converted model (weights + plan) for auglocal-train/-export")
     p.add_argument("--overwrite", action="store_true", help="replace --out, --save or --plot files that exist "
@@ -118,8 +121,8 @@ def _main(argv=None) -> int:
     elif args.format == "yaml":
         print(plan.to_yaml(memory), end="")
     else:
-        console = Console(width=max(Console().width, 190))
-        console.print(plan.table(memory))
+        console = Console()  # the terminal's width, or COLUMNS
+        console.print(plan.table(memory, wide=args.wide))
         if stages is not None:
             console.print(stage_table(plan, stages))
     if args.plot:
