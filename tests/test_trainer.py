@@ -142,3 +142,18 @@ def test_resume_keeps_the_data_and_a_cut_run_reports_validation_only(tmp_path, c
             in capsys.readouterr().err)
     assert train_main([path, "--resume", "auto"]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_the_epoch_line_shows_held_out_loss_peak_memory_and_the_time_to_go():
+    from auglocal_fx.training.report import epoch_line
+
+    r = {"epoch": 3, "train_loss": 1.0, "train_acc": 0.5, "val_acc": 0.4, "val_loss": 1.25, "aux_val_acc": [0.3],
+         "lr": 0.1, "images_per_s": 1000.0, "epoch_time_s": 60.0, "peak_rss_gib": [1.5, 2.25],
+         "peak_allocated_gib": [3.0, 2.0]}
+    line = epoch_line(r, 10, eta_s=7 * 62.0)
+    assert "val loss 1.2500 acc 40.00%" in line
+    assert "peak RSS 2.25 GiB, device 3.00 GiB" in line  # the largest process's
+    assert line.endswith("ETA 7m14s")
+    assert "ETA" not in epoch_line({**r, "epoch": 10}, 10, eta_s=0.0)  # the run is done
+    no_device = {k: v for k, v in r.items() if k != "peak_allocated_gib"}
+    assert "device" not in epoch_line(no_device, 10)

@@ -23,10 +23,14 @@ class LossWindow:
         # check_finite(value, unit, epoch, step): the Trainer's, which names where a loss first broke
         self.strategy, self.device, self.check_finite = strategy, device, check_finite
         self.sums, self.epoch, self.bar = sums, epoch, bar
-        self.rows, self.sizes = [], []
+        self.rows, self.sizes, self.finite_inputs = [], [], []
         self.seen = [0.0, 0.0, 0.0]  # the epoch so far, over the replicas: final loss sum, correct, images
 
-    def add(self, step: int, out, y: torch.Tensor) -> None:
+    def add(self, step: int, out, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        """Step ``step``'s losses (``out``), labels ``y`` and input batch ``x`` (floating point: checked
+        for NaN / inf on the device, so a loss that breaks on bad data blames the data)."""
+        finite = torch.isfinite(x).all() if x is not None and x.is_floating_point() else torch.ones((), dtype=torch.bool)
+        self.finite_inputs.append(finite.to(self.device))
         losses = torch.cat([out.local_losses, out.loss.reshape(1)])  # of this process's units, in order
         has_head = self.strategy.has_head
         correct = (out.logits.argmax(1) == hard_labels(y)).sum() if has_head else losses.new_zeros(())
@@ -45,17 +49,18 @@ class LossWindow:
             self.sums.add("images", sizes.sum())
             self.sums.add("step_loss", rows[:, -2], at=slice(first - 1, step))
             self.sums.add("step_images", sizes, at=slice(first - 1, step))
-        look = Sums({"rows": rows.numel(), "sizes": len(self.sizes)}, device)
+        look = Sums({"rows": rows.numel(), "sizes": len(self.sizes), "bad_inputs": len(self.sizes)}, device)
         look.add("rows", rows.flatten())
         look.add("sizes", sizes)
+        look.add("bad_inputs", (~torch.stack(self.finite_inputs)).double())
         seen = look.reduce(s.dp_group)
         width = rows.shape[1]
         for k in range(len(self.sizes)):
             row = seen["rows"][k * width:(k + 1) * width]
             for i, value in zip(s.mine, row[:-1]):
-                self.check_finite(value / seen["sizes"][k], i, self.epoch, first + k)
+                self.check_finite(value / seen["sizes"][k], i, self.epoch, first + k, seen["bad_inputs"][k] > 0)
             self.seen = [self.seen[0] + row[-2], self.seen[1] + row[-1], self.seen[2] + seen["sizes"][k]]
-        self.rows, self.sizes = [], []
+        self.rows, self.sizes, self.finite_inputs = [], [], []
         if s.has_head:
             images = self.seen[2]
             self.bar.update(step, self.seen[0] / images, self.seen[1] / images, images)

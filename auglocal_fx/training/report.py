@@ -63,13 +63,31 @@ def held_out_split(r: dict) -> str:
     return "val" if "val_acc" in r else "test"
 
 
-def epoch_line(r: dict, epochs: int) -> str:
+def epoch_line(r: dict, epochs: int, eta_s: float | None = None) -> str:
+    """An epoch on the console: losses and accuracies, the held-out loss, the learning rate, speed,
+    the largest process's peak memory (resident, and the device's on CUDA) and, with ``eta_s``,
+    the time the run's remaining epochs will take at this pace."""
     split = held_out_split(r)
     aux = r.get(f"aux_{split}_acc") or []
     aux_txt = f"  aux heads {' '.join(f'{100 * a:.1f}' for a in aux)}" if aux else ""
+    held_loss = f" loss {r[f'{split}_loss']:.4f}" if r.get(f"{split}_loss") is not None else ""
+    memory = ""
+    if r.get("peak_rss_gib"):
+        memory = f"  peak RSS {max(r['peak_rss_gib']):.2f} GiB"
+        if r.get("peak_allocated_gib"):
+            memory += f", device {max(r['peak_allocated_gib']):.2f} GiB"
+    eta = f"  ETA {_duration(eta_s)}" if eta_s is not None and r["epoch"] < epochs else ""
     return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {100 * r['train_acc']:.2f}%  "
-            f"{split} acc {100 * r[f'{split}_acc']:.2f}%{aux_txt}  lr {r['lr']:.3g}  "
-            f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.0f}s")
+            f"{split}{held_loss} acc {100 * r[f'{split}_acc']:.2f}%{aux_txt}  lr {r['lr']:.3g}  "
+            f"{r['images_per_s']:,.0f} img/s  {r['epoch_time_s']:.0f}s{memory}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
