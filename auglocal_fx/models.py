@@ -213,7 +213,14 @@ def call_with(fn, kwargs: dict, what: str, ref: str, key: str):
                             f"{key}") from exc
     except ValueError:  # no signature to read: call and see
         pass
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except AugLocalError:
+        raise
+    except Exception as exc:  # your code, run with your keywords: its error is yours to read, in one line
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keywords"
+        raise AugLocalError(f"{what} {ref!r} raised {first_line(exc, 200)} when called with {given}; fix {key} or "
+                            "the function (call it in Python to see where)") from exc
 
 
 def create_from_factory(ref: str, kwargs: dict, *, what: str = "recipe key model.factory",

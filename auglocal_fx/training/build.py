@@ -86,15 +86,34 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         payload = read_checkpoint(path)
     except AugLocalError:  # not ours: a timm / torch weights file
         payload = None
+    state = None
     try:
-        if payload is not None:
-            model.load_state_dict(payload["model_state"])
-        else:
-            timm.models.load_checkpoint(model, path, strict=True)
+        # timm's reader unwraps "state_dict" / "model" entries and DataParallel's "module." prefixes
+        state = payload["model_state"] if payload is not None else timm.models.load_state_dict(path)
+        model.load_state_dict(state)
     except (RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        why = state_mismatch(model, state) if state is not None else first_line(exc, 160, with_type=False)
         raise AugLocalError(f"recipe key model.checkpoint {path} holds weights of another model than "
-                            f"{type(model).__name__} ({first_line(exc, 160, with_type=False)}); give weights of this "
-                            "architecture") from exc
+                            f"{type(model).__name__} ({why}); give weights of this architecture") from exc
+
+
+def state_mismatch(model: torch.nn.Module, state: dict) -> str:
+    """What differs between ``model``'s parameters and buffers and the weights ``state``: counts and the
+    first of each kind (torch's own message starts with a line that names none of them)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if shaped:
+        k = shaped[0]
+        parts.append(f"{len(shaped)} of another shape, e.g. {k} {list(state[k].shape)} where this model has "
+                     f"{list(own[k].shape)}")
+    if missing:
+        parts.append(f"{len(missing)} of this model's missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} it does not have, e.g. {unexpected[0]}")
+    return "; ".join(parts) or "the weights do not load"
 
 
 def _check_outputs(net: AugLocalNet, data: DataBundle, recipe: TrainRecipe) -> None:
