@@ -11,6 +11,7 @@ import yaml
 
 from ..errors import AugLocalError
 from ..training import load_recipe, train
+from ..training.preflight import preflight
 from ..training.run_folder import check_run_folder
 from .common import LAUNCHED, recorded_error, run_cli, torchrun_rank
 
@@ -35,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="replace the run the output folder holds (its checkpoints, metrics, plot); without it "
                         "such a folder is refused unless --resume continues it")
     p.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the recipe as far as a run goes before its first step (the output folder, the "
+                        "device, the data, the model converted) and exit, writing nothing")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train in N processes on this machine (torchrun --standalone --nproc_per_node N, started "
                         "here): an error in them is one line and exit status 2, without torchrun's report")
@@ -59,6 +63,13 @@ def _main(argv=None) -> int:
         raise AugLocalError("--resume continues the run in the output folder and --overwrite replaces it; "
                             "pass one of them")
     check_run_folder(recipe.output, resume, args.overwrite, words="cli", source=args.recipe)  # train() checks too, in Python's words
+    if args.check:
+        run = preflight(recipe, resume, args.overwrite)
+        plan = run.net.plan
+        print(f"recipe OK: {recipe.model.label} as {len(plan.blocks)} {recipe.conversion.rule} blocks, "
+              f"{len(run.train_loader.dataset)} training samples in {len(run.train_loader)} batches of "
+              f"{recipe.batch_size}, {recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''} into {recipe.output}")
+        return 0
     if args.nproc is not None and args.nproc > 1:
         return _launch(args)
     s = train(recipe, resume=resume, stop_after=args.stop_after, overwrite=args.overwrite)

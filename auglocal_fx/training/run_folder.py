@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import AugLocalError
 
-__all__ = ["CHECKPOINTS", "MARKER", "RUN_FILES", "SHARDS", "RunLock", "check_run_folder", "check_writable",
+__all__ = ["clear_stale_temps", "CHECKPOINTS", "MARKER", "RUN_FILES", "SHARDS", "RunLock", "check_run_folder", "check_writable",
            "clear_run", "drop_unused_shards", "mark_run_folder"]
 
 MARKER = ".auglocal-run"  # this tool made the folder; the run's note, and its lock while it writes there
@@ -143,6 +143,15 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / SHARDS, ignore_errors=True)
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
+def clear_stale_temps(out: Path) -> None:
+    """Delete the temp files a killed run left beside the files it was writing (``atomic.py`` writes
+    ``.NAME.XXXX.tmp`` and renames it): called while this run holds the folder's lock, so no other
+    run is writing them."""
+    for name in (*RUN_FILES, MARKER):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def drop_unused_shards(out: Path, kept: set) -> None:

@@ -40,9 +40,18 @@ from .distributed import Env, barrier, gather_states, setup, teardown
 from .loss_window import LossWindow
 from .metrics import Sums
 from .optim import build_optimizer, build_scheduler
+from .preflight import in_recipe_words
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .resume_checks import check_resume
-from .run_folder import MARKER, RunLock, check_run_folder, check_writable, clear_run, drop_unused_shards
+from .run_folder import (
+    MARKER,
+    RunLock,
+    check_run_folder,
+    check_writable,
+    clear_run,
+    clear_stale_temps,
+    drop_unused_shards,
+)
 from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
 from .strategies import make_strategy
 from .techniques import (
@@ -55,12 +64,6 @@ from .techniques import (
 )
 
 __all__ = ["Trainer", "train"]
-
-# the library's parameters as a recipe sets them: planning options are conversion keys; the input
-# size comes from the data and model sections
-_WORDS = {**RECIPE_KEYS, "input_size": "the input size that recipe keys model.in_chans and data.image_size give,"}
-_HINTS = {"input_size": " (a ViT made for another size: set model.img_size to data.image_size)"}
-
 
 def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
           overwrite: bool = False) -> dict | None:
@@ -75,13 +78,10 @@ def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=p
     env = setup(recipe.device)
     trainer = None
     try:
-        trainer = Trainer(recipe, env, resume=resume, log=log, overwrite=overwrite)
-        summary = trainer.fit(stop_after)
+        with in_recipe_words(recipe):  # the library names its parameters; a recipe user knows the keys
+            trainer = Trainer(recipe, env, resume=resume, log=log, overwrite=overwrite)
+            summary = trainer.fit(stop_after)
         return summary if env.is_main else None
-    except AugLocalError as exc:  # the library names its parameters; a recipe user knows the keys
-        if exc.param in _WORDS:
-            raise AugLocalError(exc.worded(_WORDS) + _HINTS.get(exc.param, "")) from exc
-        raise
     finally:
         if trainer is not None:
             trainer.release()
@@ -134,6 +134,7 @@ class Trainer:
             check_writable(self.out)
             self.lock = RunLock(self.out, {"recipe": str(getattr(recipe, "source", None) or ""),
                                            "model": recipe.model.label, "resume": str(resume or "")})
+            clear_stale_temps(self.out)  # a killed run's half-written files (never the finished ones)
             if overwrite and resume is None:
                 clear_run(self.out)
         if recipe.threads is not None:
@@ -195,6 +196,38 @@ class Trainer:
         else:  # more processes than the run had: the new ones draw their own streams
             self._seed(self.recipe.seed + 1_000_003 * self.env.rank)
         self.log(f"resumed from epoch {self.epoch}")
+        self._say_what_is_retrained(Path(path))
+        if self.env.is_main and Path(path).resolve() == (self.out / "last.pt").resolve():
+            self._finish_writes(saved)
+
+    def _finish_writes(self, saved: dict) -> None:
+        """What a run killed after writing last.pt but before the epoch's other files leaves
+        behind, finished from the checkpoint (the run's record): best.pt where the saved epoch was
+        the best and best.pt is missing or older, and metrics.jsonl / curves.png as the history says."""
+        t, split = saved["train"], "val" if self.run.val_loader is not None else "test"
+        if not self.history:
+            return
+        accs = [h[f"{split}_acc"] for h in self.history]
+        best_epoch = self.history[accs.index(max(accs))]["epoch"]  # the first of equals, as _save keeps it
+        best = self.out / "best.pt"
+        held = read_checkpoint(best, weights=False)["train"]["epoch"] if best.is_file() else None
+        if best_epoch == t["epoch"] and held != best_epoch:
+            self._write_best(dict(t), saved.get("shards"))
+            self.log(f"note: wrote {best} from last.pt (epoch {best_epoch}): the run stopped before it was written")
+        write_metrics(self.out / "metrics.jsonl", self.history)
+        self._plot()
+
+    def _say_what_is_retrained(self, path: Path) -> None:
+        """Resuming from an earlier epoch than the folder's last.pt (from best.pt, or a copy) trains
+        those epochs again and replaces last.pt: said before it happens."""
+        last = self.out / "last.pt"
+        if not last.is_file() or path.resolve() == last.resolve():
+            return
+        done = read_checkpoint(last, weights=False).get("train", {}).get("epoch", 0)
+        if done > self.epoch:
+            ahead = min(done, self.recipe.epochs)
+            self.log(f"note: {last} holds epoch {done}; resuming from {path.name} (epoch {self.epoch}) trains epochs "
+                     f"{self.epoch + 1}-{ahead} again and replaces it (resume from last.pt to go on from epoch {done})")
 
     # -- one epoch -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -232,7 +265,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.units)
                 busy += time.perf_counter() - t0
-                window.add(step, out, y)
+                window.add(step, out, y, h if image is None else image)
                 if step % interval == 0 or step == steps:
                     window.close(step)
         finally:
@@ -291,9 +324,13 @@ class Trainer:
         return blockwise_step(self.units, h, y, self.loss_fn, self.autocast, None, opt, image=image,
                               hand_on=s.hand_on(y, image), sync=False, clip_grad=recipe.clip_grad, offload=self.offload)
 
-    def _check_finite(self, value: float, block: int, epoch: int, step: int) -> None:
+    def _check_finite(self, value: float, block: int, epoch: int, step: int, bad_input: bool = False) -> None:
         if not math.isfinite(value):
             kept = f"{self.out / 'last.pt'} holds epoch {self.epoch}" if self.epoch else "no checkpoint yet"
+            if bad_input:  # the data, not the optimizer: a lower learning rate would not help
+                raise AugLocalError(f"the input batch of epoch {epoch} step {step} holds NaN or inf values, so the "
+                                    f"loss of block {block} became {value}; stopped ({kept}); check the dataset "
+                                    "and its transforms (a division by a zero std, a corrupt file)")
             raise AugLocalError(f"loss of block {block} became {value} at epoch {epoch} step {step}; stopped "
                                 f"({kept}); lower optimizer.lr or add schedule.warmup_epochs")
 
@@ -355,6 +392,7 @@ class Trainer:
         return self._summary(split, chosen)
 
     def _epochs(self, split: str, loader, last_epoch: int) -> None:
+        start, first = time.perf_counter(), self.epoch + 1
         for epoch in range(self.epoch + 1, last_epoch + 1):
             record = self.train_epoch(epoch)
             found = self.evaluate(loader)
@@ -367,7 +405,9 @@ class Trainer:
             self._save(improved)
             if self.writer is not None:
                 write_scalars(self.writer, record, epoch)
-            self.log(epoch_line(record, self.recipe.epochs), flush=True)
+            # the pace so far, training, evaluation and checkpoints together, times the epochs to go
+            per_epoch = (time.perf_counter() - start) / (epoch - first + 1)
+            self.log(epoch_line(record, self.recipe.epochs, per_epoch * (self.recipe.epochs - epoch)), flush=True)
 
     def _test_chosen(self) -> dict:
         """The test set on ``best.pt``'s weights (the checkpoint chosen on validation; the averaged
@@ -392,23 +432,32 @@ class Trainer:
                       "recipe": self.recipe.to_dict()})
         save_training(r.net, self.out / "last.pt", train, r.model_kwargs, shards)
         self._shards["last.pt"] = shards
-        if improved and shards is not None:  # the same shards; the file says which weights are the net's
+        if improved:
+            self._write_best(train, shards)
+        if shards is not None:
+            drop_unused_shards(self.out, set(self._shards.values()))
+        write_metrics(self.out / "metrics.jsonl", self.history)
+        self._plot()
+
+    def _write_best(self, train: dict, shards) -> None:
+        """best.pt for the epoch last.pt holds (``train``: its training state)."""
+        r = self.run
+        if shards is not None:  # the same shards; the file says which weights are the net's
             save_training(r.net, self.out / "best.pt", train, r.model_kwargs, shards,
                           "ema" if self.ema is not None else "model")
             self._shards["best.pt"] = shards
-        elif improved and self.ema is not None:  # best.pt holds what was evaluated: the averaged weights
+        elif self.ema is not None:  # best.pt holds what was evaluated: the averaged weights
             live = {k: v.clone() for k, v in r.net.state_dict().items()}
             for unit, state in zip(r.net.local_units(), train["ema"]):
                 unit.load_state_dict(state)
             save_training(r.net, self.out / "best.pt", train, r.model_kwargs, weights="ema")
             r.net.load_state_dict(live)
-        elif improved:
+        else:
             copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
-        if shards is not None:
-            drop_unused_shards(self.out, set(self._shards.values()))
-        write_metrics(self.out / "metrics.jsonl", self.history)
+
+    def _plot(self) -> None:
         plot_curves(self.out / "curves.png", self.history,
-                    f"{self.recipe.model.label} · {self.recipe.conversion.rule} · {len(r.net.blocks)} blocks")
+                    f"{self.recipe.model.label} · {self.recipe.conversion.rule} · {len(self.run.net.blocks)} blocks")
 
     def _summary(self, split: str, chosen: dict | None) -> dict:
         """What the run ends with: the test accuracy of the checkpoint chosen on validation (or, without
