@@ -59,6 +59,13 @@ def mislabelled(n: int = 64, test: int = 32):
     return train, test_set
 
 
+def with_nan(n: int = 64, test: int = 32):
+    """``blobs`` whose training images hold a NaN from the 40th on (a transform that divides by a zero std)."""
+    train, test_set = blobs(n, test)
+    train.images[40:, 0, 0, 0] = float("nan")
+    return train, test_set
+
+
 class TokenIds(Dataset):
     """Sequences of 12 int64 token ids; the class is which quarter of the vocabulary dominates."""
 

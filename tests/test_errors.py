@@ -173,6 +173,12 @@ def _own(tmp: Path, model: str = "own_model_fixture:small_cnn", dataset: str = "
     return _recipe(tmp, model={"factory": model}, data={"dataset": dataset, "num_workers": 0}, **change)
 
 
+def _resnet18_weights(tmp: Path) -> str:
+    """A timm weights file of resnet18: another architecture than the recipe's resnet20_cifar."""
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), tmp / "resnet18.pth")
+    return str(tmp / "resnet18.pth")
+
+
 def _factory_checkpoint(tmp: Path) -> Path:
     """A checkpoint auglocal-train made with a model.factory that cannot be imported where it is read."""
     from own_model_fixture import small_cnn
@@ -216,6 +222,9 @@ CLI_CASES = [
      ["recipe key output", "notes.txt is a file; give a folder for the run's files"]),
     ("non-finite-loss", train_main, _nan_loss,
      ["loss of block 0 became nan at epoch 2 step 1", "holds epoch 1", "lower optimizer.lr"]),
+    ("non-finite-input", train_main,
+     lambda t, m: [_own(t, dataset="own_model_fixture:with_nan", **{"conversion.blocks": 3})],
+     ["the input batch of epoch 1 step", "holds NaN or inf values", "check the dataset and its transforms"]),
     ("resume-other-conversion", train_main,
      lambda t, m: (train_main([_recipe(t)]), [_recipe(t, **{"conversion.blocks": 3}), "--resume", "auto"])[1],
      ["cannot resume", "conversion.blocks = 4, this recipe says 3"]),
@@ -297,6 +306,11 @@ CLI_CASES = [
      lambda t, m: [_recipe(t, model={"name": "vit_tiny_patch16_224"}, **{"data.image_size": 32})],
      ["the input size that recipe keys model.in_chans and data.image_size give, (3, 32, 32) does not run",
       "set model.img_size to data.image_size"]),
+    ("vit-size-own-data", train_main,
+     lambda t, m: [_recipe(t, model={"name": "vit_tiny_patch16_224"},
+                           data={"dataset": "own_model_fixture:blobs", "num_workers": 0})],
+     ["the input size of recipe key data.dataset's samples, (3, 8, 8) does not run",
+      "Input height (8) doesn't match model (224)", "set model.img_size, or the keyword your factory takes"]),
     ("resume-longer-schedule", train_main,
      lambda t, m: (train_main([_recipe(t)]), [_recipe(t), "--resume", "auto", "--set", "epochs=2"])[1],
      ["cannot resume", "cosine schedule was made for epochs = 1", "--set model.checkpoint="]),
@@ -318,6 +332,9 @@ CLI_CASES = [
     ("label-past-the-scores", train_main,
      lambda t, m: [_own(t, dataset="own_model_fixture:mislabelled", **{"conversion.blocks": 3})],
      ["a training label is 4 but the model gives 4 class scores (labels 0 to 3)", "at least 5 outputs"]),
+    ("model-checkpoint-other-architecture", train_main, lambda t, m: [_recipe(t, **{"model.checkpoint": _resnet18_weights(t)})],
+     ["recipe key model.checkpoint", "holds weights of another model than", "of another shape, e.g. conv1.weight [64, 3, 7, 7]",
+      "missing, e.g.", "give weights of this architecture"]),
     ("factory-not-importable", train_main, lambda t, m: [_own(t, model="no_such_package.models:make")],
      ["recipe key model.factory 'no_such_package.models:make': module no_such_package.models cannot be imported",
       "check PYTHONPATH"]),
@@ -329,6 +346,9 @@ CLI_CASES = [
      ["'own_model_fixture:not_a_module' returned a dict, not an nn.Module"]),
     ("factory-kwargs-not-taken", train_main, lambda t, m: [_own(t, **{"model.kwargs": {"depth": 3}})],
      ["cannot be called with depth=3", "give the keywords it takes in model.kwargs"]),
+    ("factory-raises", train_main, lambda t, m: [_own(t, **{"model.kwargs": {"width": 0.5}})],
+     ["recipe key model.factory 'own_model_fixture:small_cnn' raised", "when called with width=0.5",
+      "fix model.kwargs or the function"]),
     ("dataset-not-splits", train_main, lambda t, m: [_own(t, dataset="own_model_fixture:one_dataset")],
      ["returned a Blobs; return (train, test) or (train, val, test) Datasets"]),
     ("dataset-not-pairs", train_main, lambda t, m: [_own(t, dataset="own_model_fixture:unlabelled")],

@@ -59,3 +59,20 @@ def test_a_run_starts_from_the_weights_model_checkpoint_names(tmp_path):
     run = build_run(again, Env(0, 1, torch.device("cpu")))
     trained = torch.load(last, weights_only=True)["model_state"]
     assert all(torch.equal(v, trained[k]) for k, v in run.net.model.state_dict().items())
+
+
+def test_resuming_from_an_earlier_epoch_says_what_it_trains_again(tmp_path, capsys):
+    """A copy of epoch 1's checkpoint (as best.pt is when accuracy peaked early), resumed after the run
+    finished epoch 2: the log says epoch 2 is trained again and last.pt replaced, before it happens."""
+    import shutil
+
+    path = str(write_recipe(tmp_path, tiny_recipe(tmp_path, epochs=2)))
+    run = tmp_path / "run"
+    assert train_main([path, "--stop-after", "1"]) == 0
+    shutil.copy(run / "last.pt", run / "epoch1.pt")
+    assert train_main([path, "--resume", "auto"]) == 0
+    capsys.readouterr()
+    assert train_main([path, "--resume", str(run / "epoch1.pt")]) == 0
+    out = capsys.readouterr()
+    assert (f"note: {run / 'last.pt'} holds epoch 2; resuming from epoch1.pt (epoch 1) trains epochs 2-2 again "
+            "and replaces it") in out.out + out.err
