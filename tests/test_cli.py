@@ -125,15 +125,16 @@ def test_save_writes_a_checkpoint_load_auglocal_reads(capsys, tmp_path):
     assert net.plan == printed and len(net.blocks) == 4 and len(net.aux) == 3
 
 
-def test_bundles_in_json_and_table(capsys):
+def test_bundles_in_json_and_table(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # the wide table unsqueezed
     rc, out, err = run(capsys, "--model", "densenet121", "--blocks", "4", "--input-size", "3", "64", "64",
                        "--format", "json")
     assert rc == 0 and "note:" not in err
     layers = json.loads(out)["layers"]
     assert max(len(layer["crossing"]) for layer in layers) > 1  # tensors handed on at each layer boundary
     assert all(len(layer["crossing"]) == len(layer["crossing_dtypes"]) for layer in layers)
-    rc, out, _ = run(capsys, "--model", "densenet121", "--blocks", "4", "--input-size", "3", "64", "64")
-    assert rc == 0 and "tensors" in out
+    rc, out, _ = run(capsys, "--model", "densenet121", "--blocks", "4", "--input-size", "3", "64", "64", "--wide")
+    assert rc == 0 and "tensors" in out  # a column of the wide table
 
 
 def test_coarse_split_is_one_note_line_naming_the_flag(capsys):

@@ -126,6 +126,7 @@ def _sequential(tmp_path: Path, recipe: dict, name: str) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # 32 s on 2 cores: in the slow tier, to keep make test in budget
 def test_pipeline_of_2_and_3_stages_is_the_sequential_run_and_resumes_exactly(tmp_path):
     """Stage k computes batch n with its parameters before their step-n update and sends that output
     on, so stage k+1 gets what the sequential loop hands it: same losses, same weights. P=3 runs

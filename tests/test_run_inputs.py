@@ -76,3 +76,20 @@ def test_resuming_from_an_earlier_epoch_says_what_it_trains_again(tmp_path, caps
     out = capsys.readouterr()
     assert (f"note: {run / 'last.pt'} holds epoch 2; resuming from epoch1.pt (epoch 1) trains epochs 2-2 again "
             "and replaces it") in out.out + out.err
+
+
+def test_keep_checkpoints_keeps_the_newest_epochs_and_a_kept_one_resumes(tmp_path, capsys):
+    import torch
+
+    path = str(write_recipe(tmp_path, tiny_recipe(tmp_path, epochs=3, keep_checkpoints=2)))
+    run = tmp_path / "run"
+    assert train_main([path]) == 0
+    assert sorted(p.name for p in run.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt"]
+    for name, epoch in (("epoch-0002.pt", 2), ("epoch-0003.pt", 3)):
+        assert torch.load(run / name, weights_only=True)["train"]["epoch"] == epoch
+    final = torch.load(run / "last.pt", weights_only=True)["model_state"]
+    capsys.readouterr()
+    assert train_main([path, "--resume", str(run / "epoch-0002.pt")]) == 0  # epoch 3 again, exactly
+    assert "trains epochs 3-3 again" in capsys.readouterr().out
+    again = torch.load(run / "last.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(final[k], again[k]) for k in final)

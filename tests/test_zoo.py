@@ -27,10 +27,10 @@ FAMILIES = {
 }
 
 
-# the slowest models run in the slow tier, to keep make test in budget (20-24 s each on 2 cores; a
+# the slowest models run in the slow tier, to keep make test in budget (14-24 s each on 2 cores; a
 # MobileNetV3's blocks are test_efficientnet's, swin_t's channels-last maps are in tests/test_axes.py)
-SLOW_FAMILIES = {"densenet121", "mixer_s32_224", "mobilenetv3_small_050"}
-SLOW_TORCHVISION = {"swin_t"}
+SLOW_FAMILIES = {"densenet121", "mixer_s32_224", "mobilenetv3_small_050", "test_maxvit"}
+SLOW_TORCHVISION = {"swin_t", "shufflenet_v2_x0_5"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n

@@ -84,6 +84,7 @@ SAMPLES_LIST = [
     Sample("help_convert", "auglocal-convert --help", stream="stdout"),
     Sample("help_train", "auglocal-train --help", stream="stdout"),
     Sample("help_export", "auglocal-export --help", stream="stdout"),
+    Sample("help_eval", "auglocal-eval --help", stream="stdout"),
     # docs/guide/memory.md: the paper's CIFAR setting at its batch
     Sample("memory_resnet32", "auglocal-convert --model resnet32_cifar --input-size 3 32 32 --blocks 16 --tail reference "
            "--batch 1024", tail=2),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import AugLocalError
 
-__all__ = ["clear_stale_temps", "CHECKPOINTS", "MARKER", "RUN_FILES", "SHARDS", "RunLock", "check_run_folder", "check_writable",
+__all__ = ["clear_stale_temps", "CHECKPOINTS", "EPOCHS", "MARKER", "RUN_FILES", "SHARDS", "RunLock", "check_run_folder", "check_writable",
            "clear_run", "drop_unused_shards", "mark_run_folder"]
 
 MARKER = ".auglocal-run"  # this tool made the folder; the run's note, and its lock while it writes there
@@ -28,6 +28,7 @@ MARKER = ".auglocal-run"  # this tool made the folder; the run's note, and its l
 CHECKPOINTS = ("last.pt", "best.pt")
 # every file a run writes; --overwrite clears them so that the folder never mixes two runs
 RUN_FILES = (*CHECKPOINTS, "metrics.jsonl", "curves.png", "summary.json", "recipe.yaml")
+EPOCHS = "epoch-[0-9][0-9][0-9][0-9].pt"  # keep_checkpoints: the last N epochs' checkpoints, epoch-0012.pt
 SHARDS = "shards"  # a pipeline run's checkpoints keep their weights there, a folder per saved epoch
 # how each caller asks to continue a run / write elsewhere / replace it: messages use the caller's words
 _WORDS = {"python": ("resume={last!r}", "another recipe.output", "overwrite=True"),
@@ -141,6 +142,8 @@ def clear_run(out: Path) -> None:
     must not leave the old ``last.pt`` for ``--resume auto`` to continue under the new recipe."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    for kept in out.glob(EPOCHS):
+        kept.unlink(missing_ok=True)
     shutil.rmtree(out / SHARDS, ignore_errors=True)
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
 
@@ -149,7 +152,7 @@ def clear_stale_temps(out: Path) -> None:
     """Delete the temp files a killed run left beside the files it was writing (``atomic.py`` writes
     ``.NAME.XXXX.tmp`` and renames it): called while this run holds the folder's lock, so no other
     run is writing them."""
-    for name in (*RUN_FILES, MARKER):
+    for name in (*RUN_FILES, MARKER, EPOCHS):
         for tmp in out.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 

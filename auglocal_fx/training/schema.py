@@ -202,6 +202,8 @@ class TrainRecipe:
     # OMP_NUM_THREADS=1); give cores / processes when several share a machine
     threads: int | None = field(default=None, metadata=_at_least(1))
     tensorboard: bool = False  # also write TensorBoard events to <output>/tensorboard (pip install tensorboard)
+    # also keep the last N epochs' checkpoints as <output>/epoch-NNNN.pt (0: last.pt and best.pt only)
+    keep_checkpoints: int = field(default=0, metadata=_at_least(0))
     log_interval: int = field(default=50, metadata=_at_least(1))  # steps between progress lines and loss checks
     seed: int = 0
     device: str = field(default="auto", metadata=_choices(("auto", "cpu", "cuda")))

@@ -44,6 +44,7 @@ from .preflight import in_recipe_words
 from .report import EpochProgress, epoch_line, plot_curves, write_metrics
 from .resume_checks import check_resume
 from .run_folder import (
+    EPOCHS,
     MARKER,
     RunLock,
     check_run_folder,
@@ -188,8 +189,10 @@ class Trainer:
         self.strategy.restore(r.net, self.units, r.optimizer, r.scheduler, self.ema, saved, path)
         self._shards = {"last.pt": saved.get("shards")}
         best = self.out / "best.pt"
-        if saved.get("shards") and best.is_file():
-            self._shards["best.pt"] = read_checkpoint(best, weights=False).get("shards")
+        if saved.get("shards"):  # the shard folders the folder's other checkpoints name stay
+            for kept in [best, *self.out.glob(EPOCHS)]:
+                if kept.is_file():
+                    self._shards[kept.name] = read_checkpoint(kept, weights=False).get("shards")
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
         if self.env.rank < len(t["rng"]):
             set_rng_state(t["rng"][self.env.rank])
@@ -434,10 +437,22 @@ class Trainer:
         self._shards["last.pt"] = shards
         if improved:
             self._write_best(train, shards)
+        if self.recipe.keep_checkpoints:
+            self._keep_epoch(shards)
         if shards is not None:
             drop_unused_shards(self.out, set(self._shards.values()))
         write_metrics(self.out / "metrics.jsonl", self.history)
         self._plot()
+
+    def _keep_epoch(self, shards) -> None:
+        """``keep_checkpoints: N``: this epoch's last.pt kept as epoch-NNNN.pt, and only the newest N
+        such files (the files this run names so; their shard folders stay while they are kept)."""
+        name = f"epoch-{self.epoch:04d}.pt"
+        copy_checkpoint(self.out / "last.pt", self.out / name)
+        self._shards[name] = shards
+        for old in sorted(self.out.glob(EPOCHS))[:-self.recipe.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+            self._shards.pop(old.name, None)
 
     def _write_best(self, train: dict, shards) -> None:
         """best.pt for the epoch last.pt holds (``train``: its training state)."""
