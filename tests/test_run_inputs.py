@@ -81,15 +81,31 @@ def test_resuming_from_an_earlier_epoch_says_what_it_trains_again(tmp_path, caps
 def test_keep_checkpoints_keeps_the_newest_epochs_and_a_kept_one_resumes(tmp_path, capsys):
     import torch
 
-    path = str(write_recipe(tmp_path, tiny_recipe(tmp_path, epochs=3, keep_checkpoints=2)))
+    path = str(write_recipe(tmp_path, tiny_recipe(tmp_path, epochs=4, keep_checkpoints=3)))
     run = tmp_path / "run"
     assert train_main([path]) == 0
-    assert sorted(p.name for p in run.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt"]
-    for name, epoch in (("epoch-0002.pt", 2), ("epoch-0003.pt", 3)):
-        assert torch.load(run / name, weights_only=True)["train"]["epoch"] == epoch
-    final = torch.load(run / "last.pt", weights_only=True)["model_state"]
+    assert sorted(p.name for p in run.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    for epoch in (2, 3, 4):
+        assert torch.load(run / f"epoch-{epoch:04d}.pt", weights_only=True)["train"]["epoch"] == epoch
+    third = torch.load(run / "epoch-0003.pt", weights_only=True)["model_state"]
     capsys.readouterr()
-    assert train_main([path, "--resume", str(run / "epoch-0002.pt")]) == 0  # epoch 3 again, exactly
-    assert "trains epochs 3-3 again" in capsys.readouterr().out
-    again = torch.load(run / "last.pt", weights_only=True)["model_state"]
-    assert all(torch.equal(final[k], again[k]) for k in final)
+    # epoch 3 again from a kept epoch, exactly; epoch 4's file belongs to the run left behind: gone
+    assert train_main([path, "--resume", str(run / "epoch-0002.pt"), "--stop-after", "3"]) == 0
+    assert "trains epochs 3-4 again" in capsys.readouterr().out
+    assert sorted(p.name for p in run.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt"]
+    again = torch.load(run / "epoch-0003.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(third[k], again[k]) for k in third)
+
+
+def test_check_builds_the_run_and_writes_nothing_and_checks_a_resume(tmp_path, capsys):
+    path = str(write_recipe(tmp_path, tiny_recipe(tmp_path, epochs=2)))
+    assert train_main([path, "--check"]) == 0
+    assert "recipe OK: resnet20_cifar as 4 auglocal blocks" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    assert train_main([path, "--stop-after", "1"]) == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    capsys.readouterr()
+    assert train_main([path, "--check", "--resume", "auto"]) == 0
+    assert train_main([path, "--check", "--resume", "auto", "--set", "optimizer.lr=0.5"]) == 2
+    assert "cannot resume" in _one_line_error(capsys)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before

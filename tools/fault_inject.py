@@ -7,7 +7,7 @@ For each point the tool starts the run in a child process armed to SIGKILL itsel
 ``auglocal-train RECIPE --resume auto`` to the end, and checks that nothing was lost or changed:
 
 - the resumed run's per-epoch record (every step's loss, validation loss and accuracies, learning
-  rate) and its final weights equal the uninterrupted run's, bitwise;
+  rate), last.pt's and best.pt's weights and summary.json equal the uninterrupted run's, bitwise;
 - every file the user had before (the recipe, a file beside it) is unchanged (SHA-256);
 - the run folder holds no temp file afterwards.
 
@@ -112,11 +112,19 @@ def _records(out: Path) -> list[dict]:
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _weights(out: Path) -> dict:
+def _weights(out: Path, name: str = "last.pt") -> dict:
     import torch
 
-    payload = torch.load(out / "last.pt", weights_only=True)
+    payload = torch.load(out / name, weights_only=True)
     return {f"{part}.{k}": v for part in ("model_state", "aux_state") for k, v in payload[part].items()}
+
+
+def _outcome(out: Path) -> tuple:
+    """What a finished run leaves that a kill could spoil: the per-epoch records, last.pt's and
+    best.pt's weights, and the summary's figures (its test accuracy of best.pt)."""
+    summary = json.loads((out / "summary.json").read_text())
+    return (_records(out), _weights(out), _weights(out, "best.pt"),
+            {k: v for k, v in summary.items() if k not in (*TIMING, "train_time_s", "output")})
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -131,7 +139,7 @@ def _recipe(folder: Path, out: Path) -> Path:
     return path
 
 
-def run_point(kind: str, k: int, folder: Path, reference: tuple[list[dict], dict]) -> str:
+def run_point(kind: str, k: int, folder: Path, reference: tuple) -> str:
     """One kill point: ``"ok"``, ``"not reached"``, or what was lost."""
     folder.mkdir()
     out = folder / "run"
@@ -150,10 +158,15 @@ def run_point(kind: str, k: int, folder: Path, reference: tuple[list[dict], dict
     if rc != 0:
         return f"the resume exited {rc}: {said}"
     lost = []
-    if _records(out) != reference[0]:
+    records, last, best, summary = _outcome(out)
+    if records != reference[0]:
         lost.append("the per-epoch records differ from the run never killed")
-    if not _same(_weights(out), reference[1]):
-        lost.append("the final weights differ from the run never killed")
+    if not _same(last, reference[1]):
+        lost.append("last.pt's weights differ from the run never killed")
+    if not _same(best, reference[2]):
+        lost.append("best.pt's weights differ from the run never killed")
+    if summary != reference[3]:
+        lost.append("summary.json differs from the run never killed")
     changed = [p.name for p, h in before.items() if _sha(p) != h]
     if changed:
         lost.append(f"the user's files changed: {', '.join(changed)}")
@@ -205,7 +218,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         counts = count_events(tmp / "reference")
-        reference = (_records(tmp / "reference" / "run"), _weights(tmp / "reference" / "run"))
+        reference = _outcome(tmp / "reference" / "run")
         points = ([(kind, int(k)) for kind, k in (x.split(":") for x in args.points)] if args.points
                   else [(kind, k) for kind in KINDS for k in range(1, counts[kind] + 1)])
         print(f"fault_inject: the run has {counts['step']} steps, {counts['write']} file writes, "

@@ -5,8 +5,8 @@ with keys dropped, misspelled, retyped, out of range, given twice, and own-model
 references broken, and hands each to ``auglocal-train RECIPE --check``: the path the command takes
 up to the run's first step (recipe, output folder, device, data, the model converted), writing
 nothing. A recipe passes when the command exits 0, or exits 2 having printed exactly one line
-``auglocal-train: error: ...``; anything else (a traceback, another exit status, more lines) is a
-failure, printed with its recipe.
+``auglocal-train: error: ...``, and wrote nothing; anything else (a traceback, another exit status,
+more lines, an output folder made) is a failure, printed with its recipe.
 
     python tools/fuzz_recipes.py --count 1000            # prints the tally; exit 1 on a failure
     python tools/fuzz_recipes.py --count 10000 --seed 3
@@ -148,6 +148,8 @@ def check_one(text: str, folder: Path) -> tuple[str, str]:
 
         return "FAIL", "".join(traceback.format_exception(exc))
     lines = err.getvalue().strip().splitlines()
+    if (folder / "run").exists():  # --check writes nothing
+        return "FAIL", f"exit {rc}, and it wrote {folder / 'run'}"
     if rc == 0 and not any("Traceback" in line for line in lines):
         return "ok", ""
     if rc == 2 and len(lines) == 1 and lines[0].startswith("auglocal-train: error: "):

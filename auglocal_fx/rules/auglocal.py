@@ -45,7 +45,8 @@ def build_aux(ctx: AuxContext) -> nn.Module:
             raise AugLocalError(f"aux net of block {ctx.recipe.block}, from layer {plan.layers[f].name!r}'s "
                                 f"output into a copy of {into!r}: {exc}") from exc
         copied = copy.deepcopy(piece)
-        widened = widen(adapter, copied) if adapter is not None and plan.config.adapters == "widen" else None
+        widened = (widen(adapter, copied) if adapter is not None and plan.config.adapters == "widen"
+                   and j < len(plan.layers) else None)  # layers only: the head copy keeps its adapter
         if widened is not None:
             widened.layer = j  # for its FLOPs (synthesize)
             mods.append(widened)

@@ -89,6 +89,9 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     state = None
     try:
         # timm's reader unwraps "state_dict" / "model" entries and DataParallel's "module." prefixes
+        if payload is None and path.endswith((".npz", ".npy")):  # big_vision weights: the model's own loader
+            timm.models.load_checkpoint(model, path, strict=True)
+            return
         state = payload["model_state"] if payload is not None else timm.models.load_state_dict(path)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, pickle.UnpicklingError) as exc:

@@ -5,6 +5,7 @@ through the recipe's keys (``--set data.dataset=...``)."""
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,9 @@ def evaluate_checkpoint(path, split: str = "test", overrides: list[str] = (), de
         loader = run.val_loader if split == "val" else run.test_loader
         if loader is None:
             raise AugLocalError(f"the run of {path} has no validation split (data.val_split is 0); use --split test")
-        found = _evaluate(net.to(env.device).eval(), loader, env.device)
+        amp = torch.autocast(env.device.type, torch.bfloat16) if recipe.bf16 else nullcontext()
+        with amp:  # as the trainer evaluated it
+            found = _evaluate(net.to(env.device).eval(), loader, env.device)
     finally:
         teardown(env)
     return {"checkpoint": str(path), "epoch": t["epoch"], "weights": saved.get("weights", "model"),

@@ -8,11 +8,14 @@ import warnings
 from contextlib import contextmanager
 
 from ..errors import AugLocalError, AugLocalWarning
+from ..plan import Plan
 from .build import Run, build_run
 from .config import RECIPE_KEYS, TrainRecipe
 from .data import DATASETS
 from .distributed import setup, teardown
+from .resume_checks import check_resume
 from .run_folder import check_run_folder
+from .state import read_training
 from .techniques import check_techniques
 
 __all__ = ["preflight", "in_recipe_words"]
@@ -43,13 +46,18 @@ def in_recipe_words(recipe: TrainRecipe):
 
 def preflight(recipe: TrainRecipe, resume=None, overwrite: bool = False) -> Run:
     """Everything ``train`` checks and builds before its first step, in this process, writing nothing:
-    the output folder, the device, the techniques, the data and the converted model. Returns the run."""
+    the output folder, the device, the techniques, the data and the converted model; with ``resume``
+    the checkpoint's record against the recipe and the net rebuilt from its plan. Returns the run
+    (one process's view: a pipeline's stages are not built apart)."""
     check_run_folder(recipe.output, resume, overwrite, source=getattr(recipe, "source", None))
+    saved = read_training(resume, weights=False) if resume else None
+    if saved is not None:
+        check_resume(saved["train"]["recipe"], recipe, resume)
     env = setup(recipe.device)
     try:
         with in_recipe_words(recipe), warnings.catch_warnings():
             warnings.simplefilter("ignore", AugLocalWarning)
             check_techniques(recipe, recipe.batch_size // env.world, env)
-            return build_run(recipe, env)
+            return build_run(recipe, env, Plan.from_dict(saved["plan"]) if saved else None)
     finally:
         teardown(env)

@@ -66,6 +66,15 @@ from .techniques import (
 
 __all__ = ["Trainer", "train"]
 
+
+def _saved_train(path: Path) -> dict | None:
+    """A checkpoint's payload without its weights, or None where it is unreadable (a resume from
+    best.pt because last.pt is corrupt must not fail on last.pt)."""
+    try:
+        return read_checkpoint(path, weights=False)
+    except AugLocalError:
+        return None
+
 def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
           overwrite: bool = False) -> dict | None:
     """Train ``recipe`` (resuming from checkpoint ``resume``); returns the summary dict.
@@ -192,16 +201,17 @@ class Trainer:
         if saved.get("shards"):  # the shard folders the folder's other checkpoints name stay
             for kept in [best, *self.out.glob(EPOCHS)]:
                 if kept.is_file():
-                    self._shards[kept.name] = read_checkpoint(kept, weights=False).get("shards")
+                    self._shards[kept.name] = (_saved_train(kept) or {}).get("shards")
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
         if self.env.rank < len(t["rng"]):
             set_rng_state(t["rng"][self.env.rank])
         else:  # more processes than the run had: the new ones draw their own streams
             self._seed(self.recipe.seed + 1_000_003 * self.env.rank)
         self.log(f"resumed from epoch {self.epoch}")
-        self._say_what_is_retrained(Path(path))
-        if self.env.is_main and Path(path).resolve() == (self.out / "last.pt").resolve():
-            self._finish_writes(saved)
+        if self.env.is_main:
+            self._say_what_is_retrained(Path(path))
+            if Path(path).resolve() == (self.out / "last.pt").resolve():
+                self._finish_writes(saved)
 
     def _finish_writes(self, saved: dict) -> None:
         """What a run killed after writing last.pt but before the epoch's other files leaves
@@ -213,7 +223,7 @@ class Trainer:
         accs = [h[f"{split}_acc"] for h in self.history]
         best_epoch = self.history[accs.index(max(accs))]["epoch"]  # the first of equals, as _save keeps it
         best = self.out / "best.pt"
-        held = read_checkpoint(best, weights=False)["train"]["epoch"] if best.is_file() else None
+        held = (_saved_train(best) or {}).get("train", {}).get("epoch")  # None: missing or unreadable
         if best_epoch == t["epoch"] and held != best_epoch:
             self._write_best(dict(t), saved.get("shards"))
             self.log(f"note: wrote {best} from last.pt (epoch {best_epoch}): the run stopped before it was written")
@@ -226,7 +236,7 @@ class Trainer:
         last = self.out / "last.pt"
         if not last.is_file() or path.resolve() == last.resolve():
             return
-        done = read_checkpoint(last, weights=False).get("train", {}).get("epoch", 0)
+        done = (_saved_train(last) or {}).get("train", {}).get("epoch", 0)  # an unreadable last.pt: nothing to say
         if done > self.epoch:
             ahead = min(done, self.recipe.epochs)
             self.log(f"note: {last} holds epoch {done}; resuming from {path.name} (epoch {self.epoch}) trains epochs "
@@ -445,14 +455,17 @@ class Trainer:
         self._plot()
 
     def _keep_epoch(self, shards) -> None:
-        """``keep_checkpoints: N``: this epoch's last.pt kept as epoch-NNNN.pt, and only the newest N
-        such files (the files this run names so; their shard folders stay while they are kept)."""
+        """``keep_checkpoints: N``: this epoch's last.pt kept as epoch-NNNN.pt, and only the N newest
+        epochs up to this one (their shard folders stay while they are kept); files of later epochs
+        are from a timeline this run left (it resumed from an earlier epoch): gone too."""
         name = f"epoch-{self.epoch:04d}.pt"
         copy_checkpoint(self.out / "last.pt", self.out / name)
         self._shards[name] = shards
-        for old in sorted(self.out.glob(EPOCHS))[:-self.recipe.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-            self._shards.pop(old.name, None)
+        kept = sorted((int(p.name[6:-3]), p) for p in self.out.glob(EPOCHS))
+        for epoch, old in kept:
+            if epoch > self.epoch or epoch <= self.epoch - self.recipe.keep_checkpoints:
+                old.unlink(missing_ok=True)
+                self._shards.pop(old.name, None)
 
     def _write_best(self, train: dict, shards) -> None:
         """best.pt for the epoch last.pt holds (``train``: its training state)."""
