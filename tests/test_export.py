@@ -53,8 +53,8 @@ def _ort(path, x):
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-# resnet50 and efficientnet_b0 (17 s each on 2 cores) in the slow tier, to keep make test in budget
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet50", "efficientnet_b0") else n
+# resnet50, efficientnet_b0 and convnext_atto (11-17 s each on 2 cores) in the slow tier, to keep make test in budget
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet50", "efficientnet_b0", "convnext_atto") else n
                                   for n in MODELS])
 def test_export_after_training_step(tmp_path, name):
     model, net = _trained(name)

@@ -77,6 +77,7 @@ def test_dry_run_exercises_every_section(tmp_path):
     assert "Notes:" not in md
 
 
+@pytest.mark.slow  # 11 s: in the slow tier, to keep make test in budget
 def test_an_oom_or_a_failed_section_costs_only_its_own_figures(tmp_path, monkeypatch, capsys):
     suite = _tool()
     monkeypatch.setattr(suite, "DRY", dataclasses.replace(suite.DRY, memory_batches=(2,)))

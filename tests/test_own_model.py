@@ -278,6 +278,7 @@ def test_workers_print_once_and_record_for_the_launcher(tmp_path, monkeypatch, c
     assert recorded_error("auglocal-train", "Signal 15 (SIGTERM) received by PID 7") is None
 
 
+@pytest.mark.slow  # 14 s of torchrun processes: in the slow tier, to keep make test in budget
 def test_nproc_user_error_is_one_line_exit_2(tmp_path):
     """A recipe value every process refuses (2 pipeline stages' worth of 3 asked): one line from the
     launcher, exit status 2, no torchrun traceback or failure report."""

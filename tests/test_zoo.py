@@ -29,7 +29,7 @@ FAMILIES = {
 
 # the slowest models run in the slow tier, to keep make test in budget (14-24 s each on 2 cores; a
 # MobileNetV3's blocks are test_efficientnet's, swin_t's channels-last maps are in tests/test_axes.py)
-SLOW_FAMILIES = {"densenet121", "mixer_s32_224", "mobilenetv3_small_050", "test_maxvit"}
+SLOW_FAMILIES = {"densenet121", "mixer_s32_224", "mobilenetv3_small_050", "test_maxvit", "pvt_v2_b0"}
 SLOW_TORCHVISION = {"swin_t", "shufflenet_v2_x0_5"}
 
 
