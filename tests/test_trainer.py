@@ -157,3 +157,11 @@ def test_the_epoch_line_shows_held_out_loss_peak_memory_and_the_time_to_go():
     assert "ETA" not in epoch_line({**r, "epoch": 10}, 10, eta_s=0.0)  # the run is done
     no_device = {k: v for k, v in r.items() if k != "peak_allocated_gib"}
     assert "device" not in epoch_line(no_device, 10)
+
+
+@pytest.mark.parametrize("mode", ["keep", "release"])
+def test_the_run_keeps_freed_host_memory_unless_the_recipe_releases_it(tmp_path, monkeypatch, mode):
+    calls = []
+    monkeypatch.setattr(trainer_module, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    _trainer(tmp_path, host_memory=mode)
+    assert calls == ([1] if mode == "keep" else [])

@@ -50,6 +50,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import resource  # page-fault counts; POSIX only
+except ImportError:  # Windows
+    resource = None
+
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter on stderr
 
 import torch  # noqa: E402
@@ -67,6 +72,7 @@ from auglocal_fx.checkpointed import CheckpointedModel, checkpointed  # noqa: E4
 from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.passes.selection import TAILS  # noqa: E402
+from auglocal_fx.runtime.host_memory import keep_freed_host_memory  # noqa: E402
 
 RULES = ("bp", "dgl", "auglocal")
 COMPILE_RULES = ("bp", "auglocal")  # --compile: each eager and compiled
@@ -144,6 +150,11 @@ def _reference_row(net, x, y) -> dict:
             "flops_ratio": (backbone + aux) / backbone, "params": params, "aux_params": aux_params}
 
 
+def _minor_faults() -> int:
+    """The process's minor page faults so far (0 where getrusage has none)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def _params(net) -> dict:
     aux = net.aux_parameters() if hasattr(net, "aux_parameters") else ()  # checkpointing rows have no aux nets
     return {"params": sum(p.numel() for p in net.parameters()), "aux_params": sum(p.numel() for p in aux)}
@@ -203,23 +214,26 @@ def measure(model_name: str, blocks: int, batch: int, size: int, steps: int, war
     x = torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    faults: dict[str, list[int]] = {v: [] for v in variants}  # minor page faults: memory mapped in anew
     first: dict[str, float] = {}
     for i in range(warmup + steps):
         for v in variants:
             if device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, faulted = time.perf_counter(), _minor_faults()
             steppers[v](nets[v], opts[v], x, y)
             if device == "cuda":
                 torch.cuda.synchronize()
             first.setdefault(v, time.perf_counter() - start)
             if i >= warmup:
                 times[v].append(time.perf_counter() - start)
+                faults[v].append(_minor_faults() - faulted)
     med = {v: statistics.median(t) for v, t in times.items()}
     rows = {}
     for v, (rule, compiled, options) in variants.items():
         bp = "bp+compiled" if compiled else "bp"
-        rows[v] = {"median_step_s": med[v], "ratio_to_bp": med[v] / med[bp]}
+        rows[v] = {"median_step_s": med[v], "ratio_to_bp": med[v] / med[bp],
+                   "faults_per_step": statistics.median(faults[v])}
         if rule == REFERENCE:  # their model has no plan: counted on it; no labels for --profile
             rows[v].update(_reference_row(nets[v], x, y), ratio_to_auglocal=med[v] / med["auglocal"])
             continue
@@ -262,6 +276,9 @@ def _main(argv=None) -> int:
     p.add_argument("--memory-options", action="store_true",
                    help="also time auglocal with recompute=block, bf16 aux nets, and both")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--host-memory", choices=("keep", "release"), default="keep",
+                   help="keep (as auglocal-train does by default): glibc keeps freed memory for the next step, "
+                        "for every row alike; release: the C library's defaults")
     p.add_argument("--reference-dir", metavar="DIR",
                    help="also time the paper authors' LocalResNet from a checkout of ChenxiangMA/AugLocal at DIR")
     p.add_argument("--tail", choices=TAILS, help="the auglocal rows' tail (default: reference with "
@@ -271,24 +288,28 @@ def _main(argv=None) -> int:
     tail = args.tail or ("reference" if args.reference_dir else "exact")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.host_memory == "keep" and keep_freed_host_memory()
     if args.compile and args.warmup < 1:
         p.error("--compile needs --warmup 1 or more: the first compiled step compiles")
     res = measure(args.model, args.blocks, args.batch, args.size, args.steps, args.warmup, args.aux_depth,
                   args.pyramid, args.device, args.channels_last, args.profile,
                   args.backend if args.compile else None, args.memory_options, args.reference_dir, tail)
+    res["host_memory"] = "keep" if kept else "release"
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"{res['model']} K={res['blocks']} d={res['aux_depth']} batch {res['batch']} at {res['size']}px on "
           f"{res['device']}{' channels-last' if res['channels_last'] else ''}, {res['threads']} threads, "
           f"median of {res['steps']} interleaved steps{', auglocal tail=' + tail if tail != 'exact' else ''}"
-          f"{', compiled with ' + res['compile_backend'] if res['compile_backend'] else ''}")
+          f"{', compiled with ' + res['compile_backend'] if res['compile_backend'] else ''}, host memory "
+          f"{res['host_memory']}")
     width = max(map(len, res["rules"]))
     for rule, r in res["rules"].items():
         bp = "bp+compiled" if rule.endswith("+compiled") else "bp"
         line = (f"  {rule:{width}s} {1000 * r['median_step_s']:9.1f} ms/step  x{r['ratio_to_bp']:.2f} of {bp}   "
                 f"flops x{r['flops_ratio']:.2f} (backbone {r['backbone_gflops']:.2f} + aux {r['aux_gflops']:.2f} "
-                f"GFLOPs/sample)  params {r['params'] / 1e6:.2f}M (aux {r['aux_params'] / 1e6:.2f}M)")
+                f"GFLOPs/sample)  params {r['params'] / 1e6:.2f}M (aux {r['aux_params'] / 1e6:.2f}M)  "
+                f"{r['faults_per_step']:,.0f} page faults/step")
         if "ratio_to_auglocal" in r:
             line += f"  x{r['ratio_to_auglocal']:.2f} of auglocal"
         if "compiled_over_eager" in r:

@@ -20,7 +20,7 @@ __all__ = ["check_resume", "FREE"]
 
 # how a run goes, not what it computes: these may differ on resume (test_limit: which test images
 # the final evaluation uses; eval_batch_size: evaluation runs in eval mode, batch by batch)
-FREE = frozenset({"data.num_workers", "data.root", "data.download", "data.test_limit", "eval_batch_size", "threads",
+FREE = frozenset({"data.num_workers", "data.root", "data.download", "data.test_limit", "eval_batch_size", "threads", "host_memory",
                   "tensorboard", "log_interval", "keep_checkpoints", "output", "device", "channels_last", "cuda_graphs", "offload",
                   "overlap", "optimizer.per_unit", "parallel.pipeline"})
 # optimizer.per_unit: the same updates either way; parallel.pipeline: the strategy refuses another layout itself

@@ -201,6 +201,9 @@ class TrainRecipe:
     # torch.set_num_threads for a CPU run; null: torch's choice (all cores; 1 under torchrun, which sets
     # OMP_NUM_THREADS=1); give cores / processes when several share a machine
     threads: int | None = field(default=None, metadata=_at_least(1))
+    # keep: glibc keeps the memory a step frees for the next step instead of faulting it back in every
+    # step (runtime/host_memory.py); release: the C library's defaults
+    host_memory: str = field(default="keep", metadata=_choices(("keep", "release")))
     tensorboard: bool = False  # also write TensorBoard events to <output>/tensorboard (pip install tensorboard)
     # also keep the last N epochs' checkpoints as <output>/epoch-NNNN.pt (0: last.pt and best.pt only)
     keep_checkpoints: int = field(default=0, metadata=_at_least(0))

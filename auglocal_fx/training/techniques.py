@@ -9,6 +9,7 @@
 - ``clip_grad``: each unit's gradients clipped by norm right after its backward (``blockwise_step``).
 - ``channels_last``: the net's weights and 4-d inputs in channels-last memory format.
 - ``threads``: ``torch.set_num_threads``.
+- ``host_memory``: ``keep`` raises glibc's trim and mmap thresholds (``runtime/host_memory.py``).
 - ``tensorboard``: ``torch.utils.tensorboard`` events beside ``metrics.jsonl`` and the plot.
 
 Every local loss takes the targets the final loss takes: with mixup an aux head learns the mixed

@@ -31,6 +31,7 @@ from ..runtime.blockwise import blockwise_step
 from ..runtime.bundles import call
 from ..runtime.checkpoint import read_checkpoint
 from ..runtime.graphs import CapturedStep
+from ..runtime.host_memory import keep_freed_host_memory
 from ..runtime.memory import peak_rss_bytes
 from ..runtime.offload import AuxOffload
 from ..runtime.overlap import overlapped_step
@@ -149,6 +150,8 @@ class Trainer:
                 clear_run(self.out)
         if recipe.threads is not None:
             torch.set_num_threads(recipe.threads)
+        if recipe.host_memory == "keep":
+            keep_freed_host_memory()
         check_techniques(recipe, recipe.batch_size // strategy.data_env.world, env)
         saved = read_training(resume, weights=False) if resume else None  # weights: read by the strategy
         free = check_resume(saved["train"]["recipe"], recipe, resume) if saved is not None else []
