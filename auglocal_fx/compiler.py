@@ -29,7 +29,8 @@ __all__ = ["to_auglocal", "load_auglocal"]
 def to_auglocal(model: nn.Module, options: PlanConfig | int | None = None, /, *, plan: Plan | None = None,
                 example_inputs=None, model_kwargs: dict | None = None, lazy_aux: bool = False,
                 **overrides) -> AugLocalNet:
-    """Compile ``model`` (a timm model or any fx-traceable module returning logits) for local learning.
+    """Compile ``model`` (a timm model, a Hugging Face transformers model or any module that torch.fx or
+    torch.export traces: ``frontend``) for local learning.
 
     ``options``: a ``PlanConfig`` or the number of blocks K; keywords override its fields
     (``to_auglocal(model, 16, aux_depth=3)``). Every option, its default and its help is a field of

@@ -221,7 +221,11 @@ class PlanConfig:
                            "unchanged copy", choices="assemble.widen:ADAPTER_MODES", kind="an adapter mode")
     light_width: int = option(512, "hidden width of a light aux head's MLP (aux_head light, or auto on a heavy head; "
                               "512 as the reference's VGG aux heads)", low=1)
+    frontend: str = option("auto", "how the model is traced: fx (torch.fx symbolic trace), export (torch.export, "
+                           "non-strict: through Python fx cannot read, Hugging Face transformers), auto: fx, and "
+                           "export where fx fails", choices="passes.frontend:FRONTENDS", kind="a front end")
     # measured by planning, not options
+    traced_with: str = option("fx", measured=True)  # the front end that traced the model: "fx" or "export"
     input_dtype: str = option("float32", measured=True)  # the model's input: "float32" images, "int64" token ids
     input_layout: str = option("", measured=True)  # the input's measured layout ("nchw", "ncl", "nl" for ids, ...)
     # the model's inputs after the first (example_inputs=(ids, mask)): per input {"size": per-sample

@@ -33,12 +33,12 @@ from .passes.cuts import (
     live_sets,
     shape_read,
 )
+from .passes.frontend import trace_with
 from .passes.layers import LayerSpan, find_layers, node_params, repeated_blocks
 from .passes.layouts import has_channels, resolve_layout
 from .passes.partition import get_balance
 from .passes.profiler import profile_graph
 from .passes.selection import apply_tail, pyramid_depths, select_layers
-from .passes.trace import trace
 from .plan import (
     AuxRecipe,
     BlockInfo,
@@ -71,6 +71,7 @@ class Analysis:
     axes: Axes = dataclasses.field(default_factory=Axes)  # every crossing tensor's measured layout (axes.py)
     input_dtype: str = "float32"  # what the model takes: float images, int64 token ids, ...
     extra_inputs: list[dict] = dataclasses.field(default_factory=list)  # PlanConfig.extra_inputs
+    traced_with: str = "fx"  # the front end that traced it (passes/frontend.py)
 
     @property
     def widest_cut(self) -> int:
@@ -79,7 +80,7 @@ class Analysis:
 
 
 def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDLE, layers=None,
-                  output: str | int | None = None, example_inputs=None) -> Analysis:
+                  output: str | int | None = None, example_inputs=None, frontend: str = "auto") -> Analysis:
     """Trace ``model`` (in eval mode), profile one sample, find cut points, layers and the layout
     of every tensor a cut hands on (``axes.py``).
 
@@ -87,7 +88,8 @@ def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDL
     (module-path globs) names the layers instead of the automatic grouping; ``output`` picks one
     of a model's several outputs (``trace.select_output``). ``example_inputs`` (a tensor with its
     batch axis, or a tuple of the model's inputs: token ids and an attention mask) replaces
-    ``input_size`` for inputs that are not one float image: token ids, other dtypes, several inputs."""
+    ``input_size`` for inputs that are not one float image: token ids, other dtypes, several inputs.
+    ``frontend``: which tracer reads the model (``passes/frontend.py``: fx, export, auto)."""
     examples = check_example_inputs(example_inputs, input_size)
     if examples is None:
         size = check_input_size(input_size if input_size is not None else default_input_size(model))
@@ -95,7 +97,7 @@ def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDL
     if not isinstance(max_bundle, int) or isinstance(max_bundle, bool) or max_bundle < 1:
         raise AugLocalError.bad_value("max_bundle", max_bundle, "is not an integer >= 1")
     with eval_mode(model):
-        gm = trace(model, output, inputs=len(examples))
+        gm, traced_with = trace_with(model, frontend, examples, output)
         profile_graph(gm, examples)
     act = activation_nodes(gm.graph)
     live = live_sets(gm.graph, act)
@@ -109,7 +111,7 @@ def analyze_model(model: nn.Module, input_size=None, max_bundle: int = MAX_BUNDL
              for x, p in zip(examples[1:], entries[1:])]
     return Analysis(gm, act, cuts, live, spans, head, tuple(examples[0].shape[1:]), notes, max_bundle,
                     gm.meta["output"], [gm.meta["output_note"]] if gm.meta["output_note"] else [], axes,
-                    _dtype(examples[0]), extra)
+                    _dtype(examples[0]), extra, traced_with)
 
 
 def _dtype(x: torch.Tensor) -> str:
@@ -251,7 +253,7 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     """
     c = resolve(PlanConfig, options, overrides, "build_plan")
     policy, kind = get_balance(c.balance), get_rule(c.rule)
-    a = analysis or analyze_model(model, c.input_size, c.max_bundle, c.layers, c.output, example_inputs)
+    a = analysis or analyze_model(model, c.input_size, c.max_bundle, c.layers, c.output, example_inputs, c.frontend)
     layers, head = layer_infos(a)
     light = kind.copies_layers and wants_light_head(c.aux_head, head, layers, c.light_width)
     name = c.model or registered_name(model)
@@ -278,7 +280,8 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
     config = dataclasses.replace(
         c, model=name, blocks=blocks, pyramid=tau, input_size=list(a.input_size), max_bundle=a.max_bundle,
         layers=list(c.layers) if c.layers is not None else None, output=a.output, input_dtype=a.input_dtype,
-        input_layout=a.axes.of(input_nodes(a.gm.graph)[0]), extra_inputs=[dict(x) for x in a.extra_inputs])
+        input_layout=a.axes.of(input_nodes(a.gm.graph)[0]), extra_inputs=[dict(x) for x in a.extra_inputs],
+        traced_with=a.traced_with)
     notes = a.output_notes + _granularity_notes(name, model, a)
     plan = Plan(config, layers, head, [BlockInfo(i, g) for i, g in enumerate(groups)], aux, notes)
     return dataclasses.replace(plan, fingerprint=plan_fingerprint(model, plan))  # another model's plan is refused

@@ -126,6 +126,7 @@ HEAVY_MODULES = {
     "test_export": "ONNX export and onnxruntime",
     "test_bundles": "timm families' granularity",
     "test_own_model": "training runs of a recipe's own model and data, the CLIs in subprocesses, ONNX export",
+    "test_export_frontend": "torch.export traces, Hugging Face transformers models",
     "test_host_memory": "steps in child processes (the allocator setting is process-wide)",
     "test_gpu_suite": "the GPU suite's dry run: training runs, a child process compiling",
 }

@@ -16,7 +16,7 @@ from torch import nn
 __all__ = ["BasicBlock", "ResNet", "cifar_resnet", "small_resnet", "RootResidualNet", "PlainCNN", "TokenMLP",
            "M5", "ShuffleNet", "Video3d", "NHWCConvNet", "VectorMLP", "TinyGPT",
            "MaskedTextClassifier", "ImageWithMetadata",
-           "CSPNet", "DenseNet", "ClassTokenNet", "UNet", "ShapeReadNet"]
+           "CSPNet", "DenseNet", "ClassTokenNet", "UNet", "ShapeReadNet", "SplitQKVViT"]
 
 
 class BasicBlock(nn.Module):
@@ -548,3 +548,47 @@ class ImageWithMetadata(nn.Module):
     def forward(self, image, meta):
         x = self.stages(self.stem(image)).mean((2, 3))
         return self.fc(torch.cat([x, self.embed_meta(meta)], 1))
+
+
+class SplitQKVAttention(nn.Module):
+    """Attention as it is often written: q, k, v from a generator over ``qkv(x).split(C, 2)``, which
+    torch.fx cannot trace (a proxy cannot be iterated), and attention dropout as a function of
+    ``self.training``, which a trace fixes to the mode it was made in."""
+
+    def __init__(self, dim: int, heads: int, drop: float = 0.1):
+        super().__init__()
+        self.heads, self.drop = heads, drop
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.qkv(x).split(C, 2))
+        a = F.dropout((q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1), self.drop, self.training)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, T, C))
+
+
+class SplitQKVBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, drop: float):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), SplitQKVAttention(dim, heads, drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(drop), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SplitQKVViT(nn.Module):
+    """A small ViT of ``SplitQKVAttention`` blocks over 4x4 patches, with a batch-normed stem:
+    only the torch.export front end traces it."""
+
+    def __init__(self, depth: int = 4, dim: int = 32, heads: int = 4, num_classes: int = 10, drop: float = 0.1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim))
+        self.blocks = nn.Sequential(*[SplitQKVBlock(dim, heads, drop) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))

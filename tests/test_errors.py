@@ -384,12 +384,31 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsy
     assert read_training(tmp_path / "run" / "last.pt")["train"]["epoch"] == 1
 
 
-# API-only errors (no CLI takes an arbitrary nn.Module); ids untraceable-model, export-unsupported-op,
-# export-parity
+class _BatchOfOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        assert x.shape[0] == 1, "one sample at a time"
+        return self.fc(x)
+
+
+# API-only errors (no CLI takes an arbitrary nn.Module); ids untraceable-model, export-untraceable,
+# export-unsupported-op, export-parity
 def test_untraceable_model_is_one_line():
     with pytest.raises(AugLocalError, match="torch.fx cannot trace _DataDependent") as err:
         to_auglocal(_DataDependent(), 2, input_size=(4,))
     assert "\n" not in str(err.value)
+    assert "(torch.export, tried next: " in str(err.value)  # auto tried the second front end too
+
+
+def test_export_untraceable_is_one_line():
+    with pytest.raises(AugLocalError, match=r"^torch.export cannot trace _BatchOfOne: in _BatchOfOne.forward: "
+                                            r"AssertionError: one sample at a time") as err:
+        to_auglocal(_BatchOfOne(), 1, input_size=(4,), frontend="export")
+    assert "\n" not in str(err.value)
+    assert "batch axis free" in str(err.value)
 
 
 def test_export_unsupported_op_is_one_line(tmp_path):

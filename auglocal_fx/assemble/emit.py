@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import AugLocalError
 from ..modes import set_mode
-from ..passes.trace import trace
+from ..passes.frontend import trace_with
 from ..plan import Plan
 from .split import split_graph
 
@@ -80,15 +81,16 @@ def _clone_graph_module(gm: fx.GraphModule, memo: dict) -> fx.GraphModule:
     return new
 
 
-def trace_both_modes(model: nn.Module, output: str | int | None = None,
-                     inputs: int = 1) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(train-mode trace, eval-mode trace) of ``model`` taking ``inputs`` tensors, returning its
-    ``output``; both share its parameters."""
-    with set_mode(model, True):
-        train_gm = trace(model, output, inputs)
-    with set_mode(model, False):
-        eval_gm = trace(model, output, inputs)
-    return train_gm, eval_gm
+def trace_both_modes(model: nn.Module, plan: Plan) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(train-mode trace, eval-mode trace) of ``model`` by the front end that traced it for ``plan``
+    (export runs on zeros of the plan's input shapes and dtypes); both share its parameters."""
+    c = plan.config
+    examples = tuple(torch.zeros(1, *size, dtype=getattr(torch, dtype)) for size, dtype in c.input_specs())
+    graphs = []
+    for training in (True, False):
+        with set_mode(model, training):
+            graphs.append(trace_with(model, c.traced_with, examples, c.output)[0])
+    return graphs[0], graphs[1]
 
 
 def _split_both(graphs, boundaries: list[str]) -> list[DualModeGraph]:
@@ -119,7 +121,7 @@ def emit_pieces(model: nn.Module, plan: Plan):
     Returns ``(blocks, head, layers, layer_head)``: one DualModeGraph per block and for the head
     (the rewritten model), and one per layer plus a head (templates the aux nets copy).
     """
-    graphs = trace_both_modes(model, plan.config.output, plan.config.inputs)
+    graphs = trace_both_modes(model, plan)
     layer_cuts = [layer.boundary for layer in plan.layers]
     block_cuts = [plan.layers[b.layers[-1]].boundary for b in plan.blocks]
     *blocks, head = _split_both(graphs, block_cuts)

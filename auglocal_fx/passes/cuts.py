@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from ..errors import AugLocalError
@@ -91,7 +92,8 @@ def shape_read(n: fx.Node) -> str | None:
     if n.op == "call_function" and n.target in _SIZE_ARITHMETIC:  # H // patch, H * W: static if its reads are
         reads = n.all_input_nodes
         return "static" if reads and all(shape_read(a) == "static" for a in reads) else None
-    if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
+    if (n.op == "call_method" and n.target == "size" and len(n.args) == 2) or (
+            n.op == "call_function" and n.target is torch.ops.aten.sym_size.int):  # fx's x.size(1); export's
         return "batch" if n.args[1] == 0 else "static"
     if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
         src, index = n.args

@@ -131,9 +131,26 @@ def node_params(gm: fx.GraphModule, n: fx.Node) -> list[nn.Parameter]:
     return []
 
 
+# operators whose parameter operand is a layer's weight, not a scale or an embedding added on
+_WEIGHTED_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "embedding", "convolution",
+                           "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
+
+
+def _read_params(gm: fx.GraphModule, n: fx.Node) -> list[nn.Parameter]:
+    """Parameters ``n`` uses as a layer: a called module's, and the weights a matrix product or a
+    convolution reads through ``get_attr`` (``F.linear(x, self.weight)``; the weights of a module
+    export inlines, GPT-2's Conv1D). A parameter an elementwise op reads (a layer scale, a position
+    embedding) makes no layer of its own, as with fx's leaf modules."""
+    own = node_params(gm, n)
+    op = getattr(getattr(n.target, "overloadpacket", n.target), "__name__", "") if n.op == "call_function" else ""
+    if op not in _WEIGHTED_OPS:
+        return own
+    return own + [p for a in n.all_input_nodes if a.op == "get_attr" for p in node_params(gm, a)]
+
+
 def _norm_only(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     mods = [gm.get_submodule(n.target) for n in nodes if n.op == "call_module" and node_params(gm, n)]
-    has_other_params = any(node_params(gm, n) for n in nodes if n.op != "call_module")
+    has_other_params = any(_read_params(gm, n) for n in nodes if n.op != "call_module")
     return bool(mods) and not has_other_params and all(isinstance(m, _NORMS) for m in mods)
 
 
@@ -290,7 +307,7 @@ def find_layers(
     runs.sort(key=lambda g: g[0])
 
     def params_of(g):
-        return [p for n in g[3] for p in node_params(gm, n)]
+        return [p for n in g[3] for p in _read_params(gm, n)]
 
     # 2. without timm, the classifier is the last group with parameters, plus parameter-free
     #    groups just before it (pooling, flatten): untag them so they fall to the head.

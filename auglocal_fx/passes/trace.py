@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import operator
 import os
-import re
 import traceback
 from collections.abc import Callable
 
@@ -28,7 +27,7 @@ from torchvision.models.feature_extraction import LeafModuleAwareTracer
 from ..errors import AugLocalError, first_line
 from .cuts import MODEL_INPUT
 
-__all__ = ["Tracer", "make_tracer", "select_output", "trace", "specialised_args", "positional_names"]
+__all__ = ["Tracer", "make_tracer", "select_output", "trace", "finish_trace", "specialised_args", "positional_names"]
 
 # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
 # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As leaves
@@ -156,10 +155,17 @@ def trace(model: nn.Module, output: str | int | None = None, inputs: int = 1) ->
         raise _untraceable(model, tracer, exc) from exc
     for p in [n for n in graph.nodes if n.op == "placeholder"][:inputs]:
         p.meta[MODEL_INPUT] = True
+    return finish_trace(tracer.root, graph, model, output)
+
+
+def finish_trace(root, graph: fx.Graph, model: nn.Module, output: str | int | None) -> fx.GraphModule:
+    """What both front ends do after their trace: refuse train-mode auxiliary logits, make the graph
+    return the one ``output``, drop unpacking nobody reads; the GraphModule over ``root`` (the model,
+    or a dict of what the graph reads from it)."""
     _check_aux_logits(model)
     chosen, note = select_output(graph, output, type(model).__name__)
     _drop_unused_unpacking(graph)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(root, graph, type(model).__name__)
     gm.meta["output"], gm.meta["output_note"] = chosen, note
     return gm
 
@@ -176,9 +182,8 @@ def _untraceable(model: nn.Module, tracer: Tracer, exc: Exception) -> AugLocalEr
     if hf is not None:
         return AugLocalError(
             f"torch.fx cannot trace {name}: it is a Hugging Face transformers model ({hf.__name__}); transformers "
-            "v5 models do not trace with torch.fx (v5 dropped transformers.utils.fx) and need a torch.export "
-            "front end, which this version of auglocal-fx does not have. Convert the timm or torchvision "
-            f"equivalent instead: {_timm_equivalent(hf)} {said}")
+            "v5 models do not trace with torch.fx (v5 dropped transformers.utils.fx). Trace it with torch.export: "
+            f"frontend='export', or the default 'auto', which falls back to it {said}")
     if _control_flow(exc):
         at = ", ".join(x for x in (_failing_line(exc), _last_node(tracer)) if x)
         found = (f"torch.fx cannot trace {name}: module '{where or '<root>'}' ({culprit}) uses a traced tensor "
@@ -200,25 +205,6 @@ def _untraceable(model: nn.Module, tracer: Tracer, exc: Exception) -> AugLocalEr
 def _from_transformers(cls: type) -> bool:
     """Whether ``cls`` (or a class it derives from) comes from Hugging Face transformers."""
     return any(c.__module__.startswith("transformers.") for c in cls.__mro__)
-
-
-# Hugging Face image classifiers (class name without "For..."/"Model", lower case) -> a timm model
-# of the same architecture (timm.create_model names).
-_TIMM_EQUIVALENTS = {
-    "vit": "vit_base_patch16_224", "deit": "deit_base_patch16_224", "beit": "beit_base_patch16_224",
-    "dinov2": "vit_small_patch14_dinov2", "swin": "swin_tiny_patch4_window7_224", "resnet": "resnet50",
-    "convnext": "convnext_tiny", "convnextv2": "convnextv2_tiny", "efficientnet": "efficientnet_b0",
-    "mobilenetv2": "mobilenetv2_100", "mobilevit": "mobilevit_s", "regnet": "regnety_040",
-    "levit": "levit_128", "poolformer": "poolformer_s12",
-}
-
-
-def _timm_equivalent(cls: type) -> str:
-    """``timm's vit_base_patch16_224 for ViTForImageClassification``, or where to look for one."""
-    family = re.sub(r"(PreTrainedModel|Model|For[A-Z]\w*)$", "", cls.__name__).lower()
-    if family in _TIMM_EQUIVALENTS:
-        return f"timm's {_TIMM_EQUIVALENTS[family]} for {cls.__name__}"
-    return f"timm.list_models('*{family or cls.__name__.lower()}*') lists timm's models of that name"
 
 
 def _control_flow(exc: Exception) -> bool:
@@ -294,7 +280,7 @@ def select_output(graph: fx.Graph, output: str | int | None, model_name: str = "
         if not nodes:
             raise AugLocalError(f"{model_name} returns a {what} without tensors; return the logits")
         chosen = "logits" if "logits" in nodes else next(iter(nodes))
-        note = (f"{model_name} returns several values ({what}); its {'element ' if isinstance(chosen, int) else ''}{chosen!r} is what trains and what net(x) returns "
+        note = None if len(nodes) == 1 else (f"{model_name} returns several values ({what}); its {'element ' if isinstance(chosen, int) else ''}{chosen!r} is what trains and what net(x) returns "
                 f"(output=... picks another of {', '.join(map(repr, nodes))})")
     else:
         if output not in nodes:

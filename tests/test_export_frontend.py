@@ -1,0 +1,131 @@
+"""The torch.export front end: what fx cannot trace converts; where both trace, the plans agree; the
+emitted net keeps train/eval behaviour, eval parity and gradient isolation; Hugging Face models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from auglocal_fx import AugLocalError, build_plan, to_auglocal
+from auglocal_fx.models import create_model
+
+from checks import assert_gradient_isolation
+from handwritten import SplitQKVViT, small_resnet
+
+
+def _plan_figures(plan):
+    """What a plan decides, without the names: per layer its parameters, FLOPs and output shape, the
+    blocks' layers and the aux nets' copies. (Layer names may differ where fx keeps an Identity
+    module export never sees: ``patch_embed..norm_pre`` against ``patch_embed..pos_embed``.)"""
+    return ([(x.params, x.flops, x.out_shape) for x in plan.layers], (plan.head.params, plan.head.out_shape),
+            [b.layers for b in plan.blocks], [a.selected_layers for a in plan.aux])
+
+
+@pytest.mark.parametrize("name, size, blocks", [("resnet18", 64, 4), ("vit_tiny_patch16_224", 224, 6)])
+def test_both_front_ends_make_the_same_plan_where_both_trace(name, size, blocks):
+    model = create_model(name, num_classes=10)
+    fx_plan = build_plan(model, blocks, frontend="fx", input_size=(3, size, size))
+    export_plan = build_plan(model, blocks, frontend="export", input_size=(3, size, size))
+    assert (fx_plan.config.traced_with, export_plan.config.traced_with) == ("fx", "export")
+    assert _plan_figures(export_plan) == _plan_figures(fx_plan)
+    assert build_plan(model, blocks, input_size=(3, size, size)).config.traced_with == "fx"  # auto: fx first
+
+
+def test_auto_exports_what_fx_cannot_trace_one_layer_per_block():
+    torch.manual_seed(0)
+    model = SplitQKVViT(drop=0.0)  # the isolation check compares two steps: no random draws
+    with pytest.raises(AugLocalError, match="torch.fx cannot trace SplitQKVViT"):
+        build_plan(model, 4, frontend="fx", input_size=(3, 16, 16))
+    net = to_auglocal(model, 5, input_size=(3, 16, 16))
+    assert net.plan.config.traced_with == "export"
+    assert [x.name for x in net.plan.layers] == ["stem.0..stem.1", "blocks.0", "blocks.1", "blocks.2", "blocks.3..norm"]
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))  # another batch than export saw
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), model.eval()(x))
+    assert_gradient_isolation(net, x, y)
+
+
+def test_exported_blocks_train_with_the_model_weights_and_its_train_mode():
+    """The leaf modules are the model's own (a step changes the model's weights and batch-norm
+    statistics); dropout written as F.dropout(..., self.training) drops in training only."""
+    torch.manual_seed(0)
+    model = SplitQKVViT()
+    net = to_auglocal(model, 5, input_size=(3, 16, 16))
+    stats = model.stem[1].running_mean.clone()
+    weight = model.blocks[0].attn.qkv.weight.detach().clone()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train().training_step(x, y)
+    opt.step()
+    assert not torch.equal(model.stem[1].running_mean, stats)  # batch norm ran in train mode
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, weight)  # the model's weight trained
+    net.train()
+    with torch.no_grad():
+        assert not torch.equal(net(x), net(x))  # dropout draws anew in train mode
+        net.eval()
+        assert torch.equal(net(x), net(x))
+
+
+def test_a_fixed_front_end_is_a_recipe_key_and_a_plan_field(tmp_path):
+    plan = build_plan(small_resnet(), 3, frontend="export", input_size=(3, 16, 16))
+    again = type(plan).from_dict(copy.deepcopy(plan.to_dict()))
+    assert again.config.traced_with == "export" and again.config.frontend == "export"
+    net = to_auglocal(small_resnet(), plan=again)  # the same plan builds through export again
+    x = torch.randn(3, 3, 16, 16)
+    assert net.eval()(x).shape == (3, 10)
+
+
+# -- Hugging Face transformers (the hf extra) --------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def _next_token_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _hf(kind: str):
+    """A tiny randomly initialised transformers model, its input batch and targets, the loss; no
+    dropout (the isolation check compares two steps)."""
+    T = transformers
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 100, (4, 16))
+    image = torch.randn(4, 3, 32, 32)
+    if kind == "vit":
+        cfg = T.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=10)
+        return T.ViTForImageClassification(cfg), image, torch.randint(0, 10, (4,)), None
+    if kind == "bert":
+        cfg = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+        return T.BertForSequenceClassification(cfg), tokens, torch.randint(0, 3, (4,)), None
+    if kind == "gpt2":
+        cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4, n_positions=32, bos_token_id=0,
+                           eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           tie_word_embeddings=False)  # tied, the first and last units share a weight
+        return T.GPT2LMHeadModel(cfg), tokens, torch.roll(tokens, -1, 1), _next_token_loss
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["vit", "bert", "gpt2"])
+def test_a_hugging_face_model_converts_one_layer_per_block_and_learns(kind):
+    model, x, y, loss_fn = _hf(kind)
+    model.eval()
+    net = to_auglocal(model, 3, example_inputs=x[:1]) if x.dtype == torch.long else to_auglocal(
+        model, 3, input_size=tuple(x.shape[1:]))
+    assert net.plan.config.traced_with == "export"
+    names = [net.plan.layers[b.layers[-1]].name for b in net.plan.blocks]
+    assert all(name.endswith(f".{i}") for i, name in enumerate(names)), names  # one transformer block each
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model(x).logits, rtol=0, atol=1e-5)
+    assert_gradient_isolation(net, x, y, loss_fn=loss_fn)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        losses.append(net.train().training_step(x, y, loss_fn=loss_fn).loss)
+        opt.step()
+    assert losses[-1] < losses[0] - 0.3, losses
