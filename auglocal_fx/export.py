@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -84,10 +85,31 @@ class ExportReport:
         return max(1.0, self.output_scale or 0.0)
 
 
+class _AsTrained(nn.Module):
+    """The backbone as its plan trained it: the one output the plan picked (a Hugging Face model's
+    ``logits``), and a decoder's key/value cache off (``use_cache=False``: it is for generation, and
+    no exporter takes a cache object as an output). Its input names are the model's."""
+
+    def __init__(self, model: nn.Module, output: str | int | None, kwargs: dict):
+        super().__init__()
+        self.model, self.output, self.kwargs = model, output, kwargs
+        self.input_names = positional_names(model)
+
+    def forward(self, *inputs):
+        out = self.model(*inputs, **self.kwargs)
+        if self.output is None:
+            return out
+        return out[self.output] if isinstance(out, dict | tuple | list) else getattr(out, self.output)
+
+
 def _backbone(obj: nn.Module) -> tuple[nn.Module, tuple[int, ...] | None, str]:
     """(the backbone, the planned input size or None, a name)."""
     if isinstance(obj, AugLocalNet):
-        return obj.model, tuple(obj.plan.config.input_size), obj.plan.config.model or type(obj.model).__name__
+        name = obj.plan.config.model or type(obj.model).__name__
+        kwargs = {"use_cache": False} if "use_cache" in inspect.signature(obj.model.forward).parameters else {}
+        output = obj.plan.config.output
+        model = obj.model if output is None and not kwargs else _AsTrained(obj.model, output, kwargs)
+        return model, tuple(obj.plan.config.input_size), name
     if isinstance(obj, nn.Module):
         return obj, None, type(obj).__name__
     raise AugLocalError(f"export_onnx takes an AugLocalNet or an nn.Module, got {type(obj).__name__}")
@@ -150,6 +172,8 @@ def _export(model: nn.Module, example: tuple[torch.Tensor, ...], tmp: Path, expo
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
         shapes = tuple({0: batch} for _ in example) if dynamic else None
+        if shapes is not None and isinstance(model, _AsTrained):  # forward(*inputs): one argument, a tuple
+            shapes = (shapes,)
         program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                     verbose=False, **names)
         program.save(str(tmp), external_data=False)
@@ -269,7 +293,8 @@ def _input_names(model: nn.Module, n: int) -> list[str]:
     """ONNX input names: "input" for a model of one input, else its forward's argument names."""
     if n == 1:
         return ["input"]
-    names = positional_names(model)[:n]
+    names = getattr(model, "input_names", None) or positional_names(model)
+    names = names[:n]
     return names if len(names) == n else [f"input_{i}" for i in range(n)]
 
 
@@ -346,6 +371,8 @@ def save_backbone_state(net_or_model: nn.Module, path: str | os.PathLike) -> Non
     """The backbone's ``state_dict`` (aux nets stripped), loadable with ``strict=True`` into a fresh
     instance of the architecture (``timm.create_model(name, num_classes=...)``). Atomic."""
     model, _, _ = _backbone(net_or_model)
+    if isinstance(model, _AsTrained):  # the architecture's own keys
+        model = model.model
     path = check_output_path(path, (), "path")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda f: torch.save(state, f))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from auglocal_fx.runtime.bundles import call
 
-__all__ = ["assert_gradient_isolation"]
+__all__ = ["assert_gradient_isolation", "fixed_batch_losses"]
 
 
 def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> None:
@@ -46,3 +46,14 @@ def assert_gradient_isolation(net, x: torch.Tensor, y: torch.Tensor, loss_fn=Non
                 torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
         others = [p for j in range(k) if j != i for p in groups[j]]
         assert all(p.grad is None for p in others), f"loss {i} leaked gradient into another block"
+
+
+def fixed_batch_losses(net, x, y, loss_fn=None, steps: int = 30, lr: float = 1e-3) -> list[float]:
+    """The final loss of each of ``steps`` AdamW steps of ``net`` on one batch (it should fall)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        losses.append(net.train().training_step(x, y, loss_fn=loss_fn).loss)
+        opt.step()
+    return losses

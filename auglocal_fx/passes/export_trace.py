@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.export import Dim
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import AugLocalError, first_line
 from .cuts import MODEL_INPUT
@@ -71,7 +71,8 @@ def _batch_of_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def _where(exc: Exception) -> str:
-    """``module 'blocks.0.attn': `` where export's error names the code it failed in, else ""."""
+    """``in Attention.forward: `` for the innermost module of the model's own code (not torch's) the
+    error was raised in, else ""."""
     for frame in reversed(inspect.getinnerframes(exc.__traceback__, 0) if exc.__traceback__ else []):
         module = frame.frame.f_locals.get("self")
         if isinstance(module, nn.Module) and not type(module).__module__.startswith("torch."):
@@ -105,9 +106,10 @@ def _rebuild(model: nn.Module, ep, names: list[str], concrete: dict) -> tuple[di
             env[n].meta.update(_meta(n, model))
             continue
         if n.op == "output":
-            outs = [env[a] if isinstance(a, fx.Node) else a for a in n.args[0]]
-            g.output(_structure(outs, ep.call_spec.out_spec))
+            g.output(_structure(_user_outputs(ep, n, env), ep.call_spec.out_spec))
             continue
+        if n.op == "get_attr":  # a graph export made of a region (a higher-order op's body, torch.cond's branch)
+            root[n.target] = operator.attrgetter(n.target)(ep.graph_module)
         call = leaves.get(n)
         if call is not None:  # the whole call of a leaf module: one call_module node on the model's module
             path, nodes, arg = call
@@ -139,6 +141,18 @@ def _size_per_user(g: fx.Graph, sizes: list[fx.Node]) -> None:
             with g.inserting_before(user):
                 copy = g.node_copy(n)
             user.replace_input_with(n, copy)
+
+
+def _user_outputs(ep, output: fx.Node, env: dict) -> list:
+    """The model's own outputs. A buffer written outside every module kept whole would be an extra
+    output of export's graph that nothing here writes back: refused, naming the buffer."""
+    specs = ep.graph_signature.output_specs
+    written = [s.target for s in specs if s.kind != OutputKind.USER_OUTPUT]
+    if written:
+        raise AugLocalError(f"the model's own code writes {', '.join(map(str, written))} in its forward, which the "
+                            "torch.export front end cannot give back to the model; keep that state in a module of "
+                            "its own, or use frontend='fx'")
+    return [env[a] if isinstance(a, fx.Node) else a for a in output.args[0]]
 
 
 def _attr(model: nn.Module, ep, target: str):

@@ -204,9 +204,11 @@ def _deepest_path(n: fx.Node) -> str:
     return max(paths, key=lambda p: p.count(".")) if paths else ""
 
 
-def _refine(modules: dict[str, nn.Module], group: list) -> list[list]:
+def _refine(modules: dict[str, nn.Module], group: list,
+            single: Callable[[fx.Node], bool] | None = None) -> list[list]:
     """Split one group (``[first pos, last pos, names, nodes]``) into the repeated blocks it runs,
-    if it runs two or more; else return it as is. ``modules``: the model's ``named_modules()``."""
+    if it runs two or more; else return it as is. ``modules``: the model's ``named_modules()``;
+    ``single(node)``: a cut after ``node`` hands on one tensor (nested blocks are split only there)."""
     nodes = group[3]
     paths = [path.split(".") if (path := _deepest_path(n)) else [] for n in nodes]
     touched: dict[tuple[int, str], set[str]] = {}  # (depth, module path) -> its children the group runs
@@ -235,9 +237,15 @@ def _refine(modules: dict[str, nn.Module], group: list) -> list[list]:
             prefix_nodes.append(n)
         else:
             subs[current][1].append(n)
-    out = [[None, None, [name], ns] for name, ns in subs.values()]
+    out = []
+    for name, ns in subs.values():  # a block that holds repeated blocks itself (a stage of a stage list:
+        # Hugging Face's ResNetStage.layers) is refined into those where nothing but one tensor passes
+        # between them; a residual block's inner blocks (its input rides past them) stay one block
+        sub = [None, None, [name], ns]
+        inner = _refine(modules, sub, single) if single is not None and repeated_blocks(modules[name]) >= 2 else []
+        out.extend(inner if len(inner) > 1 and all(single(g[3][-1]) for g in inner[:-1]) else [sub])
     if prefix_nodes:  # its own repeated blocks become layers too (gcvit's global branch), else it joins the first
-        before = _refine(modules, [None, None, group[2], prefix_nodes])
+        before = _refine(modules, [None, None, group[2], prefix_nodes], single)
         if len(before) > 1:
             return before + out
         out[0][3] = prefix_nodes + out[0][3]
@@ -299,8 +307,12 @@ def find_layers(
         if path not in g[2]:
             g[2].append(path)
     runs, modules = [], dict(model.named_modules())
+
+    def single(n: fx.Node) -> bool:
+        return live is not None and n in live and sum(map(is_tensor, live[n])) == 1
+
     for g in sorted(groups.values(), key=lambda g: g[0]):  # 1b. stages become their blocks
-        for sub in ([g] if named else _refine(modules, g)):
+        for sub in ([g] if named else _refine(modules, g, single)):
             if sub[0] is None:
                 sub[0], sub[1] = pos[sub[3][0]], max(pos[n] for n in sub[3])
             runs.append(sub)
