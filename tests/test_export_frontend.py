@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from auglocal_fx import AugLocalError, build_plan, export_onnx, to_auglocal
 from auglocal_fx.models import create_model
@@ -67,6 +68,61 @@ def test_exported_blocks_train_with_the_model_weights_and_its_train_mode():
         assert not torch.equal(net(x), net(x))  # dropout draws anew in train mode
         net.eval()
         assert torch.equal(net(x), net(x))
+
+
+class _ModeDependent(nn.Module):
+    """Batch norm (its train-mode ops read the batch size export then shares with a later view) and
+    dropout written as a function between the layers: the train and eval graphs differ inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.g = nn.Parameter(torch.ones(1))
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = F.dropout(self.stem(x), 0.1, self.training) * self.g
+        x = self.layer(x)
+        return self.head(x.view(x.shape[0], -1))
+
+
+def test_train_and_eval_graphs_cut_alike_and_keep_batch_norm_whole():
+    from auglocal_fx.passes.export_trace import export_trace
+
+    model, x = _ModeDependent(), torch.randn(1, 3, 8, 8)
+    graphs = {mode: export_trace(model.train(mode), (x,)) for mode in (True, False)}
+    for gm in graphs.values():  # in both modes batch norm is the model's module, not its operators
+        assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [
+            "stem.0", "stem.1", "stem.2", "layer.0", "layer.1", "layer.2", "head"]
+    names = [{n.name for n in gm.graph.nodes if n.op == "call_module" or n.target is torch.ops.aten.mul.Tensor}
+             for gm in graphs.values()]
+    assert names[0] == names[1]  # the names cuts go by are the same in both modes
+    net = to_auglocal(model, 2, input_size=(3, 8, 8), frontend="export")
+    xb = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(xb), model.eval()(xb))
+
+
+class _Upsampler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.up(self.down(x).relu(), output_size=x.shape[-2:])  # a keyword fx's call_module(x) would lose
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_module_called_with_more_than_its_input_stays_as_its_operators():
+    from auglocal_fx.passes.export_trace import export_trace
+
+    model, x = _Upsampler().eval(), torch.randn(2, 3, 8, 8)
+    gm = export_trace(model, (x[:1],))
+    assert "up" not in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert torch.equal(gm(x), model(x))
 
 
 def test_a_fixed_front_end_is_a_recipe_key_and_a_plan_field(tmp_path):

@@ -95,6 +95,11 @@ def trace_both_modes(model: nn.Module, plan: Plan) -> tuple[fx.GraphModule, fx.G
 
 def _split_both(graphs, boundaries: list[str]) -> list[DualModeGraph]:
     train_gm, eval_gm = graphs
+    ops = [{n.name: (n.op, n.target) for n in gm.graph.nodes} for gm in graphs]
+    for b in boundaries:  # one name, one operation: a name the modes number apart would cut elsewhere
+        if b in ops[0] and b in ops[1] and ops[0][b] != ops[1][b]:
+            raise AugLocalError(f"cut node {b!r} is {ops[0][b][1]} in the train-mode graph and {ops[1][b][1]} in the "
+                                "eval-mode graph; the model's forward differs between train and eval too much to cut there")
     try:
         train_pieces = split_graph(train_gm, boundaries)
     except AugLocalError as exc:

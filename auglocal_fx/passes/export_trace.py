@@ -23,6 +23,7 @@ The model is exported in its current train/eval mode, as fx traces it; ``emit`` 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from collections import OrderedDict
@@ -56,13 +57,35 @@ def export_trace(model: nn.Module, examples: tuple[torch.Tensor, ...],
     args = tuple(_batch_of_two(x) for x in examples)
     dynamic = {**{n: {0: Dim.AUTO} for n in names}, **{k: None for k in concrete}}
     try:
-        ep = torch.export.export(model, args, kwargs=concrete, dynamic_shapes=dynamic, strict=False)
+        with _calls_with_more_than_one_argument(model) as several:
+            ep = torch.export.export(model, args, kwargs=concrete, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - whatever the model's code raises under export is the user's to see
         raise AugLocalError(f"torch.export cannot trace {type(model).__name__}: {_where(exc)}"
                             f"{first_line(exc, 200)}. Hint: the model must run on the example inputs, with "
                             "its batch axis free (no code that needs a batch of one)") from exc
-    root, graph = _rebuild(model, ep, names, concrete)
+    root, graph = _rebuild(model, ep, names, concrete, several)
     return finish_trace(root, graph, model, output)
+
+
+@contextlib.contextmanager
+def _calls_with_more_than_one_argument(model: nn.Module):
+    """The paths of the modules that are called, during the export, with more than one argument or
+    with keywords (``up(y, output_size=...)``): rebuilt as ``module(x)`` they would compute something
+    else, so they stay as their operators."""
+    several: set[str] = set()
+
+    def hook(path):
+        def record(_module, args, kwargs):
+            if len(args) != 1 or kwargs:
+                several.add(path)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(path), with_kwargs=True) for path, m in model.named_modules() if path]
+    try:
+        yield several
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _batch_of_two(x: torch.Tensor) -> torch.Tensor:
@@ -80,12 +103,13 @@ def _where(exc: Exception) -> str:
     return ""
 
 
-def _rebuild(model: nn.Module, ep, names: list[str], concrete: dict) -> tuple[dict, fx.Graph]:
+def _rebuild(model: nn.Module, ep, names: list[str], concrete: dict,
+             several: set[str]) -> tuple[dict, fx.Graph]:
     sig = ep.graph_signature
     lifted = {s.arg.name: s.target for s in sig.input_specs if s.kind in _LIFTED}
     user = [s.arg.name for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
     root: dict = {}
-    leaves = _leaf_calls(model, ep.graph, set(lifted))
+    leaves = _leaf_calls(model, ep.graph, lifted, several)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     done: set[fx.Node] = set()
@@ -115,11 +139,15 @@ def _rebuild(model: nn.Module, ep, names: list[str], concrete: dict) -> tuple[di
             path, nodes, arg = call
             root[path] = model.get_submodule(path)
             new = g.create_node("call_module", path, (env[arg],), {}, name=path.replace(".", "_"))
-            new.meta.update(_meta(nodes[-1], model))
+            new.meta.update(_meta(nodes[-1], model, upto=path))
             env[nodes[-1]] = new
             done.update(nodes)
             continue
-        env[n] = g.node_copy(n, env.__getitem__)
+        # named afresh from its target, counting only this graph's nodes: export's names count the
+        # operators inside leaf calls too, which differ between train and eval (batch norm's checks),
+        # and the cut boundaries are node names both graphs must share
+        env[n] = g.create_node(n.op, n.target, fx.map_arg(n.args, env.__getitem__),
+                               fx.map_arg(n.kwargs, env.__getitem__))
         env[n].meta = _meta(n, model)
         if isinstance(n.meta.get("val"), int | torch.SymInt) and n.target is not torch.ops.aten.sym_size.int:
             sizes.append(env[n])
@@ -137,10 +165,11 @@ def _size_per_user(g: fx.Graph, sizes: list[fx.Node]) -> None:
     every cut, where fx recomputes it in each module that needs it; only the batch reads themselves
     (``sym_size``) cross cuts, as the shape reads fx's cuts let ride along."""
     for n in reversed(sizes):  # the latest first: the copies' inputs get their own copies after
-        for user in list(n.users)[1:]:
+        for user in list(n.users):
             with g.inserting_before(user):
                 copy = g.node_copy(n)
             user.replace_input_with(n, copy)
+        g.erase_node(n)
 
 
 def _user_outputs(ep, output: fx.Node, env: dict) -> list:
@@ -173,20 +202,21 @@ def _structure(outs: list, spec):
         children.append(_structure(outs[start: start + child.num_leaves], child) if child.num_leaves else None)
         start += child.num_leaves
     context = spec.context
-    keys = (list(context) if isinstance(context, list | tuple) else
-            context[1] if isinstance(context, tuple) and len(context) == 2 and isinstance(context[1], list) else None)
-    if isinstance(context, list) and len(context) == len(children):
-        return dict(zip(context, children))
-    if keys is not None and len(keys) == len(children) and all(isinstance(k, str) for k in keys):
-        return dict(zip(keys, children))
+    if isinstance(context, list) and len(context) == 2 and all(isinstance(c, list) for c in context):
+        context = context[0]  # a dataclass flattened by torch's default: [field names, None fields]
+    if isinstance(context, list | tuple) and len(context) == len(children) and all(isinstance(k, str) for k in context):
+        return dict(zip(context, children))  # a dict, a ModelOutput, a dataclass: entries by name
     return tuple(children)
 
 
-def _meta(n: fx.Node, model: nn.Module) -> dict:
+def _meta(n: fx.Node, model: nn.Module, upto: str | None = None) -> dict:
     """fx's meta for a node of export's graph: ``nn_module_stack`` as fx writes it (path -> (path,
-    class)), the source line; nothing of export's own (its fake values, which later passes replace)."""
+    class)), down to ``upto`` (a leaf call's module: fx's ``call_module`` node has nothing below it),
+    the source line; nothing of export's own (its fake values, which later passes replace)."""
     stack = OrderedDict()
     for _key, (path, _cls) in n.meta.get("nn_module_stack", {}).items():
+        if upto is not None and upto in stack:
+            break
         if path and path not in stack:
             try:
                 stack[path] = (path, type(model.get_submodule(path)))
@@ -198,33 +228,40 @@ def _meta(n: fx.Node, model: nn.Module) -> dict:
     return meta
 
 
-def _leaf_calls(model: nn.Module, graph: fx.Graph,
-                lifted: set[str]) -> dict[fx.Node, tuple[str, list[fx.Node], fx.Node]]:
+def _leaf_calls(model: nn.Module, graph: fx.Graph, lifted: dict[str, str],
+                several: set[str]) -> dict[fx.Node, tuple[str, list[fx.Node], fx.Node]]:
     """Each call of a module fx keeps whole that can be one ``call_module`` node again: the nodes it
     ran (a run of consecutive nodes under one ``nn_module_stack`` entry), keyed by its first node, with
-    the module path and the one tensor it took. A call that took more than one tensor, handed out
-    more than one value, or whose module takes more than one argument stays as its operators."""
+    the module path and the one tensor it took. A call that read another tensor than its own weights,
+    handed out more than one value, or whose module was called with more than one argument
+    (``several``) or needs more stays as its operators.
+
+    Reads of a size (``sym_size``) are never part of a call: export makes one such node at the first
+    use of a size and every later use shares it (batch norm's check of the batch, then every
+    ``view(B, ...)``), which would keep a call from being one node in one mode and not the other."""
     tracer = make_tracer()
     runs: list[tuple[str, str, list[fx.Node]]] = []
+    last = None  # the last operator seen, size reads skipped
     for n in graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or n.target is torch.ops.aten.sym_size.int:
             continue
         entry = _outermost_leaf(model, tracer, n)
-        if entry is None:
-            continue
-        key, path = entry
-        if runs and runs[-1][0] == key and runs[-1][2][-1].next is n:
+        if entry is not None and runs and runs[-1][0] == entry[0] and runs[-1][2][-1] is last:
             runs[-1][2].append(n)
-        else:
-            runs.append((key, path, [n]))
+        elif entry is not None:
+            runs.append((*entry, [n]))
+        last = n
     calls = {}
     for _key, path, nodes in runs:
         members = set(nodes)
         outside = {a for m in nodes for a in m.all_input_nodes if a not in members}
-        # what the call read besides its module's own weights: one tensor, and sizes read off it
-        tensors = [a for a in outside if a.name not in lifted and isinstance(a.meta.get("val"), torch.Tensor)]
+        own = f"{path}."
+        # what the call read besides its module's own weights: one tensor (and sizes read off it)
+        tensors = [a for a in outside if not lifted.get(a.name, "").startswith(own)
+                   and isinstance(a.meta.get("val"), torch.Tensor)]
         handed = [m for m in nodes if any(u not in members for u in m.users)]
-        if len(tensors) != 1 or handed != [nodes[-1]] or not _one_argument(model.get_submodule(path)):
+        if (len(tensors) != 1 or handed != [nodes[-1]] or path in several
+                or not _one_argument(model.get_submodule(path))):
             continue
         calls[nodes[0]] = (path, nodes, tensors[0])
     return calls

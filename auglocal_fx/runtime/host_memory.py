@@ -33,4 +33,6 @@ def keep_freed_host_memory(keep_bytes: int = KEEP_BYTES) -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(_M_TRIM_THRESHOLD, keep_bytes)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, keep_bytes))
+    # the mmap threshold first: setting either fixes both (glibc stops adjusting them), so a refused
+    # mmap threshold (a glibc that caps it) must leave the trim threshold alone too
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, keep_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, keep_bytes))
