@@ -16,6 +16,7 @@ import timm
 from torch import nn
 
 from .errors import AugLocalError, first_line
+from .hf_models import PREFIX, create_hf_model
 
 __all__ = ["check_num_classes", "create_model", "default_input_size", "registered_name", "is_reference",
            "import_object", "call_with", "takes", "create_from_factory"]
@@ -43,8 +44,11 @@ def check_num_classes(num_classes, param: str = "num_classes") -> None:
 def create_model(name: str, *, pretrained: bool = False, num_classes: int | None = None, **kwargs) -> nn.Module:
     """``timm.create_model`` with random weights by default (works offline).
 
-    An unknown name raises AugLocalError listing the closest registered names.
+    An unknown name raises AugLocalError listing the closest registered names. ``hf:...`` names a
+    Hugging Face image classifier (``hf_models.py``).
     """
+    if name.startswith(PREFIX):
+        return create_hf_model(name[len(PREFIX):], pretrained=pretrained, num_classes=num_classes, **kwargs)
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models('*pattern*')"

@@ -208,3 +208,32 @@ def test_a_hugging_face_backbone_exports_to_onnx_with_parity(kind, tmp_path):
     model, x, _, _ = _hf(kind)
     report = export_onnx(_convert(model, x), tmp_path / "m.onnx")
     assert report.exporter == "dynamo" and report.max_abs_diff <= 1e-4 * report.tolerance_scale
+
+
+def test_a_recipe_trains_a_hugging_face_model_named_hf(tmp_path):
+    """``model.name: hf:vit`` with config fields in model.kwargs: random init, offline, through export."""
+    from test_training import tiny_recipe
+
+    from auglocal_fx.training import recipe_from_dict, train
+    from auglocal_fx.training.state import read_training
+
+    recipe = tiny_recipe(tmp_path, epochs=1, **{
+        "model.name": "hf:vit", "model.img_size": 16, "conversion.blocks": 3, "data.image_size": 16,
+        "model.kwargs": {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+                         "intermediate_size": 64, "patch_size": 4}})
+    summary = train(recipe_from_dict(recipe), log=lambda *a, **k: None)
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    saved = read_training(tmp_path / "run" / "last.pt", weights=False)
+    assert saved["plan"]["config"]["traced_with"] == "export"
+    assert [b["layers"] for b in saved["plan"]["blocks"]] == [[0], [1], [2]]  # one ViT layer per block
+
+
+def test_hf_model_names_are_checked_in_one_line():
+    from auglocal_fx.models import create_model
+
+    with pytest.raises(AugLocalError, match=r"unknown Hugging Face image classifier type 'vitt': did you mean vit"):
+        create_model("hf:vitt")
+    with pytest.raises(AugLocalError, match="ViTConfig has no field hidden_sizee"):
+        create_model("hf:vit", hidden_sizee=3)
+    with pytest.raises(AugLocalError, match="model.pretrained needs weights: hf:vit is a model type"):
+        create_model("hf:vit", pretrained=True)

@@ -61,7 +61,7 @@ def export_trace(model: nn.Module, examples: tuple[torch.Tensor, ...],
             ep = torch.export.export(model, args, kwargs=concrete, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - whatever the model's code raises under export is the user's to see
         raise AugLocalError(f"torch.export cannot trace {type(model).__name__}: {_where(exc)}"
-                            f"{first_line(exc, 200)}. Hint: the model must run on the example inputs, with "
+                            f"{first_line(exc, 200).rstrip('.')}. Hint: the model must run on the example inputs, with "
                             "its batch axis free (no code that needs a batch of one)") from exc
     root, graph = _rebuild(model, ep, names, concrete, several)
     return finish_trace(root, graph, model, output)

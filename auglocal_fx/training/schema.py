@@ -39,8 +39,9 @@ _DEFAULT = "leave the key out (null) to use {}"
 
 @dataclass
 class ModelSection:
-    # exactly one of name and factory: a timm name (resnet32_cifar and friends included), or your own
-    # model as "package.module:function", any callable returning an nn.Module (called with kwargs)
+    # exactly one of name and factory: a timm name (resnet32_cifar and friends included), hf:<type or hub
+    # id> (a Hugging Face image classifier, kwargs its config's fields), or your own model as
+    # "package.module:function", any callable returning an nn.Module (called with kwargs)
     name: str | None = None
     factory: str | None = field(default=None, metadata={"check": lambda key, value: _check_reference(key, value)})
     # 0 would make timm drop the classifier (features taken as logits); cross-entropy needs 2 classes.
