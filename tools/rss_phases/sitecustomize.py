@@ -14,7 +14,9 @@ evaluation, checkpoint) and inside training the units' labels (``auglocal.forwar
 (``peak_rss_gib``) is the largest of these; this says in which phase it was reached. Written every
 half second to ``<dir>/rss-<rank>-<pid>.tsv`` (atomically), so a process killed or ending with
 ``os._exit`` leaves its figures. A probe: it runs Python in a thread beside training, so time
-figures taken with it on are not the run's.
+figures taken with it on are not the run's. Train with ``host_memory: release`` under it: kept (the
+default), freed memory stays resident, so a phase's peak is what was ever held by then rather than
+what that phase needs.
 """
 
 from __future__ import annotations
