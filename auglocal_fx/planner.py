@@ -34,8 +34,9 @@ from .passes.cuts import (
     shape_read,
 )
 from .passes.frontend import trace_with
-from .passes.layers import LayerSpan, find_layers, node_params, repeated_blocks
+from .passes.layers import LayerSpan, find_layers, node_params
 from .passes.layouts import has_channels, resolve_layout
+from .passes.module_groups import repeated_blocks
 from .passes.partition import get_balance
 from .passes.profiler import profile_graph
 from .passes.selection import apply_tail, pyramid_depths, select_layers

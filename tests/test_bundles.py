@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from auglocal_fx import AugLocalError, to_auglocal
 from auglocal_fx.costs import unit_act_bytes
 from auglocal_fx.errors import AugLocalWarning
-from auglocal_fx.passes.layers import repeated_blocks
+from auglocal_fx.passes.module_groups import repeated_blocks
 from auglocal_fx.planner import analyze_model
 from auglocal_fx.runtime.bundles import call, detach
 from auglocal_fx.testing.zoo import check_model

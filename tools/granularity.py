@@ -3,7 +3,7 @@
     python tools/granularity.py poolformerv2_s12 pit_s_224 densenet121 [--max-bundle 8] [--json]
 
 Per model, at its default input size: L, the layers found; U, the repeated blocks of its module
-tree (``auglocal_fx.passes.layers.repeated_blocks``); the most tensors one layer boundary hands on; and,
+tree (``auglocal_fx.passes.module_groups.repeated_blocks``); the most tensors one layer boundary hands on; and,
 when L < U, why (the first boundary without a cut). Trace and profile only: no weights trained.
 """
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auglocal_fx.cli.common import run_cli  # noqa: E402
 from auglocal_fx.models import create_model  # noqa: E402
 from auglocal_fx.passes.cuts import MAX_BUNDLE  # noqa: E402
-from auglocal_fx.passes.layers import repeated_blocks  # noqa: E402
+from auglocal_fx.passes.module_groups import repeated_blocks  # noqa: E402
 from auglocal_fx.planner import analyze_model  # noqa: E402
 
 PROG = "granularity"

@@ -11,7 +11,7 @@ already there (--rerun-failed: except those that failed). Prints a table with th
 reached and its error, then the pass count of each stage.
 
 Granularity: per model, the layers found (L), the repeated blocks of its module tree (U, from
-``auglocal_fx.passes.layers.repeated_blocks``: children of a container that share a composite class with
+``auglocal_fx.passes.module_groups.repeated_blocks``: children of a container that share a composite class with
 a sibling, counted through to the innermost such blocks) and the most tensors one layer boundary
 hands on. A model reaches block granularity when L >= U.
 

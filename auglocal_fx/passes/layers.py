@@ -3,7 +3,8 @@
 A *layer* is a run of the graph between two cut points. Which runs form a layer comes from
 timm's ``group_matcher(coarse=False)`` when the model has one (stem, each block), else from the
 module tree: each module reached by descending through containers (``Sequential``,
-``ModuleList``, ``ModuleDict``) is a group. A group that still holds a run of repeated blocks (a
+``ModuleList``, ``ModuleDict``) is a group (which module paths form a group, from the module tree
+alone: ``module_groups.py``). A group that still holds a run of repeated blocks (a
 stage: a container with two or more children of one composite class) is refined into those
 blocks, whatever the matcher said; what the stage runs outside them (a downsample, a
 transition) joins the nearest block before it (the first block for what comes first). Groups
@@ -17,24 +18,20 @@ blocks inside (a ``Sequential(LayerNorm, Linear, GELU, Linear)`` block) is one g
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
-from timm.models._manipulate import group_with_matcher  # timm re-exports only group_modules/parameters
 from torch import nn
 
 from ..errors import AugLocalError
-from ..plan import check_pattern_list
 from .cuts import is_tensor
+from .module_groups import check_patterns, group_key_fn, pattern_key_fn, repeated_blocks, repeated_children
 
-__all__ = ["LayerSpan", "check_patterns", "find_layers", "group_key_fn", "node_params", "repeated_blocks"]
+__all__ = ["LayerSpan", "find_layers", "node_params"]
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-_HEAD_SENTINEL = "\x00auglocal-head-sentinel"
 
 
 @dataclass
@@ -44,73 +41,6 @@ class LayerSpan:
     name: str
     nodes: list[fx.Node]
     boundary: fx.Node  # the node the layer's cut follows; for the head: the graph's output node
-
-
-def _timm_key_fn(model: nn.Module) -> Callable[[str], Hashable | None] | None:
-    matcher_fn = getattr(model, "group_matcher", None)
-    if not callable(matcher_fn):
-        return None
-    try:
-        matcher = matcher_fn(coarse=False)
-    except (TypeError, NotImplementedError):  # a group_matcher of another signature: use the module tree
-        return None
-    names = [n for n, _ in model.named_modules() if n]
-    names += [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    # timm puts every unmatched name (neck, head) in one last group; the sentinel finds it.
-    ids = group_with_matcher(((n, n) for n in names + [_HEAD_SENTINEL]), matcher, reverse=True)
-    head = ids[_HEAD_SENTINEL]
-    return lambda path: None if ids.get(path, head) == head else ids[path]
-
-
-def _tree_key_fn(model: nn.Module) -> Callable[[str], Hashable | None]:
-    def key(path: str):
-        mod, parts = model, path.split(".")
-        for i, part in enumerate(parts):
-            parent, mod = mod, getattr(mod, part, None)
-            if mod is None:
-                return None
-            # a container is descended into, unless it is one of its parent's repeated blocks and
-            # holds no repeated blocks itself: a ModuleList of Sequential(LayerNorm, Linear, GELU,
-            # Linear) blocks gives one group per block, not one per Linear
-            if not isinstance(mod, _CONTAINERS) or (
-                    part in _repeated_children(parent) and not _repeated_children(mod)):
-                return ".".join(parts[: i + 1])
-        return None  # a container itself is not a group; its children are
-
-    return key
-
-
-def check_patterns(model: nn.Module, patterns) -> tuple[str, ...]:
-    """``patterns`` (module-path globs, e.g. ``["features.*", "classifier.1"]``) as a tuple, each
-    checked to match at least one module path of ``model``."""
-    check_pattern_list(patterns)
-    paths = [n for n, _ in model.named_modules() if n]
-    for pat in patterns:
-        if not any(fnmatch.fnmatchcase(p, pat) for p in paths):
-            near = [p for p in paths if "." not in p][:6]
-            raise AugLocalError.bad_value(
-                "layers", pat, f"matches no module of {type(model).__name__}; paths are dotted names "
-                f"from model.named_modules(), e.g. {', '.join(near)}", )
-    return tuple(patterns)
-
-
-def _pattern_key_fn(patterns: tuple[str, ...]) -> Callable[[str], Hashable | None]:
-    """A module path's group: its shallowest prefix that a pattern matches (None: no group)."""
-    def key(path: str):
-        parts = path.split(".")
-        for i in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:i])
-            if any(fnmatch.fnmatchcase(prefix, pat) for pat in patterns):
-                return prefix
-        return None
-
-    return key
-
-
-def group_key_fn(model: nn.Module) -> tuple[Callable[[str], Hashable | None], bool]:
-    """Map a module path to its group key (None = not in any layer). Second item: from timm."""
-    fn = _timm_key_fn(model)
-    return (fn, True) if fn is not None else (_tree_key_fn(model), False)
 
 
 def _module_paths(n: fx.Node) -> list[str]:
@@ -161,44 +91,6 @@ def _flat(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     return bool(shapes) and all(s is not None and len(s) <= 2 for s in shapes)
 
 
-def _repeated_children(container: nn.Module) -> list[str]:
-    """Names of the children of ``container`` (a Sequential / ModuleList / ModuleDict) whose class
-    occurs twice or more among them and is composite (``_is_block``): the blocks of a stage."""
-    if not isinstance(container, _CONTAINERS):
-        return []
-    kids = [(name, m, _signature(m)) for name, m in container.named_children()]
-    count: dict[Hashable, int] = {}
-    for _, _, sig in kids:
-        count[sig] = count.get(sig, 0) + 1
-    return [name for name, m, sig in kids if count[sig] >= 2 and _is_block(m)]
-
-
-def _signature(m: nn.Module) -> Hashable:
-    """What makes two siblings "the same block": their class, and for a container (every
-    ``Sequential`` is one class) the signatures of its children too."""
-    if isinstance(m, _CONTAINERS):
-        return type(m), tuple(_signature(c) for c in m.children())
-    return type(m)
-
-
-def _is_block(m: nn.Module) -> bool:
-    """A composite module: one of its children holds parameters (a norm+activation pair does not)."""
-    return any(p is not None for child in m.children() for p in child.parameters())
-
-
-def repeated_blocks(model: nn.Module) -> int:
-    """How many repeated blocks the module tree holds: the children of a container that share a
-    composite class with a sibling (``_repeated_children``), each counted as one block unless it
-    holds repeated blocks itself, which are then counted instead (resnet50: 16 bottlenecks;
-    densenet121: 58 dense layers + 3 transitions; vit_base: 12)."""
-
-    def count(m: nn.Module) -> int:
-        blocks = set(_repeated_children(m))
-        return sum(max(1, count(child)) if name in blocks else count(child) for name, child in m.named_children())
-
-    return count(model)
-
-
 def _deepest_path(n: fx.Node) -> str:
     paths = _module_paths(n)
     return max(paths, key=lambda p: p.count(".")) if paths else ""
@@ -217,7 +109,7 @@ def _refine(modules: dict[str, nn.Module], group: list,
             touched.setdefault((d, ".".join(parts[:d])), set()).add(parts[d])
     best = None  # the shallowest container of which the group runs two or more repeated blocks
     for d, prefix in sorted(touched, key=lambda k: k[0]):
-        blocks = set(_repeated_children(modules.get(prefix)))  # the root is modules[""]
+        blocks = set(repeated_children(modules.get(prefix)))  # the root is modules[""]
         if len(touched[d, prefix] & blocks) >= 2:
             best = (d, prefix)
             break
@@ -267,7 +159,7 @@ def find_layers(
     """
     named = patterns is not None
     if named:
-        key_of, from_timm = _pattern_key_fn(check_patterns(model, patterns)), False
+        key_of, from_timm = pattern_key_fn(check_patterns(model, patterns)), False
     else:
         key_of, from_timm = group_key_fn(model)
     order = [n for n in gm.graph.nodes if n in act and n.op != "placeholder"]

@@ -25,8 +25,8 @@ from ..assemble.synthesize import synthesize_aux
 from ..compiler import to_auglocal
 from ..errors import AugLocalError, first_line
 from ..export import export_onnx
-from ..passes.layers import repeated_blocks
 from ..passes.layouts import UNKNOWN
+from ..passes.module_groups import repeated_blocks
 from ..planner import analyze_model, available_memory, build_plan
 
 __all__ = ["SOURCES", "STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
@@ -48,7 +48,7 @@ class ZooResult:
     error: str | None = None  # one line
     input_size: list[int] | None = None
     layers: int | None = None
-    repeated_blocks: int | None = None  # layers.repeated_blocks: the module tree's repeated units
+    repeated_blocks: int | None = None  # module_groups.repeated_blocks: the module tree's repeated units
     widest_cut: int | None = None  # the most tensors one layer boundary hands on
     blocks: int | None = None
     axes_checked: int | None = None  # adapters and aux heads audited (axis_audit.py)
