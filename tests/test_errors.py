@@ -411,6 +411,26 @@ def test_export_untraceable_is_one_line():
     assert "batch axis free" in str(err.value)
 
 
+class _PicksEndTokens(nn.Module):
+    """Reads the hidden state at each sequence's end token, as BART's classifier does: a boolean mask
+    whose count depends on the token values."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.lin(self.emb(ids))
+        return self.head(h[ids == 2].view(ids.shape[0], -1, 8)[:, -1])
+
+
+def test_a_value_dependent_size_export_guards_is_one_line_naming_the_inputs():
+    with pytest.raises(AugLocalError, match=r"^the example inputs \(\(1, 3\) int64\) do not run: node '_assert_scalar") as err:
+        to_auglocal(_PicksEndTokens(), 2, example_inputs=torch.tensor([[1, 3, 2]]), frontend="export")
+    assert "\n" not in str(err.value)
+    assert "torch.export traced a batch of two; this size depends on the input's values" in str(err.value)
+
+
 def test_export_unsupported_op_is_one_line(tmp_path):
     with pytest.raises(AugLocalError, match="ONNX has no translation for prims.bessel_j0") as err:
         export_onnx(_Bessel(), tmp_path / "m.onnx", input_size=(2, 4, 4))

@@ -125,6 +125,50 @@ def test_a_module_called_with_more_than_its_input_stays_as_its_operators():
     assert torch.equal(gm(x), model(x))
 
 
+class MyDropPath(nn.Module):
+    """A model's own stochastic depth, as Hugging Face writes one per model (no weights)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class _BuildsInForward(nn.Module):
+    """Residual blocks with a drop path of their own, and an activation module made in forward (fx
+    cannot trace a module that is not the model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.drop = nn.ModuleList(MyDropPath(0.5) for _ in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block, drop in zip(self.blocks, self.drop):
+            x = x + drop(nn.GELU()(block(x)))
+        return self.head(x)
+
+
+def test_a_models_own_drop_path_stays_whole_and_a_module_made_in_forward_exports():
+    model = _BuildsInForward()
+    net = to_auglocal(model, 3, input_size=(8,))
+    assert net.plan.config.traced_with == "export"  # fx: "module is not installed as a submodule"
+    assert [b.layers for b in net.plan.blocks] == [[0], [1], [2]]
+    train_graph = net.blocks[1].train_graph  # drop path is one call, deciding train/eval as it runs
+    assert "drop.1" in {n.target for n in train_graph.graph.nodes if n.op == "call_module"}
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), model.eval()(x))
+        net.train()
+        assert not torch.equal(net.blocks[1](net.blocks[0](x)), net.blocks[1](net.blocks[0](x)))
+
+
 def test_a_fixed_front_end_is_a_recipe_key_and_a_plan_field(tmp_path):
     plan = build_plan(small_resnet(), 3, frontend="export", input_size=(3, 16, 16))
     again = type(plan).from_dict(copy.deepcopy(plan.to_dict()))

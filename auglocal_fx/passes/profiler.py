@@ -98,10 +98,16 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor
     except RuntimeError as exc:
         n, cause = profiler.current, exc.__cause__ or exc
         what = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
-        size = tuple(examples[0].shape[1:])
         why = _proxies_read(first_line(cause), gm.graph)
-        raise AugLocalError.bad_value("input_size", size, f"does not run: node '{n.name}' ({n.op} {what}) "
-                                      f"failed with {why}; give the input size the model takes") from exc
+        if "_assert_scalar" in str(what):  # a guard torch.export recorded on a size the input's values set
+            why += " (torch.export traced a batch of two; this size depends on the input's values)"
+        if len(examples) == 1 and examples[0].is_floating_point():
+            raise AugLocalError.bad_value("input_size", tuple(examples[0].shape[1:]),
+                                          f"does not run: node '{n.name}' ({n.op} {what}) failed with {why}; "
+                                          "give the input size the model takes") from exc
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in examples)
+        raise AugLocalError(f"the example inputs ({shapes}) do not run: node '{n.name}' ({n.op} {what}) failed "
+                            f"with {why}; give example_inputs the model takes") from exc
 
 
 def _proxies_read(message: str, graph: fx.Graph) -> str:

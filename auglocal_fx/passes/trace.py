@@ -34,9 +34,16 @@ __all__ = ["Tracer", "make_tracer", "select_output", "trace", "finish_trace", "s
 # they decide train/eval behaviour themselves at run time.
 STOCHASTIC_LEAVES: tuple[type, ...] = (DropPath, DropBlock2d)
 
+
+def is_stochastic_leaf(m: nn.Module) -> bool:
+    """timm's drop-path / drop-block, or a model's own drop path: Hugging Face transformers defines one
+    per model (``CvtDropPath``, ``SwinDropPath`` ...), each without weights or submodules."""
+    return isinstance(m, STOCHASTIC_LEAVES) or (type(m).__name__.endswith("DropPath")
+                                                and not any(True for _ in m.children()) and not any(True for _ in m.parameters()))
+
 # What torch.fx raises for code it cannot trace: Proxy misuse (TypeError: iterating a Proxy,
 # TraceError: control flow on one), and whatever the model's own code raises on a Proxy.
-_TRACE_ERRORS = (fx.proxy.TraceError, TypeError, RuntimeError, AttributeError, ValueError,
+_TRACE_ERRORS = (fx.proxy.TraceError, TypeError, RuntimeError, AttributeError, ValueError, NameError,
                  NotImplementedError, AssertionError, IndexError, KeyError)
 
 
@@ -78,7 +85,7 @@ class Tracer(LeafModuleAwareTracer):
     def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
         if type(m) in _TRACE_THROUGH and getattr(self, "_plain", False):
             return False
-        return super().is_leaf_module(m, module_qualname)
+        return is_stochastic_leaf(m) or super().is_leaf_module(m, module_qualname)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         fn = _TRACE_THROUGH.get(type(m))
