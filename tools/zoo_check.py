@@ -4,9 +4,11 @@
     python tools/zoo_check.py --filter 'vit_*'     # models (or families) matching a glob
     python tools/zoo_check.py --all --timeout 600  # every name in timm.list_models()
     python tools/zoo_check.py --source torchvision # every torchvision classification model
+    python tools/zoo_check.py --source hf          # every transformers image / sequence classifier and
+                                                   # causal LM, from tiny random configs (needs [hf])
 
 Each model runs in its own process with a time limit, so a hang or crash costs one row, never the
-run. Results are written to --json after every model (atomically), and --resume skips models
+run; the processes fork from a server that has imported torch and the model libraries once. Results are written to --json after every model (atomically), and --resume skips models
 already there (--rerun-failed: except those that failed). Prints a table with the stage each model
 reached and its error, then the pass count of each stage.
 
@@ -45,8 +47,16 @@ def _child(name: str, family: str, blocks: int, source: str, queue) -> None:
     queue.put(check_model(name, family, blocks, source=source).to_dict())
 
 
+def _context(source: str):
+    """Children forked from one server that imported the check and its libraries: seconds a model, not
+    the imports' ten (a fresh server, never the parent: no thread pool or state of ours is inherited)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["auglocal_fx.testing.zoo"] + (["transformers"] if source == "hf" else []))
+    return ctx
+
+
 def run_one(name: str, family: str, blocks: int, timeout: float, source: str = "timm") -> dict:
-    ctx = mp.get_context("spawn")
+    ctx = _context(source)
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(name, family, blocks, source, queue), daemon=True)
     start = time.perf_counter()
@@ -80,7 +90,8 @@ def run_one(name: str, family: str, blocks: int, timeout: float, source: str = "
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", choices=SOURCES, default="timm",
-                   help="timm (default: one model per family) or torchvision (every classification model)")
+                   help="timm (default: one model per family), torchvision (every classification model) or hf "
+                        "(every transformers image / sequence classifier and causal LM, tiny configs)")
     p.add_argument("--all", action="store_true", help="every model name, not one per family")
     p.add_argument("--filter", metavar="GLOB", help="only models or families matching GLOB")
     p.add_argument("--blocks", type=int, default=16, help="K = min(BLOCKS, layers) (default 16)")
@@ -94,7 +105,7 @@ def main(argv=None) -> int:
     if not fams:
         print(f"no {args.source} model matches {args.filter!r}", file=sys.stderr)
         return 2
-    if args.all or args.source == "torchvision":
+    if args.all or args.source != "timm":
         todo = [(n, f) for f, names in fams.items() for n in names]
     else:
         print(f"choosing the smallest model of {len(fams)} families ...", file=sys.stderr, flush=True)
@@ -125,9 +136,12 @@ def _payload(results: list[dict], args) -> dict:
     import torch
     import torchvision
 
-    return {"source": args.source, "timm": timm.__version__, "torchvision": torchvision.__version__,
-            "torch": torch.__version__, "blocks": args.blocks,
-            "mode": "all" if args.all or args.source == "torchvision" else "smallest per family",
+    versions = {"timm": timm.__version__, "torchvision": torchvision.__version__, "torch": torch.__version__}
+    if args.source == "hf":
+        import transformers
+        versions["transformers"] = transformers.__version__
+    return {"source": args.source, **versions, "blocks": args.blocks,
+            "mode": "all" if args.all or args.source != "timm" else "smallest per family",
             "filter": args.filter,
             "totals": _totals(results), "results": results}
 
@@ -143,7 +157,9 @@ def _totals(results: list[dict]) -> dict:
             "axes_disagreements": sum(r.get("axes_disagree") or 0 for r in audited),
             "axes_unknown_tensors": sum(r.get("axes_unknown") or 0 for r in audited),
             "all_passed": counts[STAGES[-1]], "all_passed_pct": round(100 * counts[STAGES[-1]] / max(n, 1), 1),
-            "block_granular": granular}
+            "block_granular": granular,
+            "failed_at": {s: sum(r["failed"] == s for r in results)
+                          for s in ("create", *STAGES, "timeout") if any(r["failed"] == s for r in results)}}
 
 
 def _axes(r: dict) -> str:
@@ -168,6 +184,8 @@ def _print_table(results: list[dict]) -> None:
           f"aux heads contract the channel axis alone; measured vs graph layout disagree on "
           f"{t['axes_disagreements']} tensors; {t['axes_unknown_tensors']} crossing tensors of unknown layout")
     print(f"block granularity (layers >= repeated blocks): {t['block_granular']}/{t['models']}")
+    if t["failed_at"]:
+        print("failed at: " + ", ".join(f"{s} {n}" for s, n in t["failed_at"].items()))
 
 
 if __name__ == "__main__":

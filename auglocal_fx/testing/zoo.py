@@ -1,9 +1,12 @@
-"""Check one timm or torchvision model end to end: convert -> axis audit -> eval parity -> one training
-step -> ONNX parity.
+"""Check one timm, torchvision or Hugging Face transformers model end to end: convert -> axis audit ->
+eval parity -> one training step -> ONNX parity.
 
-``tools/zoo_check.py`` runs :func:`check_model` over one model per timm family, or over every
-torchvision classification model (``--source torchvision``), each in its own process with a time
-limit; the default test suite runs it over a dozen diverse timm families and a few torchvision models.
+``tools/zoo_check.py`` runs :func:`check_model` over one model per timm family, over every
+torchvision classification model (``--source torchvision``) or over every transformers image
+classifier, sequence classifier and causal LM from a tiny config (``--source hf``, ``hf_zoo.py``),
+each in its own process with a time limit; the default test suite runs it over a dozen diverse timm
+families and a few torchvision models. Token models are planned from an example batch and compared
+on their output's logits; causal LMs train on the per-token loss.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from ..export import export_onnx
 from ..passes.layouts import UNKNOWN
 from ..passes.module_groups import repeated_blocks
 from ..planner import analyze_model, available_memory, build_plan
+from .hf_zoo import architectures, create_case, logits
 
 __all__ = ["SOURCES", "STAGES", "ZooResult", "check_model", "families", "smallest", "create_small"]
 
 STAGES = ("convert", "axes", "parity", "train", "onnx")
 BASELINES = ("dgl", "infopro", "predsim")  # rules whose own aux heads the axis audit checks too
-SOURCES = ("timm", "torchvision")
+SOURCES = ("timm", "torchvision", "hf")
 SIDES = (64, 96, 128, 160, 224)  # input sides tried, smallest first
 PARITY_ATOL = 1e-5
 ONNX_ATOL = 1e-4
@@ -76,7 +80,13 @@ class ZooResult:
 
 def families(pattern: str | None = None, source: str = "timm") -> dict[str, list[str]]:
     """timm's model families (the module a model is defined in) -> its model names. For
-    torchvision: every classification model, each its own family."""
+    torchvision: every classification model, each its own family; for hf: every transformers image
+    classifier, sequence classifier and causal LM class, by model type (``hf_zoo.py``)."""
+    if source == "hf":
+        out: dict[str, list[str]] = {}
+        for name, (model_type, _) in architectures(pattern).items():
+            out.setdefault(model_type, []).append(name)
+        return out
     if source == "torchvision":
         names = torchvision.models.list_models(module=torchvision.models)
         return {n: [n] for n in names if not pattern or fnmatch.fnmatch(n, pattern)}
@@ -144,11 +154,37 @@ def create_small(name: str, num_classes: int = 10, source: str = "timm") -> tupl
     raise AugLocalError(f"{name} runs at none of the input sides {sides} ({first_line(first_error, 240)})")
 
 
+@dataclass
+class _Case:
+    """What the check feeds a model: a batch of two, its targets, the step's loss (None:
+    cross-entropy); token inputs are planned from an example, images from their size."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    loss_fn: object = None
+
+    @property
+    def plan_inputs(self) -> dict:
+        if self.x.is_floating_point():
+            return {"input_size": tuple(self.x.shape[1:])}
+        return {"example_inputs": self.x[:1]}
+
+
+def _create(name: str, source: str, seed: int) -> _Case:
+    torch.manual_seed(seed)
+    if source == "hf":
+        return _Case(*create_case(name, seed))
+    model, size = create_small(name, source=source)
+    g = torch.Generator().manual_seed(seed)
+    return _Case(model, torch.randn(2, *size, generator=g), torch.randint(0, 10, (2,), generator=g))
+
+
 def _bp_trained(model: nn.Module, x: torch.Tensor) -> set[str]:
     """Names of the parameters plain backprop gives a gradient (some models hold unused ones)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    model(x).float().sum().backward()
+    logits(model(x)).float().sum().backward()
     names = {n for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return names
@@ -169,13 +205,13 @@ def _check_memory(model: nn.Module, plan) -> None:
                             f"than the {have / 2**30:.0f} GiB available")
 
 
-def _audit(result: ZooResult, model: nn.Module, net, analysis, k: int, name: str) -> None:
+def _audit(result: ZooResult, model: nn.Module, net, analysis, k: int, name: str, inputs: dict) -> None:
     """The axis audit of ``net``'s adapters and light heads, and of the dgl / infopro / predsim aux
     heads on the same layers; raises when one contracts anything but the channel axis."""
     checks = audit_axes(net)
     for rule in BASELINES:
         try:
-            plan = build_plan(model, k, input_size=result.input_size, model_name=name, analysis=analysis, rule=rule)
+            plan = build_plan(model, k, **inputs, model_name=name, analysis=analysis, rule=rule)
             checks += audit_aux(plan, synthesize_aux(model, plan, [], None, "fresh")[0])
         except AugLocalError:  # a rule without a head for this layout says so; not the audit's concern
             continue
@@ -189,39 +225,36 @@ def _audit(result: ZooResult, model: nn.Module, net, analysis, k: int, name: str
 
 
 def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, source: str = "timm") -> ZooResult:
-    """Run the stages (``STAGES``) on ``name`` (from ``source``: timm or torchvision); the first failure is
-    recorded (one line), never raised."""
+    """Run the stages (``STAGES``) on ``name`` (from ``source``: timm, torchvision or hf); the first failure
+    is recorded (one line), never raised."""
     result = ZooResult(name, family)
     start = time.perf_counter()
     stage = "create"
     try:
-        torch.manual_seed(seed)
-        model, size = create_small(name, source=source)
-        result.input_size = list(size)
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(2, *size, generator=g)
-        y = torch.randint(0, 10, (2,), generator=g)
+        case = _create(name, source, seed)
+        model, x, y, inputs = case.model, case.x, case.y, case.plan_inputs
+        result.input_size = list(x.shape[1:])
         trained_by_bp = _bp_trained(model, x)
 
         stage = "convert"
-        analysis = analyze_model(model, size)
+        analysis = analyze_model(model, **inputs)
         result.layers = len(analysis.layers)
         result.repeated_blocks = repeated_blocks(model)
         result.widest_cut = analysis.widest_cut
         k = min(blocks, result.layers)
-        plan = build_plan(model, k, input_size=size, model_name=name, analysis=analysis)
+        plan = build_plan(model, k, **inputs, model_name=name, analysis=analysis)
         _check_memory(model, plan)
         net = to_auglocal(model, plan=plan)
         result.blocks = len(net.blocks)
         result.passed.append(stage)
 
         stage = "axes"
-        _audit(result, model, net, analysis, k, name)
+        _audit(result, model, net, analysis, k, name, inputs)
         result.passed.append(stage)
 
         stage = "parity"
         with torch.no_grad():
-            ref, out = model.eval()(x), net.eval()(x)
+            ref, out = logits(model.eval()(x)), net.eval()(x)
         result.parity_diff = float((out.float() - ref.float()).abs().max())
         if not torch.allclose(out, ref, rtol=PARITY_ATOL, atol=PARITY_ATOL):
             raise AugLocalError(f"eval output differs from the original by {result.parity_diff:.3g}")
@@ -233,9 +266,10 @@ def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, so
         # per-unit optimizer steps (at most one unit's gradients alive: 640M-parameter models fit);
         # which parameters got a gradient is recorded as it accumulates, before the step frees it
         got: set[int] = set()
-        hooks = [p.register_post_accumulate_grad_hook(lambda p: got.add(id(p))) for p in net.parameters()]
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: got.add(id(p))) for p in net.parameters() if p.requires_grad]
         try:  # the step also moves the weights before the export (zero-init heads included)
-            step = net.training_step(x, y, optimizer=torch.optim.SGD(net.parameters(), lr=1e-3, foreach=False))
+            step = net.training_step(x, y, loss_fn=case.loss_fn,
+                                     optimizer=torch.optim.SGD(net.parameters(), lr=1e-3, foreach=False))
         finally:
             for h in hooks:
                 h.remove()
@@ -246,7 +280,10 @@ def check_model(name: str, family: str = "", blocks: int = 16, seed: int = 0, so
         missing = sorted(trained_by_bp - grads)
         if missing:
             raise AugLocalError(f"{len(missing)} parameters get no gradient, e.g. {missing[0]}")
-        aux_missing = [n for n, p in net.aux.named_parameters() if id(p) not in got]
+        # an aux net's copy of a parameter the model's own output never reads (a pooler a causal LM skips)
+        untrained = {n for n, p in model.named_parameters() if p.requires_grad} - trained_by_bp
+        aux_missing = [n for n, p in net.aux.named_parameters() if p.requires_grad and id(p) not in got
+                       and n.split("train_graph.", 1)[-1] not in untrained]
         if aux_missing:
             raise AugLocalError(f"{len(aux_missing)} aux-net parameters get no gradient, e.g. {aux_missing[0]}")
         result.passed.append(stage)
