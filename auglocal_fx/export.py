@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import io
 import logging
 import os
@@ -41,7 +40,7 @@ from .atomic import atomic_write, check_output_path
 from .errors import AugLocalError, first_line
 from .models import default_input_size
 from .modes import eval_mode
-from .passes.trace import positional_names
+from .passes.trace import positional_names, training_kwargs
 from .runtime.net import AugLocalNet
 
 __all__ = ["EXPORTERS", "OPSETS", "ExportReport", "check_opset", "export_onnx", "save_backbone_state"]
@@ -87,8 +86,8 @@ class ExportReport:
 
 class _AsTrained(nn.Module):
     """The backbone as its plan trained it: the one output the plan picked (a Hugging Face model's
-    ``logits``), and a decoder's key/value cache off (``use_cache=False``: it is for generation, and
-    no exporter takes a cache object as an output). Its input names are the model's."""
+    ``logits``), with the keywords it was traced with (``trace.training_kwargs``). Its input names are
+    the model's."""
 
     def __init__(self, model: nn.Module, output: str | int | None, kwargs: dict):
         super().__init__()
@@ -106,7 +105,7 @@ def _backbone(obj: nn.Module) -> tuple[nn.Module, tuple[int, ...] | None, str]:
     """(the backbone, the planned input size or None, a name)."""
     if isinstance(obj, AugLocalNet):
         name = obj.plan.config.model or type(obj.model).__name__
-        kwargs = {"use_cache": False} if "use_cache" in inspect.signature(obj.model.forward).parameters else {}
+        kwargs = training_kwargs(obj.model)
         output = obj.plan.config.output
         model = obj.model if output is None and not kwargs else _AsTrained(obj.model, output, kwargs)
         return model, tuple(obj.plan.config.input_size), name

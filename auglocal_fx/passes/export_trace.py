@@ -36,7 +36,14 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import AugLocalError, first_line
 from .cuts import MODEL_INPUT
-from .trace import _TRACE_THROUGH, finish_trace, make_tracer, positional_names, specialised_args
+from .trace import (
+    _TRACE_THROUGH,
+    finish_trace,
+    make_tracer,
+    positional_names,
+    specialised_args,
+    training_kwargs,
+)
 
 __all__ = ["export_trace"]
 
@@ -51,8 +58,7 @@ def export_trace(model: nn.Module, examples: tuple[torch.Tensor, ...],
     a Hugging Face model's ``logits``), every parameter and leaf module the model's own."""
     inputs = len(examples)
     concrete = specialised_args(model, inputs)
-    if "use_cache" in concrete:  # a Hugging Face decoder's key/value cache is for generation, not training
-        concrete["use_cache"] = False
+    concrete.update(training_kwargs(model))
     names = positional_names(model)[:inputs]
     args = tuple(_batch_of_two(x) for x in examples)
     dynamic = {**{n: {0: Dim.AUTO} for n in names}, **{k: None for k in concrete}}

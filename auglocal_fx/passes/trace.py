@@ -27,7 +27,8 @@ from torchvision.models.feature_extraction import LeafModuleAwareTracer
 from ..errors import AugLocalError, first_line
 from .cuts import MODEL_INPUT
 
-__all__ = ["Tracer", "make_tracer", "select_output", "trace", "finish_trace", "specialised_args", "positional_names"]
+__all__ = ["Tracer", "make_tracer", "select_output", "trace", "finish_trace", "specialised_args", "positional_names",
+           "training_kwargs"]
 
 # Stochastic layers stay leaves: traced through, their train-mode branch adds nodes (and shifts
 # node names) that the eval-mode trace lacks, so the two graphs could not be cut alike. As leaves
@@ -110,6 +111,13 @@ def positional_names(model: nn.Module) -> list[str]:
     """The names of ``model.forward``'s positional arguments, in order."""
     params = inspect.signature(model.forward).parameters.values()
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def training_kwargs(model: nn.Module) -> dict:
+    """Keywords the model is traced and exported with: a Hugging Face decoder's key/value cache off
+    (``use_cache=False``): it is for generation, not training, and no exporter takes a cache object as
+    an output."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 def specialised_args(model: nn.Module, inputs: int = 1) -> dict:
