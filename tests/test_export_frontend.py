@@ -281,3 +281,24 @@ def test_hf_model_names_are_checked_in_one_line():
         create_model("hf:vit", hidden_sizee=3)
     with pytest.raises(AugLocalError, match="model.pretrained needs weights: hf:vit is a model type"):
         create_model("hf:vit", pretrained=True)
+
+
+def test_a_decoder_that_takes_use_cache_through_kwargs_is_traced_without_its_cache():
+    """GraniteMoE / Gemma 3 take ``use_cache`` through ``**kwargs``; with it on, their output holds a
+    cache object that no exporter takes."""
+    from types import SimpleNamespace
+
+    from auglocal_fx.passes.export_trace import export_trace
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(use_cache=True)
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x, **kwargs):
+            out = self.b(self.a(x))
+            return (out, object()) if kwargs.get("use_cache", self.config.use_cache) else (out,)
+
+    gm = export_trace(Decoder(), (torch.randn(1, 4),), output=0)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["a", "b"]

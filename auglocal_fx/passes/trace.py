@@ -116,8 +116,12 @@ def positional_names(model: nn.Module) -> list[str]:
 def training_kwargs(model: nn.Module) -> dict:
     """Keywords the model is traced and exported with: a Hugging Face decoder's key/value cache off
     (``use_cache=False``): it is for generation, not training, and no exporter takes a cache object as
-    an output."""
-    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    an output). A forward that takes the flag through ``**kwargs`` is known by its config's field."""
+    params = inspect.signature(model.forward).parameters
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # composite: its text part
+    through_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values()) and hasattr(config, "use_cache")
+    return {"use_cache": False} if "use_cache" in params or through_kwargs else {}
 
 
 def specialised_args(model: nn.Module, inputs: int = 1) -> dict:
