@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -16,6 +15,7 @@ from auglocal_fx.assemble.adapters import Adapter, TokenPool, make_adapter
 from auglocal_fx.assemble.axis_audit import audit_axes, audit_module
 from auglocal_fx.passes.layouts import resolve_layout
 from auglocal_fx.planner import analyze_model
+from auglocal_fx.testing.hf_zoo import next_token_loss
 
 from checks import assert_gradient_isolation, fixed_batch_losses
 from handwritten import M5, ClassTokenNet, NHWCConvNet, ShuffleNet, TinyGPT, TokenMLP, VectorMLP, Video3d
@@ -133,10 +133,6 @@ def test_adapters_for_every_layout(src, dst, layouts, conv, out_shape):
 
 
 # -- inputs that are not float images: a causal language model --------------------------------------
-def _next_token_loss(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
 def test_a_causal_lm_converts_per_block_trains_and_exports(tmp_path):
     torch.manual_seed(0)
     model = TinyGPT()
@@ -151,8 +147,8 @@ def test_a_causal_lm_converts_per_block_trains_and_exports(tmp_path):
     with torch.no_grad():
         assert torch.equal(net.eval()(tokens), model.eval()(tokens))
         assert net.aux[0](net.blocks[0](tokens)).shape == (4, 32, 64)
-    assert_gradient_isolation(net, tokens, targets, loss_fn=_next_token_loss)
-    losses = fixed_batch_losses(net, tokens, targets, loss_fn=_next_token_loss)
+    assert_gradient_isolation(net, tokens, targets, loss_fn=next_token_loss)
+    losses = fixed_batch_losses(net, tokens, targets, loss_fn=next_token_loss)
     assert losses[-1] < losses[0] - 0.5, losses
     report = export_onnx(net, tmp_path / "lm.onnx")
     assert report.max_abs_diff <= 1e-4

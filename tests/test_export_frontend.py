@@ -12,6 +12,7 @@ from torch import nn
 
 from auglocal_fx import AugLocalError, build_plan, export_onnx, to_auglocal
 from auglocal_fx.models import create_model
+from auglocal_fx.testing.hf_zoo import next_token_loss
 
 from checks import assert_gradient_isolation, fixed_batch_losses
 from handwritten import SplitQKVViT, small_resnet
@@ -182,10 +183,6 @@ def test_a_fixed_front_end_is_a_recipe_key_and_a_plan_field(tmp_path):
 transformers = pytest.importorskip("transformers")
 
 
-def _next_token_loss(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
 def _hf(kind: str):
     """A tiny randomly initialised transformers model, its input batch and targets, the loss; no
     dropout (the isolation check compares two steps)."""
@@ -206,11 +203,11 @@ def _hf(kind: str):
         cfg = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4, n_positions=32, bos_token_id=0,
                            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                            tie_word_embeddings=False)  # tied, the first and last units share a weight
-        return T.GPT2LMHeadModel(cfg), tokens, torch.roll(tokens, -1, 1), _next_token_loss
+        return T.GPT2LMHeadModel(cfg), tokens, torch.roll(tokens, -1, 1), next_token_loss
     if kind == "llama":
         cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
-        return T.LlamaForCausalLM(cfg), tokens, torch.roll(tokens, -1, 1), _next_token_loss
+        return T.LlamaForCausalLM(cfg), tokens, torch.roll(tokens, -1, 1), next_token_loss
     if kind == "resnet":  # depths 1, 2: three bottlenecks in two stages
         cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2], num_labels=10)
         return T.ResNetForImageClassification(cfg), image, torch.randint(0, 10, (4,)), None

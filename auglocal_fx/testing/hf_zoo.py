@@ -184,9 +184,9 @@ def _derived(config, keys, before) -> None:
     vocab = _get(config, "vocab_size")
     if isinstance(vocab, int):  # special tokens the smaller vocabulary no longer holds: its last ids
         for i, key in enumerate(k for k in keys if k.endswith("token_id")):
-            if isinstance(_get(config, key), int) and _get(config, key) >= vocab:
+            token = _get(config, key)
+            if isinstance(token, int) and token >= vocab:
                 _set(config, key, vocab - 1 - i)
-
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -210,6 +210,8 @@ def create_case(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torc
     configs = _config_names()  # the type whose config the class takes (Llama 4's text model), else its own
     model_type = next((t for t in types if configs.get(t) == cls.config_class.__name__), _own_type(name, types))
     config = tiny_config(transformers.AutoConfig.for_model(model_type))
+    if not isinstance(config, cls.config_class):  # a composite config (Llama 4): the part this class takes
+        config = next((v for v in vars(config).values() if isinstance(v, cls.config_class)), config)
     if task != "causal-lm":
         config.num_labels = NUM_LABELS
     if task == "sequence" and getattr(config, "pad_token_id", None) is None:
@@ -220,8 +222,6 @@ def create_case(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torc
         config.decoder_start_token_id = getattr(config, "pad_token_id", None) or 0
     if any(_EXPERTS.match(k) for k in config.to_dict()):  # every expert on every token, in plain matmuls:
         config._experts_implementation = "batched_mm"  # grouped_mm is a custom op ONNX cannot translate
-    if not isinstance(config, cls.config_class):  # a composite config (Llama 4): the part this class takes
-        config = next((v for v in vars(config).values() if isinstance(v, cls.config_class)), config)
     torch.manual_seed(seed)
     model = cls(config).eval()
     g = torch.Generator().manual_seed(seed)
