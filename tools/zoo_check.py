@@ -8,9 +8,10 @@
                                                    # causal LM, from tiny random configs (needs [hf])
 
 Each model runs in its own process with a time limit, so a hang or crash costs one row, never the
-run; the processes fork from a server that has imported torch and the model libraries once. Results are written to --json after every model (atomically), and --resume skips models
-already there (--rerun-failed: except those that failed). Prints a table with the stage each model
-reached and its error, then the pass count of each stage.
+run; the processes fork from a server that has imported torch and the model libraries once. Results
+are written to --json after every model (atomically), and --resume skips models already there
+(--rerun-failed: except those that failed). Prints a table with the stage each model reached and
+its error, then the pass count of each stage and the failures per stage.
 
 Granularity: per model, the layers found (L), the repeated blocks of its module tree (U, from
 ``auglocal_fx.passes.module_groups.repeated_blocks``: children of a container that share a composite class with
