@@ -16,7 +16,8 @@ from torch import nn
 
 from .assemble.light_head import HEAVY_HEAD_SHARE, LIGHT_WIDTH
 from .assemble.widen import entry_conv
-from .costs import aux_extra, aux_figures, light_head_info, slot_bytes, unit_cost
+from .aux_costs import aux_extra, aux_figures, light_head_info
+from .costs import slot_bytes, unit_cost
 from .errors import AugLocalError
 from .fingerprint import plan_fingerprint
 from .models import default_input_size, registered_name

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from auglocal_fx import AugLocalError, Plan, to_auglocal
 from auglocal_fx.assemble.light_head import LightHead
+from auglocal_fx.aux_costs import aux_act_bytes, aux_params, light_head_info
 from auglocal_fx.cli.convert import main
-from auglocal_fx.costs import aux_act_bytes, aux_params, light_head_info, unit_params
+from auglocal_fx.costs import unit_params
 from auglocal_fx.modes import eval_mode
 from auglocal_fx.planner import build_plan, wants_light_head
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from auglocal_fx import Plan, to_auglocal
 from auglocal_fx.assemble.adapters import Adapter
 from auglocal_fx.assemble.widen import WidenedCopy
-from auglocal_fx.costs import aux_params
+from auglocal_fx.aux_costs import aux_params
 from auglocal_fx.runtime.bundles import call
 from auglocal_fx.runtime.memory import SavedTensorMeter
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..costs import aux_act_bytes
+from ..aux_costs import aux_act_bytes
 from ..modes import eval_mode
 from ..passes.profiler import fake_state
 from ..plan import AuxRecipe, Plan

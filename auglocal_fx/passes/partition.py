@@ -1,5 +1,5 @@
 """Pass 3 — partition: split L layers into K contiguous blocks (the cost model it balances is
-``costs.py``).
+``costs.py``, ``aux_costs.py``).
 
 Balance policies live in one small registry, like timm's model registry: ``layers`` (the paper:
 equal layer counts), ``flops`` and ``memory`` (minimise the largest block's cost, exactly). Each
