@@ -1,7 +1,7 @@
 """``train(recipe)``: what ``auglocal-train`` runs, in one process or in each under torchrun.
 
-``Trainer`` runs the epochs of block-wise steps, evaluates every head, writes checkpoints, metrics
-and the plot. It is composed with a strategy (``strategies.py``) that says how the units are laid
+``Trainer`` runs the epochs of block-wise steps and evaluates every head; what it writes after each
+epoch (checkpoints, metrics, the plot) and at the end is ``run_record.py``'s. It is composed with a strategy (``strategies.py``) that says how the units are laid
 out over the processes (all here, data-parallel; or one pipeline stage here); nothing is shared
 by inheritance. Each epoch ends with ``last.pt`` written atomically (and ``best.pt`` when the
 accuracy improved), so a crash loses at most the epoch in progress; ``resume=`` continues from
@@ -10,7 +10,6 @@ such a file with the same losses as an unbroken run.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -29,7 +28,6 @@ from ..options import word_options
 from ..plan import Plan
 from ..runtime.blockwise import blockwise_step
 from ..runtime.bundles import call
-from ..runtime.checkpoint import read_checkpoint
 from ..runtime.graphs import CapturedStep
 from ..runtime.host_memory import keep_freed_host_memory
 from ..runtime.memory import peak_rss_bytes
@@ -42,19 +40,18 @@ from .loss_window import LossWindow
 from .metrics import Sums
 from .optim import build_optimizer, build_scheduler
 from .preflight import in_recipe_words
-from .report import EpochProgress, epoch_line, plot_curves, write_metrics
+from .report import EpochProgress, epoch_line
 from .resume_checks import check_resume
 from .run_folder import (
-    EPOCHS,
     MARKER,
     RunLock,
     check_run_folder,
     check_writable,
     clear_run,
     clear_stale_temps,
-    drop_unused_shards,
 )
-from .state import copy_checkpoint, read_training, rng_state, save_training, set_rng_state
+from .run_record import RunRecord
+from .state import read_training, rng_state, set_rng_state
 from .strategies import make_strategy
 from .techniques import (
     Mixing,
@@ -67,14 +64,6 @@ from .techniques import (
 
 __all__ = ["Trainer", "train"]
 
-
-def _saved_train(path: Path) -> dict | None:
-    """A checkpoint's payload without its weights, or None where it is unreadable (a resume from
-    best.pt because last.pt is corrupt must not fail on last.pt)."""
-    try:
-        return read_checkpoint(path, weights=False)
-    except AugLocalError:
-        return None
 
 def train(recipe: TrainRecipe, resume=None, stop_after: int | None = None, log=print,
           overwrite: bool = False) -> dict | None:
@@ -176,7 +165,7 @@ class Trainer:
         r.optimizer = build_optimizer(self.units, strategy.parameters(r.net, self.units), recipe.optimizer, env.device)
         r.scheduler = build_scheduler(r.optimizer, recipe.schedule, recipe.epochs, len(r.train_loader))
         self.epoch, self.history, self.best = 0, [], -1.0
-        self._shards: dict = {}  # the shard folder each checkpoint file names (pipelines)
+        self.record = RunRecord(self.out, recipe, r, self.ema is not None, self.log)
         if saved is not None:
             self._restore(saved, resume)
         else:
@@ -199,12 +188,7 @@ class Trainer:
                                 f"training continues from; resume from {Path(path).with_name('last.pt')}")
         # refuses another layout first; then weights, averages, optimizer and schedule
         self.strategy.restore(r.net, self.units, r.optimizer, r.scheduler, self.ema, saved, path)
-        self._shards = {"last.pt": saved.get("shards")}
-        best = self.out / "best.pt"
-        if saved.get("shards"):  # the shard folders the folder's other checkpoints name stay
-            for kept in [best, *self.out.glob(EPOCHS)]:
-                if kept.is_file():
-                    self._shards[kept.name] = (_saved_train(kept) or {}).get("shards")
+        self.record.read_shards(saved)
         self.epoch, self.history, self.best = t["epoch"], list(t["history"]), t["best_acc"]
         if self.env.rank < len(t["rng"]):
             set_rng_state(t["rng"][self.env.rank])
@@ -212,38 +196,7 @@ class Trainer:
             self._seed(self.recipe.seed + 1_000_003 * self.env.rank)
         self.log(f"resumed from epoch {self.epoch}")
         if self.env.is_main:
-            self._say_what_is_retrained(Path(path))
-            if Path(path).resolve() == (self.out / "last.pt").resolve():
-                self._finish_writes(saved)
-
-    def _finish_writes(self, saved: dict) -> None:
-        """What a run killed after writing last.pt but before the epoch's other files leaves
-        behind, finished from the checkpoint (the run's record): best.pt where the saved epoch was
-        the best and best.pt is missing or older, and metrics.jsonl / curves.png as the history says."""
-        t, split = saved["train"], "val" if self.run.val_loader is not None else "test"
-        if not self.history:
-            return
-        accs = [h[f"{split}_acc"] for h in self.history]
-        best_epoch = self.history[accs.index(max(accs))]["epoch"]  # the first of equals, as _save keeps it
-        best = self.out / "best.pt"
-        held = (_saved_train(best) or {}).get("train", {}).get("epoch")  # None: missing or unreadable
-        if best_epoch == t["epoch"] and held != best_epoch:
-            self._write_best(dict(t), saved.get("shards"))
-            self.log(f"note: wrote {best} from last.pt (epoch {best_epoch}): the run stopped before it was written")
-        write_metrics(self.out / "metrics.jsonl", self.history)
-        self._plot()
-
-    def _say_what_is_retrained(self, path: Path) -> None:
-        """Resuming from an earlier epoch than the folder's last.pt (from best.pt, or a copy) trains
-        those epochs again and replaces last.pt: said before it happens."""
-        last = self.out / "last.pt"
-        if not last.is_file() or path.resolve() == last.resolve():
-            return
-        done = (_saved_train(last) or {}).get("train", {}).get("epoch", 0)  # an unreadable last.pt: nothing to say
-        if done > self.epoch:
-            ahead = min(done, self.recipe.epochs)
-            self.log(f"note: {last} holds epoch {done}; resuming from {path.name} (epoch {self.epoch}) trains epochs "
-                     f"{self.epoch + 1}-{ahead} again and replaces it (resume from last.pt to go on from epoch {done})")
+            self.record.resumed(saved, Path(path), self.epoch, self.history)
 
     # -- one epoch -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -405,7 +358,7 @@ class Trainer:
         # the test set once, when the run is complete: a cut run (--stop-after) reports validation only
         done = self.history and self.epoch == self.recipe.epochs
         chosen = self._test_chosen() if split == "val" and done else None
-        return self._summary(split, chosen)
+        return self.record.summary(split, chosen, self.epoch, self.history, write=self.env.is_main)
 
     def _epochs(self, split: str, loader, last_epoch: int) -> None:
         start, first = time.perf_counter(), self.epoch + 1
@@ -446,66 +399,4 @@ class Trainer:
         shards = train.pop("shards")
         train.update({"epoch": self.epoch, "rng": rngs, "history": self.history, "best_acc": self.best,
                       "recipe": self.recipe.to_dict()})
-        save_training(r.net, self.out / "last.pt", train, r.model_kwargs, shards)
-        self._shards["last.pt"] = shards
-        if improved:
-            self._write_best(train, shards)
-        if self.recipe.keep_checkpoints:
-            self._keep_epoch(shards)
-        if shards is not None:
-            drop_unused_shards(self.out, set(self._shards.values()))
-        write_metrics(self.out / "metrics.jsonl", self.history)
-        self._plot()
-
-    def _keep_epoch(self, shards) -> None:
-        """``keep_checkpoints: N``: this epoch's last.pt kept as epoch-NNNN.pt, and only the N newest
-        epochs up to this one (their shard folders stay while they are kept); files of later epochs
-        are from a timeline this run left (it resumed from an earlier epoch): gone too."""
-        name = f"epoch-{self.epoch:04d}.pt"
-        copy_checkpoint(self.out / "last.pt", self.out / name)
-        self._shards[name] = shards
-        kept = sorted((int(p.name[6:-3]), p) for p in self.out.glob(EPOCHS))
-        for epoch, old in kept:
-            if epoch > self.epoch or epoch <= self.epoch - self.recipe.keep_checkpoints:
-                old.unlink(missing_ok=True)
-                self._shards.pop(old.name, None)
-
-    def _write_best(self, train: dict, shards) -> None:
-        """best.pt for the epoch last.pt holds (``train``: its training state)."""
-        r = self.run
-        if shards is not None:  # the same shards; the file says which weights are the net's
-            save_training(r.net, self.out / "best.pt", train, r.model_kwargs, shards,
-                          "ema" if self.ema is not None else "model")
-            self._shards["best.pt"] = shards
-        elif self.ema is not None:  # best.pt holds what was evaluated: the averaged weights
-            live = {k: v.clone() for k, v in r.net.state_dict().items()}
-            for unit, state in zip(r.net.local_units(), train["ema"]):
-                unit.load_state_dict(state)
-            save_training(r.net, self.out / "best.pt", train, r.model_kwargs, weights="ema")
-            r.net.load_state_dict(live)
-        else:
-            copy_checkpoint(self.out / "last.pt", self.out / "best.pt")
-
-    def _plot(self) -> None:
-        plot_curves(self.out / "curves.png", self.history,
-                    f"{self.recipe.model.label} · {self.recipe.conversion.rule} · {len(self.run.net.blocks)} blocks")
-
-    def _summary(self, split: str, chosen: dict | None) -> dict:
-        """What the run ends with: the test accuracy of the checkpoint chosen on validation (or, without
-        a validation split, of the last epoch, with the best epoch's beside it)."""
-        net, last = self.run.net, self.history[-1] if self.history else {}
-        best = max(self.history, key=lambda h: h[f"{split}_acc"]) if self.history else {}
-        summary = {"model": self.recipe.model.label, "rule": self.recipe.conversion.rule,
-                   "blocks": len(net.blocks), "epochs_done": self.epoch, "epochs": self.recipe.epochs,
-                   "selected_on": split, "best_epoch": best.get("epoch"), f"best_{split}_acc": best.get(f"{split}_acc")}
-        if chosen is not None:  # the test set, once, on best.pt
-            summary.update(test_acc=chosen["acc"], test_loss=chosen["loss"], aux_test_acc=chosen["aux_acc"])
-        else:
-            summary.update(test_acc=last.get("test_acc"), aux_test_acc=last.get("aux_test_acc"))
-        summary.update({"backbone_params": sum(p.numel() for p in net.model.parameters()),
-                        "aux_params": sum(p.numel() for p in net.aux.parameters()),
-                        "train_time_s": sum(h["epoch_time_s"] for h in self.history),
-                        "output": str(self.out)})
-        if self.env.is_main:
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
+        self.record.write_epoch(train, shards, improved)
