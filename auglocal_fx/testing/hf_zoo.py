@@ -84,7 +84,7 @@ _HEAD_DIMS = re.compile(r"head_dim$|^d_kv$|^attention_head_size$|^rotary_dim$")
 _EXPERTS = re.compile(r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts)$")
 
 
-def _shrink_int(key: str, v: int, heads_before: int | None) -> int | None:
+def _shrink_int(key: str, v: int, heads_before: int | None, image: int | None) -> int | None:
     """The tiny value of integer field ``key`` (None: leave it)."""
     if _DEPTH.search(key) and "kernel" not in key:
         return min(v, LAYERS)
@@ -109,7 +109,7 @@ def _shrink_int(key: str, v: int, heads_before: int | None) -> int | None:
     if key == "vocab_size":
         return min(v, VOCAB)
     if key == "image_size":
-        return min(v, IMAGE)
+        return None if image is None else min(v, image)
     return None
 
 
@@ -127,8 +127,9 @@ def _set(config, key, value) -> None:
         pass
 
 
-def tiny_config(config):
-    """``config`` shrunk in place by the field rules above (sub-configs too); returns it."""
+def tiny_config(config, image: int | None = IMAGE):
+    """``config`` shrunk in place by the field rules above (sub-configs too), its images at most
+    ``image`` pixels a side (None: its own size); returns it."""
     keys = sorted(set(config.to_dict()) | set(getattr(config, "attribute_map", {})))
     before = {k: _get(config, k) for k in keys}
     heads = next((v for k, v in before.items() if _HEADS.match(k) and isinstance(v, int)), None)
@@ -137,9 +138,9 @@ def tiny_config(config):
     for key in keys:
         value = before[key]
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
-            tiny_config(value)
+            tiny_config(value, image)
         elif isinstance(value, int) and not isinstance(value, bool) and not (staged and _DEPTH.search(key)):
-            new = _shrink_int(key, value, heads)
+            new = _shrink_int(key, value, heads, image)
             if new is not None and new != value:
                 _set(config, key, new)
         elif key == "depths" and staged:
@@ -202,14 +203,47 @@ def logits(output) -> torch.Tensor:
 def create_case(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable | None]:
     """Class ``name`` of transformers, from its model type's default config made tiny, with random
     weights (in eval mode), a batch of two, its targets and the loss a training step takes (None:
-    cross-entropy)."""
+    cross-entropy). An image model that does not run at 64 pixels is built for its default size."""
+    task = _registered()[name][1]
+    model, config = _build(name, task, seed, IMAGE)
+    g = torch.Generator().manual_seed(seed)
+    if task == "image":
+        x = _images(config, g)
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        except Exception:  # noqa: BLE001 - whatever a model raises at a size it cannot take (Swin's windows)
+            model, config = _build(name, task, seed, image=None)
+            g = torch.Generator().manual_seed(seed)
+            x = _images(config, g)
+        return model, x, torch.randint(0, NUM_LABELS, (2,), generator=g), None
+    vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", VOCAB)
+    ids = torch.randint(1, min(vocab, VOCAB), (2, TOKENS), generator=g)
+    if task == "sequence":
+        eos = getattr(config, "eos_token_id", None)
+        if isinstance(eos, int):  # encoder-decoder classifiers read the hidden state at the end token
+            ids[:, -1] = eos
+        return model, ids, torch.randint(0, NUM_LABELS, (2,), generator=g), None
+    return model, ids, torch.roll(ids, -1, 1), next_token_loss
+
+
+def _images(config, g: torch.Generator) -> torch.Tensor:
+    """A batch of two images of the size and channels ``config`` (or its vision part) takes."""
+    vision = getattr(config, "vision_config", config)
+    side = getattr(vision, "image_size", IMAGE)
+    side = side[-1] if isinstance(side, list | tuple) else side
+    return torch.randn(2, getattr(vision, "num_channels", 3), side, side, generator=g)
+
+
+def _build(name: str, task: str, seed: int, image: int | None):
+    """``(model, config)``: class ``name`` from its tiny config, images at most ``image`` pixels."""
     import transformers
 
-    types, task = _registered()[name]
+    types = _registered()[name][0]
     cls = getattr(transformers, name)
     configs = _config_names()  # the type whose config the class takes (Llama 4's text model), else its own
     model_type = next((t for t in types if configs.get(t) == cls.config_class.__name__), _own_type(name, types))
-    config = tiny_config(transformers.AutoConfig.for_model(model_type))
+    config = tiny_config(transformers.AutoConfig.for_model(model_type), image)
     if not isinstance(config, cls.config_class):  # a composite config (Llama 4): the part this class takes
         config = next((v for v in vars(config).values() if isinstance(v, cls.config_class)), config)
     if task != "causal-lm":
@@ -223,19 +257,4 @@ def create_case(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torc
     if any(_EXPERTS.match(k) for k in config.to_dict()):  # every expert on every token, in plain matmuls:
         config._experts_implementation = "batched_mm"  # grouped_mm is a custom op ONNX cannot translate
     torch.manual_seed(seed)
-    model = cls(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    if task == "image":
-        vision = getattr(config, "vision_config", config)
-        side = getattr(vision, "image_size", IMAGE)
-        side = side[-1] if isinstance(side, list | tuple) else side
-        x = torch.randn(2, getattr(vision, "num_channels", 3), side, side, generator=g)
-        return model, x, torch.randint(0, NUM_LABELS, (2,), generator=g), None
-    vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", VOCAB)
-    ids = torch.randint(1, min(vocab, VOCAB), (2, TOKENS), generator=g)
-    if task == "sequence":
-        eos = getattr(config, "eos_token_id", None)
-        if isinstance(eos, int):  # encoder-decoder classifiers read the hidden state at the end token
-            ids[:, -1] = eos
-        return model, ids, torch.randint(0, NUM_LABELS, (2,), generator=g), None
-    return model, ids, torch.roll(ids, -1, 1), next_token_loss
+    return cls(config).eval(), config
