@@ -3,6 +3,8 @@ it builds them from, and the zoo check's stages on a few of them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -62,3 +64,17 @@ def test_a_transformers_architecture_passes_every_zoo_stage(name):
     assert result.passed == list(STAGES)
     assert result.layers == result.blocks == LAYERS  # one transformer layer per block
     assert result.axes_checked and not result.axes_wrong
+
+
+def test_resuming_a_results_file_of_another_selection_is_refused_and_keeps_it(tmp_path, capsys):
+    """A run rewrites its --json with its own models: resumed with another --filter, the other
+    models' results would be lost."""
+    from test_tools import _tool
+
+    out = tmp_path / "zoo.json"
+    out.write_text(json.dumps({"source": "hf", "filter": "*ForImageClassification*", "results": []}))
+    before = out.read_text()
+    code = _tool("zoo_check").main(["--source", "hf", "--filter", "gpt2", "--resume", "--json", str(out)])
+    assert code == 2 and out.read_text() == before
+    err = capsys.readouterr().err
+    assert "holds a run of --source hf --filter '*ForImageClassification*'" in err and "another --json" in err

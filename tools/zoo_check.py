@@ -114,7 +114,13 @@ def main(argv=None) -> int:
     out = Path(args.json)
     done: dict[str, dict] = {}
     if args.resume and out.is_file():
-        done = {r["model"]: r for r in json.loads(out.read_text())["results"]
+        before = json.loads(out.read_text())
+        if (before.get("source"), before.get("filter")) != (args.source, args.filter):
+            # this run rewrites the file with its own models: the others' results would be lost
+            print(f"{out} holds a run of --source {before.get('source')} --filter {before.get('filter')!r}; resume it "
+                  f"with those, or give this run another --json", file=sys.stderr)
+            return 2
+        done = {r["model"]: r for r in before["results"]
                 if not (args.rerun_failed and len(r["passed"]) < len(STAGES))}
     results = []
     for i, (name, family) in enumerate(todo, 1):
