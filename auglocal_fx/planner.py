@@ -291,8 +291,15 @@ def build_plan(model: nn.Module, options: PlanConfig | int | None = None, /, *,
 
 def wants_light_head(policy: str, head: LayerInfo, layers: list[LayerInfo], width: int = LIGHT_WIDTH) -> bool:
     """Whether aux nets end with a light head under ``policy`` for a model of ``layers`` and ``head``
-    (auto: the head is heavy and larger than any light head that could replace it)."""
-    if policy != "auto":
+    (auto: the head is heavy and larger than any light head that could replace it). A light head
+    predicts once per sample: never for a head that predicts per position (a language model's
+    next tokens, ``(tokens, vocabulary)`` a sample)."""
+    per_position = len(head.out_shape or []) > 1
+    if policy == "light" and per_position:
+        raise AugLocalError.bad_value("aux_head", "light", f"cannot replace {head.name}, which predicts per position "
+                                      f"(output {tuple(head.out_shape)} a sample); a light head predicts once per "
+                                      "sample: use aux_head='copy'")
+    if policy != "auto" or per_position:
         return policy == "light"
     total = head.params + sum(x.params for x in layers)
     if head.params <= HEAVY_HEAD_SHARE * total:

@@ -125,6 +125,17 @@ def test_auto_keeps_a_heavy_head_smaller_than_a_light_head():
     assert wants_light_head("light", head(600), layers) and not wants_light_head("copy", head(10 ** 9), layers)
 
 
+def test_a_head_that_predicts_per_position_keeps_its_copy():
+    """A language model's head gives (tokens, vocabulary) a sample; a light head gives one prediction
+    a sample, so auto never picks one there (RemBERT's heavy LM head) and light is refused."""
+    layers = [_info([16, 64], 1000), _info([16, 64], 1000)]
+    lm_head = _info([16, 512], 10 ** 6)  # 99.8% of the model
+    assert not wants_light_head("auto", lm_head, layers)
+    with pytest.raises(AugLocalError, match=r"aux_head='light' cannot replace x, which predicts per position "
+                                            r"\(output \(16, 512\) a sample\).*use aux_head='copy'"):
+        wants_light_head("light", lm_head, layers)
+
+
 def test_mobilenetv3_small_keeps_its_head_copies():
     """Its conv head + classifier is half the model at 10 classes, yet smaller than a 512-wide light head."""
     model = timm.create_model("mobilenetv3_small_050", num_classes=10)
