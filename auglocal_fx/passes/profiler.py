@@ -78,8 +78,10 @@ def profile_graph(gm: fx.GraphModule, example: torch.Tensor | tuple[torch.Tensor
 
     With ``fake`` (the default) the run happens on fake tensors (``FakeTensorMode``): shapes,
     FLOPs and saved-for-backward bytes come out the same as from real tensors, but nothing is
-    computed (resnet50: 0.09 s instead of about a second). A graph with an op that cannot run on
-    fake tensors (no meta kernel, data-dependent shapes) is then run for real. The module's
+    computed (resnet50: 0.09 s instead of about a second). A model built on the meta device
+    (``with torch.device("meta")``: no memory) is profiled the same way, its weights as fake CPU
+    tensors. A graph with an op that cannot run on fake tensors (no meta kernel, data-dependent
+    shapes) is then run for real. The module's
     train/eval mode is left as the caller set it; call it in eval mode so that batch-norm
     statistics are not updated.
     """
@@ -137,8 +139,9 @@ def fake_state(gm: fx.GraphModule, mode: FakeTensorMode):
     fakes: dict[int, torch.Tensor] = {}
     try:
         for store, name, t in slots:
-            if id(t) not in fakes:
-                fakes[id(t)] = mode.from_tensor(t)
+            if id(t) not in fakes:  # a model built on the meta device is profiled as if on the CPU
+                fakes[id(t)] = (mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu"))
+                                if t.is_meta else mode.from_tensor(t))
             store[name] = fakes[id(t)]
         yield {storage_key(f) for f in fakes.values()}
     finally:

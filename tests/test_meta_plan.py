@@ -1,0 +1,32 @@
+"""Planning on the meta device (issue 42, item 1): a model built under ``torch.device("meta")`` holds no
+memory, and its plan is the one its real twin gets: the same layers, figures, layouts and blocks."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from auglocal_fx import build_plan
+
+
+def _figures(plan):
+    return ([(x.name, x.params, x.flops, x.act_bytes, tuple(x.layouts), x.bundle) for x in plan.layers],
+            [b.layers for b in plan.blocks], [a.selected_layers for a in plan.aux],
+            (plan.head.params, plan.head.flops, plan.head.act_bytes))
+
+
+@pytest.mark.parametrize("make,blocks,size", [
+    (lambda: timm.create_model("resnet18"), 8, (3, 64, 64)),
+    (lambda: timm.create_model("vit_tiny_patch16_224"), 12, (3, 224, 224)),
+    (lambda: torchvision.models.mobilenet_v3_small(), 8, (3, 64, 64)),
+], ids=["resnet18", "vit_tiny", "tv_mobilenet_v3_small"])
+def test_a_model_on_the_meta_device_plans_as_its_real_twin(make, blocks, size):
+    torch.manual_seed(0)
+    real = build_plan(make(), blocks, input_size=size)
+    with torch.device("meta"):
+        model = make()
+    plan = build_plan(model, blocks, input_size=size)
+    assert _figures(plan) == _figures(real)
+    assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
