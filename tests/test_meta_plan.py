@@ -30,3 +30,18 @@ def test_a_model_on_the_meta_device_plans_as_its_real_twin(make, blocks, size):
     plan = build_plan(model, blocks, input_size=size)
     assert _figures(plan) == _figures(real)
     assert all(p.is_meta for p in model.parameters()) and all(b.is_meta for b in model.buffers())
+
+
+def test_a_hugging_face_model_on_the_meta_device_plans_through_export_as_its_real_twin():
+    """Export traces a meta model on meta examples; the tensors its forward makes or moves to the
+    input's device (Llama's rotary frequencies) are planned as on the CPU."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    ids = torch.randint(0, 100, (1, 16))
+    real = build_plan(transformers.LlamaForCausalLM(config), 3, example_inputs=ids)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    plan = build_plan(model, 3, example_inputs=ids)
+    assert plan.config.traced_with == "export" and _figures(plan) == _figures(real)
+    assert all(p.is_meta for p in model.parameters())

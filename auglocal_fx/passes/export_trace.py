@@ -24,6 +24,7 @@ The model is exported in its current train/eval mode, as fx traces it; ``emit`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 from collections import OrderedDict
@@ -47,6 +48,7 @@ from .trace import (
 
 __all__ = ["export_trace"]
 
+_CPU = torch.device("cpu")
 _LIFTED = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 
@@ -60,7 +62,8 @@ def export_trace(model: nn.Module, examples: tuple[torch.Tensor, ...],
     concrete = specialised_args(model, inputs)
     concrete.update(training_kwargs(model))
     names = positional_names(model)[:inputs]
-    args = tuple(_batch_of_two(x) for x in examples)
+    on_meta = any(p.is_meta for p in model.parameters())  # a model built on the meta device: traced there
+    args = tuple(_batch_of_two(x).to("meta") if on_meta else _batch_of_two(x) for x in examples)
     dynamic = {**{n: {0: Dim.AUTO} for n in names}, **{k: None for k in concrete}}
     try:
         with _calls_with_more_than_one_argument(model) as several:
@@ -70,6 +73,10 @@ def export_trace(model: nn.Module, examples: tuple[torch.Tensor, ...],
                             f"{first_line(exc, 200).rstrip('.')}. Hint: the model must run on the example inputs, with "
                             "its batch axis free (no code that needs a batch of one)") from exc
     root, graph = _rebuild(model, ep, names, concrete, several)
+    if on_meta:  # tensors the forward makes or moves (positions, masks) on the CPU, as a CPU trace has them
+        cpu = functools.partial(fx.node.map_aggregate, fn=lambda a: _CPU if isinstance(a, torch.device) and a.type == "meta" else a)
+        for n in graph.nodes:
+            n.args, n.kwargs = cpu(n.args), cpu(n.kwargs)
     return finish_trace(root, graph, model, output)
 
 
