@@ -1,4 +1,4 @@
-"""Planning on the meta device (issue 42, item 1): a model built under ``torch.device("meta")`` holds no
+"""Planning on the meta device: a model built under ``torch.device("meta")`` holds no
 memory, and its plan is the one its real twin gets: the same layers, figures, layouts and blocks."""
 
 from __future__ import annotations
